@@ -1,0 +1,33 @@
+"""Shared fixtures; CUDA tests skip cleanly on machines without a GPU."""
+from __future__ import annotations
+
+import os
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+from hypothesis import settings
+
+# Hypothesis: bounded and deterministic enough for CI on 2 cores.
+settings.register_profile("ci", max_examples=60, deadline=None, derandomize=False, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device; none on this machine")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def rng(request) -> np.random.Generator:
+    """A fresh generator per test, seeded from the test's name (reproducible, distinct across tests)."""
+    seed = zlib.crc32(request.node.nodeid.encode())
+    return np.random.default_rng(seed)
