@@ -31,13 +31,18 @@ VPY="$ROOT/.venv/bin/python"
 req_hash=$(sha256sum requirements.txt | cut -d' ' -f1)
 if [ "$(cat .venv/.requirements.sha256 2>/dev/null)" != "$req_hash" ]; then
   log "installing requirements (torch, DALI, hnswlib, ...; a few minutes the first time)"
-  "$VPY" -m pip install -q --upgrade pip
-  "$VPY" -m pip install -q -r requirements.txt
+  # pip's own notes about the machine's local package folders are noise here
+  "$VPY" -m pip install -q -r requirements.txt 2> >(grep -v "^WARNING: Location" >&2)
   echo "$req_hash" > .venv/.requirements.sha256
 fi
 
-log "building mixnn_fast (editable) and its native extension"
-"$VPY" -m pip install -q --no-deps --no-build-isolation -e . 2> >(grep -v "^WARNING: Location" >&2)
+log "building mixnn_fast (editable) and its native extension (log: build/setup-build.log)"
+mkdir -p build
+if ! "$VPY" -m pip install --no-deps --no-build-isolation -e . > build/setup-build.log 2>&1; then
+  grep -v "^WARNING: Location" build/setup-build.log | tail -40 >&2
+  log "ERROR: building mixnn_fast failed; the full log is build/setup-build.log"
+  exit 1
+fi
 "$VPY" - <<'PY'
 import mixnn_fast
 print(f"[setup] mixnn_fast {mixnn_fast.__version__}: native extension {mixnn_fast.build_info()}")
