@@ -74,7 +74,7 @@ def format_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
     """A Markdown table of ``rows`` (dicts) restricted to ``columns``; floats get 3 significant digits."""
     def fmt(v):
         if isinstance(v, float):
-            return f"{v:.3g}" if abs(v) < 1e4 else f"{v:,.0f}"
+            return f"{v:.3g}" if abs(v) < 100 else f"{v:,.0f}"
         return str(v)
 
     cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
