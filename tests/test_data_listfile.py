@@ -1,0 +1,146 @@
+"""The shared list-file parser: round trips (property-based) and every error naming file and line."""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mixnn_fast.data.listfile import (
+    ListFileError,
+    check_images_exist,
+    check_label_range,
+    read_names,
+    read_path_label_list,
+    read_path_list,
+    resolve,
+)
+
+# Paths as people write them: any printable text, spaces inside allowed, no line breaks and
+# no leading/trailing whitespace (which a line-oriented format cannot preserve).
+_LINE_BREAKS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
+paths = st.text(
+    st.characters(blacklist_categories=("Cc", "Cs"), blacklist_characters=_LINE_BREAKS + "\ufeff"),
+    min_size=1, max_size=30,
+).filter(lambda s: s.strip() == s and s != "")
+labels = st.integers(min_value=0, max_value=10**6)
+entries = st.lists(st.tuples(paths, labels), max_size=20)
+fixture_ok = settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@fixture_ok
+@given(entries=entries, crlf=st.booleans(), blank_every=st.integers(0, 4))
+def test_path_label_round_trip(tmp_path, entries, crlf, blank_every):
+    newline = "\r\n" if crlf else "\n"
+    lines, expected_numbers = [], []
+    for k, (path, label) in enumerate(entries):
+        if blank_every and k % blank_every == 0:
+            lines.append("   ")  # blank lines are skipped but still counted
+        lines.append(f"{path} {label}")
+        expected_numbers.append(len(lines))
+    file = tmp_path / "list.txt"
+    file.write_bytes(newline.join(lines).encode("utf-8"))
+    parsed = read_path_label_list(file)
+    assert parsed.paths == [p for p, _ in entries]
+    assert parsed.labels.dtype == np.int64
+    assert parsed.labels.tolist() == [y for _, y in entries]
+    assert parsed.line_numbers.tolist() == expected_numbers
+
+
+@fixture_ok
+@given(entries=st.lists(st.tuples(paths, labels), min_size=1, max_size=12), data=st.data())
+def test_a_broken_line_is_reported_with_its_number(tmp_path, entries, data):
+    broken = data.draw(st.integers(0, len(entries) - 1))
+    bad_label = data.draw(st.sampled_from(["", "x", "-1", "+3", "3_0", "1.5", "٣", "0x1"]))
+    lines = [f"{p} {y}" for p, y in entries]
+    path, _ = entries[broken]
+    # Without whitespace inside, the path cannot itself supply a (valid) last field.
+    solid_path = "".join("_" if c.isspace() else c for c in path)
+    lines[broken] = f"{solid_path} {bad_label}".rstrip()
+    file = tmp_path / "broken.txt"
+    file.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(ListFileError, match=re.escape(f"{file}, line {broken + 1}:")):
+        read_path_label_list(file)
+
+
+def test_error_messages_say_what_is_wrong(tmp_path):
+    file = tmp_path / "l.txt"
+    file.write_text("a.jpg 1\nb.jpg -4\n")
+    with pytest.raises(ListFileError, match=r"line 2: label -4 is negative"):
+        read_path_label_list(file)
+    file.write_text("a.jpg 1\nonly_a_path.jpg\n")
+    with pytest.raises(ListFileError, match=r"line 2: expected 'path label'"):
+        read_path_label_list(file)
+    file.write_bytes(b"a.jpg 1\n\xff\xfe.jpg 2\n")
+    with pytest.raises(ListFileError, match=r"line 2: not valid UTF-8"):
+        read_path_label_list(file)
+
+
+def test_errors_are_value_errors_and_missing_files_are_named(tmp_path):
+    assert issubclass(ListFileError, ValueError)
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "absent.txt"))):
+        read_path_label_list(tmp_path / "absent.txt")
+    with pytest.raises(FileNotFoundError, match="not a regular file"):
+        read_path_list(tmp_path)
+
+
+def test_bom_and_spaces_in_paths(tmp_path):
+    file = tmp_path / "l.txt"
+    file.write_bytes("\ufeffdir one/a b.jpg   7\n\n  c.jpg\t0  \n".encode("utf-8"))
+    parsed = read_path_label_list(file)
+    assert parsed.paths == ["dir one/a b.jpg", "c.jpg"]
+    assert parsed.labels.tolist() == [7, 0]
+    assert parsed.line_numbers.tolist() == [1, 3]
+
+
+def test_path_list_rejects_extra_fields(tmp_path):
+    file = tmp_path / "keys.txt"
+    file.write_text("images/0/a.jpg\nimages/0/b.jpg 3\n")
+    with pytest.raises(ListFileError, match=r"line 2: expected one path"):
+        read_path_list(file)
+    file.write_text("images/0/a.jpg\n\nimages/0/b.jpg\n")
+    parsed = read_path_list(file)
+    assert parsed.labels is None and parsed.paths == ["images/0/a.jpg", "images/0/b.jpg"]
+    assert parsed.line_numbers.tolist() == [1, 3]
+
+
+@fixture_ok
+@given(labels=st.lists(st.integers(0, 30), min_size=1, max_size=40), num_classes=st.integers(1, 31))
+def test_label_range_names_the_first_offending_line(tmp_path, labels, num_classes):
+    file = tmp_path / "l.txt"
+    file.write_text("".join(f"p{i}.jpg {y}\n" for i, y in enumerate(labels)))
+    parsed = read_path_label_list(file)
+    offending = [i for i, y in enumerate(labels) if y >= num_classes]
+    if not offending:
+        check_label_range(parsed, num_classes)
+        return
+    with pytest.raises(ListFileError, match=re.escape(f"{file}, line {offending[0] + 1}: label {labels[offending[0]]} ")):
+        check_label_range(parsed, num_classes)
+
+
+def test_missing_image_names_list_line_and_path(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(b"")
+    file = tmp_path / "l.txt"
+    file.write_text("a.jpg 0\n\nmissing.jpg 1\nalso_missing.jpg 1\n")
+    parsed = read_path_label_list(file)
+    absolute = resolve(str(tmp_path), parsed.paths)
+    with pytest.raises(FileNotFoundError, match=r"line 3: image 'missing.jpg' not found .*\(1 more missing\)"):
+        check_images_exist(parsed, absolute)
+    check_images_exist(parsed.select(np.array([True, False, False])), absolute[:1])
+
+
+def test_select_keeps_line_numbers(tmp_path):
+    file = tmp_path / "l.txt"
+    file.write_text("a 0\nb 5\nc 1\n")
+    parsed = read_path_label_list(file)
+    kept = parsed.select(parsed.labels < 2)
+    assert kept.paths == ["a", "c"] and kept.line_numbers.tolist() == [1, 3]
+    assert kept.where(1) == f"{file}, line 3"
+
+
+def test_read_names(tmp_path):
+    file = tmp_path / "names.txt"
+    file.write_text("T-Shirt\r\nShirt\r\n\r\n")
+    assert read_names(file) == ["T-Shirt", "Shirt"]
