@@ -1,0 +1,1 @@
+"""Training: models, losses, configuration and the MixNN trainer."""

@@ -1,0 +1,61 @@
+"""Losses for learning with noisy labels, all taking soft targets (B, C) so that mixed labels,
+corrected labels and one-hot labels go through the same code.
+
+- ``soft_cross_entropy``: −Σ_c t_c log softmax(z)_c, MixNN's training loss (and plain CE / mixup
+  with one-hot or mixed targets).
+- ``generalized_cross_entropy`` (GCE, Zhang & Sabuncu 2018): Σ_c t_c (1 − p_c^q) / q.
+- ``symmetric_cross_entropy`` (SCE, Wang et al. 2019): α·CE + β·RCE with
+  RCE = −Σ_c p_c log clamp(t_c, 1e-4, 1), i.e. −A(1 − p_y) with A = log 1e-4 for one-hot t.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _check(logits: torch.Tensor, targets: torch.Tensor) -> None:
+    if logits.ndim != 2:
+        raise ValueError(f"logits: expected (B, C), got {tuple(logits.shape)}")
+    if targets.shape != logits.shape:
+        raise ValueError(f"targets: expected shape {tuple(logits.shape)} like logits, got {tuple(targets.shape)}")
+
+
+def one_hot(labels: torch.Tensor, num_classes: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(B,) int64 labels → (B, C) one-hot in ``dtype``."""
+    return F.one_hot(labels.long(), num_classes).to(dtype)
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """−Σ_c t_c log softmax(logits)_c per row; logits and targets (B, C); mean over rows by default."""
+    _check(logits, targets)
+    per_sample = -(targets.float() * F.log_softmax(logits.float(), dim=1)).sum(dim=1)
+    return per_sample.mean() if reduction == "mean" else per_sample
+
+
+def generalized_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, q: float = 0.7,
+                              reduction: str = "mean") -> torch.Tensor:
+    """GCE: Σ_c t_c (1 − p_c^q) / q, q ∈ (0, 1]; q → 0 recovers CE, q = 1 is MAE."""
+    _check(logits, targets)
+    if not 0 < q <= 1:
+        raise ValueError(f"q: must lie in (0, 1], got {q}")
+    probs = F.softmax(logits.float(), dim=1).clamp_min(1e-7)
+    per_sample = (targets.float() * (1 - probs.pow(q)) / q).sum(dim=1)
+    return per_sample.mean() if reduction == "mean" else per_sample
+
+
+def symmetric_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.1, beta: float = 1.0,
+                            reduction: str = "mean") -> torch.Tensor:
+    """SCE: α·CE(t, p) + β·RCE with RCE = −Σ_c p_c log clamp(t_c, 1e-4, 1) (the authors' clamping)."""
+    _check(logits, targets)
+    ce = soft_cross_entropy(logits, targets, reduction="none")
+    probs = F.softmax(logits.float(), dim=1).clamp(1e-7, 1.0)
+    rce = -(probs * torch.log(targets.float().clamp(1e-4, 1.0))).sum(dim=1)
+    per_sample = alpha * ce + beta * rce
+    return per_sample.mean() if reduction == "mean" else per_sample
+
+
+LOSSES = {
+    "ce": soft_cross_entropy,
+    "gce": generalized_cross_entropy,
+    "sce": symmetric_cross_entropy,
+}
