@@ -40,7 +40,10 @@ UNKNOWN = -1  # marks "this image has no label of that kind" in the partial-labe
 def _label_table(entries: ListEntries) -> dict[str, int]:
     """key -> label. A key listed twice with different labels is an error naming both lines;
     an exact repeat is harmless and accepted."""
-    table: dict[str, int] = {}
+    table = dict(zip(entries.paths, entries.labels.tolist()))
+    if len(table) == len(entries):
+        return table  # no key repeats: the common case, built at C speed
+    table = {}
     first_line: dict[str, int] = {}
     for i, (key, label) in enumerate(zip(entries.paths, entries.labels.tolist())):
         previous = table.get(key)
