@@ -14,6 +14,9 @@ Image sources (real pictures, never random bytes):
   ``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist``), read here by a
   five-line reader independent of ``mixnn_fast.data``; ``HAVE_FASHION_MNIST`` says if present.
 
+Import: ``from fixtures import make_jpeg_folder`` inside tests/ (pytest puts tests/ on
+sys.path), ``from tests.fixtures import make_jpeg_folder`` from the repository root (bench/).
+
 Builders:
 
     make_jpeg_folder(root, n_per_class, size, ...)   -> ImageSet   root/<class>/<name>.jpg
