@@ -1,0 +1,146 @@
+"""Exact k-nearest-neighbour search by chunked matrix products: the reference backend.
+
+Distances come from ``|q|^2 + |b|^2 - 2 q.b``, one (chunk x N) block at a time, on the
+features' device. In float32 that expansion cancels badly when the features sit far from
+the origin or neighbours are close, so it only *proposes* ``k + margin`` candidates per
+query; the candidates are then ranked by their float64 distance computed from the
+differences (no cancellation). A per-row bound on the float32 rounding error proves the
+true k nearest were among the candidates; rows where it cannot (near-ties, many
+duplicates) are redone with the expansion in float64. The result is exact up to ties
+closer than about 1e-12 relative, which is what a reference needs.
+"""
+from __future__ import annotations
+
+import torch
+
+from mixnn_fast.neighbours.distances import sort_by_distance_then_id, squared_distances_to_candidates
+
+# Unit roundoff of the float32 products by matmul precision setting: "highest" is IEEE
+# float32; "high" may use TF32 (10-bit mantissa) and "medium" bfloat16 (7-bit) on CUDA,
+# and oneDNN may use bfloat16 on CPU. Taking the worst case keeps the proof valid.
+_MATMUL_UNIT_ROUNDOFF = {"highest": 2.0 ** -24, "high": 2.0 ** -11, "medium": 2.0 ** -8}
+
+# Memory for one (chunk x N) block of distances, in elements (128 MiB of float32).
+_BLOCK_ELEMENTS = 1 << 25
+
+
+def _mask_excluded(block: torch.Tensor, exclude: torch.Tensor | None, col_start: int = 0) -> None:
+    """Set ``block[r, exclude[r] - col_start] = inf`` where that column lies in the block."""
+    if exclude is None:
+        return
+    local = exclude - col_start
+    rows = torch.nonzero((local >= 0) & (local < block.shape[1])).squeeze(1)
+    block[rows, local[rows]] = float("inf")
+
+
+class ExactSearcher:
+    """Exact k-NN over a fixed set of points ``base`` (Tensor[N, d], float32 or float64).
+
+    The float32 (or float64) working copy is centred on the base mean, which shrinks the
+    norms in the expansion and so its rounding error; everything stays on ``base.device``.
+    """
+
+    def __init__(self, base: torch.Tensor, *, margin: int = 8, num_threads: int = 1,
+                 block_elements: int = _BLOCK_ELEMENTS):
+        self.num_threads = num_threads
+        self.base = base
+        self.n, self.d = base.shape
+        self.margin = margin
+        self.block_elements = block_elements
+        work_dtype = torch.float64 if base.dtype == torch.float64 else torch.float32
+        self.mean = self._mean64(base)
+        self.work = self._centred(base, work_dtype)
+        self.work_sq = self.work.square().sum(dim=1)
+        self.max_norm = float(self.work_sq.max().sqrt())
+        if work_dtype == torch.float64:
+            self.unit_roundoff = 2.0 ** -53
+        else:
+            self.unit_roundoff = _MATMUL_UNIT_ROUNDOFF.get(torch.get_float32_matmul_precision(), 2.0 ** -8)
+        if base.is_cuda and work_dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+            self.unit_roundoff = max(self.unit_roundoff, 2.0 ** -11)
+
+    def _mean64(self, x: torch.Tensor) -> torch.Tensor:
+        total = torch.zeros(self.d, dtype=torch.float64, device=x.device)
+        step = max(1, self.block_elements // (4 * self.d))
+        for s in range(0, self.n, step):
+            total += x[s:s + step].to(torch.float64).sum(dim=0)
+        return total / self.n
+
+    def _centred(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        out = torch.empty(x.shape, dtype=dtype, device=x.device)
+        step = max(1, self.block_elements // (4 * self.d))
+        for s in range(0, self.n, step):
+            out[s:s + step] = (x[s:s + step].to(torch.float64) - self.mean).to(dtype)
+        return out
+
+    def _direct(self, q: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return squared_distances_to_candidates(q, self.base, ids, dtype=torch.float64, num_threads=self.num_threads)
+
+    def _centre_queries(self, queries: torch.Tensor) -> torch.Tensor:
+        return (queries.to(torch.float64) - self.mean).to(self.work.dtype)
+
+    def search(self, queries: torch.Tensor, k: int, *, exclude: torch.Tensor | None = None):
+        """The k nearest base points of each query, nearest first.
+
+        Args:
+            queries: Tensor[Q, d], same device as the base.
+            k: neighbours per query, ``1 <= k <= N`` (``N - 1`` with ``exclude``).
+            exclude: optional LongTensor[Q] of base rows to skip for each query (the query's
+                own row for an all-points search); ``-1`` skips nothing.
+        Returns:
+            (LongTensor[Q, k] indices, float64 Tensor[Q, k] squared distances).
+        """
+        q_total = queries.shape[0]
+        out_ids = torch.empty((q_total, k), dtype=torch.int64, device=self.base.device)
+        out_sq = torch.empty((q_total, k), dtype=torch.float64, device=self.base.device)
+        available = self.n - (1 if exclude is not None else 0)
+        n_cand = min(k + self.margin, available)
+        rows_per_block = max(1, self.block_elements // self.n)
+        for s in range(0, q_total, rows_per_block):
+            q = queries[s:s + rows_per_block]
+            ex = None if exclude is None else exclude[s:s + rows_per_block]
+            ids, sq = self._search_block(q, k, n_cand, available, ex)
+            out_ids[s:s + q.shape[0]], out_sq[s:s + q.shape[0]] = ids, sq
+        return out_ids, out_sq
+
+    def _search_block(self, q, k, n_cand, available, exclude):
+        qc = self._centre_queries(q)
+        # |b|^2 - 2 q.b: the row constant |q|^2 does not change the ranking, so it is added
+        # only where the bound check needs absolute values.
+        block = torch.addmm(self.work_sq, qc, self.work.T, beta=1.0, alpha=-2.0)
+        _mask_excluded(block, exclude)
+        proxy, cand = block.topk(n_cand, dim=1, largest=False, sorted=False)
+        del block
+        sq, cand = sort_by_distance_then_id(self._direct(q, cand), cand)
+        if n_cand == available:  # every admissible point is a candidate: nothing left to prove
+            return cand[:, :k], sq[:, :k]
+        q_sq = qc.to(torch.float64).square().sum(dim=1)
+        q_norm = q_sq.sqrt()
+        # |fl(expansion) - exact| <= (d + 8) u (|q| + |b|)^2 for the dot product, the norms,
+        # the three additions and the centring rounding; doubled for safety.
+        bound = 2.0 * (self.d + 8) * self.unit_roundoff * (q_norm + self.max_norm) ** 2
+        worst_outside = proxy.max(dim=1).values.to(torch.float64) + q_sq - bound
+        proven = worst_outside >= sq[:, k - 1]
+        if not bool(proven.all()):
+            redo = torch.nonzero(~proven).squeeze(1)
+            ex = None if exclude is None else exclude[redo]
+            sq_r, cand_r = self._search_rows_float64(q[redo], n_cand, ex)
+            sq[redo], cand[redo] = sq_r, cand_r
+        return cand[:, :k], sq[:, :k]
+
+    def _search_rows_float64(self, q: torch.Tensor, n_cand: int, exclude):
+        """The fallback: the expansion in float64, over column blocks, then direct re-ranking."""
+        qc = q.to(torch.float64) - self.mean
+        q_sq = qc.square().sum(dim=1, keepdim=True)
+        cols_per_block = max(n_cand, self.block_elements // max(1, 2 * q.shape[0]))
+        best_d = best_i = None
+        for c in range(0, self.n, cols_per_block):
+            b = self.base[c:c + cols_per_block].to(torch.float64) - self.mean
+            block = q_sq + b.square().sum(dim=1) - 2.0 * qc @ b.T
+            _mask_excluded(block, exclude, c)
+            ids = torch.arange(c, c + b.shape[0], device=q.device).expand(q.shape[0], -1)
+            if best_d is not None:
+                block, ids = torch.cat([best_d, block], dim=1), torch.cat([best_i, ids], dim=1)
+            best_d, pos = block.topk(min(n_cand, block.shape[1]), dim=1, largest=False)
+            best_i = ids.gather(1, pos)
+        return sort_by_distance_then_id(self._direct(q, best_i), best_i)

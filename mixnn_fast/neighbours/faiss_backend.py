@@ -1,0 +1,41 @@
+"""faiss flat (exact, BLAS) search, for users who already have faiss installed.
+
+Only the candidate proposal is faiss's; like the hnswlib backend, its results are
+re-ranked by full-space distances computed from differences (faiss's own float32
+distances come from the cancellation-prone expansion).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def import_faiss():
+    """Return the ``faiss`` module or raise ImportError saying how to install it."""
+    try:
+        import faiss
+    except ImportError as exc:
+        raise ImportError("backend='faiss' needs the faiss package: `pip install faiss-cpu` "
+                          "(or faiss-gpu); backend='hnsw' and backend='exact' work without it") from exc
+    return faiss
+
+
+class FaissFlatSearcher:
+    """A ``faiss.IndexFlatL2`` over ``vectors`` (float32 Tensor[N, d] on CPU)."""
+
+    def __init__(self, vectors: torch.Tensor, *, num_threads: int):
+        self.faiss = import_faiss()
+        self.num_threads = num_threads
+        self.index = self.faiss.IndexFlatL2(vectors.shape[1])
+        self.index.add(np.ascontiguousarray(vectors.numpy(), dtype=np.float32))
+
+    def search(self, queries: torch.Tensor, n: int) -> torch.Tensor:
+        """The ``n`` nearest ids of each query row: LongTensor[Q, n] (-1 where faiss found none)."""
+        # faiss's thread count is process-global OpenMP state: set it for this call only.
+        previous = self.faiss.omp_get_max_threads()
+        self.faiss.omp_set_num_threads(self.num_threads)
+        try:
+            _, labels = self.index.search(np.ascontiguousarray(queries.numpy(), dtype=np.float32), n)
+        finally:
+            self.faiss.omp_set_num_threads(previous)
+        return torch.from_numpy(labels.astype(np.int64))

@@ -1,0 +1,47 @@
+"""hnswlib graph search: the default, approximate backend.
+
+A thin wrapper: the float32 vectors go to hnswlib once; queries return candidate ids as
+int64 torch tensors. Ranking and self-exclusion happen in ``index.py`` on full-space
+distances, so this module does not deal with them.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+class HnswSearcher:
+    """An hnswlib ``Index`` (L2) over ``vectors``.
+
+    Args:
+        vectors: float32 Tensor[N, p] on CPU (the full features or their PCA projection).
+        M: graph degree (hnswlib ``M``); more is slower to build, better recall.
+        ef_construction: candidate list size while building.
+        ef: candidate list size while searching (hnswlib raises it to the number asked for).
+        num_threads: threads for building and for batch queries.
+        seed: hnswlib's level-assignment seed. With more than one thread the insertion
+            order still varies, so the graph (and rare results) can differ between runs.
+    """
+
+    def __init__(self, vectors: torch.Tensor, *, M: int, ef_construction: int, ef: int,
+                 num_threads: int, seed: int):
+        import hnswlib  # imported here so `import mixnn_fast.neighbours` works without it
+
+        n, p = vectors.shape
+        self.ef = ef
+        self.num_threads = num_threads
+        self.index = hnswlib.Index(space="l2", dim=p)
+        self.index.init_index(max_elements=n, M=M, ef_construction=ef_construction, random_seed=seed)
+        self.index.add_items(np.ascontiguousarray(vectors.numpy(), dtype=np.float32),
+                             np.arange(n), num_threads=num_threads)
+
+    def search(self, queries: torch.Tensor, n: int) -> torch.Tensor:
+        """The ``n`` approximately nearest ids of each query row: LongTensor[Q, n], nearest first."""
+        self.index.set_ef(max(self.ef, n))
+        try:
+            labels, _ = self.index.knn_query(np.ascontiguousarray(queries.numpy(), dtype=np.float32),
+                                             k=n, num_threads=self.num_threads)
+        except RuntimeError as exc:  # hnswlib found fewer than n points for some query
+            raise RuntimeError(f"hnswlib could not return {n} neighbours for every query ({exc}); "
+                               "increase ef or M, or use backend='exact'") from exc
+        return torch.from_numpy(labels.astype(np.int64))
