@@ -1,0 +1,168 @@
+"""DALI pipelines: where the images come from is kept apart from what is done to them.
+
+Processing functions take and return DALI data nodes and work inside any
+``@pipeline_def``, whichever operator produced their input:
+
+- :func:`decode_random_resized_crop` -- JPEG/PNG bytes -> (size, size, 3) uint8 HWC;
+- :func:`pad_and_crop` -- decoded uint8 HWC arrays -> same size, randomly shifted;
+- :func:`decode_resize_center_crop` / :func:`center_crop` -- the evaluation views;
+- :func:`flip_and_normalise` -- the last step of every pipeline.
+
+Sources: :func:`plan_source` (an external source, batch mode, fed by an epoch plan)
+and a named file reader (``fn.readers.file(name="Reader")``) in
+:func:`file_reader_eval_pipeline`, which DALI's iterators follow by that name.
+
+Device placement is explicit: ``device="gpu"`` decodes with ``device="mixed"`` (Huffman
+on the CPU, the rest on the GPU) and runs every later operator on the GPU; arrays are
+moved with ``.gpu()`` right after the source.  ``device="cpu"`` keeps everything on the
+CPU; build those pipelines with ``device_id=None``.
+
+Images leave every pipeline as HWC: uint8 unless ``mean``/``std`` are given, then
+float32 ``(x - mean) / std`` (statistics in 0-255 units).
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import nvidia.dali.fn as fn
+import nvidia.dali.types as types
+from nvidia.dali import pipeline_def
+
+#: The external source's name; the loader's feeder serves it.
+SOURCE_NAME = "plan_source"
+#: The file reader's name; DALI iterators are pointed at it with ``reader_name``.
+READER_NAME = "Reader"
+
+DEVICES = ("cpu", "gpu")
+
+
+def _check_device(device: str) -> str:
+    if device not in DEVICES:
+        raise ValueError(f"device: must be 'cpu' or 'gpu', got {device!r}")
+    return device
+
+
+# ---------------------------------------------------------------------------------------------
+# processing
+
+
+def decode_random_resized_crop(encoded, *, size: int, area: Sequence[float] = (0.08, 1.0),
+                               aspect_ratio: Sequence[float] = (3 / 4, 4 / 3), device: str = "cpu"):
+    """Encoded images -> (size, size, 3) uint8 HWC random-resized crops.
+
+    The random window is chosen before decoding, so the decoder only decodes that region
+    (ROI decoding): cheaper than decoding the whole image and cropping it.
+    """
+    decoder = "mixed" if _check_device(device) == "gpu" else "cpu"
+    images = fn.decoders.image_random_crop(encoded, device=decoder, output_type=types.RGB,
+                                           random_area=list(area), random_aspect_ratio=list(aspect_ratio),
+                                           num_attempts=10)
+    return fn.resize(images, resize_x=size, resize_y=size)  # linear, antialiased when shrinking
+
+
+def decode_resize_center_crop(encoded, *, resize: int, crop: int, device: str = "cpu"):
+    """Encoded images -> shorter side resized to ``resize``, then the central (crop, crop) window."""
+    decoder = "mixed" if _check_device(device) == "gpu" else "cpu"
+    images = fn.decoders.image(encoded, device=decoder, output_type=types.RGB)
+    images = fn.resize(images, resize_shorter=resize)
+    return fn.crop(images, crop=(crop, crop))  # crop_pos 0.5: the centre
+
+
+def pad_and_crop(images, *, height: int, width: int, pad: int):
+    """uint8 HWC (height, width, C) -> the same size, shifted by a random whole number of
+    pixels in [-pad, pad] on each axis with zeros filling the gap (zero-pad by ``pad``,
+    then take a random crop of the original size: the CIFAR augmentation)."""
+    if pad == 0:
+        return images
+    shifts = [float(v) for v in range(-pad, pad + 1)]
+    start = fn.cast(fn.random.uniform(values=shifts, shape=[2]), dtype=types.INT32)
+    return fn.slice(images, start=start, shape=[height, width], axis_names="HW", out_of_bounds_policy="pad",
+                    fill_values=0)
+
+
+def center_crop(images, *, crop: int | None):
+    """The central (crop, crop) window, or the images unchanged when ``crop`` is None."""
+    return images if crop is None else fn.crop(images, crop=(crop, crop))
+
+
+def flip_and_normalise(images, *, flip: bool, mean: Sequence[float] | None, std: Sequence[float] | None):
+    """Random horizontal flip (probability 1/2) and, when ``mean``/``std`` are given,
+    float32 normalisation; HWC out in both cases."""
+    mirror = fn.random.coin_flip() if flip else 0
+    if mean is None and std is None:
+        return fn.crop_mirror_normalize(images, dtype=types.UINT8, output_layout="HWC", mirror=mirror)
+    return fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="HWC", mirror=mirror,
+                                    mean=list(mean) if mean is not None else [0.0],
+                                    std=list(std) if std is not None else [1.0])
+
+
+# ---------------------------------------------------------------------------------------------
+# sources
+
+
+def plan_source(source: Callable[[], object], *, encoded: bool, device: str):
+    """The external source the loader feeds (batch mode: one call returns one batch).
+
+    ``source()`` returns a list of 1-D uint8 arrays (file bytes) when ``encoded``, else an
+    (M, H, W, C) uint8 array; it raises StopIteration at the end of the epoch.
+    """
+    if encoded:
+        data = fn.external_source(source=source, batch=True, name=SOURCE_NAME, dtype=types.UINT8, ndim=1)
+        return data  # stays on the CPU: the 'mixed' decoder takes host bytes
+    data = fn.external_source(source=source, batch=True, name=SOURCE_NAME, dtype=types.UINT8, ndim=3,
+                              layout="HWC")
+    # arrays go to the GPU straight away so every augmentation runs there
+    return data.gpu() if _check_device(device) == "gpu" else data
+
+
+# ---------------------------------------------------------------------------------------------
+# pipelines (batch_size, num_threads, device_id, seed, prefetch_queue_depth are given where
+# they are built: ``train_pipeline(source, ..., batch_size=..., num_threads=..., device_id=None)``)
+
+
+@pipeline_def
+def train_pipeline(source, *, encoded: bool, device: str = "cpu", size: int | None = None,
+                   area: Sequence[float] = (0.08, 1.0), aspect_ratio: Sequence[float] = (3 / 4, 4 / 3),
+                   image_shape: Sequence[int] | None = None, pad: int = 4, flip: bool = True,
+                   mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
+    """Training views, one independent augmentation per decoded image.
+
+    Encoded sources: random-resized crop to ``size`` + flip.  Arrays of ``image_shape``
+    (H, W, C): pad-and-crop by ``pad`` + flip.
+    """
+    data = plan_source(source, encoded=encoded, device=device)
+    if encoded:
+        images = decode_random_resized_crop(data, size=size, area=area, aspect_ratio=aspect_ratio, device=device)
+    else:
+        images = pad_and_crop(data, height=image_shape[0], width=image_shape[1], pad=pad)
+    return flip_and_normalise(images, flip=flip, mean=mean, std=std)
+
+
+@pipeline_def
+def eval_pipeline(source, *, encoded: bool, device: str = "cpu", resize: int | None = None,
+                  crop: int | None = None, mean: Sequence[float] | None = None,
+                  std: Sequence[float] | None = None):
+    """Evaluation views, no randomness: resize + centre crop (encoded) or an optional
+    centre crop (arrays)."""
+    data = plan_source(source, encoded=encoded, device=device)
+    if encoded:
+        images = decode_resize_center_crop(data, resize=resize, crop=crop, device=device)
+    else:
+        images = center_crop(data, crop=crop)
+    return flip_and_normalise(images, flip=False, mean=mean, std=std)
+
+
+@pipeline_def
+def file_reader_eval_pipeline(files: Sequence[str], labels: Sequence[int], *, device: str = "cpu",
+                              resize: int = 256, crop: int = 224, shard_id: int = 0, num_shards: int = 1,
+                              mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
+    """Evaluation over a file list with DALI's own named reader (e.g. a clean test set);
+    same processing as :func:`eval_pipeline`.  Pair it with
+    ``DALIGenericIterator(pipe, ["images", "labels"], reader_name=READER_NAME,
+    last_batch_policy=LastBatchPolicy.PARTIAL)``."""
+    encoded, label = fn.readers.file(files=list(files), labels=list(labels), name=READER_NAME,
+                                     random_shuffle=False, shard_id=shard_id, num_shards=num_shards,
+                                     pad_last_batch=True)
+    images = decode_resize_center_crop(encoded, resize=resize, crop=crop, device=device)
+    images = flip_and_normalise(images, flip=False, mean=mean, std=std)
+    return images, (label.gpu() if device == "gpu" else label)

@@ -1,0 +1,635 @@
+"""Loaders: an epoch plan through a DALI pipeline, into a plain torch training loop.
+
+::
+
+    loader = MixNNLoader(description, batch_size=64, neighbours=nbrs, mean=MEAN, std=STD)
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)
+        loader.set_neighbours(refreshed_neighbours)      # after each refresh pass
+        for batch in loader:                              # LoaderBatch
+            x, y = batch.mix(weights[batch.anchor_ids], targets)   # (B, C, H, W), (B, classes)
+            loss = soft_cross_entropy(model(x), y)
+
+Each batch decodes the plan's ids once (``batch.images`` (M, H, W, C)), gives every
+decoded image its own augmentation, and says where the anchors and partners are
+(``anchor_slots`` (B,), ``partner_slots`` (B, K)); :meth:`LoaderBatch.mix` hands them to
+:func:`mixnn_fast.mix_images` / :func:`mixnn_fast.mix_targets`.
+
+How batches stay aligned with their metadata: DALI calls the feeder (the external
+source) in batch order, ``prefetch_queue_depth`` batches ahead of the consumer.  The
+feeder appends each batch it serves to a FIFO, and each pipeline output pops the oldest
+entry.  The feeder never raises mid-epoch (an exception there would surface on an
+earlier, prefetching ``run()`` and misalign the queue): a missing file is recorded on its
+batch and raised when that batch is reached.
+
+Bad images (``on_error``): "raise" (default) raises an error naming the file when its
+batch is reached; "skip" drops the sample, and every anchor that needs it, and counts
+them (``loader.skipped``: id -> reason, ``loader.skipped_anchors``).  Missing files,
+empty files and bytes that are not an image format are caught while reading; images
+that start right but do not decode (truncated, corrupt) make DALI fail the batch, and
+the loader then decodes the batch's files one by one with PIL to name the culprit,
+rebuilds the pipeline and (when skipping) replays the batch without it.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from mixnn_fast.data.description import DatasetDescription
+from mixnn_fast.pipeline.plan import EpochPlan, PlanBatch, plan_epoch
+
+log = logging.getLogger(__name__)
+
+ON_ERROR = ("raise", "skip")
+
+# Leading bytes of the formats DALI decodes (JPEG, PNG, BMP, GIF, TIFF, WebP, PNM, JPEG 2000).
+_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM", b"GIF8", b"II*\x00", b"MM\x00*",
+          b"\x00\x00\x00\x0cjP  ", b"\xff\x4f\xff\x51", b"P1", b"P2", b"P3", b"P4", b"P5", b"P6")
+
+
+class ImageDecodeError(ValueError):
+    """An image could not be read or decoded; ``paths`` lists the files."""
+
+    def __init__(self, message: str, paths: Sequence[str] = ()):
+        super().__init__(message)
+        self.paths = list(paths)
+
+
+# ---------------------------------------------------------------------------------------------
+# the batch a loader yields
+
+
+@dataclass
+class LoaderBatch:
+    """One decoded batch.
+
+    Attributes:
+        images: (M, H, W, C) uint8 tensor (or float32, normalised, when the pipeline
+            normalises), on the pipeline's device; every image augmented independently.
+        ids: (M,) int64 sample ids of ``images``.
+        anchor_slots: (B,) int64 positions of the anchors in ``images``.
+        partner_slots: (B, K) int64 positions of each anchor's partners (K = 0 for plain
+            and in-batch plans).
+        labels: (B,) int64 the anchors' given (possibly noisy) labels.
+        index: the batch's index in its epoch plan.
+        mean, std: the normalisation :meth:`mix` applies (None when the pipeline already
+            normalised, or when no statistics were given).
+    """
+
+    images: torch.Tensor
+    ids: torch.Tensor
+    anchor_slots: torch.Tensor
+    partner_slots: torch.Tensor
+    labels: torch.Tensor
+    index: int
+    mean: Sequence[float] | None = None
+    std: Sequence[float] | None = None
+
+    @property
+    def anchor_ids(self) -> torch.Tensor:
+        """(B,) int64 sample ids of the anchors."""
+        return self.ids[self.anchor_slots]
+
+    @property
+    def partner_ids(self) -> torch.Tensor:
+        """(B, K) int64 sample ids of the partners."""
+        return self.ids[self.partner_slots]
+
+    def __len__(self) -> int:
+        return len(self.anchor_slots)
+
+    def mix(self, weights, targets=None, *, out_layout: str = "NCHW", out_dtype: torch.dtype = torch.float32,
+            **kwargs):
+        """MixNN's synthetic batch from this batch's decoded images.
+
+        Args:
+            weights: (B, K+1) float, row b = (λ, β_1..β_K) of anchor b, e.g.
+                ``weight_table[batch.anchor_ids]``.
+            targets: optional (N, C) float soft-target table of the whole data set, indexed
+                by sample id.
+            out_layout, out_dtype, kwargs: passed to :func:`mixnn_fast.mix_images`.
+
+        Returns:
+            (images (B, C, H, W) for "NCHW", mixed targets (B, C) or None).
+        """
+        from mixnn_fast.mixer import mix_images, mix_targets
+
+        device = self.images.device
+        weights = torch.as_tensor(weights, dtype=torch.float32)
+        images = mix_images(self.images, self.anchor_slots.to(device), self.partner_slots.to(device),
+                            weights.to(device), mean=self.mean, std=self.std, out_layout=out_layout,
+                            out_dtype=out_dtype, **kwargs)
+        if targets is None:
+            return images, None
+        targets = torch.as_tensor(targets)
+        t_dev = targets.device
+        mixed = mix_targets(targets, self.anchor_ids.to(t_dev), self.partner_ids.to(t_dev), weights.to(t_dev))
+        return images, mixed
+
+
+# ---------------------------------------------------------------------------------------------
+# the feeder: plan batches -> bytes/arrays for DALI's external source
+
+
+def _drop_samples(batch: PlanBatch, bad: np.ndarray) -> tuple[PlanBatch, int]:
+    """``batch`` without the ids in ``bad`` and without every anchor that needs one of
+    them (as itself or as a partner); returns (batch, number of anchors dropped)."""
+    is_bad = np.isin(batch.ids, bad)
+    if not is_bad.any():
+        return batch, 0
+    keep = ~is_bad[batch.anchor_slots]
+    if batch.partner_slots.shape[1]:
+        keep &= ~is_bad[batch.partner_slots].any(axis=1)
+    a_slots, p_slots = batch.anchor_slots[keep], batch.partner_slots[keep]
+    used = np.zeros(len(batch.ids), dtype=bool)
+    used[a_slots] = True
+    used[p_slots.ravel()] = True
+    renumber = np.cumsum(used) - 1
+    return PlanBatch(batch.index, batch.ids[used], renumber[a_slots], renumber[p_slots]), int((~keep).sum())
+
+
+def _image_format_problem(raw: np.ndarray) -> str | None:
+    """Why these bytes cannot be an image DALI decodes (cheap: size and magic number only)."""
+    if not len(raw):
+        return "empty file"
+    head = raw[:12].tobytes()
+    if any(head.startswith(m) for m in _MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
+        return None
+    return "not a recognised image format"
+
+
+class _Feeder:
+    """The external source's callable: serves the plan's batches in order (see the
+    module docstring for the FIFO ``served`` and the error policy).
+
+    The set of known-bad sample ids persists across epochs, so bad files are not read
+    (nor counted) twice.
+    """
+
+    def __init__(self, description: DatasetDescription, on_error: str):
+        self.description = description
+        self.on_error = on_error
+        self.plan: EpochPlan | None = None
+        self.cursor = 0
+        self.served: collections.deque[tuple[int, PlanBatch]] = collections.deque()
+        self.error: BaseException | None = None
+        self.skipped: dict[int, str] = {}
+        # anchors dropped per plan position this epoch: assigned, not added, so a batch
+        # replayed after a decoding failure is not counted twice
+        self._dropped: dict[int, int] = {}
+        self._dropped_before = 0
+
+    @property
+    def skipped_anchors(self) -> int:
+        return self._dropped_before + sum(self._dropped.values())
+
+    def start(self, plan: EpochPlan) -> None:
+        """Serve ``plan`` from its first batch (a new epoch)."""
+        self._dropped_before += sum(self._dropped.values())
+        self._dropped = {}
+        self.plan, self.cursor, self.error = plan, 0, None
+        self.served.clear()
+
+    def rewind(self, position: int) -> None:
+        """Serve the current plan again from ``position`` (after a pipeline failure)."""
+        self.cursor, self.error = position, None
+        self.served.clear()
+
+    def skip(self, samples: Sequence[int], reasons: Sequence[str]) -> None:
+        for sample, reason in zip(samples, reasons):
+            if sample not in self.skipped:
+                log.warning("skipping sample %d: %s", sample, reason)
+                self.skipped[sample] = reason
+
+    def __call__(self):
+        while True:
+            if self.plan is None or self.error is not None or self.cursor >= len(self.plan):
+                raise StopIteration
+            position = self.cursor
+            self.cursor += 1
+            planned = self.plan[position]
+            batch = planned
+            if self.skipped:
+                batch, _ = _drop_samples(batch, np.fromiter(self.skipped, dtype=np.int64))
+            if self.description.in_memory:
+                data = self.description.images[batch.ids] if len(batch) else None
+            else:
+                data, batch = self._read(batch)
+            if self.error is None:
+                self._dropped[position] = len(planned) - len(batch)
+            if data is None or not len(batch):
+                continue  # every anchor skipped, or an error ends the epoch here
+            self.served.append((position, batch))
+            return data
+
+    def _read(self, batch: PlanBatch) -> tuple[list[np.ndarray] | None, PlanBatch]:
+        """The bytes of every id of ``batch`` (in ``batch.ids`` order)."""
+        paths = self.description.paths
+        raw_of: dict[int, np.ndarray] = {}
+        bad, reasons = [], []
+        for sample in np.unique(batch.ids).tolist():
+            path = paths[sample]
+            try:
+                raw = np.fromfile(path, dtype=np.uint8)
+            except OSError as exc:  # missing, unreadable, a directory...
+                bad.append(sample)
+                reasons.append(f"cannot read {path}: {exc.strerror or exc}")
+                if self.on_error == "raise":
+                    message = (f"{reasons[-1]} (sample {sample}); pass on_error='skip' to skip unreadable samples "
+                               "and count them")
+                    self.error = (FileNotFoundError(message) if isinstance(exc, FileNotFoundError)
+                                  else ImageDecodeError(message, [path]))
+                    return None, batch
+                continue
+            problem = _image_format_problem(raw)
+            if problem is not None:
+                bad.append(sample)
+                reasons.append(f"{path}: {problem}")
+                if self.on_error == "raise":
+                    self.error = ImageDecodeError(f"cannot decode {path}: {problem} (sample {sample}); pass "
+                                                  "on_error='skip' to skip undecodable samples and count them",
+                                                  [path])
+                    return None, batch
+                continue
+            raw_of[sample] = raw
+        if bad:
+            self.skip(bad, reasons)
+            batch, _ = _drop_samples(batch, np.array(bad, dtype=np.int64))
+        # the naive plan lists a partner twice on purpose: it is decoded twice
+        return [raw_of[s] for s in batch.ids.tolist()], batch
+
+
+def _pil_problem(path: str) -> str | None:
+    """Why PIL cannot fully decode ``path``, or None if it can (the independent check used
+    to name the file behind a DALI decoding failure)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except (OSError, SyntaxError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _dali_reason(err: BaseException) -> str:
+    """The informative line of a DALI error (the one after "encountered:")."""
+    lines = [line.strip() for line in str(err).splitlines()]
+    for i, line in enumerate(lines):
+        if line == "encountered:":
+            rest = [x for x in lines[i + 1:] if x]
+            if rest:
+                return rest[0]
+    return next((x for x in lines if x), type(err).__name__)
+
+
+def _resolve_device(device: str, device_id: int | None) -> tuple[str, int | None]:
+    if device == "auto":
+        device = "gpu" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "gpu"):
+        raise ValueError(f"device: must be 'auto', 'cpu' or 'gpu', got {device!r}")
+    if device == "gpu":
+        if not torch.cuda.is_available():
+            raise ValueError("device: 'gpu' was asked for but torch sees no CUDA device")
+        return device, torch.cuda.current_device() if device_id is None else device_id
+    return device, None  # DALI's CPU-only mode
+
+
+def _check_positive_int(value, name: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name}: must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# loaders
+
+
+class _DaliLoader:
+    """What the training and evaluation loaders share: the feeder, the pipeline's life
+    cycle, the output conversion and the error handling."""
+
+    def __init__(self, description: DatasetDescription, batch_size: int, *, num_threads: int, device: str,
+                 device_id: int | None, seed: int, shard_id: int, num_shards: int, on_error: str,
+                 prefetch_queue_depth: int, mean, std, normalize_in_pipeline: bool):
+        if not isinstance(description, DatasetDescription):
+            raise TypeError(f"description: expected a DatasetDescription, got {type(description).__name__}")
+        self.description = description
+        self.batch_size = _check_positive_int(batch_size, "batch_size")
+        self.num_threads = _check_positive_int(num_threads, "num_threads")
+        self.prefetch_queue_depth = _check_positive_int(prefetch_queue_depth, "prefetch_queue_depth")
+        self.num_shards = _check_positive_int(num_shards, "num_shards")
+        if isinstance(shard_id, bool) or not isinstance(shard_id, (int, np.integer)) \
+                or not 0 <= shard_id < self.num_shards:
+            raise ValueError(f"shard_id: must be an integer in [0, {self.num_shards}), got {shard_id!r}")
+        self.shard_id = int(shard_id)
+        if on_error not in ON_ERROR:
+            raise ValueError(f"on_error: must be 'raise' or 'skip', got {on_error!r}")
+        self.seed = _check_positive_int(seed, "seed", minimum=0)
+        self.device, self.device_id = _resolve_device(device, device_id)
+        channels = 3 if not description.in_memory else description.images.shape[3]
+        for name, value in (("mean", mean), ("std", std)):
+            if value is not None and len(value) != channels:
+                raise ValueError(f"{name}: expected {channels} values (one per channel), got {len(value)}")
+        self.mean = None if mean is None else [float(v) for v in mean]
+        self.std = None if std is None else [float(v) for v in std]
+        self.normalize_in_pipeline = bool(normalize_in_pipeline)
+        self._feeder = _Feeder(description, on_error)
+        self._pipe = None
+        self._pipe_batch = 0
+        self._pipe_clean = False  # True when the pipeline ended its last epoch normally
+
+    # --- public ---------------------------------------------------------------------------
+
+    @property
+    def on_error(self) -> str:
+        return self._feeder.on_error
+
+    @property
+    def skipped(self) -> dict[int, str]:
+        """Samples skipped so far (``on_error="skip"``): sample id -> reason."""
+        return dict(self._feeder.skipped)
+
+    @property
+    def skipped_anchors(self) -> int:
+        """Anchors dropped because they or one of their partners could not be decoded."""
+        return self._feeder.skipped_anchors
+
+    def close(self) -> None:
+        """Release the DALI pipeline (it is rebuilt on the next iteration)."""
+        self._pipe = None
+
+    # --- to be provided by subclasses ---------------------------------------------------------
+
+    def _epoch_plan(self) -> EpochPlan:
+        raise NotImplementedError
+
+    def _pipeline(self) -> tuple[Callable, dict]:
+        """The ``@pipeline_def`` function and its processing arguments."""
+        raise NotImplementedError
+
+    def _max_batch(self, plan: EpochPlan) -> int:
+        raise NotImplementedError
+
+    # --- machinery ------------------------------------------------------------------------
+
+    def _build(self, max_batch: int):
+        pipeline_fn, args = self._pipeline()
+        pipe = pipeline_fn(self._feeder, encoded=not self.description.in_memory, device=self.device,
+                           mean=self.mean if self.normalize_in_pipeline else None,
+                           std=self.std if self.normalize_in_pipeline else None, **args,
+                           batch_size=max_batch, num_threads=self.num_threads, device_id=self.device_id,
+                           # shards draw different augmentations from one common seed
+                           seed=self.seed * 1009 + self.shard_id, prefetch_queue_depth=self.prefetch_queue_depth)
+        pipe.build()
+        self._pipe, self._pipe_batch = pipe, max_batch
+        return pipe
+
+    def _pipeline_for(self, plan: EpochPlan):
+        max_batch = self._max_batch(plan)
+        if self._pipe is not None and self._pipe_clean and max_batch <= self._pipe_batch:
+            self._pipe.reset()  # the previous epoch ended with StopIteration: reusable
+            self._pipe_clean = False
+            return self._pipe
+        self._pipe = None  # abandoned mid-epoch, or too small: start afresh
+        return self._build(max_batch)
+
+    def _to_torch(self, output) -> torch.Tensor:
+        from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
+
+        dense = output.as_tensor()
+        target = torch.empty(dense.shape(), dtype=to_torch_type[dense.dtype],
+                             device=f"cuda:{self.device_id}" if self.device == "gpu" else "cpu")
+        stream = torch.cuda.current_stream(target.device) if self.device == "gpu" else None
+        feed_ndarray(dense, target, cuda_stream=stream)
+        return target
+
+    def _make_batch(self, images: torch.Tensor, batch: PlanBatch) -> LoaderBatch:
+        ids = torch.from_numpy(np.ascontiguousarray(batch.ids))
+        anchors = torch.from_numpy(np.ascontiguousarray(batch.anchor_slots))
+        partners = torch.from_numpy(np.ascontiguousarray(batch.partner_slots))
+        labels = torch.from_numpy(self.description.labels[batch.ids[batch.anchor_slots]])
+        normalised = self.normalize_in_pipeline
+        return LoaderBatch(images=images, ids=ids, anchor_slots=anchors, partner_slots=partners, labels=labels,
+                           index=batch.index, mean=None if normalised else self.mean,
+                           std=None if normalised else self.std)
+
+    def _decode_failure(self, err: RuntimeError) -> None:
+        """DALI failed a batch: name the files (raise) or mark them and rewind (skip)."""
+        served = list(self._feeder.served)
+        self._pipe = None  # a failed DALI pipeline is not reused
+        if not served:
+            raise err
+        paths = self.description.paths
+        culprits, reasons = [], []
+        for _, batch in served:  # the failing batch is the oldest served; check its successors too
+            for sample in np.unique(batch.ids).tolist():
+                problem = _pil_problem(paths[sample])
+                if problem is not None and sample not in culprits:
+                    culprits.append(sample)
+                    reasons.append(f"{paths[sample]}: {problem}")
+        first_line = _dali_reason(err)
+        if not culprits:
+            names = ", ".join(paths[s] for s in served[0][1].ids[:5].tolist())
+            raise RuntimeError(f"DALI failed on batch {served[0][1].index} (files {names}, ...) and PIL decodes all "
+                               f"of them; DALI said: {first_line}") from err
+        if self.on_error == "raise":
+            raise ImageDecodeError(f"cannot decode {'; '.join(reasons)} (DALI: {first_line}); pass "
+                                   "on_error='skip' to skip undecodable samples and count them",
+                                   [paths[s] for s in culprits]) from err
+        self._feeder.skip(culprits, reasons)
+        self._feeder.rewind(served[0][0])  # replay from the failed batch
+
+    def __iter__(self) -> Iterator[LoaderBatch]:
+        plan = self._epoch_plan()
+        self._feeder.start(plan)
+        pipe = self._pipeline_for(plan)
+        finished = False
+        try:
+            while True:
+                try:
+                    (output,) = pipe.run()
+                except StopIteration:
+                    if self._feeder.error is not None:
+                        error, self._feeder.error = self._feeder.error, None
+                        self._pipe = None
+                        raise error from None
+                    finished = True
+                    return
+                except RuntimeError as err:
+                    self._decode_failure(err)  # raises, or rewinds the feeder for a replay
+                    pipe = self._build(self._pipe_batch or self._max_batch(plan))
+                    continue
+                _, batch = self._feeder.served.popleft()
+                yield self._make_batch(self._to_torch(output), batch)
+        finally:
+            # A pipeline left mid-epoch still holds prefetched batches: rebuild next time.
+            self._pipe_clean = finished
+            if not finished:
+                self._pipe = None
+
+
+class MixNNLoader(_DaliLoader):
+    """Training batches of an epoch plan, decoded and augmented by DALI.
+
+    Args:
+        description: the data set (``paths`` of JPEG/PNG files, or ``images`` in memory).
+        batch_size: anchors per batch.
+        neighbours: (N, K) int64 partners of every sample (None for "plain"/"in_batch");
+            replace after each refresh with :meth:`set_neighbours`.
+        mode: the plan, "coherent" | "naive" | "plain" | "in_batch" (see
+            :mod:`mixnn_fast.pipeline.plan`).
+        anchor_ids: the anchors of each epoch: None (all samples), an int array, or a
+            callable ``epoch -> int array`` (e.g. Clothing1M's balanced draw).
+        seed: seeds the plans (``[seed, epoch]``) and DALI's augmentations.  Use the same
+            seed in every process: the shards split one common plan.
+        drop_last: drop each epoch's final partial batch.
+        size: output side of the random-resized crop (encoded images).
+        area, aspect_ratio: random-resized-crop ranges (relative area, width/height).
+        pad: pad-and-crop shift for in-memory images (pixels, each side).
+        flip: random horizontal flips.
+        mean, std: per-channel statistics in 0-255 units; applied by :meth:`LoaderBatch.mix`
+            (or by DALI with ``normalize_in_pipeline=True``, images then float32).
+        num_threads: DALI worker threads.
+        device: "auto" (GPU when torch sees one), "cpu" or "gpu".
+        shard_id, num_shards: this process's share of every epoch's batches.
+        on_error: "raise" or "skip" (see the module docstring).
+        prefetch_queue_depth: batches DALI prepares ahead.
+
+    Iterating yields :class:`LoaderBatch` es; each ``iter()`` runs the next epoch (or the
+    one given to :meth:`set_epoch`).
+    """
+
+    def __init__(self, description: DatasetDescription, batch_size: int, *, neighbours=None,
+                 mode: str = "coherent", anchor_ids=None, seed: int = 0, drop_last: bool = False,
+                 size: int = 224, area: Sequence[float] = (0.08, 1.0), aspect_ratio: Sequence[float] = (3 / 4, 4 / 3),
+                 pad: int = 4, flip: bool = True, mean: Sequence[float] | None = None,
+                 std: Sequence[float] | None = None, normalize_in_pipeline: bool = False, num_threads: int = 2,
+                 device: str = "auto", device_id: int | None = None, shard_id: int = 0, num_shards: int = 1,
+                 on_error: str = "raise", prefetch_queue_depth: int = 2):
+        super().__init__(description, batch_size, num_threads=num_threads, device=device, device_id=device_id,
+                         seed=seed, shard_id=shard_id, num_shards=num_shards, on_error=on_error,
+                         prefetch_queue_depth=prefetch_queue_depth, mean=mean, std=std,
+                         normalize_in_pipeline=normalize_in_pipeline)
+        from mixnn_fast.pipeline.plan import MODES
+
+        if mode not in MODES:
+            raise ValueError(f"mode: must be one of {MODES}, got {mode!r}")
+        self.mode = mode
+        self.drop_last = bool(drop_last)
+        self.size = _check_positive_int(size, "size")
+        self.pad = _check_positive_int(pad, "pad", minimum=0)
+        self.area = tuple(float(a) for a in area)
+        self.aspect_ratio = tuple(float(a) for a in aspect_ratio)
+        if not 0 < self.area[0] <= self.area[1] <= 1:
+            raise ValueError(f"area: must be 0 < low <= high <= 1, got {area}")
+        if not 0 < self.aspect_ratio[0] <= self.aspect_ratio[1]:
+            raise ValueError(f"aspect_ratio: must be 0 < low <= high, got {aspect_ratio}")
+        self.flip = bool(flip)
+        self._anchor_ids = anchor_ids
+        self._neighbours = None
+        self.set_neighbours(neighbours)
+        self.epoch = 0
+        self.plan: EpochPlan | None = None  # the current epoch's plan (this shard's batches)
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch the next iteration runs (plans are seeded by ``[seed, epoch]``)."""
+        self.epoch = _check_positive_int(epoch, "epoch", minimum=0)
+
+    def set_neighbours(self, neighbours) -> None:
+        """Partners for the next epochs: (N, K) int64 (checked when the plan is made)."""
+        if neighbours is not None:
+            neighbours = np.asarray(neighbours)
+            if neighbours.ndim != 2 or neighbours.shape[0] != len(self.description):
+                raise ValueError(f"neighbours: expected shape ({len(self.description)}, K), got {neighbours.shape}")
+        self._neighbours = neighbours
+
+    def set_anchor_ids(self, anchor_ids) -> None:
+        """Anchors of the next epochs: None (all), an int array, or ``epoch -> int array``."""
+        self._anchor_ids = anchor_ids
+
+    def _anchors(self, epoch: int) -> np.ndarray:
+        ids = self._anchor_ids(epoch) if callable(self._anchor_ids) else self._anchor_ids
+        return np.arange(len(self.description), dtype=np.int64) if ids is None else np.asarray(ids)
+
+    def make_plan(self, epoch: int) -> EpochPlan:
+        """This shard's plan for ``epoch`` (what iterating that epoch will load)."""
+        plan = plan_epoch(self._anchors(epoch), self._neighbours, self.batch_size, mode=self.mode, seed=self.seed,
+                          epoch=epoch, num_samples=len(self.description), drop_last=self.drop_last)
+        return plan.shard(self.shard_id, self.num_shards)
+
+    def _epoch_plan(self) -> EpochPlan:
+        self.plan = self.make_plan(self.epoch)
+        self.epoch += 1
+        return self.plan
+
+    def __len__(self) -> int:
+        """Batches in the next epoch (computes its plan)."""
+        return len(self.make_plan(self.epoch))
+
+    def _max_batch(self, plan: EpochPlan) -> int:
+        k = self._neighbours.shape[1] if (self._neighbours is not None and self.mode in ("coherent", "naive")) else 0
+        return max(self.batch_size * (1 + k), plan.max_decoded)
+
+    def _pipeline(self) -> tuple[Callable, dict]:
+        from mixnn_fast.pipeline.dali_pipelines import train_pipeline  # DALI is imported here, not before
+
+        shape = self.description.images.shape[1:] if self.description.in_memory else None
+        return train_pipeline, dict(size=self.size, area=self.area, aspect_ratio=self.aspect_ratio,
+                                    image_shape=shape, pad=self.pad, flip=self.flip)
+
+
+class EvalLoader(_DaliLoader):
+    """Evaluation batches in data-set order, no augmentation (the refresh pass).
+
+    Encoded images: shorter side resized to ``resize`` (default ``round(crop / 0.875)``),
+    central ``crop`` window.  In-memory images: the central ``crop`` window, or unchanged
+    when ``crop`` is None.  Batches are plain (``partner_slots`` (B, 0)); ``ids`` says which
+    samples they hold (every sample once, minus skipped ones).  ``ids`` restricts the pass
+    to a subset (in the given order).  With several shards each process gets every
+    ``num_shards``-th batch, unpadded.
+    """
+
+    def __init__(self, description: DatasetDescription, batch_size: int, *, ids=None, crop: int | None = None,
+                 resize: int | None = None, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                 normalize_in_pipeline: bool = False, num_threads: int = 2, device: str = "auto",
+                 device_id: int | None = None, shard_id: int = 0, num_shards: int = 1, on_error: str = "raise",
+                 prefetch_queue_depth: int = 2):
+        super().__init__(description, batch_size, num_threads=num_threads, device=device, device_id=device_id,
+                         seed=0, shard_id=shard_id, num_shards=num_shards, on_error=on_error,
+                         prefetch_queue_depth=prefetch_queue_depth, mean=mean, std=std,
+                         normalize_in_pipeline=normalize_in_pipeline)
+        if not description.in_memory and crop is None:
+            crop = 224
+        self.crop = None if crop is None else _check_positive_int(crop, "crop")
+        if description.in_memory and self.crop is not None and self.crop > min(description.images.shape[1:3]):
+            raise ValueError(f"crop: {crop} is larger than the images {description.images.shape[1:3]}")
+        if resize is None and not description.in_memory:
+            resize = int(round(self.crop / 0.875))
+        self.resize = None if resize is None else _check_positive_int(resize, "resize")
+        self.ids = None if ids is None else np.asarray(ids)
+
+    def make_plan(self) -> EpochPlan:
+        order = np.arange(len(self.description), dtype=np.int64) if self.ids is None else self.ids
+        plan = plan_epoch(order, None, self.batch_size, mode="plain", shuffle=False,
+                          num_samples=len(self.description))
+        return plan.shard(self.shard_id, self.num_shards, pad=False)
+
+    def _epoch_plan(self) -> EpochPlan:
+        return self.make_plan()
+
+    def __len__(self) -> int:
+        return len(self.make_plan())
+
+    def _max_batch(self, plan: EpochPlan) -> int:
+        return self.batch_size
+
+    def _pipeline(self) -> tuple[Callable, dict]:
+        from mixnn_fast.pipeline.dali_pipelines import eval_pipeline
+
+        return eval_pipeline, dict(resize=self.resize, crop=self.crop)
