@@ -28,9 +28,9 @@ The EM mirrors scikit-learn's semantics:
 Precision: the element-wise work runs in float32 by default (``dtype``), the
 sufficient statistics are accumulated per 4096-element chunk and summed in
 float64, and the parameters are float64. Measured on 10^6 losses
-(bench/refresh_gmm.py): float32 is ~2x faster than float64 on the CPU (and
-float64 is slow on most GPUs) and its posteriors stay within ~1e-6 of
-scikit-learn's. float32 resolves the mean log-likelihood to ~1e-7, which is
+(bench/refresh_gmm.py, 2 CPU threads): float32 is ~2x faster than float64
+(and float64 is slow on most GPUs) and its posteriors stay within ~3e-6 of
+scikit-learn's from the same initial parameters. float32 resolves the mean log-likelihood to ~1e-7, which is
 ample for the reference tol=1e-2; for tol below ~1e-4 use ``dtype=torch.float64``
 (a slow fit may otherwise stop a few iterations apart from scikit-learn).
 Internally the data are standardised (``z = (x - mean) / std``, with
