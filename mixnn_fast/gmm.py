@@ -331,9 +331,7 @@ class GMM1D:
         if lo == hi:
             self._fit_degenerate(lo, x.numel())
             return _DegenerateData(x.numel(), x.device)
-        self.degenerate_ = False
         data = _Standardised(x, self.dtype, lo, hi)
-        self._shift, self._scale = data.shift, data.scale
         reg_z = self.reg_covar / data.scale ** 2
         params = self._initial_params(data, reg_z)
 
@@ -357,7 +355,10 @@ class GMM1D:
         if not converged:
             logger.debug("GMM1D: EM stopped after max_iter=%d without reaching tol=%g", self.max_iter, self.tol)
 
+        # the fitted state is set only now, so a fit that raises leaves the previous one intact
         self._params = params
+        self._shift, self._scale = data.shift, data.scale
+        self.degenerate_ = False
         self.n_iter_ = n_iter
         self.converged_ = converged
         self.lower_bound_ = lower_bound
@@ -369,7 +370,7 @@ class GMM1D:
 
     def _fit_degenerate(self, value: float, n: int) -> None:
         warnings.warn(f"GMM1D: the {n} value(s) are all equal ({value:g}); two components cannot be told apart, "
-                      "every posterior is 0.5", DegenerateLossesWarning, stacklevel=3)
+                      "every posterior is 0.5", DegenerateLossesWarning, stacklevel=4)
         self.degenerate_ = True
         self._params = _Params((0.0, 0.0), (1.0, 1.0), (0.5, 0.5))
         self._shift, self._scale = value, 1.0
