@@ -205,10 +205,19 @@ def test_threads_do_not_change_reranked_results(rng):
     assert torch.equal(one, index.query_all(2))
 
 
-def test_low_explained_variance_warns(rng):
-    x = rng.normal(size=(500, 128)).astype(np.float32)  # isotropic: 64 of 128 axes keep ~half
+def test_low_explained_variance_falls_back_to_full_space(rng):
+    x = rng.normal(size=(1500, 96)).astype(np.float32)  # isotropic: 32 of 96 axes keep ~40%
     with pytest.warns(UserWarning, match="principal axes keep only"):
-        NeighbourIndex(x, pca_dim=64)
+        index = NeighbourIndex(x, pca_dim=32, num_threads=2)
+    assert index.pca is None and 0.3 < index.explained_variance_ratio < 0.5
+    full = index.query_all(1)
+    forced = NeighbourIndex(x, pca_dim=32, pca_min_variance=0.0, num_threads=2)
+    assert forced.pca is not None
+    exact = nearest_neighbours(x, 1, backend="exact")
+    # The fallback is what keeps recall up on unstructured features.
+    assert recall_against(full, exact, x) > recall_against(forced.query_all(1), exact, x) + 0.2
+    structured = NeighbourIndex(clustered(rng, 1500, 96), pca_dim=32)
+    assert structured.pca is not None and structured.explained_variance_ratio > 0.9
 
 
 # ----------------------------------------------------------------------------- index API
@@ -338,6 +347,8 @@ def test_other_bad_arguments():
         nearest_neighbours(x, 1.0)
     with pytest.raises(ValueError, match="pca_dim must be >= 1"):
         nearest_neighbours(x, 1, pca_dim=0)
+    with pytest.raises(ValueError, match="pca_min_variance must be"):
+        nearest_neighbours(x, 1, pca_min_variance=1.5)
     with pytest.raises(ValueError, match="M must be >= 2"):
         nearest_neighbours(x, 1, M=1)
     with pytest.raises(ValueError, match="all-zero rows"):
