@@ -424,3 +424,12 @@ def test_gpu_training_batches_mix_on_the_gpu(garments):
         assert batch.images.is_cuda
         x, _ = batch.mix(torch.full((len(batch), 2), 0.5))
         assert x.is_cuda and x.shape == (len(batch), 1, 28, 28)
+
+
+def test_nchw_layout_is_a_permutation_and_mixes_alike(garments):
+    nhwc = torch.cat([b.images for b in EvalLoader(garments, 8, device="cpu")])
+    nchw = torch.cat([b.images for b in EvalLoader(garments, 8, layout="NCHW", device="cpu")])
+    torch.testing.assert_close(nchw, nhwc.permute(0, 3, 1, 2).contiguous(), atol=0, rtol=0)
+    (batch,) = [b for b in EvalLoader(garments, 50, layout="NCHW", device="cpu", mean=[72.9], std=[90.0])]
+    x, _ = batch.mix(torch.ones(50, 1))
+    torch.testing.assert_close(x, (nhwc.permute(0, 3, 1, 2).float() - 72.9) / 90.0, atol=1e-5, rtol=1e-5)

@@ -6,7 +6,7 @@ Processing functions take and return DALI data nodes and work inside any
 - :func:`decode_random_resized_crop` -- JPEG/PNG bytes -> (size, size, 3) uint8 HWC;
 - :func:`pad_and_crop` -- decoded uint8 HWC arrays -> same size, randomly shifted;
 - :func:`decode_resize_center_crop` / :func:`center_crop` -- the evaluation views;
-- :func:`flip_and_normalise` -- the last step of every pipeline.
+- :func:`random_flip`, :func:`normalise` -- flips for arrays; the last step of every pipeline.
 
 Sources: :func:`plan_source` (an external source, batch mode, fed by an epoch plan)
 and a named file reader (``fn.readers.file(name="Reader")``) in
@@ -17,8 +17,8 @@ on the CPU, the rest on the GPU) and runs every later operator on the GPU; array
 moved with ``.gpu()`` right after the source.  ``device="cpu"`` keeps everything on the
 CPU; build those pipelines with ``device_id=None``.
 
-Images leave every pipeline as HWC: uint8 unless ``mean``/``std`` are given, then
-float32 ``(x - mean) / std`` (statistics in 0-255 units).
+Images leave every pipeline as HWC (or CHW with ``layout="CHW"``): uint8 unless
+``mean``/``std`` are given, then float32 ``(x - mean) / std`` (statistics in 0-255 units).
 """
 from __future__ import annotations
 
@@ -47,17 +47,27 @@ def _check_device(device: str) -> str:
 
 
 def decode_random_resized_crop(encoded, *, size: int, area: Sequence[float] = (0.08, 1.0),
-                               aspect_ratio: Sequence[float] = (3 / 4, 4 / 3), device: str = "cpu"):
-    """Encoded images -> (size, size, 3) uint8 HWC random-resized crops.
+                               aspect_ratio: Sequence[float] = (3 / 4, 4 / 3), flip: bool = True,
+                               device: str = "cpu"):
+    """Encoded images -> (size, size, 3) uint8 HWC random-resized crops, flipped
+    horizontally with probability 1/2 when ``flip``.
 
     The random window is chosen before decoding, so the decoder only decodes that region
-    (ROI decoding): cheaper than decoding the whole image and cropping it.
+    (ROI decoding): cheaper than decoding the whole image and cropping it.  The flip is
+    folded into the resize (a region of interest whose start is right of its end is read
+    mirrored), which saves a pass over every image.
     """
     decoder = "mixed" if _check_device(device) == "gpu" else "cpu"
     images = fn.decoders.image_random_crop(encoded, device=decoder, output_type=types.RGB,
                                            random_area=list(area), random_aspect_ratio=list(aspect_ratio),
                                            num_attempts=10)
-    return fn.resize(images, resize_x=size, resize_y=size)  # linear, antialiased when shrinking
+    if not flip:
+        return fn.resize(images, resize_x=size, resize_y=size)  # linear, antialiased when shrinking
+    mirror = fn.cast(fn.random.coin_flip(), dtype=types.FLOAT)  # 0 or 1 per image
+    roi_start = fn.stack(mirror * 0.0, mirror)  # (y, x): x starts at the right edge when mirrored
+    roi_end = fn.stack(mirror * 0.0 + 1.0, 1.0 - mirror)
+    return fn.resize(images, resize_x=size, resize_y=size, roi_start=roi_start, roi_end=roi_end,
+                     roi_relative=True)
 
 
 def decode_resize_center_crop(encoded, *, resize: int, crop: int, device: str = "cpu"):
@@ -85,13 +95,21 @@ def center_crop(images, *, crop: int | None):
     return images if crop is None else fn.crop(images, crop=(crop, crop))
 
 
-def flip_and_normalise(images, *, flip: bool, mean: Sequence[float] | None, std: Sequence[float] | None):
-    """Random horizontal flip (probability 1/2) and, when ``mean``/``std`` are given,
-    float32 normalisation; HWC out in both cases."""
-    mirror = fn.random.coin_flip() if flip else 0
+def random_flip(images):
+    """Horizontal flip with probability 1/2, per image."""
+    return fn.flip(images, horizontal=fn.random.coin_flip())
+
+
+def normalise(images, *, mean: Sequence[float] | None, std: Sequence[float] | None, layout: str = "HWC"):
+    """float32 ``(x - mean) / std`` when statistics are given, and the ``layout`` ("HWC" or
+    "CHW") asked for, in one fused pass; HWC uint8 images pass through untouched."""
+    if layout not in ("HWC", "CHW"):
+        raise ValueError(f"layout: must be 'HWC' or 'CHW', got {layout!r}")
     if mean is None and std is None:
-        return fn.crop_mirror_normalize(images, dtype=types.UINT8, output_layout="HWC", mirror=mirror)
-    return fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="HWC", mirror=mirror,
+        if layout == "HWC":
+            return images
+        return fn.crop_mirror_normalize(images, dtype=types.UINT8, output_layout=layout)
+    return fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout=layout,
                                     mean=list(mean) if mean is not None else [0.0],
                                     std=list(std) if std is not None else [1.0])
 
@@ -124,7 +142,7 @@ def plan_source(source: Callable[[], object], *, encoded: bool, device: str):
 def train_pipeline(source, *, encoded: bool, device: str = "cpu", size: int | None = None,
                    area: Sequence[float] = (0.08, 1.0), aspect_ratio: Sequence[float] = (3 / 4, 4 / 3),
                    image_shape: Sequence[int] | None = None, pad: int = 4, flip: bool = True,
-                   mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
+                   mean: Sequence[float] | None = None, std: Sequence[float] | None = None, layout: str = "HWC"):
     """Training views, one independent augmentation per decoded image.
 
     Encoded sources: random-resized crop to ``size`` + flip.  Arrays of ``image_shape``
@@ -132,16 +150,18 @@ def train_pipeline(source, *, encoded: bool, device: str = "cpu", size: int | No
     """
     data = plan_source(source, encoded=encoded, device=device)
     if encoded:
-        images = decode_random_resized_crop(data, size=size, area=area, aspect_ratio=aspect_ratio, device=device)
+        images = decode_random_resized_crop(data, size=size, area=area, aspect_ratio=aspect_ratio, flip=flip,
+                                            device=device)
     else:
         images = pad_and_crop(data, height=image_shape[0], width=image_shape[1], pad=pad)
-    return flip_and_normalise(images, flip=flip, mean=mean, std=std)
+        images = random_flip(images) if flip else images
+    return normalise(images, mean=mean, std=std, layout=layout)
 
 
 @pipeline_def
 def eval_pipeline(source, *, encoded: bool, device: str = "cpu", resize: int | None = None,
                   crop: int | None = None, mean: Sequence[float] | None = None,
-                  std: Sequence[float] | None = None):
+                  std: Sequence[float] | None = None, layout: str = "HWC"):
     """Evaluation views, no randomness: resize + centre crop (encoded) or an optional
     centre crop (arrays)."""
     data = plan_source(source, encoded=encoded, device=device)
@@ -149,13 +169,14 @@ def eval_pipeline(source, *, encoded: bool, device: str = "cpu", resize: int | N
         images = decode_resize_center_crop(data, resize=resize, crop=crop, device=device)
     else:
         images = center_crop(data, crop=crop)
-    return flip_and_normalise(images, flip=False, mean=mean, std=std)
+    return normalise(images, mean=mean, std=std, layout=layout)
 
 
 @pipeline_def
 def file_reader_eval_pipeline(files: Sequence[str], labels: Sequence[int], *, device: str = "cpu",
                               resize: int = 256, crop: int = 224, shard_id: int = 0, num_shards: int = 1,
-                              mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
+                              mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                              layout: str = "HWC"):
     """Evaluation over a file list with DALI's own named reader (e.g. a clean test set);
     same processing as :func:`eval_pipeline`.  Pair it with
     ``DALIGenericIterator(pipe, ["images", "labels"], reader_name=READER_NAME,
@@ -164,5 +185,5 @@ def file_reader_eval_pipeline(files: Sequence[str], labels: Sequence[int], *, de
                                      random_shuffle=False, shard_id=shard_id, num_shards=num_shards,
                                      pad_last_batch=True)
     images = decode_resize_center_crop(encoded, resize=resize, crop=crop, device=device)
-    images = flip_and_normalise(images, flip=False, mean=mean, std=std)
+    images = normalise(images, mean=mean, std=std, layout=layout)
     return images, (label.gpu() if device == "gpu" else label)

@@ -70,7 +70,8 @@ class LoaderBatch:
 
     Attributes:
         images: (M, H, W, C) uint8 tensor (or float32, normalised, when the pipeline
-            normalises), on the pipeline's device; every image augmented independently.
+            normalises; (M, C, H, W) with ``layout="NCHW"``), on the pipeline's device;
+            every image augmented independently.
         ids: (M,) int64 sample ids of ``images``.
         anchor_slots: (B,) int64 positions of the anchors in ``images``.
         partner_slots: (B, K) int64 positions of each anchor's partners (K = 0 for plain
@@ -79,6 +80,7 @@ class LoaderBatch:
         index: the batch's index in its epoch plan.
         mean, std: the normalisation :meth:`mix` applies (None when the pipeline already
             normalised, or when no statistics were given).
+        layout: "NHWC" or "NCHW", the layout of ``images``.
     """
 
     images: torch.Tensor
@@ -89,6 +91,7 @@ class LoaderBatch:
     index: int
     mean: Sequence[float] | None = None
     std: Sequence[float] | None = None
+    layout: str = "NHWC"
 
     @property
     def anchor_ids(self) -> torch.Tensor:
@@ -104,7 +107,7 @@ class LoaderBatch:
         return len(self.anchor_slots)
 
     def mix(self, weights, targets=None, *, out_layout: str = "NCHW", out_dtype: torch.dtype = torch.float32,
-            **kwargs):
+            out: torch.Tensor | None = None, num_threads: int | None = None, **kwargs):
         """MixNN's synthetic batch from this batch's decoded images.
 
         Args:
@@ -112,6 +115,10 @@ class LoaderBatch:
                 ``weight_table[batch.anchor_ids]``.
             targets: optional (N, C) float soft-target table of the whole data set, indexed
                 by sample id.
+            out: optional preallocated (B, C, H, W) output.  On the CPU a reused buffer
+                saves the page faults of a fresh ~38 MB tensor per 64×224×224 batch (only
+                reuse it once the previous step no longer needs it).
+            num_threads: the image mixer's OpenMP threads (default: torch's).
             out_layout, out_dtype, kwargs: passed to :func:`mixnn_fast.mix_images`.
 
         Returns:
@@ -122,13 +129,16 @@ class LoaderBatch:
         device = self.images.device
         weights = torch.as_tensor(weights, dtype=torch.float32)
         images = mix_images(self.images, self.anchor_slots.to(device), self.partner_slots.to(device),
-                            weights.to(device), mean=self.mean, std=self.std, out_layout=out_layout,
-                            out_dtype=out_dtype, **kwargs)
+                            weights.to(device), in_layout=self.layout, mean=self.mean, std=self.std,
+                            out_layout=out_layout, out_dtype=out_dtype, out=out, num_threads=num_threads, **kwargs)
         if targets is None:
             return images, None
         targets = torch.as_tensor(targets)
         t_dev = targets.device
-        mixed = mix_targets(targets, self.anchor_ids.to(t_dev), self.partner_ids.to(t_dev), weights.to(t_dev))
+        # (B, C) is tiny: one thread.  Waking a second OpenMP thread on a busy CPU (DALI's
+        # workers hold the cores) costs milliseconds, more than the whole computation.
+        mixed = mix_targets(targets, self.anchor_ids.to(t_dev), self.partner_ids.to(t_dev), weights.to(t_dev),
+                            num_threads=1)
         return images, mixed
 
 
@@ -316,7 +326,7 @@ class _DaliLoader:
 
     def __init__(self, description: DatasetDescription, batch_size: int, *, num_threads: int, device: str,
                  device_id: int | None, seed: int, shard_id: int, num_shards: int, on_error: str,
-                 prefetch_queue_depth: int, mean, std, normalize_in_pipeline: bool):
+                 prefetch_queue_depth: int, mean, std, normalize_in_pipeline: bool, layout: str, copy: bool):
         if not isinstance(description, DatasetDescription):
             raise TypeError(f"description: expected a DatasetDescription, got {type(description).__name__}")
         self.description = description
@@ -339,6 +349,10 @@ class _DaliLoader:
         self.mean = None if mean is None else [float(v) for v in mean]
         self.std = None if std is None else [float(v) for v in std]
         self.normalize_in_pipeline = bool(normalize_in_pipeline)
+        if layout not in ("NHWC", "NCHW"):
+            raise ValueError(f"layout: must be 'NHWC' or 'NCHW', got {layout!r}")
+        self.layout = layout
+        self.copy = bool(copy)
         self._feeder = _Feeder(description, on_error)
         self._pipe = None
         self._pipe_batch = 0
@@ -382,7 +396,7 @@ class _DaliLoader:
         pipeline_fn, args = self._pipeline()
         pipe = pipeline_fn(self._feeder, encoded=not self.description.in_memory, device=self.device,
                            mean=self.mean if self.normalize_in_pipeline else None,
-                           std=self.std if self.normalize_in_pipeline else None, **args,
+                           std=self.std if self.normalize_in_pipeline else None, layout=self.layout[1:], **args,
                            batch_size=max_batch, num_threads=self.num_threads, device_id=self.device_id,
                            # shards draw different augmentations from one common seed
                            seed=self.seed * 1009 + self.shard_id, prefetch_queue_depth=self.prefetch_queue_depth)
@@ -403,6 +417,9 @@ class _DaliLoader:
         from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
 
         dense = output.as_tensor()
+        if not self.copy:
+            # A view of DALI's output buffer (DLPack, no copy): valid until the next batch.
+            return torch.from_dlpack(dense)
         target = torch.empty(dense.shape(), dtype=to_torch_type[dense.dtype],
                              device=f"cuda:{self.device_id}" if self.device == "gpu" else "cpu")
         stream = torch.cuda.current_stream(target.device) if self.device == "gpu" else None
@@ -417,7 +434,7 @@ class _DaliLoader:
         normalised = self.normalize_in_pipeline
         return LoaderBatch(images=images, ids=ids, anchor_slots=anchors, partner_slots=partners, labels=labels,
                            index=batch.index, mean=None if normalised else self.mean,
-                           std=None if normalised else self.std)
+                           std=None if normalised else self.std, layout=self.layout)
 
     def _decode_failure(self, err: RuntimeError) -> None:
         """DALI failed a batch: name the files (raise) or mark them and rewind (skip)."""
@@ -495,11 +512,15 @@ class MixNNLoader(_DaliLoader):
         flip: random horizontal flips.
         mean, std: per-channel statistics in 0-255 units; applied by :meth:`LoaderBatch.mix`
             (or by DALI with ``normalize_in_pipeline=True``, images then float32).
+        layout: "NHWC" (default; what the mixer reads fastest) or "NCHW" images.
         num_threads: DALI worker threads.
         device: "auto" (GPU when torch sees one), "cpu" or "gpu".
         shard_id, num_shards: this process's share of every epoch's batches.
         on_error: "raise" or "skip" (see the module docstring).
         prefetch_queue_depth: batches DALI prepares ahead.
+        copy: True (default) copies each batch out of DALI's buffers, so batches can be kept;
+            False hands out views of them (no copy), valid only until the next batch is
+            requested -- enough for ``batch.mix(...)`` or a forward/backward step.
 
     Iterating yields :class:`LoaderBatch` es; each ``iter()`` runs the next epoch (or the
     one given to :meth:`set_epoch`).
@@ -509,13 +530,13 @@ class MixNNLoader(_DaliLoader):
                  mode: str = "coherent", anchor_ids=None, seed: int = 0, drop_last: bool = False,
                  size: int = 224, area: Sequence[float] = (0.08, 1.0), aspect_ratio: Sequence[float] = (3 / 4, 4 / 3),
                  pad: int = 4, flip: bool = True, mean: Sequence[float] | None = None,
-                 std: Sequence[float] | None = None, normalize_in_pipeline: bool = False, num_threads: int = 2,
-                 device: str = "auto", device_id: int | None = None, shard_id: int = 0, num_shards: int = 1,
-                 on_error: str = "raise", prefetch_queue_depth: int = 2):
+                 std: Sequence[float] | None = None, normalize_in_pipeline: bool = False, layout: str = "NHWC",
+                 num_threads: int = 2, device: str = "auto", device_id: int | None = None, shard_id: int = 0,
+                 num_shards: int = 1, on_error: str = "raise", prefetch_queue_depth: int = 2, copy: bool = True):
         super().__init__(description, batch_size, num_threads=num_threads, device=device, device_id=device_id,
                          seed=seed, shard_id=shard_id, num_shards=num_shards, on_error=on_error,
                          prefetch_queue_depth=prefetch_queue_depth, mean=mean, std=std,
-                         normalize_in_pipeline=normalize_in_pipeline)
+                         normalize_in_pipeline=normalize_in_pipeline, layout=layout, copy=copy)
         from mixnn_fast.pipeline.plan import MODES
 
         if mode not in MODES:
@@ -533,6 +554,7 @@ class MixNNLoader(_DaliLoader):
         self.flip = bool(flip)
         self._anchor_ids = anchor_ids
         self._neighbours = None
+        self._cached: tuple[int, EpochPlan] | None = None
         self.set_neighbours(neighbours)
         self.epoch = 0
         self.plan: EpochPlan | None = None  # the current epoch's plan (this shard's batches)
@@ -548,20 +570,27 @@ class MixNNLoader(_DaliLoader):
             if neighbours.ndim != 2 or neighbours.shape[0] != len(self.description):
                 raise ValueError(f"neighbours: expected shape ({len(self.description)}, K), got {neighbours.shape}")
         self._neighbours = neighbours
+        self._cached = None
 
     def set_anchor_ids(self, anchor_ids) -> None:
         """Anchors of the next epochs: None (all), an int array, or ``epoch -> int array``."""
         self._anchor_ids = anchor_ids
+        self._cached = None
 
     def _anchors(self, epoch: int) -> np.ndarray:
         ids = self._anchor_ids(epoch) if callable(self._anchor_ids) else self._anchor_ids
         return np.arange(len(self.description), dtype=np.int64) if ids is None else np.asarray(ids)
 
     def make_plan(self, epoch: int) -> EpochPlan:
-        """This shard's plan for ``epoch`` (what iterating that epoch will load)."""
+        """This shard's plan for ``epoch`` (what iterating that epoch will load); the last
+        one is cached until the neighbours or anchors change."""
+        if self._cached is not None and self._cached[0] == epoch:
+            return self._cached[1]
         plan = plan_epoch(self._anchors(epoch), self._neighbours, self.batch_size, mode=self.mode, seed=self.seed,
                           epoch=epoch, num_samples=len(self.description), drop_last=self.drop_last)
-        return plan.shard(self.shard_id, self.num_shards)
+        plan = plan.shard(self.shard_id, self.num_shards)
+        self._cached = (epoch, plan)
+        return plan
 
     def _epoch_plan(self) -> EpochPlan:
         self.plan = self.make_plan(self.epoch)
@@ -597,13 +626,13 @@ class EvalLoader(_DaliLoader):
 
     def __init__(self, description: DatasetDescription, batch_size: int, *, ids=None, crop: int | None = None,
                  resize: int | None = None, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                 normalize_in_pipeline: bool = False, num_threads: int = 2, device: str = "auto",
-                 device_id: int | None = None, shard_id: int = 0, num_shards: int = 1, on_error: str = "raise",
-                 prefetch_queue_depth: int = 2):
+                 normalize_in_pipeline: bool = False, layout: str = "NHWC", num_threads: int = 2,
+                 device: str = "auto", device_id: int | None = None, shard_id: int = 0, num_shards: int = 1,
+                 on_error: str = "raise", prefetch_queue_depth: int = 2, copy: bool = True):
         super().__init__(description, batch_size, num_threads=num_threads, device=device, device_id=device_id,
                          seed=0, shard_id=shard_id, num_shards=num_shards, on_error=on_error,
                          prefetch_queue_depth=prefetch_queue_depth, mean=mean, std=std,
-                         normalize_in_pipeline=normalize_in_pipeline)
+                         normalize_in_pipeline=normalize_in_pipeline, layout=layout, copy=copy)
         if not description.in_memory and crop is None:
             crop = 224
         self.crop = None if crop is None else _check_positive_int(crop, "crop")

@@ -1,0 +1,259 @@
+"""Benchmark: training-batch throughput of the DALI loader vs torchvision, same run, 2 CPU threads.
+
+Data: a folder of web-like JPEGs (500×400, quality 90) cut from scikit-learn's two sample
+photographs: crops at varied offsets and scales, flips, colour shifts (real picture
+content, not noise), written to a temporary directory and read from the page cache.
+Every variant yields what a model consumes: float32 NCHW batches of 64 normalised
+224×224 random-resized crops with random flips.
+
+    (a) torchvision ImageFolder + DataLoader (PIL), 2 workers
+    (b) our plain plan through DALI (2 threads; DALI normalises to float NCHW)
+    (c) our MixNN neighbour-coherent plan, K = 1, + the fused mixer (mix_images, mix_targets):
+        anchors/s, mixing included
+    (d) the naive MixNN plan (every partner decoded again) + the same mixer: anchors/s
+
+(b), (c), (d) hand out views of DALI's buffers (``copy=False``: each batch is consumed
+before the next is asked for) and (c), (d) mix into one reused output buffer (a fresh
+38 MB float tensor per batch costs page faults on the CPU).  Three more rows show the
+defaults and the ceiling: (b-copy) and (c-copy) copy every batch out of DALI and (c-copy)
+allocates a fresh mixer output, as a user gets without tuning; (b-u8) is DALI's uint8
+output alone, not normalised (not model-ready).  The mixer runs in the training thread
+with ``--mix-threads`` OpenMP threads (default 1: DALI's 2 threads already fill the 2
+cores, and more threads only contend).
+
+Neighbours: the exact 1-NN graph of 16×16 grey thumbnails of the images (a real
+neighbour structure).  Timing on a shared, loaded machine: the variants run one short
+epoch each per round, in an order rotated every round, for ``--repeats`` rounds after a
+warm-up round.  The table gives each variant's median img/s and, more robust to load
+swings, the median over rounds of its ratio to (a) and to (b) measured in the same round.
+A second table times ``plan_epoch`` alone for 1,000,000 anchors.
+
+    .venv/bin/python bench/loader.py            # 640 images, 10 rounds; writes bench/results/loader.json
+    .venv/bin/python bench/loader.py --quick    # 192 images, 2 rounds, for a smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import format_table, report  # noqa: E402
+
+from mixnn_fast.data.description import DatasetDescription  # noqa: E402
+from mixnn_fast.pipeline import MixNNLoader, plan_epoch  # noqa: E402
+
+A = "(a) torchvision ImageFolder + DataLoader (PIL), 2 workers"
+B = "(b) plain plan, DALI, normalised float NCHW"
+C = "(c) MixNN coherent plan K=1 + fused mixer"
+D = "(d) MixNN naive plan K=1 + fused mixer"
+IMAGENET_MEAN = [123.675, 116.28, 103.53]
+IMAGENET_STD = [58.395, 57.12, 57.375]
+
+
+def make_web_like_jpegs(root: Path, n: int, *, width: int = 500, height: int = 400, classes: int = 10,
+                        seed: int = 0) -> tuple[list[str], np.ndarray]:
+    """``n`` JPEGs (quality 90) in ``root/class_k/``: scaled crops of the two sample photos at
+    varied offsets, flipped at random, with per-channel colour gains; returns (paths, labels)."""
+    from sklearn.datasets import load_sample_images
+
+    rng = np.random.default_rng(seed)
+    photos = [Image.fromarray(p) for p in load_sample_images().images]  # 640×427 each
+    paths, labels = [], []
+    for i in range(n):
+        photo = photos[i % 2]
+        scale = rng.uniform(max(width / photo.width, height / photo.height), 1.6)
+        big = photo.resize((int(np.ceil(photo.width * scale)), int(np.ceil(photo.height * scale))), Image.BILINEAR)
+        x0 = int(rng.integers(0, big.width - width + 1))
+        y0 = int(rng.integers(0, big.height - height + 1))
+        img = np.asarray(big.crop((x0, y0, x0 + width, y0 + height)), dtype=np.float32)
+        if rng.random() < 0.5:
+            img = img[:, ::-1]
+        img = img * rng.uniform(0.8, 1.2, size=3) + rng.uniform(-20, 20)
+        label = i % classes
+        path = root / f"class_{label:02d}" / f"img_{i:05d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(path, format="JPEG", quality=90)
+        paths.append(str(path))
+        labels.append(label)
+    return paths, np.asarray(labels, dtype=np.int64)
+
+
+def thumbnail_neighbours(paths: list[str]) -> np.ndarray:
+    """(N, 1) exact nearest other image by 16×16 grey thumbnails."""
+    feats = []
+    for p in paths:
+        with Image.open(p) as im:
+            im.draft("L", (64, 64))  # JPEG DCT scaling: a cheap small decode
+            feats.append(np.asarray(im.convert("L").resize((16, 16), Image.BILINEAR), dtype=np.float32).ravel())
+    x = np.stack(feats)
+    sq = (x * x).sum(1)
+    d = sq[:, None] + sq[None] - 2 * x @ x.T
+    np.fill_diagonal(d, np.inf)
+    return d.argmin(1)[:, None].astype(np.int64)
+
+
+def torchvision_loader(root: Path, batch: int, workers: int):
+    from torchvision import datasets, transforms
+
+    tf = transforms.Compose([transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip(),
+                             transforms.ToTensor(),
+                             transforms.Normalize([m / 255 for m in IMAGENET_MEAN], [s / 255 for s in IMAGENET_STD])])
+    dataset = datasets.ImageFolder(str(root), transform=tf)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=workers,
+                                       persistent_workers=True, drop_last=False)
+
+
+def epoch_torchvision(loader) -> int:
+    n = 0
+    for x, y in loader:
+        n += len(y)
+    return n
+
+
+def epoch_dali(loader) -> int:
+    n = 0
+    for b in loader:
+        n += len(b)
+    return n
+
+
+def epoch_mixnn(loader, weights: torch.Tensor, targets: torch.Tensor, threads: int, out: torch.Tensor | None) -> int:
+    n = 0
+    for b in loader:
+        reuse = {"out": out} if out is not None and len(b) == len(out) else {}
+        x, y = b.mix(weights[b.anchor_ids], targets, num_threads=threads, **reuse)
+        n += len(x)
+    return n
+
+
+def plan_timing(n: int, repeats: int) -> list[dict]:
+    """plan_epoch on n anchors: a shallow 1-NN-like forest (mutual pairs, 40 % of nodes hung off them)."""
+    rng = np.random.default_rng(0)
+    f = np.arange(n) ^ 1
+    hang = rng.random(n) < 0.4
+    f[hang] = rng.integers(0, n, hang.sum()) & ~1
+    nbrs = f[:, None].astype(np.int64)
+    rows = []
+    for mode in ("coherent", "naive", "plain"):
+        times = []
+        for epoch in range(repeats + 1):
+            start = time.perf_counter()
+            plan = plan_epoch(np.arange(n), nbrs, 64, mode=mode, seed=0, epoch=epoch)
+            times.append(time.perf_counter() - start)
+        rows.append({"mode": mode, "anchors": n, "median s": statistics.median(times[1:]),
+                     "extra decode": plan.stats.extra_decode_fraction})
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=640)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2, help="DALI threads and DataLoader workers")
+    parser.add_argument("--mix-threads", type=int, default=1, help="the mixer's OpenMP threads")
+    parser.add_argument("--repeats", type=int, default=10, help="measured rounds (after one warm-up round)")
+    parser.add_argument("--plan-size", type=int, default=1_000_000)
+    parser.add_argument("--quick", action="store_true", help="192 images, 2 rounds, 100k-anchor plan")
+    parser.add_argument("--name", default="loader")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.images, args.repeats, args.plan_size = 192, 2, 100_000
+    torch.set_num_threads(args.threads)
+
+    with tempfile.TemporaryDirectory(prefix="mixnn_bench_loader_") as tmp:
+        root = Path(tmp) / "train"
+        start = time.perf_counter()
+        paths, labels = make_web_like_jpegs(root, args.images)
+        nbrs = thumbnail_neighbours(paths)
+        print(f"built {len(paths)} JPEGs 500x400 q90 ({sum(os.path.getsize(p) for p in paths) / len(paths) / 1024:.0f} "
+              f"KiB each) and their 1-NN graph in {time.perf_counter() - start:.1f}s")
+        desc = DatasetDescription("web-like", [f"class_{k:02d}" for k in range(10)], labels, paths=paths)
+        n = len(desc)
+        rng = np.random.default_rng(1)
+        lam = rng.uniform(0.5, 1.0, n).astype(np.float32)
+        weights = torch.from_numpy(np.stack([lam, 1 - lam], axis=1))  # (N, 2): λ, β
+        targets = torch.nn.functional.one_hot(torch.from_numpy(labels), 10).float()
+
+        common = dict(batch_size=args.batch, size=224, num_threads=args.threads, device="cpu", mean=IMAGENET_MEAN,
+                      std=IMAGENET_STD, seed=0)
+        out = torch.empty(args.batch, 3, 224, 224)  # the reused mixer output
+        mix = lambda ld, buf: epoch_mixnn(ld, weights, targets, args.mix_threads, buf)  # noqa: E731
+        variants = {
+            A: (torchvision_loader(root, args.batch, args.threads), epoch_torchvision),
+            B: (MixNNLoader(desc, mode="plain", normalize_in_pipeline=True, layout="NCHW", copy=False, **common),
+                epoch_dali),
+            C: (MixNNLoader(desc, neighbours=nbrs, mode="coherent", copy=False, **common), lambda ld: mix(ld, out)),
+            D: (MixNNLoader(desc, neighbours=nbrs, mode="naive", copy=False, **common), lambda ld: mix(ld, out)),
+            "(b-copy) plain plan, DALI, copied out (default)":
+                (MixNNLoader(desc, mode="plain", normalize_in_pipeline=True, layout="NCHW", **common), epoch_dali),
+            "(c-copy) coherent + mixer, copied out, fresh output (defaults)":
+                (MixNNLoader(desc, neighbours=nbrs, mode="coherent", **common), lambda ld: mix(ld, None)),
+            "(b-u8) plain plan, DALI uint8 NHWC, not normalised":
+                (MixNNLoader(desc, mode="plain", copy=False, **{**common, "mean": None, "std": None}), epoch_dali),
+        }
+        names = list(variants)
+        rates = {name: [] for name in names}
+        for rep in range(args.repeats + 1):  # round 0 warms up (workers, pipelines, page cache)
+            rotated = names[rep % len(names):] + names[:rep % len(names)]
+            rate = {}
+            for name in rotated:
+                loader, run = variants[name]
+                start = time.perf_counter()
+                count = run(loader)
+                elapsed = time.perf_counter() - start
+                if count != n:
+                    raise RuntimeError(f"{name}: {count} samples in an epoch of {n}")
+                rate[name] = count / elapsed
+            if rep:
+                for name in names:
+                    rates[name].append(rate[name])
+            print(f"round {rep}{' (warm-up)' if rep == 0 else ''}: img/s "
+                  + ", ".join(f"{name.split()[0]} {rate[name]:.0f}" for name in names), flush=True)
+        coherent_plan = variants[C][0].plan
+        stats = coherent_plan.stats
+        for loader, _ in variants.values():
+            if isinstance(loader, MixNNLoader):
+                loader.close()
+        del variants
+
+    med = {name: statistics.median(r) for name, r in rates.items()}
+
+    def paired(name: str, base: str) -> float:
+        """Median over rounds of name's rate / base's rate in the same round."""
+        return statistics.median(x / y for x, y in zip(rates[name], rates[base]))
+
+    rows = []
+    for name, r in rates.items():
+        rows.append({"variant": name, "img/s (median)": med[name], "min": min(r), "max": max(r),
+                     "vs (a), paired": paired(name, A), "vs (b), paired": paired(name, B)})
+    report(args.name, rows, ["variant", "img/s (median)", "min", "max", "vs (a), paired", "vs (b), paired"],
+           extra={"images": n, "batch": args.batch, "threads": args.threads, "mix_threads": args.mix_threads,
+                  "repeats": args.repeats,
+                  "coherent_plan": stats.as_dict(), "mixer": "mixnn_fast.mix_images (fused)"})
+    c_b, c_a, c_d = paired(C, B), paired(C, A), paired(C, D)
+    copies = paired("(c-copy) coherent + mixer, copied out, fresh output (defaults)",
+                    "(b-copy) plain plan, DALI, copied out (default)")
+    print(f"\ncoherent plan (K=1, batch {args.batch}, {n} anchors): extra-decode fraction "
+          f"{stats.extra_decode_fraction:.3f} ({stats.decoded} decoded), partners already in batch "
+          f"{stats.partners_in_batch_fraction:.3f}, {stats.components} components (largest {stats.largest_component})")
+    print(f"targets (paired medians): (c)/(b) = {c_b:.3f} (>= 0.9: {'met' if c_b >= 0.9 else 'MISSED'}); "
+          f"(c)/(a) = {c_a:.3f} (>= 1.6: {'met' if c_a >= 1.6 else 'MISSED'}); (c)/(d) = {c_d:.2f}; "
+          f"defaults (c-copy)/(b-copy) = {copies:.3f}")
+    print(f"ratios of the medians: (c)/(b) = {med[C] / med[B]:.3f}, (c)/(a) = {med[C] / med[A]:.3f}")
+
+    plan_rows = plan_timing(args.plan_size, 3)
+    print(f"\n## plan_epoch alone, {args.plan_size:,} anchors, batch 64, K=1 (median of 3 after a warm-up)\n")
+    print(format_table(plan_rows, ["mode", "anchors", "median s", "extra decode"]))
+
+
+if __name__ == "__main__":
+    main()
