@@ -433,3 +433,20 @@ def test_nchw_layout_is_a_permutation_and_mixes_alike(garments):
     (batch,) = [b for b in EvalLoader(garments, 50, layout="NCHW", device="cpu", mean=[72.9], std=[90.0])]
     x, _ = batch.mix(torch.ones(50, 1))
     torch.testing.assert_close(x, (nhwc.permute(0, 3, 1, 2).float() - 72.9) / 90.0, atol=1e-5, rtol=1e-5)
+
+
+def test_views_hold_the_same_pixels_as_copies(wide_jpeg_set):
+    """copy=False hands out DALI's buffers; consumed before the next batch they equal the copies."""
+    copied = [b.images.clone() for b in EvalLoader(wide_jpeg_set, 4, crop=48, device="cpu")]
+    viewed = [b.images.clone() for b in EvalLoader(wide_jpeg_set, 4, crop=48, device="cpu", copy=False)]
+    assert len(copied) == len(viewed) == 3
+    for x, y in zip(copied, viewed):
+        torch.testing.assert_close(x, y, atol=0, rtol=0)
+
+
+def test_len_matches_the_epoch(jpeg_set):
+    loader = MixNNLoader(jpeg_set, 5, neighbours=ring_neighbours(len(jpeg_set)), size=32, device="cpu",
+                         drop_last=True)
+    expected = len(loader)
+    assert expected == len(jpeg_set) // 5
+    assert len(collect(loader)) == expected
