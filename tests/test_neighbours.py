@@ -207,8 +207,9 @@ def test_threads_do_not_change_reranked_results(rng):
 
 def test_low_explained_variance_falls_back_to_full_space(rng):
     x = rng.normal(size=(1500, 96)).astype(np.float32)  # isotropic: 32 of 96 axes keep ~40%
-    with pytest.warns(UserWarning, match="principal axes keep only"):
+    with pytest.warns(UserWarning, match="principal axes keep only") as record:
         index = NeighbourIndex(x, pca_dim=32, num_threads=2)
+    assert record[0].filename == __file__  # points at the caller, not at the package
     assert index.pca is None and 0.3 < index.explained_variance_ratio < 0.5
     full = index.query_all(1)
     forced = NeighbourIndex(x, pca_dim=32, pca_min_variance=0.0, num_threads=2)

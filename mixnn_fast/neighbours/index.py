@@ -24,6 +24,8 @@ searches the full space instead, and warns that it did.
 """
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 
 import numpy as np
@@ -44,6 +46,17 @@ BACKENDS = ("hnsw", "exact", "faiss")
 
 # faiss flat is exact up to float32 cancellation: a few spare candidates absorb it.
 _FAISS_MARGIN = 8
+
+
+def _stacklevel_outside_package() -> int:
+    """The ``warnings.warn`` stacklevel, from the calling function, of the first frame
+    outside this package, so a warning points at the user's line whichever entry point
+    (``NeighbourIndex`` or ``nearest_neighbours``) they called."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.dirname(os.path.abspath(frame.f_code.co_filename)) == here:
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 class NeighbourIndex:
@@ -102,23 +115,7 @@ class NeighbourIndex:
         elif backend == "hnsw":
             from mixnn_fast.neighbours.hnsw import HnswSearcher
 
-            if self.pca_dim is not None and self.pca_dim < self.dim:
-                from mixnn_fast.neighbours.reduction import PCAProjection
-
-                pca = PCAProjection(self._base, self.pca_dim, sample=pca_sample, seed=seed)
-                self.explained_variance_ratio = pca.explained_variance_ratio
-                if pca.explained_variance_ratio >= pca_min_variance:
-                    self.pca = pca
-                else:
-                    warnings.warn(
-                        f"the top {self.pca_dim} principal axes keep only {pca.explained_variance_ratio:.0%} of "
-                        f"the feature variance (< pca_min_variance={pca_min_variance:g}): searching all "
-                        f"{self.dim} dimensions instead, which is slower; set pca_min_variance=0 to keep the "
-                        "PCA anyway", UserWarning, stacklevel=2)
-            if self.pca is not None:
-                self._graph_vectors = self.pca.transform(self._base).cpu()
-            else:
-                self._graph_vectors = self._base.to(device="cpu", dtype=torch.float32)
+            self._graph_vectors = self._graph_space(pca_min_variance, pca_sample, seed)
             self._searcher = HnswSearcher(self._graph_vectors, M=M, ef_construction=ef_construction, ef=ef,
                                           num_threads=self.num_threads, seed=seed)
         else:
@@ -126,6 +123,23 @@ class NeighbourIndex:
 
             self._graph_vectors = self._base.to(device="cpu", dtype=torch.float32)
             self._searcher = FaissFlatSearcher(self._graph_vectors, num_threads=self.num_threads)
+
+    def _graph_space(self, pca_min_variance: float, pca_sample: int, seed: int) -> torch.Tensor:
+        """The float32 CPU vectors the hnsw graph is built on: PCA projection or the features."""
+        if self.pca_dim is not None and self.pca_dim < self.dim:
+            from mixnn_fast.neighbours.reduction import PCAProjection
+
+            pca = PCAProjection(self._base, self.pca_dim, sample=pca_sample, seed=seed)
+            self.explained_variance_ratio = pca.explained_variance_ratio
+            if pca.explained_variance_ratio >= pca_min_variance:
+                self.pca = pca
+                return pca.transform(self._base).cpu()
+            warnings.warn(
+                f"the top {self.pca_dim} principal axes keep only {pca.explained_variance_ratio:.0%} of the "
+                f"feature variance (< pca_min_variance={pca_min_variance:g}): searching all {self.dim} "
+                "dimensions instead, which is slower; set pca_min_variance=0 to keep the PCA anyway",
+                UserWarning, stacklevel=_stacklevel_outside_package())
+        return self._base.to(device="cpu", dtype=torch.float32)
 
     def __repr__(self) -> str:
         pca = f", pca_dim={self.pca.dim}" if self.pca is not None else ""
