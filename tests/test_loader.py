@@ -450,3 +450,27 @@ def test_len_matches_the_epoch(jpeg_set):
     expected = len(loader)
     assert expected == len(jpeg_set) // 5
     assert len(collect(loader)) == expected
+
+
+def test_with_the_data_sources(tmp_path):
+    """image_folder's description and a per-epoch class-balanced draw (Clothing1M style)
+    as the anchors: partners outside the draw are decoded, labels follow the folders."""
+    from mixnn_fast.data import balanced_subset, image_folder
+
+    make_jpeg_folder(tmp_path, n_per_class=6, size=40, num_classes=3, seed=3)
+    desc = image_folder(tmp_path)
+    nbrs = ring_neighbours(len(desc), shift=4)
+    draws = {}
+
+    def anchors(epoch):
+        draws[epoch] = balanced_subset(desc, num_batches=2, batch_size=4, seed=epoch)
+        return draws[epoch]
+
+    loader = MixNNLoader(desc, 4, neighbours=nbrs, anchor_ids=anchors, size=32, device="cpu", num_threads=1)
+    for epoch in range(2):
+        seen = []
+        for batch in loader:
+            np.testing.assert_array_equal(batch.labels.numpy(), desc.labels[batch.anchor_ids.numpy()])
+            np.testing.assert_array_equal(batch.partner_ids.numpy(), nbrs[batch.anchor_ids.numpy()])
+            seen += batch.anchor_ids.tolist()
+        assert sorted(seen) == sorted(draws[epoch].tolist())

@@ -18,9 +18,9 @@ decoded image its own augmentation, and says where the anchors and partners are
 How batches stay aligned with their metadata: DALI calls the feeder (the external
 source) in batch order, ``prefetch_queue_depth`` batches ahead of the consumer.  The
 feeder appends each batch it serves to a FIFO, and each pipeline output pops the oldest
-entry.  The feeder never raises mid-epoch (an exception there would surface on an
-earlier, prefetching ``run()`` and misalign the queue): a missing file is recorded on its
-batch and raised when that batch is reached.
+entry.  The feeder never raises an error itself (it would surface on an earlier,
+prefetching ``run()`` and misalign the queue): a file it cannot read ends the feeding
+there, the batches before it are delivered, and then the error is raised.
 
 Bad images (``on_error``): "raise" (default) raises an error naming the file when its
 batch is reached; "skip" drops the sample, and every anchor that needs it, and counts
@@ -440,7 +440,7 @@ class _DaliLoader:
         """DALI failed a batch: name the files (raise) or mark them and rewind (skip)."""
         served = list(self._feeder.served)
         self._pipe = None  # a failed DALI pipeline is not reused
-        if not served:
+        if not served or self.description.in_memory:  # nothing to blame on a file
             raise err
         paths = self.description.paths
         culprits, reasons = [], []
