@@ -16,7 +16,14 @@ Entry points:
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any
+
+# OpenMP threads that spin-wait after each parallel region (libgomp's default) starve DALI's
+# worker threads and torch's own threads when they share a few cores: a small training run
+# took 26 s instead of 1.5 s on 2 cores.  Passive waiting fixes it; it takes effect only if
+# set before the OpenMP runtime loads (i.e. before `import torch`), and a user's own setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"
 

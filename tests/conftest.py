@@ -4,6 +4,10 @@ from __future__ import annotations
 import os
 import zlib
 
+# Before torch loads its OpenMP runtime: see mixnn_fast/__init__.py (spinning OpenMP threads
+# starve DALI's workers on small machines).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import numpy as np
 import pytest
 import torch

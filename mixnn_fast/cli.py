@@ -1,0 +1,154 @@
+"""The ``mixnn`` command: train, evaluate, demo, bench, info.
+
+    mixnn train --config run.yaml --epochs 40 --method mixnn      # flags override the YAML
+    mixnn train --out-dir runs/x --resume                          # continue from runs/x/checkpoint.pt
+    mixnn evaluate runs/x                                          # test accuracy of a saved run
+    mixnn demo [--quick]                                           # CE vs MixNN on Fashion-MNIST
+    mixnn bench mixer [--quick]                                    # bench/<name>.py of a source checkout
+    mixnn info                                                     # what the native extension was built with
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import runpy
+import sys
+from pathlib import Path
+
+
+BENCH_DIR = Path(__file__).resolve().parent.parent / "bench"
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One --flag per TrainConfig field, typed from its annotation; None means 'not given'."""
+    from mixnn_fast.train.config import TrainConfig
+
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "extra":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = str(f.type)
+        if kind == "bool":
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+        elif kind.startswith("list[int]"):
+            parser.add_argument(flag, dest=f.name, type=int, nargs="+", default=None)
+        elif kind.startswith("int"):
+            parser.add_argument(flag, dest=f.name, type=int, default=None)
+        elif kind.startswith("float"):
+            parser.add_argument(flag, dest=f.name, type=float, default=None)
+        else:
+            parser.add_argument(flag, dest=f.name, type=str, default=None)
+
+
+def _config_from_args(args: argparse.Namespace):
+    from mixnn_fast.train.config import TrainConfig
+
+    overrides = {name: getattr(args, name) for name in TrainConfig.field_names() if getattr(args, name, None) is not None}
+    if args.config:
+        return TrainConfig.from_yaml(args.config, **overrides)
+    return TrainConfig.from_dict(overrides, source="command line")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from mixnn_fast.train.report import write_run_report
+    from mixnn_fast.train.trainer import Trainer
+
+    cfg = _config_from_args(args)
+    trainer = Trainer(cfg, resume=args.resume)
+    if trainer.data.note:
+        print(f"NOTE: {trainer.data.note}")
+    summary = write_run_report(trainer, trainer.fit())
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from mixnn_fast.train.config import TrainConfig
+    from mixnn_fast.train.trainer import CHECKPOINT, Trainer
+
+    run = Path(args.run)
+    if not (run / CHECKPOINT).exists():
+        raise SystemExit(f"evaluate: {run / CHECKPOINT} does not exist (train with --out-dir {run} first)")
+    cfg = TrainConfig.from_yaml(run / "config.yaml", progress=not args.no_progress, tensorboard=False)
+    trainer = Trainer(cfg, resume=True)
+    print(json.dumps({"run": str(run), "epochs_trained": trainer.start_epoch,
+                      "test_accuracy": trainer.test_accuracy()}, indent=2))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from mixnn_fast.train.demo import run_demo
+
+    run_demo(quick=args.quick, epochs=args.epochs, subset=args.subset, out_dir=args.out_dir, seed=args.seed,
+             progress=not args.no_progress)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
+    script = BENCH_DIR / f"{args.name}.py"
+    if not script.exists():
+        available = sorted(p.stem for p in BENCH_DIR.glob("*.py") if p.stem != "common") if BENCH_DIR.exists() else []
+        raise SystemExit(f"bench: no benchmark {args.name!r} (the benchmarks live in a source checkout's bench/; "
+                         f"available: {', '.join(available) or 'none'})")
+    sys.argv = [str(script), *rest]
+    runpy.run_path(str(script), run_name="__main__")
+    return 0
+
+
+def cmd_info(_: argparse.Namespace) -> int:
+    import mixnn_fast
+
+    print(json.dumps({"version": mixnn_fast.__version__, **mixnn_fast.build_info()}, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mixnn", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train one configuration (YAML and/or flags)")
+    train.add_argument("--config", help="YAML file of TrainConfig settings")
+    train.add_argument("--resume", action="store_true", help="continue from <out-dir>/checkpoint.pt")
+    _add_config_flags(train)
+
+    evaluate = sub.add_parser("evaluate", help="test accuracy of a saved run")
+    evaluate.add_argument("run", help="the run's folder (its --out-dir)")
+    evaluate.add_argument("--no-progress", action="store_true")
+
+    demo = sub.add_parser("demo", help="CE vs MixNN on Fashion-MNIST with 40%% symmetric noise")
+    demo.add_argument("--quick", action="store_true", help="a one-minute version (1,000 images, 4 epochs)")
+    demo.add_argument("--epochs", type=int)
+    demo.add_argument("--subset", type=int, help="training images (class-stratified)")
+    demo.add_argument("--out-dir", default="runs/demo")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--no-progress", action="store_true")
+
+    bench = sub.add_parser("bench", help="run bench/<name>.py (extra arguments go to the script)")
+    bench.add_argument("name", help="mixer, refresh_gmm, refresh_neighbours, loader, epoch, ...")
+
+    sub.add_parser("info", help="what the native extension was built with")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "bench":
+        parser.error(f"unrecognised arguments: {' '.join(rest)}")
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "bench":
+            return cmd_bench(args, rest)
+        return {"train": cmd_train, "evaluate": cmd_evaluate, "demo": cmd_demo, "info": cmd_info}[args.command](args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"mixnn {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

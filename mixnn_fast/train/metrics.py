@@ -1,0 +1,95 @@
+"""Per-epoch metrics: the numbers (accuracy, AUROC) and where they go (JSONL, CSV, TensorBoard)."""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def auroc(scores: torch.Tensor | np.ndarray, positives: torch.Tensor | np.ndarray) -> float:
+    """Area under the ROC curve of ``scores`` (N,) for the boolean ``positives`` (N,), by the
+    Mann-Whitney rank statistic with average ranks for ties; NaN when one class is empty.
+    (Written here so the package needs no scikit-learn; tested against sklearn.metrics.)"""
+    s = np.asarray(scores.detach().cpu() if isinstance(scores, torch.Tensor) else scores, dtype=np.float64)
+    p = np.asarray(positives.detach().cpu() if isinstance(positives, torch.Tensor) else positives, dtype=bool)
+    if s.shape != p.shape or s.ndim != 1:
+        raise ValueError(f"scores/positives: expected two (N,) arrays, got {s.shape} and {p.shape}")
+    n_pos, n_neg = int(p.sum()), int((~p).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(s, kind="mergesort")
+    sorted_scores = s[order]
+    ranks = np.empty(len(s), dtype=np.float64)
+    # average rank over each run of tied scores
+    boundaries = np.flatnonzero(np.diff(sorted_scores)) + 1
+    starts = np.concatenate([[0], boundaries])
+    ends = np.concatenate([boundaries, [len(s)]])
+    average = (starts + ends + 1) / 2.0  # ranks are 1-based
+    ranks[order] = np.repeat(average, ends - starts)
+    return float((ranks[p].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+class MetricsLog:
+    """Appends one row per epoch to ``metrics.jsonl`` and ``metrics.csv`` in ``out_dir``, and to
+    TensorBoard when it is installed and wanted.  Rows may gain keys over time (the CSV is
+    rewritten with the union of columns)."""
+
+    def __init__(self, out_dir: str | Path, *, tensorboard: bool = True, resume: bool = False) -> None:
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = self.out_dir / "metrics.jsonl"
+        self.csv = self.out_dir / "metrics.csv"
+        self.rows: list[dict[str, Any]] = []
+        if resume and self.jsonl.exists():
+            self.rows = [json.loads(line) for line in self.jsonl.read_text().splitlines() if line.strip()]
+        elif self.jsonl.exists():
+            self.jsonl.unlink()
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(self.out_dir / "tensorboard"))
+            except ImportError:
+                log.info("tensorboard is not installed; metrics go to JSONL and CSV only")
+
+    def truncate(self, epochs_done: int) -> None:
+        """Forget rows of epochs >= epochs_done (after resuming from an earlier checkpoint)."""
+        self.rows = [r for r in self.rows if r.get("epoch", -1) < epochs_done]
+        self._rewrite()
+
+    def log(self, row: dict[str, Any]) -> None:
+        row = {k: (float(v) if isinstance(v, (np.floating, torch.Tensor)) else v) for k, v in row.items()}
+        self.rows.append(row)
+        with self.jsonl.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        self._write_csv()
+        if self.writer is not None:
+            for key, value in row.items():
+                if isinstance(value, (int, float)) and key != "epoch":
+                    self.writer.add_scalar(key, value, row.get("epoch", len(self.rows)))
+            self.writer.flush()
+
+    def _rewrite(self) -> None:
+        self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+        self._write_csv()
+
+    def _write_csv(self) -> None:
+        columns: list[str] = []
+        for row in self.rows:
+            columns += [k for k in row if k not in columns]
+        with self.csv.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(self.rows)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

@@ -1,0 +1,171 @@
+"""MixNN's per-epoch refresh (DESIGN.md §1.2): one forward pass over the training pool without
+augmentation gives each sample's loss, feature and prediction; from them the clean probability
+(GMM), the partners (nearest neighbours or random), the mixing weights (eq. 10-11) and the
+corrected soft targets (eq. 12)."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from mixnn_fast.gmm import GMM1D, LossHistory, clean_probability
+from mixnn_fast.neighbours import nearest_neighbours
+from mixnn_fast.targets import SoftTargets
+from mixnn_fast.train.metrics import auroc
+from mixnn_fast.weights import mixing_weights, random_partners
+
+
+@dataclass
+class ForwardPass:
+    """Per-sample outputs of the model in data-set order: logits (N, C) float32 and features
+    (N, D) float32, on the CPU."""
+
+    logits: torch.Tensor
+    features: torch.Tensor
+
+
+@dataclass
+class RefreshResult:
+    losses: torch.Tensor                # (P,) float32, the losses the GMM was fitted on
+    probabilities: torch.Tensor         # (P, C) float32 softmax of the model
+    clean_prob: torch.Tensor            # (P,) float32 posterior of the low-loss component
+    ids: torch.Tensor                   # (P,) int64 the pool's sample ids; rows below follow them
+    neighbours: torch.Tensor | None     # (P, K) int64 partners' sample ids (None for in-batch partners)
+    weights: torch.Tensor | None        # (P, K+1) float32 (λ, β_1..β_K) per anchor
+    features: torch.Tensor              # (P, D) float32
+    gmm: GMM1D
+    seconds: dict[str, float] = field(default_factory=dict)
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+@torch.no_grad()
+def forward_pass(model: torch.nn.Module, loader, ids: torch.Tensor, device: torch.device, *,
+                 autocast_dtype: torch.dtype | None = None, progress=None) -> ForwardPass:
+    """Run ``model`` in eval mode over every batch of ``loader`` (an EvalLoader over the samples
+    ``ids``, (P,) int64 sorted) and gather logits and penultimate features in the order of ``ids``."""
+    was_training = model.training
+    model.eval()
+    logits_all: torch.Tensor | None = None
+    features_all: torch.Tensor | None = None
+    seen = torch.zeros(len(ids), dtype=torch.bool)
+    for batch in loader:
+        x, _ = batch.mix(torch.ones(len(batch), 1))
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            logits, features = model(x.to(device, non_blocking=True), return_features=True)
+        rows = torch.searchsorted(ids, batch.anchor_ids.cpu())
+        if logits_all is None:
+            logits_all = torch.zeros(len(ids), logits.shape[1])
+            features_all = torch.zeros(len(ids), features.shape[1])
+        logits_all[rows] = logits.float().cpu()
+        features_all[rows] = features.float().cpu()
+        seen[rows] = True
+        if progress is not None:
+            progress.update(len(rows))
+    model.train(was_training)
+    if logits_all is None or not bool(seen.all()):
+        missing = int((~seen).sum())
+        raise RuntimeError(f"refresh: the evaluation pass did not cover {missing} of {len(ids)} samples "
+                           "(skipped images?); the refresh needs every sample of the pool")
+    return ForwardPass(logits=logits_all, features=features_all)
+
+
+def refresh(outputs: ForwardPass, targets: SoftTargets, given_labels: torch.Tensor, epoch: int, *,
+            ids: torch.Tensor | None = None,
+            num_neighbours: int = 1, partners: str = "neighbours", weights_mode: str = "gmm",
+            label_correction: bool = True, gmm_loss: str = "soft_targets", loss_history: LossHistory | None = None,
+            gmm_settings: dict | None = None, neighbour_backend: str = "hnsw", rdm_alpha: float = 1.0,
+            generator: torch.Generator | None = None, true_labels: torch.Tensor | None = None,
+            num_threads: int | None = None) -> RefreshResult:
+    """Everything MixNN recomputes from one forward pass.
+
+    Args:
+        outputs: the forward pass over the pool (logits, features), in the order of ``ids``.
+        targets: the soft-target store of all N samples; the pool's rows are updated in place
+            (eq. 12) when ``label_correction``.
+        given_labels: (N,) int64 the given (noisy) labels of all samples.
+        ids: (P,) int64 the pool's sample ids (None: all N samples, in order).  Everything is
+            computed within the pool: neighbours are other pool samples, returned as sample ids.
+        epoch: the current epoch (label correction starts at ``targets.start_epoch``).
+        partners: "neighbours" (K nearest in feature space), "random", or "in_batch" (the
+            partners are found per batch by the caller; no neighbours here).
+        weights_mode: "gmm" (eq. 10-11), "avg" or "rdm" (mixnn_fast.weights).
+        gmm_loss: fit the GMM on the losses against the current soft targets ("soft_targets")
+            or against the given labels ("given").
+        true_labels: (N,) int64 true labels when known: adds the clean-detection AUROC, the mean
+            clean probability of clean and noisy samples, and the fraction of samples whose
+            first partner has the same true label, to ``stats``.
+    """
+    seconds: dict[str, float] = {}
+    stats: dict[str, float] = {}
+    start = time.perf_counter()
+    if ids is None:
+        ids = torch.arange(len(given_labels))
+    pool_labels = given_labels[ids]
+    log_probs = F.log_softmax(outputs.logits, dim=1)
+    probabilities = log_probs.exp()
+    if gmm_loss == "given":
+        losses = F.nll_loss(log_probs, pool_labels, reduction="none")
+    else:
+        losses = -(targets.targets[ids].float().cpu() * log_probs).sum(dim=1)
+    if loss_history is not None:
+        loss_history.update(ids, losses)
+        losses_for_gmm = loss_history.mean(ids)
+    else:
+        losses_for_gmm = losses
+    clean_prob, gmm = clean_probability(losses_for_gmm, return_model=True, **(gmm_settings or {}))
+    seconds["gmm"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    n = len(ids)
+    neighbours = None  # positions within the pool
+    if partners == "neighbours":
+        neighbours = nearest_neighbours(outputs.features, num_neighbours, backend=neighbour_backend,
+                                        num_threads=num_threads)
+    elif partners == "random":
+        neighbours = random_partners(n, num_neighbours, generator)
+    seconds["neighbours"] = time.perf_counter() - start
+
+    weights = None
+    if neighbours is not None:
+        weights = mixing_weights(clean_prob, neighbours, mode=weights_mode, generator=generator, alpha=rdm_alpha)
+        stats["lambda_mean"] = float(weights[:, 0].mean())
+        stats["lambda_q10"], stats["lambda_q50"], stats["lambda_q90"] = (
+            float(q) for q in torch.quantile(weights[:, 0], torch.tensor([0.1, 0.5, 0.9])))
+
+    if label_correction:
+        corrected = targets.update(ids, probabilities, epoch)
+        stats["targets_updated"] = float(corrected)
+
+    if true_labels is not None:
+        true_labels = true_labels[ids]
+        clean_mask = true_labels == pool_labels
+        stats["clean_auroc"] = auroc(clean_prob, clean_mask)
+        if clean_mask.any():
+            stats["clean_prob_mean_clean"] = float(clean_prob[clean_mask].mean())
+        if (~clean_mask).any():
+            stats["clean_prob_mean_noisy"] = float(clean_prob[~clean_mask].mean())
+        if neighbours is not None:
+            stats["partner_same_true_label"] = float((true_labels[neighbours[:, 0]] == true_labels).float().mean())
+    stats["gmm_iterations"] = float(gmm.n_iter_)
+    return RefreshResult(losses=losses_for_gmm, probabilities=probabilities, clean_prob=clean_prob,
+                         neighbours=None if neighbours is None else ids[neighbours], ids=ids, weights=weights, features=outputs.features, gmm=gmm,
+                         seconds=seconds, stats=stats)
+
+
+def in_batch_partners(batch_features: torch.Tensor, k: int = 1) -> torch.Tensor:
+    """The authors' code's partners: each anchor's k nearest other anchors of the same batch, by
+    exact Euclidean search on their refresh features (B, D).  Returns (B, k) int64 positions in
+    the batch; a batch of one anchor pairs it with itself."""
+    b = len(batch_features)
+    if b == 1:
+        return torch.zeros(1, k, dtype=torch.int64)
+    f = batch_features.double()
+    distances = torch.cdist(f, f)
+    distances.fill_diagonal_(float("inf"))
+    k_eff = min(k, b - 1)
+    nearest = distances.topk(k_eff, largest=False).indices
+    if k_eff < k:  # fewer other anchors than k: repeat the nearest ones
+        nearest = nearest[:, torch.arange(k) % k_eff]
+    return nearest

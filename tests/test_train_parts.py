@@ -1,0 +1,112 @@
+"""Pieces of the trainer against independent references: AUROC (scikit-learn), in-batch partners
+(brute force), the refresh over a pool, stratified subsets, the config, the label-issue list."""
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, strategies as st
+from sklearn.metrics import roc_auc_score
+
+from mixnn_fast.targets import SoftTargets
+from mixnn_fast.train.config import TrainConfig
+from mixnn_fast.train.datasets import stratified_subset
+from mixnn_fast.train.metrics import auroc
+from mixnn_fast.train.refresh import ForwardPass, in_batch_partners, refresh
+from mixnn_fast.train.report import write_label_issues
+
+
+@given(n=st.integers(2, 200), levels=st.integers(1, 20), seed=st.integers(0, 2**31 - 1))
+def test_auroc_matches_sklearn_with_ties(n, levels, seed):
+    rng = np.random.default_rng(seed)
+    scores = rng.integers(0, levels, n).astype(float)  # few levels: many ties
+    positives = rng.random(n) < 0.4
+    if positives.all() or not positives.any():
+        assert np.isnan(auroc(scores, positives))
+    else:
+        assert auroc(scores, positives) == pytest.approx(roc_auc_score(positives, scores), abs=1e-12)
+
+
+@pytest.mark.parametrize("b,k", [(1, 1), (2, 1), (7, 2), (33, 4), (3, 5)])
+def test_in_batch_partners_are_nearest_other_anchors(b, k, rng):
+    features = torch.from_numpy(rng.normal(size=(b, 5)))
+    got = in_batch_partners(features, k)
+    assert got.shape == (b, k)
+    if b == 1:
+        assert got.tolist() == [[0] * k]
+        return
+    distances = torch.cdist(features.double(), features.double())
+    for i in range(b):
+        assert i not in got[i].tolist()
+        others = sorted((float(distances[i, j]), j) for j in range(b) if j != i)
+        want = [j for _, j in others[: min(k, b - 1)]]
+        assert got[i, : min(k, b - 1)].tolist() == want
+
+
+def test_refresh_over_a_pool_stays_in_the_pool(rng):
+    n, c = 60, 4
+    labels = torch.from_numpy(rng.integers(0, c, n))
+    targets = SoftTargets(labels, c, start_epoch=0)
+    pool = torch.from_numpy(np.sort(rng.choice(n, 25, replace=False)))
+    outputs = ForwardPass(logits=torch.from_numpy(rng.normal(size=(25, c))).float(),
+                          features=torch.from_numpy(rng.normal(size=(25, 8))).float())
+    before = targets.targets.clone()
+    result = refresh(outputs, targets, labels, epoch=3, ids=pool, neighbour_backend="exact",
+                     true_labels=labels)
+    assert set(result.neighbours.flatten().tolist()) <= set(pool.tolist())
+    assert (result.neighbours[:, 0] != pool).all()
+    assert result.weights.shape == (25, 2)
+    torch.testing.assert_close(result.weights.sum(1), torch.ones(25))
+    outside = torch.ones(n, dtype=torch.bool)
+    outside[pool] = False
+    assert torch.equal(targets.targets[outside], before[outside])  # only the pool's targets moved
+    assert not torch.equal(targets.targets[pool], before[pool])
+    # eq. 10: λ_i = w_i / (w_i + w_n)
+    w = result.clean_prob
+    position = {int(s): i for i, s in enumerate(pool)}
+    partner = torch.tensor([position[int(s)] for s in result.neighbours[:, 0]])
+    expected = w / (w + w[partner])
+    ok = (w + w[partner]) > 0
+    torch.testing.assert_close(result.weights[ok, 0], expected[ok].float(), rtol=1e-5, atol=1e-6)
+
+
+@given(size=st.integers(2, 500), seed=st.integers(0, 100))
+def test_stratified_subset_keeps_class_shares(size, seed):
+    labels = np.repeat(np.arange(5), [300, 100, 50, 40, 10])
+    idx = stratified_subset(labels, size, seed)
+    assert len(idx) == min(size, len(labels)) and len(set(idx.tolist())) == len(idx)
+    counts = np.bincount(labels[idx], minlength=5)
+    share = np.bincount(labels, minlength=5) / len(labels) * len(idx)
+    assert np.all(np.abs(counts - share) <= 1)
+
+
+def test_config_validation_and_yaml_round_trip(tmp_path):
+    cfg = TrainConfig(method="sce", epochs=7, model_widths=[8, 16, 32, 32])
+    cfg.save_yaml(tmp_path / "c.yaml")
+    assert TrainConfig.from_yaml(tmp_path / "c.yaml") == cfg
+    assert TrainConfig.from_yaml(tmp_path / "c.yaml", epochs=9).epochs == 9
+    (tmp_path / "bad.yaml").write_text("method: mixnn\nepochz: 3\n")
+    with pytest.raises(ValueError, match="epochz"):
+        TrainConfig.from_yaml(tmp_path / "bad.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ValueError, match="mapping"):
+        TrainConfig.from_yaml(tmp_path / "list.yaml")
+
+
+@pytest.mark.parametrize("field,value", [("method", "dividemix"), ("epochs", 0), ("noise_rate", 1.5),
+                                         ("weights", "median"), ("lr_min", 1.0), ("partners", "far"),
+                                         ("num_neighbours", 0), ("correction_momentum", -0.1)])
+def test_config_rejects_out_of_range_values(field, value):
+    with pytest.raises(ValueError, match=field):
+        TrainConfig(**{field: value})
+
+
+def test_label_issues_most_suspicious_first(tmp_path):
+    path = write_label_issues(tmp_path / "issues.csv", given=np.array([0, 1, 2]), corrected=np.array([0, 2, 2]),
+                              clean_prob=np.array([0.9, 0.1, 0.5]), paths=["a.jpg", "b.jpg", "c.jpg"],
+                              true=np.array([0, 2, 2]), classes=["x", "y", "z"])
+    rows = list(csv.DictReader(path.open()))
+    assert [r["sample_id"] for r in rows] == ["1", "2", "0"]
+    assert rows[0]["path"] == "b.jpg" and rows[0]["given_name"] == "y" and rows[0]["corrected_name"] == "z"
