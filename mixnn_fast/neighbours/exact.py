@@ -74,7 +74,8 @@ class ExactSearcher:
         return out
 
     def _direct(self, q: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        return squared_distances_to_candidates(q, self.base, ids, dtype=torch.float64, num_threads=self.num_threads)
+        return squared_distances_to_candidates(q, self.base, ids, dtype=torch.float64,
+                                               num_threads=self.num_threads)
 
     def _centre_queries(self, queries: torch.Tensor) -> torch.Tensor:
         return (queries.to(torch.float64) - self.mean).to(self.work.dtype)

@@ -77,14 +77,16 @@ class NeighbourIndex:
             re-ranked by exact full-space distance.
         M, ef_construction, ef: hnswlib graph degree, build-time and query-time list sizes.
         num_threads: threads for hnswlib/faiss and the re-ranking; default
-            ``torch.get_num_threads()``.
+            ``torch.get_num_threads()`` (torch's own ops, e.g. the exact backend's matmuls,
+            follow ``torch.set_num_threads``).
         seed: seeds the PCA sample and hnswlib's level assignment.
         pca_sample: rows used to estimate the principal axes.
     """
 
     def __init__(self, features, *, backend: str = "hnsw", metric: str = "euclidean",
-                 pca_dim: int | None = 64, pca_min_variance: float = 0.8, candidates: int = 4, M: int = 16, ef_construction: int = 64,
-                 ef: int = 16, num_threads: int | None = None, seed: int = 0, pca_sample: int = 10000):
+                 pca_dim: int | None = 64, pca_min_variance: float = 0.8, candidates: int = 4,
+                 M: int = 16, ef_construction: int = 64, ef: int = 16, num_threads: int | None = None,
+                 seed: int = 0, pca_sample: int = 10000):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.backend = backend
@@ -191,7 +193,8 @@ class NeighbourIndex:
         if exclude.is_floating_point() or exclude.is_complex() or exclude.dtype == torch.bool:
             raise TypeError(f"exclude must have an integer dtype, got {exclude.dtype}")
         if exclude.shape != (n_queries,):
-            raise ValueError(f"exclude must have shape ({n_queries},) like the queries, got {tuple(exclude.shape)}")
+            raise ValueError(f"exclude must have shape ({n_queries},) like the queries, "
+                             f"got {tuple(exclude.shape)}")
         exclude = exclude.to(device=self.device, dtype=torch.int64)
         if n_queries and (int(exclude.min()) < -1 or int(exclude.max()) >= self.n):
             raise ValueError(f"exclude values must be in [-1, {self.n - 1}]")

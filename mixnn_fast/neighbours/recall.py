@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import torch
 
-from mixnn_fast.neighbours._validation import as_feature_matrix, check_metric, check_positive_int, prepare_for_metric
+from mixnn_fast.neighbours._validation import (
+    as_feature_matrix,
+    check_metric,
+    check_positive_int,
+    prepare_for_metric,
+)
 from mixnn_fast.neighbours.distances import squared_distances_to_candidates
 from mixnn_fast.neighbours.exact import ExactSearcher
 
@@ -22,7 +27,8 @@ def _as_neighbour_ids(found, n: int, name: str = "found") -> torch.Tensor:
         try:
             found = torch.as_tensor(found)
         except (TypeError, ValueError, RuntimeError) as exc:
-            raise TypeError(f"{name} must be an integer Tensor/ndarray of shape (N, k), got {type(found).__name__}") from exc
+            raise TypeError(f"{name} must be an integer Tensor/ndarray of shape (N, k), "
+                            f"got {type(found).__name__}") from exc
     if found.is_floating_point() or found.is_complex() or found.dtype == torch.bool:
         raise TypeError(f"{name} must have an integer dtype, got {found.dtype}")
     if found.dim() != 2 or found.shape[0] != n or found.shape[1] < 1:
@@ -92,7 +98,8 @@ def recall_against(found, reference, features, *, metric: str = "euclidean") -> 
     found = _as_neighbour_ids(found, n).to(features.device)
     reference = _as_neighbour_ids(reference, n, "reference").to(features.device)
     if reference.shape != found.shape:
-        raise ValueError(f"reference must have the shape of found {tuple(found.shape)}, got {tuple(reference.shape)}")
+        raise ValueError(f"reference must have the shape of found {tuple(found.shape)}, "
+                         f"got {tuple(reference.shape)}")
     prepared = prepare_for_metric(features, metric)
     query_ids = torch.arange(n, device=features.device)
     kth_sq = squared_distances_to_candidates(prepared, prepared, reference[:, -1:], dtype=torch.float64)[:, 0]
