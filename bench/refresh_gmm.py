@@ -70,7 +70,10 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=1_000_000)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--quick", action="store_true", help="100,000 losses, 3 repeats (a smoke run)")
     args = parser.parse_args()
+    if args.quick:
+        args.n, args.repeats = 100_000, 3
     torch.set_num_threads(THREADS)
     warnings.filterwarnings("ignore", category=ConvergenceWarning)  # max_iter=10 is the recipe
     device = torch.device(args.device)

@@ -93,6 +93,8 @@ def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
         raise SystemExit(f"bench: no benchmark {args.name!r} (the benchmarks live in a source checkout's bench/; "
                          f"available: {', '.join(available) or 'none'})")
     sys.argv = [str(script), *rest]
+    # scripts import their harness as `bench.common` or `common`
+    sys.path[:0] = [str(BENCH_DIR.parent), str(BENCH_DIR)]
     runpy.run_path(str(script), run_name="__main__")
     return 0
 

@@ -17,7 +17,9 @@ from mixnn_fast.train.report import accuracy_curve, plot_accuracy, write_run_rep
 from mixnn_fast.train.trainer import Trainer
 
 DEMO_EPOCHS = 30
-DEMO_SUBSET = 6000
+DEMO_SUBSET = 4000
+DEMO_WIDTHS = [16, 32, 64, 64]  # the small CNN of the calibration runs: ~850 train img/s on 2 busy cores
+DEMO_EVAL_EVERY = 2             # a 10,000-image test pass costs ~6 s here: every other epoch
 QUICK_EPOCHS = 4
 QUICK_SUBSET = 1000
 
@@ -35,8 +37,9 @@ def scaled_schedule(epochs: int) -> dict:
 def demo_configs(*, epochs: int, subset: int, out_dir: str, seed: int = 0, noise_rate: float = 0.4,
                  progress: bool = True) -> dict[str, TrainConfig]:
     common = dict(dataset="fashion_mnist", noise="symmetric_uniform", noise_rate=noise_rate, train_subset=subset,
-                  model="small_cnn", epochs=epochs, batch_size=128, seed=seed, noise_seed=seed, progress=progress,
-                  tensorboard=False, **scaled_schedule(epochs))
+                  model="small_cnn", model_widths=DEMO_WIDTHS, epochs=epochs, batch_size=128, seed=seed,
+                  noise_seed=seed, progress=progress, tensorboard=False, eval_every=DEMO_EVAL_EVERY,
+                  **scaled_schedule(epochs))
     return {method: TrainConfig(method=method, out_dir=str(Path(out_dir) / method), **common)
             for method in ("ce", "mixnn")}
 
