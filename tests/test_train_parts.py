@@ -110,3 +110,19 @@ def test_label_issues_most_suspicious_first(tmp_path):
     rows = list(csv.DictReader(path.open()))
     assert [r["sample_id"] for r in rows] == ["1", "2", "0"]
     assert rows[0]["path"] == "b.jpg" and rows[0]["given_name"] == "y" and rows[0]["corrected_name"] == "z"
+
+
+def test_metrics_log_writes_jsonl_csv_and_tensorboard(tmp_path):
+    from mixnn_fast.train.metrics import MetricsLog
+
+    log = MetricsLog(tmp_path, tensorboard=True)
+    log.log({"epoch": 0, "train_loss": 2.0})
+    log.log({"epoch": 1, "train_loss": 1.5, "test_accuracy": 0.6})  # a column appears later
+    log.close()
+    rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))
+    assert [r["test_accuracy"] for r in rows] == ["", "0.6"]
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    resumed = MetricsLog(tmp_path, tensorboard=False, resume=True)
+    resumed.truncate(1)
+    assert [r["epoch"] for r in resumed.rows] == [0]
