@@ -16,7 +16,7 @@ if [ ! -f "$FMNIST_DIR/train-images-idx3-ubyte.gz" ]; then
   if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
     log "installing Debian's dataset-fashion-mnist"
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null 2> >(grep -v "^debconf: delaying" >&2)
   else
     log "WARNING: $FMNIST_DIR is missing and apt-get is not usable as root; the demo will fall back to scikit-learn's digits"
   fi
