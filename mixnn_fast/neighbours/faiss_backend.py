@@ -3,6 +3,11 @@
 Only the candidate proposal is faiss's; like the hnswlib backend, its results are
 re-ranked by full-space distances computed from differences (faiss's own float32
 distances come from the cancellation-prone expansion).
+
+Speed note: the faiss-cpu wheels bundle an OpenBLAS (0.3.15 in faiss-cpu 1.15.1) that does
+not recognise recent Xeons and falls back to a generic kernel; on such a CPU with AVX-512,
+``OPENBLAS_CORETYPE=SkylakeX`` set before faiss is imported made IndexFlatL2 ~4x faster
+here (bench/refresh_neighbours.py does this for its faiss baseline).
 """
 from __future__ import annotations
 
