@@ -185,6 +185,17 @@ def test_hnsw_recall_against_exact(rng, metric, options):
     assert (dist.diff(dim=1) >= 0).all()
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_hnsw_results_come_back_on_the_features_device(rng, device):
+    x = torch.from_numpy(clustered(rng, 1200, 80)).to(device)
+    index = NeighbourIndex(x, pca_dim=16, num_threads=2)
+    ids, dist = index.query_all(2, return_distances=True)
+    assert ids.device.type == device and dist.device.type == device
+    assert recall_at_k(ids, x, sample=None) >= 0.95
+    q_ids = index.query(x[:50], 1)
+    assert q_ids.device.type == device and torch.equal(q_ids[:, 0].cpu(), torch.arange(50))
+
+
 def test_faiss_backend_is_exact(rng):
     x = rng.normal(size=(513, 33)).astype(np.float32)
     ids, dist = nearest_neighbours(x, 5, backend="faiss", return_distances=True)
