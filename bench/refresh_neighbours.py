@@ -34,6 +34,7 @@ hnswlib is run once. The isotropic case runs each baseline once.
 
     python -m bench.refresh_neighbours            # full run (~10-15 min on 2 loaded cores)
     python -m bench.refresh_neighbours --quick    # smoke run, seconds
+    python -m bench.refresh_neighbours --skip-200k --skip-isotropic   # the target case only
 """
 from __future__ import annotations
 
@@ -222,7 +223,8 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="smoke run: N=4,000, d=128, 1 repeat")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each baseline at N=50,000")
     parser.add_argument("--our-repeats", type=int, default=5, help="runs of our pipeline (cheap)")
-    parser.add_argument("--skip-200k", action="store_true", help="only the N=50,000 cases")
+    parser.add_argument("--skip-200k", action="store_true", help="leave out the N=200,000 case")
+    parser.add_argument("--skip-isotropic", action="store_true", help="leave out the isotropic stress case")
     args = parser.parse_args(argv)
     torch.set_num_threads(THREADS)
     load_before = os.getloadavg()
@@ -241,15 +243,17 @@ def main(argv=None) -> None:
     if not args.skip_200k:
         rows += bench_dataset("penultimate", penultimate_like(n_big, d), repeats=repeats, baseline_repeats=1,
                               full_baselines=False, recall_sample=5000)
-    rows += bench_dataset("isotropic", isotropic(n_main, d), repeats=repeats, baseline_repeats=1,
-                          full_baselines=True, recall_sample=5000, extra=forced)
+    if not args.skip_isotropic:
+        rows += bench_dataset("isotropic", isotropic(n_main, d), repeats=repeats, baseline_repeats=1,
+                              full_baselines=True, recall_sample=5000, extra=forced)
 
     load_after = os.getloadavg()
     print(f"\nload average (1, 5, 15 min): before {load_before}, after {load_after}; {os.cpu_count()} cores; "
           f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE')}")
     columns = ["data", "N", "method", "settings", "time_s", "min_s", "max_s", "cpu_s", "runs", "recall@1",
                "recall over", "speedup_vs_faiss", "target"]
-    report("refresh_neighbours" + ("_quick" if args.quick else ""), rows, columns,
+    partial = args.skip_200k or args.skip_isotropic
+    report("refresh_neighbours" + ("_quick" if args.quick else "") + ("_partial" if partial else ""), rows, columns,
            extra={"threads": THREADS, "d": d, "target": TARGET, "load_before": load_before,
                   "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"),
                   "load_after": load_after})
