@@ -83,22 +83,24 @@ MIXNN_HD T from_float(float f);
 template <>
 MIXNN_HD float from_float<float>(float f) { return f; }
 
-// Saturating, round half to even (as torch's round().clamp(0, 255)); NaN -> 0.
+// Saturating, round half to even (as torch's round().clamp(0, 255)); NaN -> 0.  Written
+// with selects, not branches, so the compiler can vectorise the loops that call it.
 template <>
 MIXNN_HD uint8_t from_float<uint8_t>(float f) {
-  if (!(f > 0.0f)) return 0;  // also NaN
-  if (f >= 255.0f) return 255;
+  float clamped = f > 0.0f ? f : 0.0f;  // also maps NaN to 0
+  clamped = clamped < 255.0f ? clamped : 255.0f;
   // Adding and subtracting 2^23 rounds to an integer in the current (nearest-even) mode.
-  const float rounded = (f + 8388608.0f) - 8388608.0f;
+  const float rounded = (clamped + 8388608.0f) - 8388608.0f;
   return static_cast<uint8_t>(rounded);
 }
 
 template <>
 MIXNN_HD BFloat16 from_float<BFloat16>(float f) {
   const uint32_t u = float_to_bits(f);
-  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return BFloat16{static_cast<uint16_t>((u >> 16) | 0x0040u)};  // quiet NaN
-  const uint32_t rounding_bias = 0x7FFFu + ((u >> 16) & 1u);
-  return BFloat16{static_cast<uint16_t>((u + rounding_bias) >> 16)};
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;  // round to nearest even
+  const uint32_t quiet_nan = (u >> 16) | 0x0040u;
+  const bool is_nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
+  return BFloat16{static_cast<uint16_t>(is_nan ? quiet_nan : rounded)};  // a select, not a branch
 }
 
 // float -> IEEE half, round to nearest even, overflow to inf, subnormals exact:
@@ -113,7 +115,7 @@ MIXNN_HD Half from_float<Half>(float f) {
   const uint32_t shl1_w = w + w;
   const uint32_t sign = w & 0x80000000u;
   uint32_t bias = shl1_w & 0xFF000000u;
-  if (bias < 0x71000000u) bias = 0x71000000u;
+  bias = bias < 0x71000000u ? 0x71000000u : bias;
   base = bits_to_float((bias >> 1) + 0x07800000u) + base;
   const uint32_t bits = float_to_bits(base);
   const uint32_t exp_bits = (bits >> 13) & 0x00007C00u;

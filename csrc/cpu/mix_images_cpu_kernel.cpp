@@ -62,6 +62,34 @@ void accumulate_tile(const void* const* sources, const float* weights, int64_t t
   }
 }
 
+// Stage 1 for three-channel NHWC input into an NCHW-ordered (planar) accumulator: the
+// de-interleave happens on the narrow input type, where a vector holds 4x more elements
+// than in float, so that stage 2 writes NCHW output with unit-stride loops.
+template <typename Tin>
+void accumulate_tile_nhwc3_planar(const void* const* sources, const float* weights, int64_t terms, int64_t pixel0,
+                                  int64_t tile, int64_t /*pixels*/, int64_t /*channels*/, float* __restrict acc) {
+  float* __restrict a0 = acc;
+  float* __restrict a1 = acc + tile;
+  float* __restrict a2 = acc + 2 * tile;
+  for (int64_t j = 0; j < terms; ++j) {
+    const Tin* __restrict s = static_cast<const Tin*>(sources[j]) + pixel0 * 3;
+    const float w = weights[j];
+    if (j == 0) {
+      for (int64_t t = 0; t < tile; ++t) {
+        a0[t] = w * to_float(s[3 * t]);
+        a1[t] = w * to_float(s[3 * t + 1]);
+        a2[t] = w * to_float(s[3 * t + 2]);
+      }
+    } else {
+      for (int64_t t = 0; t < tile; ++t) {
+        a0[t] = mix_accumulate(a0[t], w, to_float(s[3 * t]));
+        a1[t] = mix_accumulate(a1[t], w, to_float(s[3 * t + 1]));
+        a2[t] = mix_accumulate(a2[t], w, to_float(s[3 * t + 2]));
+      }
+    }
+  }
+}
+
 // Stage 2: normalise the tile's sums and write them in the output layout and
 // dtype.  `acc` is in the input layout (kAccLayout); kChannels > 0 fixes C at
 // compile time (1 and 3 are the common cases: the channel loop unrolls), 0 reads
@@ -128,10 +156,17 @@ void mix_images(const MixImagesParams& p, int num_threads) {
   const int64_t C = p.channels;
   if (p.batch == 0 || pixels == 0 || C == 0) return;
 
-  const AccumulateFn accumulate = dispatch_dtype(
-      p.in_dtype, "images", [&](auto tag) { return pick_accumulate<typename decltype(tag)::type>(p.in_layout); });
-  const StoreFn store = dispatch_dtype(
-      p.out_dtype, "out_dtype", [&](auto tag) { return pick_store<typename decltype(tag)::type>(p.in_layout, p.out_layout, C); });
+  // Three-channel NHWC input with NCHW output (decoded images into a network) accumulates
+  // planar; everything else accumulates in the input's own layout.
+  const bool planar3 = p.in_layout == Layout::kNHWC && C == 3 && p.out_layout == Layout::kNCHW;
+  const Layout acc_layout = planar3 ? Layout::kNCHW : p.in_layout;
+  const AccumulateFn accumulate = dispatch_dtype(p.in_dtype, "images", [&](auto tag) {
+    using Tin = typename decltype(tag)::type;
+    return planar3 ? accumulate_tile_nhwc3_planar<Tin> : pick_accumulate<Tin>(p.in_layout);
+  });
+  const StoreFn store = dispatch_dtype(p.out_dtype, "out_dtype", [&](auto tag) {
+    return pick_store<typename decltype(tag)::type>(acc_layout, p.out_layout, C);
+  });
 
   const int64_t tile = std::max<int64_t>(1, std::min<int64_t>(pixels, kTileFloats / C));
   const int64_t tiles_per_row = (pixels + tile - 1) / tile;
