@@ -8,13 +8,16 @@
 // they exist.
 //
 // Each output row (one anchor) is cut into tiles of pixels.  For a tile, stage 1
-// accumulates Σ_j w_j x_j over the K+1 source images into a small planar float
-// buffer that stays in L1; stage 2 normalises the buffer and writes it out in the
+// accumulates Σ_j w_j x_j over the K+1 source images into a small float buffer
+// that stays in L1; stage 2 normalises the buffer and writes it out in the
 // output layout and dtype.  Splitting the two stages lets each inner loop be a
 // simple, vectorisable loop, and keeps the number of template instantiations at
-// (input types × layouts × channel cases) + (output types × layouts × channel
-// cases) instead of their product.  The element arithmetic comes from
-// mix_math.h, shared with the CUDA kernel.
+// (input types × layouts) + (output types × layouts × channel cases) instead of
+// their product.  Three-channel NHWC input headed for NCHW output (decoded
+// images into a network) accumulates planar, de-interleaving the narrow input
+// rather than the floats; at K = 1 with float32 output one fused loop does both
+// stages in registers.  The element arithmetic comes from mix_math.h, shared
+// with the CUDA kernel.
 #include "cpu/mix_images_cpu.h"
 
 #ifndef MIXNN_CPU_ISA
