@@ -8,7 +8,6 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 from sklearn.cluster import KMeans
-from sklearn.exceptions import ConvergenceWarning
 from sklearn.mixture import GaussianMixture
 
 from mixnn_fast.gmm import (GMM1D, CollapsedComponentWarning, DegenerateLossesWarning, LossHistory,
