@@ -113,7 +113,7 @@ def test_bad_options_raise(call, option, data):
         "out_dtype": data.draw(st.sampled_from([torch.float64, torch.int32, torch.int64])),
         "mean": [0.0] * (c + data.draw(st.integers(1, 3))),
         "std": data.draw(st.sampled_from([[0.0] * c, [-1.0] * c, [float("nan")] * c, [1.0] * (c + 1)])),
-        "out": torch.empty(data.draw(st.integers(0, 3)), 1, 1, 1),
+        "out": torch.empty(call["anchors"].shape[0] + data.draw(st.integers(1, 3)), c, 1, 1),  # wrong batch
     }[option]
     with pytest.raises((ValueError, TypeError), match=option):
         mix_images(**call, **{option: bad})
