@@ -155,6 +155,10 @@ def test_targets_validation():
     bad[2, 1] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         mix_targets(bad, [0], [[2]], [[0.5, 0.5]])
+    bad[2, 1] = float("inf")
+    with pytest.raises(ValueError, match="infinity"):  # caught even when the row's weight is 0
+        mix_targets(bad, [0], [[2]], [[1.0, 0.0]])
+    mix_targets(bad, [0], [[1]], [[0.5, 0.5]])  # rows the batch does not read may be anything
 
 
 def test_unknown_input_type_is_a_type_error():
