@@ -37,3 +37,42 @@ def test_unknown_model_names_the_choices():
         build_model("resnet9000", num_classes=10)
     with pytest.raises(ValueError, match="num_classes"):
         build_model("small_cnn", num_classes=1)
+
+
+@pytest.mark.parametrize("name,in_channels,size", [("small_cnn", 1, 28), ("small_cnn", 3, 13), ("resnet34", 3, 16),
+                                                    ("preact_resnet18", 3, 16)])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_inference_copy_matches_the_eval_model_in_float64(name, in_channels, size, channels_last, rng):
+    """The folded, channels-last copy computes model.eval() (reference: the unfolded model in
+    float64), with BatchNorm statistics that are not the identity, and leaves the model as it was."""
+    from mixnn_fast.train.models import inference_copy
+
+    torch.manual_seed(int(rng.integers(2**31)))
+    model = build_model(name, num_classes=5, in_channels=in_channels)
+    with torch.no_grad():  # non-trivial running statistics and affine parameters
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.2, 0.2)
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    frozen = inference_copy(model, channels_last=channels_last)
+    x = torch.randn(int(rng.integers(1, 6)), in_channels, size, size)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    with torch.no_grad():
+        logits, features = frozen(x.contiguous(memory_format=fmt), return_features=True)
+        reference = [t.float() for t in _double_eval(model)(x.double(), return_features=True)]
+    torch.testing.assert_close(logits, reference[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(features, reference[1], rtol=1e-4, atol=1e-4)
+    assert model.training and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    if name != "preact_resnet18":  # conv→BN pairs were folded (pre-activation blocks have none)
+        assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in frozen.backbone.modules()) < \
+            sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.backbone.modules())
+
+
+def _double_eval(model):
+    import copy
+
+    return copy.deepcopy(model).double().eval()

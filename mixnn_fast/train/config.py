@@ -69,6 +69,7 @@ class TrainConfig:
     # ---- engine ----------------------------------------------------------------------------
     device: str = "auto"                  # auto | cpu | cuda | cuda:N
     amp: bool = True                      # bfloat16/float16 autocast where the device supports it
+    channels_last: bool = True            # NHWC activations: ~1.4x faster training, 2x faster refresh on CPU (oneDNN)
     num_threads: int | None = None        # torch / DALI / mixer threads (None: torch's default)
     seed: int = 0
     out_dir: str = "runs/mixnn"

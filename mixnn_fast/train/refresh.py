@@ -42,9 +42,12 @@ class RefreshResult:
 
 @torch.no_grad()
 def forward_pass(model: torch.nn.Module, loader, ids: torch.Tensor, device: torch.device, *,
-                 autocast_dtype: torch.dtype | None = None, progress=None) -> ForwardPass:
+                 autocast_dtype: torch.dtype | None = None, memory_format: torch.memory_format = torch.contiguous_format,
+                 progress=None) -> ForwardPass:
     """Run ``model`` in eval mode over every batch of ``loader`` (an EvalLoader over the samples
-    ``ids``, (P,) int64 sorted) and gather logits and penultimate features in the order of ``ids``."""
+    ``ids``, (P,) int64 sorted) and gather logits and penultimate features in the order of ``ids``.
+    ``model`` may be :func:`mixnn_fast.train.models.inference_copy` of the training model, with
+    ``memory_format`` the format its weights are in."""
     was_training = model.training
     model.eval()
     logits_all: torch.Tensor | None = None
@@ -53,7 +56,8 @@ def forward_pass(model: torch.nn.Module, loader, ids: torch.Tensor, device: torc
     for batch in loader:
         x, _ = batch.mix(torch.ones(len(batch), 1))
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            logits, features = model(x.to(device, non_blocking=True), return_features=True)
+            logits, features = model(x.to(device, non_blocking=True).contiguous(memory_format=memory_format),
+                                     return_features=True)
         rows = torch.searchsorted(ids, batch.anchor_ids.cpu())
         if logits_all is None:
             logits_all = torch.zeros(len(ids), logits.shape[1])

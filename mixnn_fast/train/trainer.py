@@ -35,7 +35,7 @@ from mixnn_fast.train.datasets import RunData, prepare_data
 from mixnn_fast.train.losses import (generalized_cross_entropy, one_hot, soft_cross_entropy,
                                      symmetric_cross_entropy)
 from mixnn_fast.train.metrics import MetricsLog
-from mixnn_fast.train.models import build_model
+from mixnn_fast.train.models import build_model, inference_copy
 from mixnn_fast.train.refresh import RefreshResult, forward_pass, in_batch_partners, refresh
 from mixnn_fast.weights import mixing_weights
 
@@ -89,6 +89,8 @@ class Trainer:
         geometry = self.data.geometry
         self.model = build_model(cfg.model, self.num_classes, geometry.in_channels, weights_path=cfg.weights_path,
                                  widths=cfg.model_widths).to(self.device)
+        self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        self.model = self.model.to(memory_format=self.memory_format)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
@@ -164,8 +166,8 @@ class Trainer:
         loader = self.pool_loader if self.anchor_ids is None else \
             EvalLoader(self.data.train, 512, ids=pool.numpy(), **self.eval_options)
         with _progress(len(pool), f"refresh {epoch}", cfg.progress) as bar:
-            outputs = forward_pass(self.model, loader, pool, self.device, autocast_dtype=self.autocast_dtype,
-                                   progress=bar)
+            outputs = forward_pass(self.inference_model(), loader, pool, self.device,
+                                   autocast_dtype=self.autocast_dtype, memory_format=self.memory_format, progress=bar)
         forward_seconds = time.perf_counter() - start
         authors_mixup = cfg.authors_schedule and epoch < cfg.correction_start
         result = refresh(
@@ -250,7 +252,7 @@ class Trainer:
                 x, y = self._inputs(batch, phase)
                 with torch.autocast(self.device.type, dtype=self.autocast_dtype,
                                     enabled=self.autocast_dtype is not None):
-                    logits = self.model(x.to(self.device, non_blocking=True))
+                    logits = self.model(x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format))
                 loss = self._loss(logits, y.to(self.device))
                 if not torch.isfinite(loss.detach()):
                     raise TrainingDiverged(f"epoch {epoch}, batch {i}: the loss is {float(loss.detach())}; lower lr "
@@ -272,12 +274,18 @@ class Trainer:
 
     # ---- evaluation ------------------------------------------------------------------------
 
+    def inference_model(self) -> torch.nn.Module:
+        """The current model for forward passes without gradients: an eval-mode copy with
+        BatchNorm folded into the convolutions (models.inference_copy)."""
+        return inference_copy(self.model, channels_last=self.cfg.channels_last)
+
     @torch.no_grad()
     def predict(self, loader, num_samples: int) -> torch.Tensor:
         """(N, C) logits of every sample of ``loader``'s data set, in data-set order."""
         with _progress(num_samples, "evaluate", self.cfg.progress) as bar:
-            return forward_pass(self.model, loader, torch.arange(num_samples), self.device,
-                                autocast_dtype=self.autocast_dtype, progress=bar).logits
+            return forward_pass(self.inference_model(), loader, torch.arange(num_samples), self.device,
+                                autocast_dtype=self.autocast_dtype, memory_format=self.memory_format,
+                                progress=bar).logits
 
     def test_accuracy(self) -> float:
         if self.test_loader is None:
