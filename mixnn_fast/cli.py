@@ -4,6 +4,7 @@
     mixnn train --out-dir runs/x --resume                          # continue from runs/x/checkpoint.pt
     mixnn evaluate runs/x                                          # test accuracy of a saved run
     mixnn demo [--quick]                                           # CE vs MixNN on Fashion-MNIST
+    mixnn table [--seeds 0 1] [--methods ce mixnn]                 # the results table (methods x noise)
     mixnn bench mixer [--quick]                                    # bench/<name>.py of a source checkout
     mixnn info                                                     # what the native extension was built with
 """
@@ -86,6 +87,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_table(args: argparse.Namespace) -> int:
+    from mixnn_fast.train.experiments import TABLE_NOISE, run_table, table_cells
+
+    noises = [n for n in TABLE_NOISE if args.noise is None or n[2] in args.noise]
+    if args.noise is not None and len(noises) != len(args.noise):
+        known = ", ".join(n[2] for n in TABLE_NOISE)
+        raise ValueError(f"--noise: unknown setting(s) {', '.join(sorted(set(args.noise) - {n[2] for n in noises}))}"
+                         f"; known: {known}")
+    cells = table_cells(out_dir=args.out_dir, subset=args.subset, epochs=args.epochs, seeds=args.seeds,
+                        methods=args.methods, noises=noises, num_threads=args.num_threads)
+    print(run_table(cells, args.out_dir))
+    print(f"\nresults.md, results.json and accuracy_<noise>.png in {args.out_dir}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
     script = BENCH_DIR / f"{args.name}.py"
     if not script.exists():
@@ -129,6 +145,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--no-progress", action="store_true")
 
+    table = sub.add_parser("table", help="the results table: CE/mixup/GCE/SCE/MixNN x label-noise settings")
+    table.add_argument("--out-dir", default="runs/table")
+    table.add_argument("--subset", type=int, default=2000, help="training images (class-stratified)")
+    table.add_argument("--epochs", type=int, default=100)
+    table.add_argument("--seeds", type=int, nargs="+", default=[0])
+    table.add_argument("--methods", nargs="+", default=["ce", "mixup", "gce", "sce", "mixnn"])
+    table.add_argument("--noise", nargs="+", help="a subset of sym-20 sym-40 sym-60 sym-80 asym-40")
+    table.add_argument("--num-threads", type=int)
+
     bench = sub.add_parser("bench", help="run bench/<name>.py (extra arguments go to the script)")
     bench.add_argument("name", help="mixer, refresh_gmm, refresh_neighbours, loader, epoch, ...")
 
@@ -146,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "bench":
             return cmd_bench(args, rest)
-        return {"train": cmd_train, "evaluate": cmd_evaluate, "demo": cmd_demo, "info": cmd_info}[args.command](args)
+        return {"train": cmd_train, "evaluate": cmd_evaluate, "demo": cmd_demo, "table": cmd_table,
+                "info": cmd_info}[args.command](args)
     except (ValueError, FileNotFoundError) as exc:
         print(f"mixnn {args.command}: error: {exc}", file=sys.stderr)
         return 2

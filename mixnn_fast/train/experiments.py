@@ -1,0 +1,210 @@
+"""The results table: methods × label-noise settings on the same data, model, loader and budget.
+
+``mixnn table`` trains every cell of a grid (CE, mixup, GCE, SCE, MixNN × symmetric 20/40/60/80%
+and asymmetric 40% by default), one run per cell and seed, each exactly what the cell's printed
+``mixnn train`` command does, and writes ``results.md`` (the table with the command per row),
+``results.json`` and ``accuracy_<noise>.png`` (test accuracy per epoch of every method).  Finished
+cells (a ``summary.json`` whose config matches) are not run again and interrupted ones resume from
+their checkpoint, so the command can be stopped and restarted at will.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shlex
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from mixnn_fast.train.config import TrainConfig
+
+TABLE_METHODS = ("ce", "mixup", "gce", "sce", "mixnn")
+# (noise kind, rate, label in the table).  symmetric_uniform is the paper's convention (uniform
+# over all classes, so the realised rate is rate × (C−1)/C), which makes rows comparable with its Table I.
+TABLE_NOISE = (("symmetric_uniform", 0.2, "sym-20"), ("symmetric_uniform", 0.4, "sym-40"),
+               ("symmetric_uniform", 0.6, "sym-60"), ("symmetric_uniform", 0.8, "sym-80"),
+               ("asymmetric_fashion_mnist", 0.4, "asym-40"))
+# fields that only change how a run reports, never what it computes
+_COSMETIC = ("progress", "tensorboard", "out_dir", "extra")
+
+
+@dataclass
+class Cell:
+    """One run of the table: its row label, noise label, and the full configuration."""
+
+    noise: str
+    method: str
+    seed: int
+    config: TrainConfig
+    variant: str = ""  # e.g. "naive plan" for the plan-comparison pair
+
+    @property
+    def label(self) -> str:
+        return self.method + (f" ({self.variant})" if self.variant else "")
+
+
+def scaled_schedule(epochs: int) -> dict:
+    """The paper's 300-epoch schedule (warm-up 10, label correction from 60, warm restarts every
+    10 epochs) with each length scaled by ``epochs / 300``, at least 1 (correction: at least 2)."""
+    scale = epochs / 300
+    return {"warmup_epochs": max(1, round(10 * scale)), "correction_start": max(2, round(60 * scale)),
+            "restart_period": max(1, round(10 * scale))}
+
+
+def table_cells(*, out_dir: str | Path, subset: int = 2000, epochs: int = 100, widths: Sequence[int] = (16, 32, 64, 64),
+                seeds: Iterable[int] = (0,), methods: Sequence[str] = TABLE_METHODS,
+                noises: Sequence[tuple[str, float, str]] = TABLE_NOISE, eval_every: int | None = None,
+                plan_pair: bool = True, **overrides) -> list[Cell]:
+    """Every cell of the grid on Fashion-MNIST (Debian's files; ``dataset=...`` overrides it).  ``plan_pair`` adds MixNN at
+    sym-40 with the naive plan (every partner decoded again), to set beside the coherent plan's
+    row of the same seed.  ``overrides`` are TrainConfig fields applied to every cell.
+    ``eval_every`` defaults to the restart period, so every test accuracy is taken at the same
+    point of the learning-rate cycle (its lowest rate), not at random phases of it."""
+    out_dir = Path(out_dir)
+    schedule = scaled_schedule(epochs)
+    eval_every = eval_every or schedule["restart_period"]
+    cells = []
+    for seed in seeds:
+        for kind, rate, noise_label in noises:
+            variants = [(m, "", {}) for m in methods]
+            if plan_pair and "mixnn" in methods and noise_label == "sym-40":
+                variants.append(("mixnn", "naive plan", {"plan": "naive"}))
+            for method, variant, extra in variants:
+                name = f"{noise_label}_{method}" + ("_naive" if variant else "") + f"_s{seed}"
+                values = dict(dataset="fashion_mnist", train_subset=subset, noise=kind, noise_rate=rate,
+                              noise_seed=seed, seed=seed, method=method, model="small_cnn", model_widths=list(widths),
+                              epochs=epochs, eval_every=eval_every, out_dir=str(out_dir / name), progress=False,
+                              tensorboard=False)
+                cfg = TrainConfig(**{**values, **schedule, **overrides, **extra})
+                cells.append(Cell(noise=noise_label, method=method, seed=seed, config=cfg, variant=variant))
+    return cells
+
+
+def train_command(cfg: TrainConfig) -> str:
+    """The ``mixnn train`` command line that trains exactly ``cfg`` (flags for the fields that differ
+    from the defaults, plus --out-dir)."""
+    defaults = TrainConfig()
+    parts = [".venv/bin/mixnn", "train"]
+    for f in dataclasses.fields(TrainConfig):
+        value = getattr(cfg, f.name)
+        if f.name in ("progress", "tensorboard", "extra") or value == getattr(defaults, f.name):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            parts.append(flag if value else "--no-" + f.name.replace("_", "-"))
+        elif isinstance(value, list):
+            parts += [flag, *map(str, value)]
+        else:
+            parts += [flag, str(value)]
+    return shlex.join(parts)
+
+
+def _same_config(saved: dict, cfg: TrainConfig) -> bool:
+    mine = cfg.to_dict()
+    return all(saved.get(k) == v for k, v in mine.items() if k not in _COSMETIC)
+
+
+def run_cell(cell: Cell, *, log=print) -> dict:
+    """Train one cell (or load its finished summary; or resume it from its checkpoint)."""
+    import yaml
+
+    from mixnn_fast.train.report import write_run_report
+    from mixnn_fast.train.trainer import CHECKPOINT, Trainer
+
+    out = Path(cell.config.out_dir)
+    summary_path, config_path = out / "summary.json", out / "config.yaml"
+    saved = yaml.safe_load(config_path.read_text()) if config_path.exists() else None
+    if saved is not None and not _same_config(saved, cell.config):
+        raise ValueError(f"{out}: holds a run with a different configuration; remove it or choose another --out-dir")
+    if summary_path.exists():
+        summary = json.loads(summary_path.read_text())
+        if summary.get("epochs") == cell.config.epochs:
+            log(f"[table] {cell.noise} {cell.label} seed {cell.seed}: done earlier ({out})")
+            return summary
+    resume = (out / CHECKPOINT).exists()
+    log(f"[table] {cell.noise} {cell.label} seed {cell.seed}: {'resuming' if resume else 'training'} -> {out}")
+    start = time.perf_counter()
+    trainer = Trainer(cell.config, resume=resume)
+    summary = trainer.fit()
+    summary["wall_seconds"] = time.perf_counter() - start
+    summary = write_run_report(trainer, summary)
+    log(f"[table] {cell.noise} {cell.label} seed {cell.seed}: final {100 * summary['final_test_accuracy']:.2f}%, "
+        f"best {100 * summary['best_test_accuracy']:.2f}% ({summary['wall_seconds'] / 60:.1f} min)")
+    return summary
+
+
+def _curve(out_dir: str) -> list[tuple[int, float]]:
+    path = Path(out_dir) / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return [(r["epoch"], r["test_accuracy"]) for r in rows if "test_accuracy" in r]
+
+
+def _pct(values: list[float]) -> str:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{100 * values[0]:.1f}"
+    return f"{100 * statistics.mean(values):.1f} ± {100 * statistics.stdev(values):.1f}"
+
+
+def format_table(cells: list[Cell], summaries: list[dict]) -> str:
+    """Markdown: one row per (noise, method), seeds averaged (mean ± sample std when several),
+    then the command of every run."""
+    groups: dict[tuple[str, str], list[tuple[Cell, dict]]] = {}
+    for cell, summary in zip(cells, summaries):
+        groups.setdefault((cell.noise, cell.label), []).append((cell, summary))
+    lines = ["| noise | method | final test acc % | best test acc % | best − final | label acc after correction % "
+             "| clean AUROC | seeds | minutes per run |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for (noise, label), runs in groups.items():
+        finals = [s["final_test_accuracy"] for _, s in runs]
+        bests = [s["best_test_accuracy"] for _, s in runs]
+        drops = [b - f for b, f in zip(bests, finals)]
+        lines.append(
+            f"| {noise} | {label} | {_pct(finals)} | {_pct(bests)} | {_pct(drops)} | "
+            f"{_pct([s.get('label_accuracy_after_correction') for _, s in runs])} | "
+            f"{statistics.mean(s.get('final_clean_auroc', float('nan')) for _, s in runs):.3f} | "
+            f"{', '.join(str(c.seed) for c, _ in runs)} | "
+            f"{statistics.mean(s.get('wall_seconds', float('nan')) for _, s in runs) / 60:.1f} |")
+    lines += ["", "Commands (one per run):", "", "```bash"]
+    lines += [train_command(cell.config) for cell in cells]
+    lines += ["```"]
+    return "\n".join(lines)
+
+
+def plot_table(cells: list[Cell], out_dir: str | Path) -> list[Path]:
+    """One PNG per noise setting: test accuracy per epoch of every method (first seed)."""
+    from mixnn_fast.train.report import plot_accuracy
+
+    paths = []
+    by_noise: dict[str, dict[str, list]] = {}
+    for cell in cells:
+        curves = by_noise.setdefault(cell.noise, {})
+        if cell.label not in curves:
+            curves[cell.label] = _curve(cell.config.out_dir)
+    for noise, curves in by_noise.items():
+        cfg = next(c.config for c in cells if c.noise == noise)
+        paths.append(plot_accuracy(curves, Path(out_dir) / f"accuracy_{noise}.png",
+                                   title=f"Fashion-MNIST {noise}, {cfg.train_subset} images, {cfg.epochs} epochs"))
+    return paths
+
+
+def run_table(cells: list[Cell], out_dir: str | Path, *, log=print) -> str:
+    """Run every cell (skipping finished ones), then write results.md/.json and the plots."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summaries = []
+    for i, cell in enumerate(cells):
+        log(f"[table] run {i + 1} of {len(cells)}")
+        summaries.append(run_cell(cell, log=log))
+    table = format_table(cells, summaries)
+    (out_dir / "results.md").write_text(table + "\n")
+    (out_dir / "results.json").write_text(json.dumps(
+        [{"noise": c.noise, "method": c.label, "seed": c.seed, "command": train_command(c.config), **s}
+         for c, s in zip(cells, summaries)], indent=2, default=str))
+    plot_table(cells, out_dir)
+    return table

@@ -1,0 +1,74 @@
+"""The results-table runner: every cell's printed command trains exactly that cell's config, a
+finished table is not trained again, and the table holds every cell."""
+from __future__ import annotations
+
+import shlex
+
+import pytest
+
+from mixnn_fast.cli import _config_from_args, build_parser
+from mixnn_fast.train import experiments
+from mixnn_fast.train.experiments import run_table, scaled_schedule, table_cells, train_command
+
+
+def _cells(tmp_path, **overrides):
+    options = dict(out_dir=tmp_path / "table", subset=300, epochs=2, widths=(8, 8, 16, 16), seeds=(0,),
+                   methods=("ce", "mixnn"), noises=(("symmetric_uniform", 0.4, "sym-40"),),
+                   dataset="digits", num_threads=2, batch_size=64)
+    options.update(overrides)
+    return table_cells(**options)
+
+
+def test_the_grid_has_every_method_noise_and_the_plan_pair(tmp_path):
+    cells = table_cells(out_dir=tmp_path, seeds=(0, 1))
+    assert len(cells) == 2 * (5 * 5 + 1)
+    labels = {(c.noise, c.label) for c in cells}
+    assert ("sym-40", "mixnn (naive plan)") in labels and ("asym-40", "gce") in labels
+    assert len({c.config.out_dir for c in cells}) == len(cells)  # no two runs share a folder
+    naive = next(c for c in cells if c.variant)
+    coherent = next(c for c in cells if c.noise == "sym-40" and c.label == "mixnn" and c.seed == naive.seed)
+    differences = {k for k, v in naive.config.to_dict().items() if coherent.config.to_dict()[k] != v}
+    assert differences == {"plan", "out_dir"}  # the pair differs in the plan only
+
+
+@pytest.mark.parametrize("epochs", [1, 30, 100, 300])
+def test_scaled_schedule_keeps_the_papers_proportions(epochs):
+    s = scaled_schedule(epochs)
+    if epochs == 300:
+        assert s == {"warmup_epochs": 10, "correction_start": 60, "restart_period": 10}
+    assert 1 <= s["warmup_epochs"] < s["correction_start"] or epochs < 30
+
+
+def test_each_command_reproduces_its_config(tmp_path):
+    for cell in table_cells(out_dir=tmp_path, seeds=(3,)):
+        argv = shlex.split(train_command(cell.config))[1:]
+        args = build_parser().parse_args(argv)
+        parsed = _config_from_args(args)
+        mine = cell.config.to_dict()
+        theirs = parsed.to_dict()
+        for key in ("progress", "tensorboard"):  # reporting only
+            mine.pop(key), theirs.pop(key)
+        assert theirs == mine, train_command(cell.config)
+
+
+def test_run_table_trains_once_then_reuses_the_runs(tmp_path, monkeypatch):
+    cells = _cells(tmp_path)
+    table = run_table(cells, tmp_path / "table", log=lambda *_: None)
+    assert "| sym-40 | ce |" in table and "| sym-40 | mixnn (naive plan) |" in table
+    assert (tmp_path / "table" / "accuracy_sym-40.png").stat().st_size > 0
+    assert table.count(".venv/bin/mixnn train") == len(cells)
+
+    class NoTraining:
+        def __init__(self, *args, **kwargs):
+            raise AssertionError("a finished cell was trained again")
+
+    monkeypatch.setattr("mixnn_fast.train.trainer.Trainer", NoTraining)
+    assert run_table(cells, tmp_path / "table", log=lambda *_: None) == table
+
+
+def test_a_folder_with_another_config_is_refused(tmp_path):
+    cells = _cells(tmp_path, methods=("ce",), plan_pair=False)
+    run_table(cells, tmp_path / "table", log=lambda *_: None)
+    other = _cells(tmp_path, methods=("ce",), plan_pair=False, lr=0.05)
+    with pytest.raises(ValueError, match="different configuration"):
+        experiments.run_cell(other[0], log=lambda *_: None)
