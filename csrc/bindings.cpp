@@ -102,9 +102,9 @@ PYBIND11_MODULE(_C, m) {
       py::arg("params"), py::arg("num_threads"), "Run the OpenMP mixer on host pointers.");
 
   m.def("cpu_isas", &mixnn::cpu::available_isas,
-        "Instruction sets with a CPU kernel that this CPU can run, e.g. ['base', 'avx2'].");
+        "Instruction sets with a CPU kernel that this CPU can run, e.g. ['base', 'avx2', 'avx512'].");
   m.def("select_cpu_isa", &mixnn::cpu::select_isa, py::arg("name"),
-        "Use the CPU kernel for 'auto' (best available), 'base' or 'avx2'.");
+        "Use the CPU kernel for 'auto' (best available), 'base', 'avx2' or 'avx512'.");
   m.def("selected_cpu_isa", &mixnn::cpu::selected_isa, "The CPU kernel in use.");
 
   m.def(

@@ -229,6 +229,45 @@ def test_float_to_narrow_store_rounds_like_torch(cpu_isa, out_dtype):
         assert torch.equal(got.view(torch.int16), want.view(torch.int16))
 
 
+# uint8 NHWC C=3 -> NCHW float32 / bfloat16 / float16 runs a hand-vectorised tile in the avx2 and
+# avx512 kernels: images larger than a tile and not a whole number of vector groups, every K it
+# specialises (0, 1, 2, 4), the generic loop (3, 6, 15) and K beyond it (16: the portable path).
+@pytest.mark.parametrize("k", [0, 1, 2, 3, 4, 6, 15, 16])
+@pytest.mark.parametrize("height,width", [(37, 29), (61, 47), (1, 5)])
+def test_uint8_nhwc3_vector_path(cpu_isa, k, height, width):
+    gen = torch.Generator().manual_seed(seed_of("nhwc3", k, height, width))
+    images, anchors, partners, weights = random_call(gen, num_images=7, height=height, width=width, channels=3,
+                                                     batch=5, k=k, in_dtype=torch.uint8, in_layout="NHWC")
+    mean, std = torch.rand(3, generator=gen) * 200, torch.rand(3, generator=gen) * 60 + 1
+    outs = {}
+    for out_dtype in (torch.float32, torch.bfloat16, torch.float16):
+        out = poisoned((5, 3, height, width), out_dtype)
+        outs[out_dtype] = mix_images(images, anchors, partners, weights, mean=mean, std=std, out_dtype=out_dtype,
+                                     out=out, num_threads=2)
+        want = mix_images_reference(images, anchors, partners, weights, mean=mean, std=std, out_dtype=out_dtype)
+        torch.testing.assert_close(outs[out_dtype], want, **tolerance(out_dtype))
+    # the narrow stores are exactly torch's rounding of the kernel's own float32 result
+    for out_dtype in (torch.bfloat16, torch.float16):
+        assert torch.equal(outs[out_dtype].view(torch.int16), outs[torch.float32].to(out_dtype).view(torch.int16))
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("scale", [1 + 2**-8, 1 + 2**-11, 300.0, 1e-6, 1.0])
+def test_uint8_nhwc3_vector_path_rounds_like_torch(cpu_isa, out_dtype, scale):
+    """x * scale for every byte value: exact ties of bfloat16 (1 + 2^-8) and float16 (1 + 2^-11),
+    float16 overflow (300) and subnormals (1e-6), through the vectorised stores."""
+    values = torch.arange(256, dtype=torch.uint8)
+    images = torch.stack([values.roll(s) for s in range(3 * 37)]).reshape(37, 256, 3).unsqueeze(0)
+    images = images.contiguous()  # (1, 37, 256, 3): 9,472 pixels, every byte value in every channel
+    anchors, partners, weights = torch.tensor([0]), torch.empty(1, 0, dtype=torch.int64), torch.ones(1, 1)
+    std = 1.0 / scale
+    got32 = mix_images(images, anchors, partners, weights, mean=0.0, std=std)
+    got = mix_images(images, anchors, partners, weights, mean=0.0, std=std, out_dtype=out_dtype)
+    inv_std = torch.tensor(1.0 / std, dtype=torch.float64).float()
+    assert torch.equal(got32, images.permute(0, 3, 1, 2).float() * inv_std)
+    assert torch.equal(got.view(torch.int16), got32.to(out_dtype).view(torch.int16))
+
+
 def test_targets_match_reference(rng):
     gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
     for n, c, b, k in [(1, 1, 1, 1), (10, 14, 7, 1), (50, 100, 33, 4), (9, 1000, 3, 2)]:

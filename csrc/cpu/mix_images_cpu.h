@@ -14,7 +14,7 @@ namespace cpu {
 // using the kernel compiled for the selected instruction set.
 void mix_images(const MixImagesParams& p, int num_threads);
 
-// The instruction sets this build has kernels for and this CPU can run, best last ("base", "avx2").
+// The instruction sets this build has kernels for and this CPU can run, best last ("base", "avx2", "avx512").
 std::vector<std::string> available_isas();
 // The kernel mix_images uses: "auto" (default: the best available), or a name from available_isas().
 void select_isa(const std::string& name);
@@ -26,6 +26,11 @@ void mix_images(const MixImagesParams& p, int num_threads);
 }
 #if defined(MIXNN_HAVE_AVX2_KERNEL)
 namespace avx2 {
+void mix_images(const MixImagesParams& p, int num_threads);
+}
+#endif
+#if defined(MIXNN_HAVE_AVX512_KERNEL)
+namespace avx512 {
 void mix_images(const MixImagesParams& p, int num_threads);
 }
 #endif

@@ -2,10 +2,12 @@
 // layout change and dtype cast in one pass over memory.
 //
 // This file is compiled once per instruction set (CMakeLists.txt): as
-// MIXNN_CPU_ISA=base for any x86-64/other CPU, and as MIXNN_CPU_ISA=avx2 with
-// -mavx2 -mfma.  mix_images_cpu.cpp picks one at run time, so the extension
-// runs on every CPU without -march=native and still uses 256-bit vectors where
-// they exist.
+// MIXNN_CPU_ISA=base for any x86-64/other CPU, as MIXNN_CPU_ISA=avx2 with
+// -mavx2 -mfma -mf16c, and as MIXNN_CPU_ISA=avx512 with AVX-512 F/BW/VL/DQ as well.
+// mix_images_cpu.cpp picks one at run time, so the extension runs on every CPU
+// without -march=native and still uses 256- or 512-bit vectors where they exist.
+// The avx2 and avx512 builds add a hand-vectorised tile (intrinsics) for the
+// common case, uint8 NHWC three-channel input to NCHW float32/bfloat16/float16.
 //
 // Each output row (one anchor) is cut into tiles of pixels.  For a tile, stage 1
 // accumulates Σ_j w_j x_j over the K+1 source images into a small float buffer
@@ -26,8 +28,13 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <vector>
+
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include "dispatch.h"
 
@@ -145,6 +152,257 @@ void store_tile(const float* __restrict acc, float weight_sum, const float* mean
   }
 }
 
+// The hand-vectorised tile's signature (nullptr where this build has none).
+using SimdTileFn = void (*)(const void* const*, const float*, int64_t, float, const float*, const float*, int64_t,
+                            int64_t, int64_t, void*);
+
+// ---- hand-vectorised path: three-channel uint8 NHWC in, NCHW out (decoded images into a network) ----
+//
+// The weights are per image, not per channel, so the sum Σ_j w_j x_j can be accumulated in the
+// interleaved NHWC order straight from the bytes (one zero-extend + convert + FMA per vector and
+// source, no shuffle), and the de-interleave to planar happens once per pixel group, on the
+// floats, after the last source: for channel c, element 3t+c of the group's 3V floats sits in
+// vector (3t+c)/V at lane (3t+c)%V, and because 3 is coprime with V every lane holds exactly one
+// element of channel c, so two blends and one lane permute give the channel's V values.  The
+// arithmetic is the scalar path's, in the same order (w_0 x_0, then + w_j x_j as one FMA, then
+// (sum - mean * weight_sum) * inv_std as FMA and multiply), and the narrow stores are the
+// header's round-to-nearest-even, so the results do not depend on which path ran.
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define MIXNN_SIMD_NHWC3 512
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define MIXNN_SIMD_NHWC3 256
+#endif
+
+#if defined(MIXNN_SIMD_NHWC3)
+
+// Lane tables of the de-interleave for V lanes: perm[c][t] = (3t + c) % V, and bit p of
+// from1[c] / from2[c] is set when lane p of channel c's blend comes from vector 1 / vector 2.
+template <int V>
+struct Deinterleave3 {
+  int32_t perm[3][V];
+  uint32_t from1[3];
+  uint32_t from2[3];
+  constexpr Deinterleave3() : perm{}, from1{}, from2{} {
+    for (int c = 0; c < 3; ++c) {
+      for (int t = 0; t < V; ++t) {
+        const int e = 3 * t + c;
+        perm[c][t] = e % V;
+        if (e / V == 1) from1[c] |= 1u << (e % V);
+        if (e / V == 2) from2[c] |= 1u << (e % V);
+      }
+    }
+  }
+};
+
+#if MIXNN_SIMD_NHWC3 == 512
+constexpr int kLanes = 16;
+using VecF = __m512;
+constexpr Deinterleave3<16> kDeinterleave{};
+
+// Three vectors of 16 floats from 48 bytes (masked: only the first `valid` bytes are read).
+inline void load_u8x48(const uint8_t* s, VecF& x0, VecF& x1, VecF& x2) {
+  x0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s))));
+  x1 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + 16))));
+  x2 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + 32))));
+}
+inline void load_u8x48_partial(const uint8_t* s, uint64_t byte_mask, VecF& x0, VecF& x1, VecF& x2) {
+  x0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(static_cast<__mmask16>(byte_mask), s)));
+  x1 = _mm512_cvtepi32_ps(
+      _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(static_cast<__mmask16>(byte_mask >> 16), s + 16)));
+  x2 = _mm512_cvtepi32_ps(
+      _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(static_cast<__mmask16>(byte_mask >> 32), s + 32)));
+}
+inline VecF vmul(VecF a, VecF b) { return _mm512_mul_ps(a, b); }
+inline VecF vfmadd(VecF a, VecF b, VecF c) { return _mm512_fmadd_ps(a, b, c); }
+inline VecF vfnmadd(VecF a, VecF b, VecF c) { return _mm512_fnmadd_ps(a, b, c); }
+inline VecF vset1(float f) { return _mm512_set1_ps(f); }
+inline VecF planar(int c, VecF v0, VecF v1, VecF v2) {
+  VecF b = _mm512_mask_blend_ps(static_cast<__mmask16>(kDeinterleave.from1[c]), v0, v1);
+  b = _mm512_mask_blend_ps(static_cast<__mmask16>(kDeinterleave.from2[c]), b, v2);
+  return _mm512_permutexvar_ps(_mm512_loadu_si512(kDeinterleave.perm[c]), b);
+}
+// Stores of `count` (<= 16) values; count == 16 is the full, unmasked store.
+inline void store_vec(float* o, VecF y, int count) {
+  if (count == kLanes) {
+    _mm512_storeu_ps(o, y);
+  } else {
+    _mm512_mask_storeu_ps(o, static_cast<__mmask16>((1u << count) - 1), y);
+  }
+}
+inline void store_vec(BFloat16* o, VecF y, int count) {
+  // from_float<BFloat16>: (u + 0x7FFF + ((u >> 16) & 1)) >> 16, NaN -> (u >> 16) | 0x40
+  const __m512i u = _mm512_castps_si512(y);
+  __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)),
+                               _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)));
+  const __mmask16 nan = _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q);
+  r = _mm512_mask_or_epi32(r, nan, u, _mm512_set1_epi32(0x00400000));
+  const __m256i h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
+  if (count == kLanes) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), h);
+  } else {
+    _mm256_mask_storeu_epi16(o, static_cast<__mmask16>((1u << count) - 1), h);
+  }
+}
+inline void store_vec(Half* o, VecF y, int count) {
+  // vcvtps2ph rounds to nearest even with subnormals and overflow to inf exactly as
+  // from_float<Half>; a NaN is first replaced by the header's canonical one (sign | 0x7E00).
+  const __mmask16 nan = _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q);
+  const __m512i u = _mm512_castps_si512(y);
+  const __m512i canonical = _mm512_or_si512(_mm512_and_si512(u, _mm512_set1_epi32(INT32_MIN)),
+                                            _mm512_set1_epi32(0x7FC00000));
+  const __m512 fixed = _mm512_castsi512_ps(_mm512_mask_mov_epi32(u, nan, canonical));
+  const __m256i h = _mm512_cvtps_ph(fixed, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  if (count == kLanes) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), h);
+  } else {
+    _mm256_mask_storeu_epi16(o, static_cast<__mmask16>((1u << count) - 1), h);
+  }
+}
+
+#else  // MIXNN_SIMD_NHWC3 == 256
+constexpr int kLanes = 8;
+using VecF = __m256;
+constexpr Deinterleave3<8> kDeinterleave{};
+
+inline VecF load_u8x8(const uint8_t* s) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(s))));
+}
+inline void load_u8x24(const uint8_t* s, VecF& x0, VecF& x1, VecF& x2) {
+  x0 = load_u8x8(s);
+  x1 = load_u8x8(s + 8);
+  x2 = load_u8x8(s + 16);
+}
+inline VecF vmul(VecF a, VecF b) { return _mm256_mul_ps(a, b); }
+inline VecF vfmadd(VecF a, VecF b, VecF c) { return _mm256_fmadd_ps(a, b, c); }
+inline VecF vfnmadd(VecF a, VecF b, VecF c) { return _mm256_fnmadd_ps(a, b, c); }
+inline VecF vset1(float f) { return _mm256_set1_ps(f); }
+template <int c>
+inline VecF planar(VecF v0, VecF v1, VecF v2) {
+  VecF b = _mm256_blend_ps(v0, v1, static_cast<int>(kDeinterleave.from1[c]));
+  b = _mm256_blend_ps(b, v2, static_cast<int>(kDeinterleave.from2[c]));
+  return _mm256_permutevar8x32_ps(b, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kDeinterleave.perm[c])));
+}
+inline void store_vec(float* o, VecF y) { _mm256_storeu_ps(o, y); }
+inline void store_vec(BFloat16* o, VecF y) {
+  const __m256i u = _mm256_castps_si256(y);
+  __m256i r = _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)),
+                               _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1)));
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(y, y, _CMP_UNORD_Q));
+  r = _mm256_blendv_epi8(r, _mm256_or_si256(u, _mm256_set1_epi32(0x00400000)), nan);
+  r = _mm256_srli_epi32(r, 16);
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);  // lanes 0 and 2
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(o), _mm256_castsi256_si128(packed));
+}
+inline void store_vec(Half* o, VecF y) {
+  const __m256 nan = _mm256_cmp_ps(y, y, _CMP_UNORD_Q);
+  const __m256 canonical = _mm256_or_ps(_mm256_and_ps(y, _mm256_set1_ps(-0.0f)),
+                                        _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC00000)));
+  const __m128i h = _mm256_cvtps_ph(_mm256_blendv_ps(y, canonical, nan), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(o), h);
+}
+#endif
+
+// One tile of an NHWC uint8 C=3 -> NCHW row.  kTerms > 0 fixes the number of sources at
+// compile time (the loop over them unrolls), 0 reads `terms`.
+template <int kTerms, typename Tout>
+void mix_tile_u8x3_simd(const void* const* sources, const float* weights, int64_t terms_rt, float weight_sum,
+                        const float* mean, const float* inv_std, int64_t pixel0, int64_t tile, int64_t pixels,
+                        void* out_row) {
+  constexpr int kMaxTerms = 16;
+  const int64_t terms = kTerms > 0 ? kTerms : terms_rt;
+  const uint8_t* src[kMaxTerms];
+  VecF w[kMaxTerms];
+  for (int64_t j = 0; j < terms; ++j) {
+    src[j] = static_cast<const uint8_t*>(sources[j]) + pixel0 * 3;
+    w[j] = vset1(weights[j]);
+  }
+  Tout* o0 = static_cast<Tout*>(out_row) + pixel0;
+  Tout* o1 = o0 + pixels;
+  Tout* o2 = o1 + pixels;
+  const VecF ws = vset1(weight_sum);
+  const VecF m0 = vset1(mean[0]), m1 = vset1(mean[1]), m2 = vset1(mean[2]);
+  const VecF s0 = vset1(inv_std[0]), s1 = vset1(inv_std[1]), s2 = vset1(inv_std[2]);
+
+  int64_t t = 0;
+  for (; t + kLanes <= tile; t += kLanes) {
+    VecF a0, a1, a2, x0, x1, x2;
+#if MIXNN_SIMD_NHWC3 == 512
+    load_u8x48(src[0] + 3 * t, x0, x1, x2);
+#else
+    load_u8x24(src[0] + 3 * t, x0, x1, x2);
+#endif
+    a0 = vmul(w[0], x0);
+    a1 = vmul(w[0], x1);
+    a2 = vmul(w[0], x2);
+    for (int64_t j = 1; j < terms; ++j) {
+#if MIXNN_SIMD_NHWC3 == 512
+      load_u8x48(src[j] + 3 * t, x0, x1, x2);
+#else
+      load_u8x24(src[j] + 3 * t, x0, x1, x2);
+#endif
+      a0 = vfmadd(w[j], x0, a0);
+      a1 = vfmadd(w[j], x1, a1);
+      a2 = vfmadd(w[j], x2, a2);
+    }
+#if MIXNN_SIMD_NHWC3 == 512
+    const VecF p0 = planar(0, a0, a1, a2), p1 = planar(1, a0, a1, a2), p2 = planar(2, a0, a1, a2);
+    store_vec(o0 + t, _mm512_mul_ps(vfnmadd(m0, ws, p0), s0), kLanes);
+    store_vec(o1 + t, _mm512_mul_ps(vfnmadd(m1, ws, p1), s1), kLanes);
+    store_vec(o2 + t, _mm512_mul_ps(vfnmadd(m2, ws, p2), s2), kLanes);
+#else
+    const VecF p0 = planar<0>(a0, a1, a2), p1 = planar<1>(a0, a1, a2), p2 = planar<2>(a0, a1, a2);
+    store_vec(o0 + t, _mm256_mul_ps(vfnmadd(m0, ws, p0), s0));
+    store_vec(o1 + t, _mm256_mul_ps(vfnmadd(m1, ws, p1), s1));
+    store_vec(o2 + t, _mm256_mul_ps(vfnmadd(m2, ws, p2), s2));
+#endif
+  }
+  if (t == tile) return;
+#if MIXNN_SIMD_NHWC3 == 512
+  // The last < 16 pixels with masked loads and stores.
+  const int count = static_cast<int>(tile - t);
+  const uint64_t byte_mask = (uint64_t{1} << (3 * count)) - 1;
+  VecF a0, a1, a2, x0, x1, x2;
+  load_u8x48_partial(src[0] + 3 * t, byte_mask, x0, x1, x2);
+  a0 = vmul(w[0], x0);
+  a1 = vmul(w[0], x1);
+  a2 = vmul(w[0], x2);
+  for (int64_t j = 1; j < terms; ++j) {
+    load_u8x48_partial(src[j] + 3 * t, byte_mask, x0, x1, x2);
+    a0 = vfmadd(w[j], x0, a0);
+    a1 = vfmadd(w[j], x1, a1);
+    a2 = vfmadd(w[j], x2, a2);
+  }
+  const VecF p0 = planar(0, a0, a1, a2), p1 = planar(1, a0, a1, a2), p2 = planar(2, a0, a1, a2);
+  store_vec(o0 + t, _mm512_mul_ps(vfnmadd(m0, ws, p0), s0), count);
+  store_vec(o1 + t, _mm512_mul_ps(vfnmadd(m1, ws, p1), s1), count);
+  store_vec(o2 + t, _mm512_mul_ps(vfnmadd(m2, ws, p2), s2), count);
+#else
+  // The last < 8 pixels, scalar, with the same operations (explicit fmaf: same rounding).
+  const float ws_s = weight_sum;
+  for (; t < tile; ++t) {
+    for (int c = 0; c < 3; ++c) {
+      float a = weights[0] * to_float(src[0][3 * t + c]);
+      for (int64_t j = 1; j < terms; ++j) a = std::fma(weights[j], to_float(src[j][3 * t + c]), a);
+      const float y = std::fma(-mean[c], ws_s, a) * inv_std[c];
+      (c == 0 ? o0 : c == 1 ? o1 : o2)[t] = from_float<Tout>(y);
+    }
+  }
+#endif
+}
+
+template <typename Tout>
+SimdTileFn pick_simd_tile(int64_t terms) {
+  switch (terms) {
+    case 1: return mix_tile_u8x3_simd<1, Tout>;
+    case 2: return mix_tile_u8x3_simd<2, Tout>;
+    case 3: return mix_tile_u8x3_simd<3, Tout>;
+    case 5: return mix_tile_u8x3_simd<5, Tout>;
+    default: return terms <= 16 ? mix_tile_u8x3_simd<0, Tout> : nullptr;
+  }
+}
+
+#endif  // MIXNN_SIMD_NHWC3
+
 using FusedFn = void (*)(const void* const*, const float*, float, const float*, const float*, int64_t, int64_t,
                         int64_t, void*);
 using AccumulateFn = void (*)(const void* const*, const float*, int64_t, int64_t, int64_t, int64_t, int64_t,
@@ -207,7 +465,23 @@ void mix_images(const MixImagesParams& p, int num_threads) {
     });
   }
 
-  const int64_t tile = std::max<int64_t>(1, std::min<int64_t>(pixels, kTileFloats / C));
+  // The hand-vectorised tile, where this build has one: uint8 NHWC C=3 in, NCHW float32,
+  // bfloat16 or float16 out, any K (uint8 output keeps the portable path).
+  SimdTileFn simd = nullptr;
+#if defined(MIXNN_SIMD_NHWC3)
+  if (planar3 && p.in_dtype == DType::kUInt8) {
+    switch (p.out_dtype) {
+      case DType::kFloat32: simd = pick_simd_tile<float>(p.num_partners + 1); break;
+      case DType::kBFloat16: simd = pick_simd_tile<BFloat16>(p.num_partners + 1); break;
+      case DType::kFloat16: simd = pick_simd_tile<Half>(p.num_partners + 1); break;
+      default: break;
+    }
+  }
+#endif
+
+  // Tiles of a whole number of 16-pixel groups (the vector loops have no tail but the row's).
+  int64_t tile = std::max<int64_t>(1, std::min<int64_t>(pixels, kTileFloats / C));
+  if (tile >= 16 && tile < pixels) tile -= tile % 16;
   const int64_t tiles_per_row = (pixels + tile - 1) / tile;
   const int64_t work_items = p.batch * tiles_per_row;
   const int64_t terms = p.num_partners + 1;
@@ -239,6 +513,11 @@ void mix_images(const MixImagesParams& p, int num_threads) {
         }
       }
       const int64_t n = std::min(tile, pixels - pixel0);
+      if (simd != nullptr) {
+        simd(sources.data(), weights.data(), terms, weight_sum, p.mean, p.inv_std, pixel0, n, pixels,
+             out + row * out_row_bytes);
+        continue;
+      }
       if (fused != nullptr) {
         fused(sources.data(), weights.data(), weight_sum, p.mean, p.inv_std, pixel0, n, pixels,
               out + row * out_row_bytes);
