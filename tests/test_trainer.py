@@ -42,7 +42,8 @@ def test_every_method_trains_and_logs(tmp_path, method):
 @pytest.mark.parametrize("options", [dict(partners="in_batch"), dict(partners="random"), dict(weights="avg"),
                                      dict(weights="rdm"), dict(num_neighbours=2), dict(plan="naive"),
                                      dict(label_correction=False), dict(mix_given_labels=True),
-                                     dict(authors_schedule=True), dict(gmm_history=2, gmm_loss="given")])
+                                     dict(authors_schedule=True), dict(gmm_history=2, gmm_loss="given"),
+                                     dict(gmm_loss="argmax_targets"), dict(augment=False)])
 def test_mixnn_ablations_run(tmp_path, options):
     trainer = Trainer(tiny_config(tmp_path, method="mixnn", epochs=2, **options))
     trainer.fit()
@@ -85,3 +86,21 @@ def test_cli_train_and_evaluate(tmp_path, capsys):
     assert "test_accuracy" in capsys.readouterr().out
     assert mixnn_main(["train", "--dataset", "digits", "--method", "nope", "--out-dir", str(out)]) == 2
     assert "method" in capsys.readouterr().err
+
+
+def test_no_augmentation_gives_the_same_images_every_epoch(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, method="ce", augment=False))
+    assert trainer.plain_loader.pad == 0 and not trainer.plain_loader.flip
+    seen = []
+    for epoch in (0, 1):
+        trainer.plain_loader.set_epoch(epoch)
+        batch = next(iter(trainer.plain_loader))
+        x, _ = batch.mix(torch.ones(len(batch), 1))
+        seen.append({int(i): x[j] for j, i in enumerate(batch.anchor_ids)})
+    common = sorted(set(seen[0]) & set(seen[1]))
+    assert common and all(torch.equal(seen[0][i], seen[1][i]) for i in common)
+
+
+def test_no_augmentation_is_refused_for_image_files(tmp_path):
+    with pytest.raises(ValueError, match="augment"):
+        tiny_config(tmp_path, dataset="image_folder", data_root=str(tmp_path), augment=False)

@@ -17,7 +17,7 @@ METHODS = ("ce", "mixup", "gce", "sce", "mixnn")
 WEIGHT_MODES = ("gmm", "avg", "rdm")
 PARTNER_MODES = ("neighbours", "random", "in_batch")
 PLAN_MODES = ("coherent", "naive")
-GMM_LOSS_TARGETS = ("soft_targets", "given")
+GMM_LOSS_TARGETS = ("soft_targets", "argmax_targets", "given")
 DATASETS = ("fashion_mnist", "digits", "cifar10", "cifar100", "clothing1m", "webvision", "image_folder", "file_list")
 
 
@@ -32,6 +32,8 @@ class TrainConfig:
     noise_rate: float = 0.4
     noise_seed: int = 0
     num_batches: int | None = None        # Clothing1M: class-balanced batches per epoch (paper: 2000)
+    augment: bool = True                  # in-memory images: random pad-and-crop + flip; False: none (the
+                                          # MNIST protocol of Co-teaching/GCE); image files are always augmented
     # ---- method ----------------------------------------------------------------------------
     method: str = "mixnn"                 # ce | mixup | gce | sce | mixnn
     model: str = "small_cnn"
@@ -56,7 +58,7 @@ class TrainConfig:
     plan: str = "coherent"                # coherent (partners in the anchor's batch) | naive (decode again)
     mix_given_labels: bool = False        # eq. 5 literally: neighbours contribute their given labels
     authors_schedule: bool = False        # plain mixup with random partners until E_s, as the authors' code
-    gmm_loss: str = "soft_targets"        # losses for the GMM: against the soft targets, or the given labels
+    gmm_loss: str = "soft_targets"        # GMM losses against: the soft targets | their argmax (authors' code) | the given labels
     gmm_history: int = 1                  # average each sample's loss over its last m refreshes
     gmm_max_iter: int = 10
     gmm_tol: float = 1e-2
@@ -102,6 +104,9 @@ class TrainConfig:
             raise ValueError(f"lr / lr_min: need 0 <= lr_min <= lr and lr > 0, got {self.lr_min} / {self.lr}")
         if self.warmup_epochs < 0 or self.correction_start < 0:
             raise ValueError("warmup_epochs / correction_start: must be >= 0")
+        if not self.augment and self.dataset in ("clothing1m", "webvision", "image_folder", "file_list"):
+            raise ValueError(f"augment: False is only supported for in-memory datasets (fashion_mnist, cifar10, "
+                             f"cifar100, digits); {self.dataset} is decoded from files with a random-resized crop")
         if self.train_subset is not None and self.train_subset < 2:
             raise ValueError(f"train_subset: must be >= 2, got {self.train_subset}")
 

@@ -95,8 +95,12 @@ def refresh(outputs: ForwardPass, targets: SoftTargets, given_labels: torch.Tens
         partners: "neighbours" (K nearest in feature space), "random", or "in_batch" (the
             partners are found per batch by the caller; no neighbours here).
         weights_mode: "gmm" (eq. 10-11), "avg" or "rdm" (mixnn_fast.weights).
-        gmm_loss: fit the GMM on the losses against the current soft targets ("soft_targets")
-            or against the given labels ("given").
+        gmm_loss: fit the GMM on the cross-entropy against the current soft targets
+            ("soft_targets"), against their argmax ("argmax_targets", as the authors' code does),
+            or against the given labels ("given").  Against soft targets the loss of a sample is
+            at least its target's entropy, so once label correction has softened the targets
+            the GMM separates confident targets from uncertain ones rather than samples the model
+            agrees with from those it does not; the argmax has no such floor.
         true_labels: (N,) int64 true labels when known: adds the clean-detection AUROC, the mean
             clean probability of clean and noisy samples, and the fraction of samples whose
             first partner has the same true label, to ``stats``.
@@ -111,6 +115,8 @@ def refresh(outputs: ForwardPass, targets: SoftTargets, given_labels: torch.Tens
     probabilities = log_probs.exp()
     if gmm_loss == "given":
         losses = F.nll_loss(log_probs, pool_labels, reduction="none")
+    elif gmm_loss == "argmax_targets":
+        losses = F.nll_loss(log_probs, targets.targets[ids].float().cpu().argmax(1), reduction="none")
     else:
         losses = -(targets.targets[ids].float().cpu() * log_probs).sum(dim=1)
     if loss_history is not None:

@@ -103,8 +103,8 @@ class Trainer:
         loader_options = dict(mean=geometry.mean, std=geometry.std, num_threads=self.threads, seed=cfg.seed,
                               device="gpu" if self.device.type == "cuda" else "cpu")
         if train.in_memory:
-            loader_options.update(size=geometry.size, pad=geometry.pad)
-        else:
+            loader_options.update(size=geometry.size, pad=geometry.pad if cfg.augment else 0, flip=cfg.augment)
+        else:  # files: always a random-resized crop (TrainConfig refuses augment=False)
             loader_options.update(size=geometry.size)
         self.anchor_ids = None
         if cfg.dataset == "clothing1m" and cfg.num_batches:
