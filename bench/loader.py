@@ -7,10 +7,17 @@ Every variant yields what a model consumes: float32 NCHW batches of 64 normalise
 224×224 random-resized crops with random flips.
 
     (a) torchvision ImageFolder + DataLoader (PIL), 2 workers
-    (b) our plain plan through DALI (2 threads; DALI normalises to float NCHW)
+    (b) our plain plan through the loader (DALI decodes on 2 threads; normalised float NCHW)
     (c) our MixNN neighbour-coherent plan, K = 1, + the fused mixer (mix_images, mix_targets):
         anchors/s, mixing included
     (d) the naive MixNN plan (every partner decoded again) + the same mixer: anchors/s
+
+The loader's CPU default (``resize_backend="torch"``): DALI decodes each random window
+(ROI decoding) and draws the flips; the loader resizes the windows to 224×224 with torch's
+uint8 antialiased bilinear kernel (the same filter as DALI's ``fn.resize``, equal within
+rounding) in the training thread, and (b) then normalises and transposes with the fused
+mixer at K = 0.  (b-dali) and (c-dali) are (b) and (c) with everything in DALI
+(``resize_backend="dali"``: ``fn.resize`` + ``crop_mirror_normalize``), as before.
 
 (b), (c), (d) hand out views of DALI's buffers (``copy=False``: each batch is consumed
 before the next is asked for) and (c), (d) mix into one reused output buffer (a fresh
@@ -187,6 +194,7 @@ def main(argv=None) -> None:
                       std=IMAGENET_STD, seed=0)
         out = torch.empty(args.batch, 3, 224, 224)  # the reused mixer output
         mix = lambda ld, buf: epoch_mixnn(ld, weights, targets, args.mix_threads, buf)  # noqa: E731
+        dali_resize = dict(common, resize_backend="dali")
         variants = {
             A: (torchvision_loader(root, args.batch, args.threads), epoch_torchvision),
             B: (MixNNLoader(desc, mode="plain", normalize_in_pipeline=True, layout="NCHW", copy=False, **common),
@@ -199,6 +207,12 @@ def main(argv=None) -> None:
                 (MixNNLoader(desc, neighbours=nbrs, mode="coherent", **common), lambda ld: mix(ld, None)),
             "(b-u8) plain plan, DALI uint8 NHWC, not normalised":
                 (MixNNLoader(desc, mode="plain", copy=False, **{**common, "mean": None, "std": None}), epoch_dali),
+            "(b-dali) plain plan, resize + normalise in DALI":
+                (MixNNLoader(desc, mode="plain", normalize_in_pipeline=True, layout="NCHW", copy=False, **dali_resize),
+                 epoch_dali),
+            "(c-dali) coherent + mixer, resize in DALI":
+                (MixNNLoader(desc, neighbours=nbrs, mode="coherent", copy=False, **dali_resize),
+                 lambda ld: mix(ld, out)),
         }
         names = list(variants)
         rates = {name: [] for name in names}

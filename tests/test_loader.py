@@ -145,6 +145,47 @@ def test_random_resized_crop_output_and_independent_augmentation(jpeg_set):
     assert different >= len(desc) - 2
 
 
+def test_host_resize_equals_dali_resize_within_rounding(wide_jpeg_set):
+    """resize_backend="torch" (DALI decodes the windows, torch resizes them) and "dali"
+    (fn.resize) draw the same windows and flips from one seed and compute the same
+    antialiased bilinear resize: every image agrees within rounding."""
+    desc = wide_jpeg_set
+    nbrs = ring_neighbours(len(desc), k=1, shift=3)
+    images = {}
+    for backend in ("dali", "torch"):
+        loader = MixNNLoader(desc, batch_size=4, neighbours=nbrs, size=48, device="cpu", seed=7,
+                             resize_backend=backend)
+        assert loader.resize_backend == backend
+        images[backend] = torch.cat([b.images.clone() for b in loader]).float()
+    assert images["torch"].shape == images["dali"].shape and images["torch"].shape[1:] == (48, 48, 3)
+    per_image = (images["torch"] - images["dali"]).abs().mean(dim=(1, 2, 3))
+    assert per_image.max() < 0.5, f"mean |torch - DALI| per image up to {per_image.max():.2f} grey levels"
+    assert MixNNLoader(desc, 4, neighbours=nbrs, device="cpu").resize_backend == "torch"  # the CPU default
+
+
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
+def test_host_resize_normalises_and_transposes_like_the_pipeline(wide_jpeg_set, layout):
+    """normalize_in_pipeline / layout with the host resize: the uint8 views, normalised
+    and transposed exactly; views (copy=False) hold the same pixels as copies."""
+    desc = wide_jpeg_set
+    kwargs = dict(mode="plain", size=40, device="cpu", seed=8)
+    raw = torch.cat([b.images.clone() for b in MixNNLoader(desc, 4, **kwargs)]).float()
+    mean, std = torch.tensor(MEAN), torch.tensor(STD)
+    expected = (raw - mean) / std
+    if layout == "NCHW":
+        expected = expected.permute(0, 3, 1, 2)
+    for copy in (True, False):
+        loader = MixNNLoader(desc, 4, mean=MEAN, std=STD, normalize_in_pipeline=True, layout=layout, copy=copy,
+                             **kwargs)
+        batches = [b.images.clone() for b in loader]
+        normed = torch.cat(batches)
+        assert normed.dtype == torch.float32
+        torch.testing.assert_close(normed, expected, atol=1e-5, rtol=1e-5)
+    u8 = torch.cat([b.images.clone() for b in MixNNLoader(desc, 4, layout=layout, **kwargs)])
+    assert u8.dtype == torch.uint8
+    torch.testing.assert_close(u8.float(), raw if layout == "NHWC" else raw.permute(0, 3, 1, 2), atol=0, rtol=0)
+
+
 def test_in_memory_pad_and_crop_is_a_shift_of_the_original(garments):
     desc = garments
     n = len(desc)
@@ -394,6 +435,8 @@ def test_bad_arguments_name_themselves(jpeg_set):
         MixNNLoader(jpeg_set, 4, neighbours=nbrs, shard_id=2, num_shards=2, device="cpu")
     with pytest.raises(ValueError, match="mean"):
         MixNNLoader(jpeg_set, 4, neighbours=nbrs, mean=[1.0, 2.0], device="cpu")
+    with pytest.raises(ValueError, match="resize_backend"):
+        MixNNLoader(jpeg_set, 4, neighbours=nbrs, resize_backend="pil", device="cpu")
     with pytest.raises(ValueError, match="area"):
         MixNNLoader(jpeg_set, 4, neighbours=nbrs, area=(0.5, 1.5), device="cpu")
     with pytest.raises(ValueError, match="neighbours.*None"):

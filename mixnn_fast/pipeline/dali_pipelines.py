@@ -4,6 +4,9 @@ Processing functions take and return DALI data nodes and work inside any
 ``@pipeline_def``, whichever operator produced their input:
 
 - :func:`decode_random_resized_crop` -- JPEG/PNG bytes -> (size, size, 3) uint8 HWC;
+- :func:`decode_random_crop` -- the same random windows, decoded but not resized, and the
+  flips (for a loader that resizes them itself: on the CPU, torch's uint8 antialiased
+  bilinear resize is several times faster than DALI's ``fn.resize``);
 - :func:`pad_and_crop` -- decoded uint8 HWC arrays -> same size, randomly shifted;
 - :func:`decode_resize_center_crop` / :func:`center_crop` -- the evaluation views;
 - :func:`random_flip`, :func:`normalise` -- flips for arrays; the last step of every pipeline.
@@ -57,17 +60,30 @@ def decode_random_resized_crop(encoded, *, size: int, area: Sequence[float] = (0
     folded into the resize (a region of interest whose start is right of its end is read
     mirrored), which saves a pass over every image.
     """
-    decoder = "mixed" if _check_device(device) == "gpu" else "cpu"
-    images = fn.decoders.image_random_crop(encoded, device=decoder, output_type=types.RGB,
-                                           random_area=list(area), random_aspect_ratio=list(aspect_ratio),
-                                           num_attempts=10)
+    images, mirror = decode_random_crop(encoded, area=area, aspect_ratio=aspect_ratio, flip=flip, device=device)
     if not flip:
         return fn.resize(images, resize_x=size, resize_y=size)  # linear, antialiased when shrinking
-    mirror = fn.cast(fn.random.coin_flip(), dtype=types.FLOAT)  # 0 or 1 per image
+    mirror = fn.cast(mirror, dtype=types.FLOAT)  # 0 or 1 per image
     roi_start = fn.stack(mirror * 0.0, mirror)  # (y, x): x starts at the right edge when mirrored
     roi_end = fn.stack(mirror * 0.0 + 1.0, 1.0 - mirror)
     return fn.resize(images, resize_x=size, resize_y=size, roi_start=roi_start, roi_end=roi_end,
                      roi_relative=True)
+
+
+def decode_random_crop(encoded, *, area: Sequence[float] = (0.08, 1.0),
+                       aspect_ratio: Sequence[float] = (3 / 4, 4 / 3), flip: bool = True, device: str = "cpu"):
+    """Encoded images -> (random windows, flips): the windows of a random-resized crop
+    decoded at their own sizes (uint8 HWC, ROI decoding), not resized, and one int32 coin
+    per image (1 = to be mirrored; None when not ``flip``).
+
+    :func:`decode_random_resized_crop` resizes and mirrors them in DALI; a loader can
+    instead resize them itself (see ``MixNNLoader(resize_backend=...)``).
+    """
+    decoder = "mixed" if _check_device(device) == "gpu" else "cpu"
+    images = fn.decoders.image_random_crop(encoded, device=decoder, output_type=types.RGB,
+                                           random_area=list(area), random_aspect_ratio=list(aspect_ratio),
+                                           num_attempts=10)
+    return images, (fn.random.coin_flip(dtype=types.INT32) if flip else None)
 
 
 def decode_resize_center_crop(encoded, *, resize: int, crop: int, device: str = "cpu"):
@@ -142,13 +158,21 @@ def plan_source(source: Callable[[], object], *, encoded: bool, device: str):
 def train_pipeline(source, *, encoded: bool, device: str = "cpu", size: int | None = None,
                    area: Sequence[float] = (0.08, 1.0), aspect_ratio: Sequence[float] = (3 / 4, 4 / 3),
                    image_shape: Sequence[int] | None = None, pad: int = 4, flip: bool = True,
-                   mean: Sequence[float] | None = None, std: Sequence[float] | None = None, layout: str = "HWC"):
+                   mean: Sequence[float] | None = None, std: Sequence[float] | None = None, layout: str = "HWC",
+                   resize_outside: bool = False):
     """Training views, one independent augmentation per decoded image.
 
     Encoded sources: random-resized crop to ``size`` + flip.  Arrays of ``image_shape``
     (H, W, C): pad-and-crop by ``pad`` + flip.
+
+    ``resize_outside`` (encoded sources): the pipeline stops before the resize and returns
+    the decoded random windows and the flip coins (:func:`decode_random_crop`; ``(windows,)``
+    alone without ``flip``); the caller resizes, mirrors and normalises them.
     """
     data = plan_source(source, encoded=encoded, device=device)
+    if encoded and resize_outside:
+        windows, mirror = decode_random_crop(data, area=area, aspect_ratio=aspect_ratio, flip=flip, device=device)
+        return (windows, mirror) if flip else (windows,)
     if encoded:
         images = decode_random_resized_crop(data, size=size, area=area, aspect_ratio=aspect_ratio, flip=flip,
                                             device=device)
