@@ -134,16 +134,21 @@ def test_refresh_gmm_losses_follow_the_chosen_labels(gmm_loss, rng):
     targets, against their argmax, or against the given labels (here the three differ)."""
     n, c = 40, 5
     given = torch.from_numpy(rng.integers(0, c, n))
+    true = torch.from_numpy(rng.integers(0, c, n))
     targets = SoftTargets(given, c, start_epoch=0)
     soft = torch.from_numpy(rng.dirichlet(np.ones(c), n)).float()
     targets.targets.copy_(soft.to(targets.targets.dtype))
     logits = torch.from_numpy(rng.normal(size=(n, c))).float()
     result = refresh(ForwardPass(logits=logits, features=torch.from_numpy(rng.normal(size=(n, 4))).float()),
                      targets, given, epoch=0, gmm_loss=gmm_loss, label_correction=False,
-                     neighbour_backend="exact")
+                     neighbour_backend="exact", true_labels=true)
     log_p = torch.log_softmax(logits.double(), 1)
     stored = targets.targets.double()
     expected = {"soft_targets": -(stored * log_p).sum(1),
                 "argmax_targets": -log_p.gather(1, stored.argmax(1, keepdim=True)).squeeze(1),
                 "given": -log_p.gather(1, given.unsqueeze(1)).squeeze(1)}[gmm_loss]
     torch.testing.assert_close(result.losses.double(), expected, rtol=1e-4, atol=1e-5)
+    current_right = (stored.argmax(1) == true).numpy()
+    if 0 < current_right.sum() < n:  # the AUROC of what the GMM detects once labels are corrected
+        assert result.stats["clean_auroc_current_labels"] == pytest.approx(
+            roc_auc_score(current_right, result.clean_prob.numpy()))

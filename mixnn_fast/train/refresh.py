@@ -144,6 +144,7 @@ def refresh(outputs: ForwardPass, targets: SoftTargets, given_labels: torch.Tens
         stats["lambda_q10"], stats["lambda_q50"], stats["lambda_q90"] = (
             float(q) for q in torch.quantile(weights[:, 0], torch.tensor([0.1, 0.5, 0.9])))
 
+    fitted_labels = targets.targets[ids].float().cpu().argmax(1)  # the labels the GMM judged, before this update
     if label_correction:
         corrected = targets.update(ids, probabilities, epoch)
         stats["targets_updated"] = float(corrected)
@@ -152,6 +153,9 @@ def refresh(outputs: ForwardPass, targets: SoftTargets, given_labels: torch.Tens
         true_labels = true_labels[ids]
         clean_mask = true_labels == pool_labels
         stats["clean_auroc"] = auroc(clean_prob, clean_mask)
+        # once labels are corrected, "clean" means "the current label is right": the AUROC that
+        # measures what the GMM is asked to detect from then on
+        stats["clean_auroc_current_labels"] = auroc(clean_prob, fitted_labels == true_labels)
         if clean_mask.any():
             stats["clean_prob_mean_clean"] = float(clean_prob[clean_mask].mean())
         if (~clean_mask).any():
