@@ -268,6 +268,44 @@ def test_uint8_nhwc3_vector_path_rounds_like_torch(cpu_isa, out_dtype, scale):
     assert torch.equal(got.view(torch.int16), got32.to(out_dtype).view(torch.int16))
 
 
+@pytest.mark.parametrize("height,width", [(1024, 1024), (1000, 1001)])
+def test_uint8_nhwc3_vector_path_large_output(cpu_isa, height, width):
+    """Outputs of 16 MiB or more take non-temporal stores where the planes are aligned (1024²: all
+    tiles; 1000×1001: some)."""
+    gen = torch.Generator().manual_seed(seed_of("large", height, width))
+    images, anchors, partners, weights = random_call(gen, num_images=3, height=height, width=width, channels=3,
+                                                     batch=3, k=2, in_dtype=torch.uint8, in_layout="NHWC")
+    mean, std = [123.675, 116.28, 103.53], [58.395, 57.12, 57.375]
+    got32 = mix_images(images, anchors, partners, weights, mean=mean, std=std, num_threads=2)
+    want = mix_images_reference(images, anchors, partners, weights, mean=mean, std=std)
+    torch.testing.assert_close(got32, want, **tolerance(torch.float32))
+    for out_dtype in (torch.bfloat16, torch.float16):
+        got = mix_images(images, anchors, partners, weights, mean=mean, std=std, out_dtype=out_dtype,
+                         num_threads=2)
+        assert torch.equal(got.view(torch.int16), got32.to(out_dtype).view(torch.int16))
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_uint8_nhwc3_vector_path_nan_and_inf_like_base(out_dtype):
+    """std so small that 1/std is inf: 0 * inf is NaN and x > 0 gives inf; every ISA writes the same
+    bits as the portable kernel (the header's NaN encoding, not torch's)."""
+    values = torch.arange(256, dtype=torch.uint8).repeat(3 * 40)
+    images = values.reshape(1, 40, 256, 3).contiguous()
+    call = dict(anchors=torch.tensor([0, 0]), partners=torch.tensor([[0], [0]]),
+                weights=torch.tensor([[0.25, 0.75], [1.0, 0.0]]), mean=0.0, std=1e-40, out_dtype=out_dtype)
+    results = {}
+    for isa in ISAS:
+        native().select_cpu_isa(isa)
+        try:
+            results[isa] = mix_images(images, **call)
+        finally:
+            native().select_cpu_isa("auto")
+    assert results["base"].isnan().any() and results["base"].isinf().any()
+    bits = {isa: r.view(torch.int32 if out_dtype == torch.float32 else torch.int16) for isa, r in results.items()}
+    for isa in ISAS:
+        assert torch.equal(bits[isa], bits["base"]), isa
+
+
 def test_targets_match_reference(rng):
     gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
     for n, c, b, k in [(1, 1, 1, 1), (10, 14, 7, 1), (50, 100, 33, 4), (9, 1000, 3, 2)]:
