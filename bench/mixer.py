@@ -9,6 +9,7 @@ multiply-add, normalise, permute), and our bandwidth as a fraction of torch's te
 
     .venv/bin/python bench/mixer.py            # full table, writes bench/results/mixer.json
     .venv/bin/python bench/mixer.py --quick    # smaller, for a smoke run
+    .venv/bin/python bench/mixer.py --isa avx2 # another compiled CPU kernel (default: the best)
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import report, time_call  # noqa: E402
 
 from mixnn_fast import build_info, mix_images  # noqa: E402
+from mixnn_fast._native import native  # noqa: E402
 from mixnn_fast.mixer_reference import mix_images_reference  # noqa: E402
 
 IMAGENET_MEAN = [123.675, 116.28, 103.53]
@@ -60,10 +62,13 @@ def main(argv=None) -> None:
     parser.add_argument("--baseline-repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="B=64, 112×112, K=1, few repeats")
     parser.add_argument("--name", default="mixer")
+    parser.add_argument("--isa", default="auto", help="CPU kernel: auto (best), or one of _C.cpu_isas()")
     args = parser.parse_args(argv)
     if args.quick:
         args.batch, args.size, args.ks, args.repeats, args.baseline_repeats = 64, 112, [1], 5, 2
     torch.set_num_threads(args.threads)
+    native().select_cpu_isa(args.isa)
+    print(f"CPU kernel: {native().selected_cpu_isa()} (available: {', '.join(native().cpu_isas())})", flush=True)
     gen = torch.Generator().manual_seed(0)
     b, s, c = args.batch, args.size, 3
     # The decoded batch of a neighbour-coherent plan: every partner is also in the batch (M = B).
