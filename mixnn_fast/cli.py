@@ -96,7 +96,8 @@ def cmd_table(args: argparse.Namespace) -> int:
         raise ValueError(f"--noise: unknown setting(s) {', '.join(sorted(set(args.noise) - {n[2] for n in noises}))}"
                          f"; known: {known}")
     cells = table_cells(out_dir=args.out_dir, subset=args.subset, epochs=args.epochs, seeds=args.seeds,
-                        methods=args.methods, noises=noises, num_threads=args.num_threads)
+                        methods=args.methods, noises=noises, num_threads=args.num_threads,
+                        augment=args.augment)
     print(run_table(cells, args.out_dir))
     print(f"\nresults.md, results.json and accuracy_<noise>.png in {args.out_dir}")
     return 0
@@ -148,7 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     table = sub.add_parser("table", help="the results table: CE/mixup/GCE/SCE/MixNN x label-noise settings")
     table.add_argument("--out-dir", default="runs/table")
     table.add_argument("--subset", type=int, default=2000, help="training images (class-stratified)")
-    table.add_argument("--epochs", type=int, default=100)
+    table.add_argument("--epochs", type=int, default=60)
+    table.add_argument("--augment", action=argparse.BooleanOptionalAction, default=False,
+                       help="random pad-and-crop + flip (default: none, the budget where CE memorises)")
     table.add_argument("--seeds", type=int, nargs="+", default=[0])
     table.add_argument("--methods", nargs="+", default=["ce", "mixup", "gce", "sce", "mixnn"])
     table.add_argument("--noise", nargs="+", help="a subset of sym-20 sym-40 sym-60 sym-80 asym-40")

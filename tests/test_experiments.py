@@ -14,18 +14,19 @@ from mixnn_fast.train.experiments import run_table, scaled_schedule, table_cells
 def _cells(tmp_path, **overrides):
     options = dict(out_dir=tmp_path / "table", subset=300, epochs=2, widths=(8, 8, 16, 16), seeds=(0,),
                    methods=("ce", "mixnn"), noises=(("symmetric_uniform", 0.4, "sym-40"),),
-                   dataset="digits", num_threads=2, batch_size=64)
+                   dataset="digits", num_threads=2, batch_size=64, ablations=False)
     options.update(overrides)
     return table_cells(**options)
 
 
 def test_the_grid_has_every_method_noise_and_the_plan_pair(tmp_path):
     cells = table_cells(out_dir=tmp_path, seeds=(0, 1))
-    assert len(cells) == 2 * (5 * 5 + 1)
+    assert len(cells) == 2 * (5 * 5 + 2)
     labels = {(c.noise, c.label) for c in cells}
     assert ("sym-40", "mixnn (naive plan)") in labels and ("asym-40", "gce") in labels
     assert len({c.config.out_dir for c in cells}) == len(cells)  # no two runs share a folder
-    naive = next(c for c in cells if c.variant)
+    assert ("sym-60", "mixnn (GMM on soft-target losses)") in labels
+    naive = next(c for c in cells if c.variant == "naive plan")
     coherent = next(c for c in cells if c.noise == "sym-40" and c.label == "mixnn" and c.seed == naive.seed)
     differences = {k for k, v in naive.config.to_dict().items() if coherent.config.to_dict()[k] != v}
     assert differences == {"plan", "out_dir"}  # the pair differs in the plan only

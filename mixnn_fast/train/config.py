@@ -58,7 +58,8 @@ class TrainConfig:
     plan: str = "coherent"                # coherent (partners in the anchor's batch) | naive (decode again)
     mix_given_labels: bool = False        # eq. 5 literally: neighbours contribute their given labels
     authors_schedule: bool = False        # plain mixup with random partners until E_s, as the authors' code
-    gmm_loss: str = "soft_targets"        # GMM losses against: the soft targets | their argmax (authors' code) | the given labels
+    gmm_loss: str = "argmax_targets"      # GMM losses against: the soft targets' argmax (authors' code) | the soft
+                                          # targets (floored by their entropy once corrected) | the given labels
     gmm_history: int = 1                  # average each sample's loss over its last m refreshes
     gmm_max_iter: int = 10
     gmm_tol: float = 1e-2

@@ -78,7 +78,7 @@ def forward_pass(model: torch.nn.Module, loader, ids: torch.Tensor, device: torc
 def refresh(outputs: ForwardPass, targets: SoftTargets, given_labels: torch.Tensor, epoch: int, *,
             ids: torch.Tensor | None = None,
             num_neighbours: int = 1, partners: str = "neighbours", weights_mode: str = "gmm",
-            label_correction: bool = True, gmm_loss: str = "soft_targets", loss_history: LossHistory | None = None,
+            label_correction: bool = True, gmm_loss: str = "argmax_targets", loss_history: LossHistory | None = None,
             gmm_settings: dict | None = None, neighbour_backend: str = "hnsw", rdm_alpha: float = 1.0,
             generator: torch.Generator | None = None, true_labels: torch.Tensor | None = None,
             num_threads: int | None = None) -> RefreshResult:
