@@ -19,12 +19,17 @@ rounding) in the training thread, and (b) then normalises and transposes with th
 mixer at K = 0.  (b-dali) and (c-dali) are (b) and (c) with everything in DALI
 (``resize_backend="dali"``: ``fn.resize`` + ``crop_mirror_normalize``), as before.
 
-(b), (c), (d) hand out views of DALI's buffers (``copy=False``: each batch is consumed
-before the next is asked for) and (c), (d) mix into one reused output buffer (a fresh
-38 MB float tensor per batch costs page faults on the CPU).  Three more rows show the
-defaults and the ceiling: (b-copy) and (c-copy) copy every batch out of DALI and (c-copy)
-allocates a fresh mixer output, as a user gets without tuning; (b-u8) is DALI's uint8
-output alone, not normalised (not model-ready).  The mixer runs in the training thread
+(b), (c), (d) use ``copy=False`` (each batch is consumed before the next is asked for:
+the loader reuses its output buffers, or hands out views of DALI's) and (c), (d) mix into
+one reused output buffer (a fresh 38 MB float tensor per batch costs page faults on the
+CPU).  Three more rows show the defaults and the ceiling: (b-copy) and (c-copy) allocate
+every batch afresh and (c-copy) a fresh mixer output too, as a user gets without tuning;
+(b-u8) is the loader's uint8 NHWC output alone, not normalised (not model-ready).
+
+A last table splits (c) and (c-dali) into CPU time per anchor (load-independent, unlike
+wall time): the training thread's share (reading the files for DALI's external source,
+the host resize, the rest of ``next()``, the mixer) and DALI's worker threads (the
+process's CPU time minus the training thread's).  The mixer runs in the training thread
 with ``--mix-threads`` OpenMP threads (default 1: DALI's 2 threads already fill the 2
 cores, and more threads only contend).
 
@@ -35,8 +40,8 @@ warm-up round.  The table gives each variant's median img/s and, more robust to 
 swings, the median over rounds of its ratio to (a) and to (b) measured in the same round.
 A second table times ``plan_epoch`` alone for 1,000,000 anchors.
 
-    .venv/bin/python bench/loader.py            # 640 images, 10 rounds; writes bench/results/loader.json
-    .venv/bin/python bench/loader.py --quick    # 192 images, 2 rounds, for a smoke run
+    .venv/bin/python -m bench.loader            # 640 images, 10 rounds; writes bench/results/loader.json
+    .venv/bin/python -m bench.loader --quick    # 192 images, 2 rounds, for a smoke run
 """
 from __future__ import annotations
 
@@ -59,9 +64,11 @@ from mixnn_fast.data.description import DatasetDescription  # noqa: E402
 from mixnn_fast.pipeline import MixNNLoader, plan_epoch  # noqa: E402
 
 A = "(a) torchvision ImageFolder + DataLoader (PIL), 2 workers"
-B = "(b) plain plan, DALI, normalised float NCHW"
+B = "(b) plain plan, normalised float NCHW"
 C = "(c) MixNN coherent plan K=1 + fused mixer"
 D = "(d) MixNN naive plan K=1 + fused mixer"
+B_COPY = "(b-copy) plain plan, fresh batch buffers (default copy=True)"
+C_COPY = "(c-copy) coherent + mixer, fresh buffers and mixer output (defaults)"
 IMAGENET_MEAN = [123.675, 116.28, 103.53]
 IMAGENET_STD = [58.395, 57.12, 57.375]
 
@@ -142,6 +149,63 @@ def epoch_mixnn(loader, weights: torch.Tensor, targets: torch.Tensor, threads: i
     return n
 
 
+def cpu_breakdown(name: str, loader, weights, targets, threads: int, out, epochs: int) -> dict:
+    """CPU milliseconds per anchor of a MixNN loader + mixer epoch (median over ``epochs``
+    after a warm-up): the training thread's parts and DALI's threads (process - training thread)."""
+    import mixnn_fast.pipeline.loader as loader_module
+
+    parts: dict[str, float] = {}
+    resize = loader_module.resize_windows
+    feeder_call = loader_module._Feeder.__call__
+
+    def timed_resize(*args, **kwargs):
+        start = time.thread_time()
+        try:
+            return resize(*args, **kwargs)
+        finally:
+            parts["resize"] = parts.get("resize", 0.0) + time.thread_time() - start
+
+    def timed_feeder(self):
+        start = time.thread_time()
+        try:
+            return feeder_call(self)
+        finally:
+            parts["read"] = parts.get("read", 0.0) + time.thread_time() - start
+
+    loader_module.resize_windows, loader_module._Feeder.__call__ = timed_resize, timed_feeder
+    rows = []
+    try:
+        for epoch in range(epochs + 1):
+            parts.clear()
+            n, nxt, mix = 0, 0.0, 0.0
+            wall, proc, main = time.perf_counter(), time.process_time(), time.thread_time()
+            it = iter(loader)
+            while True:
+                start = time.thread_time()
+                try:
+                    b = next(it)
+                except StopIteration:
+                    break
+                nxt += time.thread_time() - start
+                start = time.thread_time()
+                reuse = {"out": out} if len(b) == len(out) else {}
+                b.mix(weights[b.anchor_ids], targets, num_threads=threads, **reuse)
+                mix += time.thread_time() - start
+                n += len(b)
+            main = time.thread_time() - main
+            proc = time.process_time() - proc
+            wall = time.perf_counter() - wall
+            ms = 1e3 / n
+            rows.append({"variant": name, "read files": parts.get("read", 0.0) * ms,
+                         "host resize": parts.get("resize", 0.0) * ms,
+                         "rest of next()": (nxt - parts.get("read", 0.0) - parts.get("resize", 0.0)) * ms,
+                         "mixer": mix * ms, "training thread": main * ms, "DALI threads": (proc - main) * ms,
+                         "process": proc * ms, "wall": wall * ms})
+    finally:
+        loader_module.resize_windows, loader_module._Feeder.__call__ = resize, feeder_call
+    return {k: (v if k == "variant" else statistics.median(r[k] for r in rows[1:])) for k, v in rows[0].items()}
+
+
 def plan_timing(n: int, repeats: int) -> list[dict]:
     """plan_epoch on n anchors: a shallow 1-NN-like forest (mutual pairs, 40 % of nodes hung off them)."""
     rng = np.random.default_rng(0)
@@ -175,6 +239,7 @@ def main(argv=None) -> None:
     if args.quick:
         args.images, args.repeats, args.plan_size = 192, 2, 100_000
     torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
 
     with tempfile.TemporaryDirectory(prefix="mixnn_bench_loader_") as tmp:
         root = Path(tmp) / "train"
@@ -201,11 +266,10 @@ def main(argv=None) -> None:
                 epoch_dali),
             C: (MixNNLoader(desc, neighbours=nbrs, mode="coherent", copy=False, **common), lambda ld: mix(ld, out)),
             D: (MixNNLoader(desc, neighbours=nbrs, mode="naive", copy=False, **common), lambda ld: mix(ld, out)),
-            "(b-copy) plain plan, DALI, copied out (default)":
-                (MixNNLoader(desc, mode="plain", normalize_in_pipeline=True, layout="NCHW", **common), epoch_dali),
-            "(c-copy) coherent + mixer, copied out, fresh output (defaults)":
+            B_COPY: (MixNNLoader(desc, mode="plain", normalize_in_pipeline=True, layout="NCHW", **common), epoch_dali),
+            C_COPY:
                 (MixNNLoader(desc, neighbours=nbrs, mode="coherent", **common), lambda ld: mix(ld, None)),
-            "(b-u8) plain plan, DALI uint8 NHWC, not normalised":
+            "(b-u8) plain plan, uint8 NHWC, not normalised":
                 (MixNNLoader(desc, mode="plain", copy=False, **{**common, "mean": None, "std": None}), epoch_dali),
             "(b-dali) plain plan, resize + normalise in DALI":
                 (MixNNLoader(desc, mode="plain", normalize_in_pipeline=True, layout="NCHW", copy=False, **dali_resize),
@@ -234,6 +298,9 @@ def main(argv=None) -> None:
                   + ", ".join(f"{name.split()[0]} {rate[name]:.0f}" for name in names), flush=True)
         coherent_plan = variants[C][0].plan
         stats = coherent_plan.stats
+        cpu_rows = [cpu_breakdown(name, variants[name][0], weights, targets, args.mix_threads, out,
+                                  max(2, args.repeats // 2))
+                    for name in (C, "(c-dali) coherent + mixer, resize in DALI")]
         for loader, _ in variants.values():
             if isinstance(loader, MixNNLoader):
                 loader.close()
@@ -252,10 +319,12 @@ def main(argv=None) -> None:
     report(args.name, rows, ["variant", "img/s (median)", "min", "max", "vs (a), paired", "vs (b), paired"],
            extra={"images": n, "batch": args.batch, "threads": args.threads, "mix_threads": args.mix_threads,
                   "repeats": args.repeats,
-                  "coherent_plan": stats.as_dict(), "mixer": "mixnn_fast.mix_images (fused)"})
+                  "coherent_plan": stats.as_dict(), "mixer": "mixnn_fast.mix_images (fused)",
+                  "cpu_ms_per_anchor": cpu_rows, "loadavg_before": load_before, "loadavg_after": os.getloadavg()})
+    print("load average (1, 5, 15 min) before: " + ", ".join(f"{x:.2f}" for x in load_before)
+          + "; after: " + ", ".join(f"{x:.2f}" for x in os.getloadavg()))
     c_b, c_a, c_d = paired(C, B), paired(C, A), paired(C, D)
-    copies = paired("(c-copy) coherent + mixer, copied out, fresh output (defaults)",
-                    "(b-copy) plain plan, DALI, copied out (default)")
+    copies = paired(C_COPY, B_COPY)
     print(f"\ncoherent plan (K=1, batch {args.batch}, {n} anchors): extra-decode fraction "
           f"{stats.extra_decode_fraction:.3f} ({stats.decoded} decoded), partners already in batch "
           f"{stats.partners_in_batch_fraction:.3f}, {stats.components} components (largest {stats.largest_component})")
@@ -263,6 +332,9 @@ def main(argv=None) -> None:
           f"(c)/(a) = {c_a:.3f} (>= 1.6: {'met' if c_a >= 1.6 else 'MISSED'}); (c)/(d) = {c_d:.2f}; "
           f"defaults (c-copy)/(b-copy) = {copies:.3f}")
     print(f"ratios of the medians: (c)/(b) = {med[C] / med[B]:.3f}, (c)/(a) = {med[C] / med[A]:.3f}")
+
+    print("\n## CPU ms per anchor, (c) and (c-dali), split by thread (median over epochs)\n")
+    print(format_table(cpu_rows, list(cpu_rows[0])))
 
     plan_rows = plan_timing(args.plan_size, 3)
     print(f"\n## plan_epoch alone, {args.plan_size:,} anchors, batch 64, K=1 (median of 3 after a warm-up)\n")
