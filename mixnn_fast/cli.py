@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="a one-minute version (1,000 images, 4 epochs)")
     demo.add_argument("--epochs", type=int)
     demo.add_argument("--subset", type=int, help="training images (class-stratified)")
-    demo.add_argument("--out-dir", default="runs/demo")
+    demo.add_argument("--out-dir", help="default: runs/demo (runs/demo_quick with --quick)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--no-progress", action="store_true")
 

@@ -137,6 +137,8 @@ def run_cell(cell: Cell, *, log=print) -> dict:
     log(f"[table] {cell.noise} {cell.label} seed {cell.seed}: {'resuming' if resume else 'training'} -> {out}")
     start = time.perf_counter()
     trainer = Trainer(cell.config, resume=resume)
+    if trainer.data.note:
+        log(f"[table] NOTE: {trainer.data.note}")
     summary = trainer.fit()
     summary["wall_seconds"] = time.perf_counter() - start
     summary = write_run_report(trainer, summary)
@@ -145,7 +147,7 @@ def run_cell(cell: Cell, *, log=print) -> dict:
     return summary
 
 
-def _curve(out_dir: str) -> list[tuple[int, float]]:
+def curve_of_run(out_dir: str) -> list[tuple[int, float]]:
     path = Path(out_dir) / "metrics.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
     return [(r["epoch"], r["test_accuracy"]) for r in rows if "test_accuracy" in r]
@@ -194,7 +196,7 @@ def plot_table(cells: list[Cell], out_dir: str | Path) -> list[Path]:
     for cell in cells:
         curves = by_noise.setdefault(cell.noise, {})
         if cell.label not in curves:
-            curves[cell.label] = _curve(cell.config.out_dir)
+            curves[cell.label] = curve_of_run(cell.config.out_dir)
     for noise, curves in by_noise.items():
         cfg = next(c.config for c in cells if c.noise == noise)
         paths.append(plot_accuracy(curves, Path(out_dir) / f"accuracy_{noise}.png",
