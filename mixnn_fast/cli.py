@@ -98,6 +98,16 @@ def cmd_table(args: argparse.Namespace) -> int:
     cells = table_cells(out_dir=args.out_dir, subset=args.subset, epochs=args.epochs, seeds=args.seeds,
                         methods=args.methods, noises=noises, num_threads=args.num_threads,
                         augment=args.augment)
+    if args.shard:
+        try:
+            index, count = (int(v) for v in args.shard.split("/"))
+            if not 1 <= index <= count:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"--shard: expected K/N with 1 <= K <= N, got {args.shard!r}") from None
+        cells = cells[index - 1::count]
+        print(f"shard {index}/{count}: {len(cells)} runs; run again without --shard once every shard is done "
+              "to write the whole table")
     print(run_table(cells, args.out_dir))
     print(f"\nresults.md, results.json and accuracy_<noise>.png in {args.out_dir}")
     return 0
@@ -156,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     table.add_argument("--methods", nargs="+", default=["ce", "mixup", "gce", "sce", "mixnn"])
     table.add_argument("--noise", nargs="+", help="a subset of sym-20 sym-40 sym-60 sym-80 asym-40")
     table.add_argument("--num-threads", type=int)
+    table.add_argument("--shard", help="K/N: run every N-th cell from the K-th (several processes, one folder)")
 
     bench = sub.add_parser("bench", help="run bench/<name>.py (extra arguments go to the script)")
     bench.add_argument("name", help="mixer, refresh_gmm, refresh_neighbours, loader, epoch, ...")

@@ -73,3 +73,11 @@ def test_a_folder_with_another_config_is_refused(tmp_path):
     other = _cells(tmp_path, methods=("ce",), plan_pair=False, lr=0.05)
     with pytest.raises(ValueError, match="different configuration"):
         experiments.run_cell(other[0], log=lambda *_: None)
+
+
+@pytest.mark.parametrize("shard", ["0/2", "3/2", "a/b", "1"])
+def test_a_bad_shard_is_refused(shard, capsys):
+    from mixnn_fast.cli import main
+
+    assert main(["table", "--shard", shard, "--out-dir", "/nonexistent/never-written"]) == 2
+    assert "--shard" in capsys.readouterr().err
