@@ -132,6 +132,11 @@ def run_cell(cell: Cell, *, log=print) -> dict:
         summary = json.loads(summary_path.read_text())
         if summary.get("epochs") == cell.config.epochs:
             log(f"[table] {cell.noise} {cell.label} seed {cell.seed}: done earlier ({out})")
+            if "clean_auroc_current_labels" not in summary:  # summaries written before it was added
+                rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+                values = [r["clean_auroc_current_labels"] for r in rows if "clean_auroc_current_labels" in r]
+                if values:
+                    summary["clean_auroc_current_labels"] = values[-1]
             return summary
     resume = (out / CHECKPOINT).exists()
     log(f"[table] {cell.noise} {cell.label} seed {cell.seed}: {'resuming' if resume else 'training'} -> {out}")
@@ -162,6 +167,11 @@ def _pct(values: list[float]) -> str:
     return f"{100 * statistics.mean(values):.1f} ± {100 * statistics.stdev(values):.1f}"
 
 
+def _auroc(values: list[float | None]) -> str:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    return f"{statistics.mean(values):.3f}" if values else "–"
+
+
 def format_table(cells: list[Cell], summaries: list[dict]) -> str:
     """Markdown: one row per (noise, method), seeds averaged (mean ± sample std when several),
     then the command of every run."""
@@ -169,8 +179,8 @@ def format_table(cells: list[Cell], summaries: list[dict]) -> str:
     for cell, summary in zip(cells, summaries):
         groups.setdefault((cell.noise, cell.label), []).append((cell, summary))
     lines = ["| noise | method | final test acc % | best test acc % | best − final | label acc after correction % "
-             "| clean AUROC | seeds | minutes per run |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| clean AUROC, given labels | clean AUROC, current labels | seeds | minutes per run |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for (noise, label), runs in groups.items():
         finals = [s["final_test_accuracy"] for _, s in runs]
         bests = [s["best_test_accuracy"] for _, s in runs]
@@ -179,6 +189,7 @@ def format_table(cells: list[Cell], summaries: list[dict]) -> str:
             f"| {noise} | {label} | {_pct(finals)} | {_pct(bests)} | {_pct(drops)} | "
             f"{_pct([s.get('label_accuracy_after_correction') for _, s in runs])} | "
             f"{statistics.mean(s.get('final_clean_auroc', float('nan')) for _, s in runs):.3f} | "
+            f"{_auroc([s.get('clean_auroc_current_labels') for _, s in runs])} | "
             f"{', '.join(str(c.seed) for c, _ in runs)} | "
             f"{statistics.mean(s.get('wall_seconds', float('nan')) for _, s in runs) / 60:.1f} |")
     lines += ["", "Commands (one per run):", "", "```bash"]

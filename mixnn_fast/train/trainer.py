@@ -329,9 +329,10 @@ class Trainer:
         }
         if self.cfg.method == "mixnn" and self.true_labels is not None:
             summary["correction_accuracy"] = self.targets.correction_accuracy(self.true_labels)
-        last_auroc = [r["clean_auroc"] for r in rows if "clean_auroc" in r]
-        if last_auroc:
-            summary["clean_auroc"] = last_auroc[-1]
+        for key in ("clean_auroc", "clean_auroc_current_labels"):  # the last refresh's
+            values = [r[key] for r in rows if key in r]
+            if values:
+                summary[key] = values[-1]
         return summary
 
     # ---- checkpoints -----------------------------------------------------------------------
