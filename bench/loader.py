@@ -38,6 +38,11 @@ neighbour structure).  Timing on a shared, loaded machine: the variants run one 
 epoch each per round, in an order rotated every round, for ``--repeats`` rounds after a
 warm-up round.  The table gives each variant's median img/s and, more robust to load
 swings, the median over rounds of its ratio to (a) and to (b) measured in the same round.
+It also gives the CPU time each variant spends per image (this process plus, for (a), its
+DataLoader workers, from /proc) and the per-round ratio of (a)'s CPU time to it: on a
+machine shared with other jobs the scheduler gives each runnable thread its share, so a
+variant with more busy threads gets more of the cores; CPU time per image does not depend
+on that, and on an idle 2-core machine where both fill the cores, throughput follows it.
 A second table times ``plan_epoch`` alone for 1,000,000 anchors.
 
     .venv/bin/python -m bench.loader            # 640 images, 10 rounds; writes bench/results/loader.json
@@ -124,6 +129,17 @@ def torchvision_loader(root: Path, batch: int, workers: int):
     dataset = datasets.ImageFolder(str(root), transform=tf)
     return torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=workers,
                                        persistent_workers=True, drop_last=False)
+
+
+def worker_cpu_seconds(loader) -> float:
+    """CPU seconds used so far by a DataLoader's (persistent) worker processes, 0 before they start."""
+    iterator = getattr(loader, "_iterator", None)
+    total = 0.0
+    for worker in getattr(iterator, "_workers", None) or []:
+        with open(f"/proc/{worker.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+    return total
 
 
 def epoch_torchvision(loader) -> int:
@@ -280,20 +296,24 @@ def main(argv=None) -> None:
         }
         names = list(variants)
         rates = {name: [] for name in names}
+        cpu_ms = {name: [] for name in names}  # CPU ms per image (this process + DataLoader workers)
         for rep in range(args.repeats + 1):  # round 0 warms up (workers, pipelines, page cache)
             rotated = names[rep % len(names):] + names[:rep % len(names)]
-            rate = {}
+            rate, cpu = {}, {}
             for name in rotated:
                 loader, run = variants[name]
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time() + worker_cpu_seconds(loader)
                 count = run(loader)
                 elapsed = time.perf_counter() - start
+                cpu_used = time.process_time() + worker_cpu_seconds(loader) - cpu_start
                 if count != n:
                     raise RuntimeError(f"{name}: {count} samples in an epoch of {n}")
                 rate[name] = count / elapsed
+                cpu[name] = cpu_used * 1e3 / count
             if rep:
                 for name in names:
                     rates[name].append(rate[name])
+                    cpu_ms[name].append(cpu[name])
             print(f"round {rep}{' (warm-up)' if rep == 0 else ''}: img/s "
                   + ", ".join(f"{name.split()[0]} {rate[name]:.0f}" for name in names), flush=True)
         coherent_plan = variants[C][0].plan
@@ -315,8 +335,11 @@ def main(argv=None) -> None:
     rows = []
     for name, r in rates.items():
         rows.append({"variant": name, "img/s (median)": med[name], "min": min(r), "max": max(r),
-                     "vs (a), paired": paired(name, A), "vs (b), paired": paired(name, B)})
-    report(args.name, rows, ["variant", "img/s (median)", "min", "max", "vs (a), paired", "vs (b), paired"],
+                     "vs (a), paired": paired(name, A), "vs (b), paired": paired(name, B),
+                     "CPU ms/img": statistics.median(cpu_ms[name]),
+                     "(a) CPU / own CPU": statistics.median(x / y for x, y in zip(cpu_ms[A], cpu_ms[name]))})
+    report(args.name, rows, ["variant", "img/s (median)", "min", "max", "vs (a), paired", "vs (b), paired",
+                             "CPU ms/img", "(a) CPU / own CPU"],
            extra={"images": n, "batch": args.batch, "threads": args.threads, "mix_threads": args.mix_threads,
                   "repeats": args.repeats,
                   "coherent_plan": stats.as_dict(), "mixer": "mixnn_fast.mix_images (fused)",
