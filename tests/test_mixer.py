@@ -270,19 +270,23 @@ def test_uint8_nhwc3_vector_path_rounds_like_torch(cpu_isa, out_dtype, scale):
 
 @pytest.mark.parametrize("height,width", [(1024, 1024), (1000, 1001)])
 def test_uint8_nhwc3_vector_path_large_output(cpu_isa, height, width):
-    """Outputs of 16 MiB or more take non-temporal stores where the planes are aligned (1024²: all
-    tiles; 1000×1001: some)."""
+    """Outputs of 16 MiB or more, when their pages are already mapped (a reused, poisoned buffer),
+    take non-temporal stores where the planes are aligned (1024²: all tiles; 1000×1001: some);
+    fresh outputs take ordinary stores.  Both give the same bits."""
     gen = torch.Generator().manual_seed(seed_of("large", height, width))
     images, anchors, partners, weights = random_call(gen, num_images=3, height=height, width=width, channels=3,
                                                      batch=3, k=2, in_dtype=torch.uint8, in_layout="NHWC")
     mean, std = [123.675, 116.28, 103.53], [58.395, 57.12, 57.375]
-    got32 = mix_images(images, anchors, partners, weights, mean=mean, std=std, num_threads=2)
+    call = dict(mean=mean, std=std, num_threads=2)
+    got32 = mix_images(images, anchors, partners, weights, out=poisoned((3, 3, height, width), torch.float32), **call)
     want = mix_images_reference(images, anchors, partners, weights, mean=mean, std=std)
     torch.testing.assert_close(got32, want, **tolerance(torch.float32))
+    assert torch.equal(mix_images(images, anchors, partners, weights, **call), got32)
     for out_dtype in (torch.bfloat16, torch.float16):
-        got = mix_images(images, anchors, partners, weights, mean=mean, std=std, out_dtype=out_dtype,
-                         num_threads=2)
-        assert torch.equal(got.view(torch.int16), got32.to(out_dtype).view(torch.int16))
+        reused = poisoned((3, 3, height, width), out_dtype)
+        for got in (mix_images(images, anchors, partners, weights, out_dtype=out_dtype, out=reused, **call),
+                    mix_images(images, anchors, partners, weights, out_dtype=out_dtype, **call)):
+            assert torch.equal(got.view(torch.int16), got32.to(out_dtype).view(torch.int16))
 
 
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
