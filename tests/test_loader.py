@@ -487,6 +487,46 @@ def test_views_hold_the_same_pixels_as_copies(wide_jpeg_set):
         torch.testing.assert_close(x, y, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("kind", ["train", "eval"])
+def test_kept_batches_are_never_recycled(jpeg_set, kind):
+    """copy=True recycles a batch's buffer only once nothing refers to it: batches kept in
+    a list (or through a view, or a NumPy array) keep their pixels; batches dropped are recycled."""
+    def loader():
+        if kind == "train":  # host resize, then the loader's own buffers
+            return MixNNLoader(jpeg_set, 4, mode="plain", size=32, device="cpu", seed=9)
+        return EvalLoader(jpeg_set, 4, crop=48, device="cpu")  # DALI's output copied out
+
+    reference = [b.images.clone() for b in loader()]
+    kept = [b.images for b in loader()]
+    views = [b.images[1:] for b in loader()]
+    arrays = [b.images.numpy() for b in loader()]
+    for ref, whole, view, array in zip(reference, kept, views, arrays, strict=True):
+        torch.testing.assert_close(whole, ref, atol=0, rtol=0)
+        torch.testing.assert_close(view, ref[1:], atol=0, rtol=0)
+        np.testing.assert_array_equal(array, ref.numpy())
+    pointers = [b.images.data_ptr() for b in loader()]
+    assert len(set(pointers)) < len(pointers), "buffers of dropped batches should be recycled"
+
+
+def test_mix_outputs_are_recycled_only_when_free(jpeg_set):
+    """LoaderBatch.mix without ``out`` returns a fresh-looking output: kept ones keep their
+    values, dropped ones are reused."""
+    nbrs = ring_neighbours(len(jpeg_set))
+
+    def mixed():
+        loader = MixNNLoader(jpeg_set, 4, neighbours=nbrs, size=32, device="cpu", seed=10, mean=MEAN, std=STD)
+        for b in loader:
+            yield b.mix(torch.full((len(b), 2), 0.5))[0]
+
+    reference = [x.clone() for x in mixed()]
+    kept = list(mixed())
+    assert all(x.shape == (len(r), 3, 32, 32) for x, r in zip(kept, reference))
+    for x, ref in zip(kept, reference, strict=True):
+        torch.testing.assert_close(x, ref, atol=0, rtol=0)
+    pointers = [x.data_ptr() for x in mixed()]
+    assert len(set(pointers)) < len(pointers)
+
+
 def test_len_matches_the_epoch(jpeg_set):
     loader = MixNNLoader(jpeg_set, 5, neighbours=ring_neighbours(len(jpeg_set)), size=32, device="cpu",
                          drop_last=True)

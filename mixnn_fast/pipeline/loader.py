@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import collections
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -89,6 +89,9 @@ class LoaderBatch:
         mean, std: the normalisation :meth:`mix` applies (None when the pipeline already
             normalised, or when no statistics were given).
         layout: "NHWC" or "NCHW", the layout of ``images``.
+        recycle: set by the loader: ``(name, shape, dtype) -> tensor``, a host buffer that
+            nothing else refers to (an earlier batch's once it is free), used by :meth:`mix`
+            when no ``out`` is given.
     """
 
     images: torch.Tensor
@@ -100,6 +103,8 @@ class LoaderBatch:
     mean: Sequence[float] | None = None
     std: Sequence[float] | None = None
     layout: str = "NHWC"
+    recycle: Callable[[str, tuple, torch.dtype], torch.Tensor] | None = field(default=None, repr=False,
+                                                                              compare=False)
 
     @property
     def anchor_ids(self) -> torch.Tensor:
@@ -136,6 +141,14 @@ class LoaderBatch:
 
         device = self.images.device
         weights = torch.as_tensor(weights, dtype=torch.float32)
+        if out is None and self.recycle is not None and device.type == "cpu" and out_layout in ("NCHW", "NHWC"):
+            # a fresh output without the page faults of a new allocation per batch
+            if self.layout == "NHWC":
+                h, w, c = self.images.shape[1:]
+            else:
+                c, h, w = self.images.shape[1:]
+            shape = (len(self), c, h, w) if out_layout == "NCHW" else (len(self), h, w, c)
+            out = self.recycle("mixed", shape, out_dtype)
         images = mix_images(self.images, self.anchor_slots.to(device), self.partner_slots.to(device),
                             weights.to(device), in_layout=self.layout, mean=self.mean, std=self.std,
                             out_layout=out_layout, out_dtype=out_dtype, out=out, num_threads=num_threads, **kwargs)
@@ -362,6 +375,19 @@ def resize_windows(windows, mirror, size: int, out: torch.Tensor) -> torch.Tenso
     return out[:len(windows)]
 
 
+_storage_use_count = getattr(torch._C, "_storage_Use_Count", None)  # private; without it, no recycling
+#: fresh batch buffers (copy=True) remembered per kind, to be recycled once nobody holds them
+RECYCLED_BUFFERS = 4
+
+
+def _unreferenced(buf: torch.Tensor) -> bool:
+    """True when nothing but ``buf`` itself (no tensor, view, NumPy array...) uses its storage."""
+    if _storage_use_count is None:
+        return False
+    storage = buf.untyped_storage()
+    return _storage_use_count(storage._cdata) <= 2  # ``buf`` and the temporary ``storage`` object
+
+
 # ---------------------------------------------------------------------------------------------
 # loaders
 
@@ -404,6 +430,7 @@ class _DaliLoader:
         self._pipe_batch = 0
         self._pipe_clean = False  # True when the pipeline ended its last epoch normally
         self._buffers: dict[str, torch.Tensor] = {}  # reused host-resize outputs (copy=False)
+        self._handed: dict[str, list[torch.Tensor]] = {}  # batches handed out with copy=True, for recycling
 
     # --- public ---------------------------------------------------------------------------
 
@@ -473,17 +500,36 @@ class _DaliLoader:
         if not self.copy:
             # A view of DALI's output buffer (DLPack, no copy): valid until the next batch.
             return torch.from_dlpack(dense)
-        target = torch.empty(dense.shape(), dtype=to_torch_type[dense.dtype],
-                             device=f"cuda:{self.device_id}" if self.device == "gpu" else "cpu")
+        if self.device == "gpu":
+            target = torch.empty(dense.shape(), dtype=to_torch_type[dense.dtype], device=f"cuda:{self.device_id}")
+        else:
+            target = self._fresh("dali", tuple(dense.shape()), to_torch_type[dense.dtype])
         stream = torch.cuda.current_stream(target.device) if self.device == "gpu" else None
         feed_ndarray(dense, target, cuda_stream=stream)
         return target
 
+    def _fresh(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, capacity: int | None = None
+               ) -> torch.Tensor:
+        """A host tensor no one else holds: an earlier batch's, once every reference to it
+        (the batch, views of it, arrays sharing it) is gone, else a new one.  Recycling
+        saves the page faults of a new ~10-40 MB allocation per batch."""
+        handed = self._handed.setdefault(name, [])
+        for buf in handed:
+            if buf.dtype == dtype and buf.shape[1:] == shape[1:] and len(buf) >= shape[0] and _unreferenced(buf):
+                return buf[:shape[0]]
+        rows = max(shape[0], self._pipe_batch if capacity is None else capacity)  # room for any batch
+        buf = torch.empty((rows,) + shape[1:], dtype=dtype)
+        handed.append(buf)
+        if len(handed) > RECYCLED_BUFFERS:
+            handed.pop(0)
+        return buf[:shape[0]]
+
     def _buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, handed_out: bool = True) -> torch.Tensor:
-        """A host buffer for one batch: fresh with ``copy=True`` when it is handed out
-        (batches can be kept), else reused (valid until the next batch, like DALI's own buffers)."""
+        """A host buffer for one batch: with ``copy=True`` and when it is handed out, one no
+        one else holds (:meth:`_fresh`: batches can be kept), else one reused buffer (valid
+        until the next batch, like DALI's own buffers)."""
         if self.copy and handed_out:
-            return torch.empty(shape, dtype=dtype)
+            return self._fresh(name, shape, dtype)
         buf = self._buffers.get(name)
         if buf is None or buf.dtype != dtype or buf.shape[1:] != shape[1:] or len(buf) < shape[0]:
             buf = self._buffers[name] = torch.empty((max(shape[0], self._pipe_batch),) + shape[1:], dtype=dtype)
@@ -522,7 +568,12 @@ class _DaliLoader:
         normalised = self.normalize_in_pipeline
         return LoaderBatch(images=images, ids=ids, anchor_slots=anchors, partner_slots=partners, labels=labels,
                            index=batch.index, mean=None if normalised else self.mean,
-                           std=None if normalised else self.std, layout=self.layout)
+                           std=None if normalised else self.std, layout=self.layout,
+                           recycle=self._recycle_mixed if self.device == "cpu" else None)
+
+    def _recycle_mixed(self, name: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+        """Mixer outputs (B anchors per batch) for :meth:`LoaderBatch.mix`."""
+        return self._fresh(name, tuple(shape), dtype, capacity=self.batch_size)
 
     def _decode_failure(self, err: RuntimeError) -> None:
         """DALI failed a batch: name the files (raise) or mark them and rewind (skip)."""
@@ -609,7 +660,8 @@ class MixNNLoader(_DaliLoader):
         copy: True (default) copies each batch out of DALI's buffers, so batches can be kept;
             False hands out views of them (no copy), valid only until the next batch is
             requested -- enough for ``batch.mix(...)`` or a forward/backward step.  (With
-            the host resize: False reuses one output buffer, True allocates one per batch.)
+            the host resize: False reuses one output buffer.)  True recycles the buffer of
+            an earlier batch once nothing refers to it any more (on the CPU).
         resize_backend: who resizes the random-resized crops of encoded images: "dali"
             (``fn.resize`` in the pipeline), "torch" (DALI decodes the random windows, the
             loader resizes them on the host; CPU only) or "auto" (default: "torch" on the
