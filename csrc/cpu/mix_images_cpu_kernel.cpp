@@ -397,6 +397,47 @@ inline void store_vec(BFloat16* o, VecF y) {
   const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);  // lanes 0 and 2
   store128<kStream>(o, _mm256_castsi256_si128(packed));
 }
+// 16 narrow values from two vectors of 8 floats, one 256-bit store (o aligned to 32 bytes when
+// kStream).
+template <bool kStream>
+inline void store256(void* o, __m256i v) {
+  if (kStream) {
+    _mm256_stream_si256(static_cast<__m256i*>(o), v);
+  } else {
+    _mm256_storeu_si256(static_cast<__m256i*>(o), v);
+  }
+}
+inline __m256i bf16_bits(VecF y, bool may_nan) {  // from_float<BFloat16>, in the low half of each lane
+  const __m256i u = _mm256_castps_si256(y);
+  __m256i r = _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)),
+                               _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1)));
+  if (may_nan) {
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(y, y, _CMP_UNORD_Q));
+    r = _mm256_blendv_epi8(r, _mm256_or_si256(u, _mm256_set1_epi32(0x00400000)), nan);
+  }
+  return _mm256_srli_epi32(r, 16);
+}
+template <bool kStream>
+inline void store_pair(BFloat16* o, VecF y0, VecF y1, bool may_nan) {
+  const __m256i packed = _mm256_packus_epi32(bf16_bits(y0, may_nan), bf16_bits(y1, may_nan));
+  store256<kStream>(o, _mm256_permute4x64_epi64(packed, 0xD8));  // 64-bit lanes 0 2 1 3: in order
+}
+inline __m128i half_bits(VecF y, bool may_nan) {
+  if (may_nan) {
+    const __m256 nan = _mm256_cmp_ps(y, y, _CMP_UNORD_Q);
+    const __m256 canonical = _mm256_or_ps(_mm256_and_ps(y, _mm256_set1_ps(-0.0f)),
+                                          _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC00000)));
+    y = _mm256_blendv_ps(y, canonical, nan);
+  }
+  return _mm256_cvtps_ph(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+template <bool kStream>
+inline void store_pair(Half* o, VecF y0, VecF y1, bool may_nan) {
+  store256<kStream>(o, _mm256_set_m128i(half_bits(y1, may_nan), half_bits(y0, may_nan)));
+}
+template <bool kStream>
+inline void store_pair(float*, VecF, VecF, bool) {}
+
 template <bool kStream = false>
 inline void store_vec(Half* o, VecF y) {
   const __m256 nan = _mm256_cmp_ps(y, y, _CMP_UNORD_Q);
@@ -428,22 +469,25 @@ void mix_tile_u8x3_simd(const void* const* sources, const float* weights, int64_
   const VecF m0 = vset1(mean[0]), m1 = vset1(mean[1]), m2 = vset1(mean[2]);
   const VecF s0 = vset1(inv_std[0]), s1 = vset1(inv_std[1]), s2 = vset1(inv_std[2]);
 
+  // The narrow stores' NaN fix-up runs only if a NaN is possible: with uint8 inputs the result
+  // is bounded by (255 sum|w_j| + max|mean| |weight_sum|) max inv_std.
+  float sum_abs_w = 0.0f;
+  for (int64_t j = 0; j < terms; ++j) sum_abs_w += std::fabs(weights[j]);
+  float max_mean = 0.0f, max_inv_std = 0.0f;
+  for (int c = 0; c < 3; ++c) {
+    max_mean = std::max(max_mean, std::fabs(mean[c]));
+    max_inv_std = std::max(max_inv_std, std::fabs(inv_std[c]));
+  }
+  const double bound = (255.0 * sum_abs_w + static_cast<double>(max_mean) * std::fabs(weight_sum)) * max_inv_std;
+  const bool may_nan = !(bound < 1e37);  // also true when any of them is NaN or inf
+  (void)may_nan;
+
   int64_t t = 0;
 #if MIXNN_SIMD_NHWC3 == 512
   if constexpr (!std::is_same<Tout, float>::value) {
     // 32 pixels a step: accumulate six interleaved vectors, normalise them in that order (the
     // channel of lane l of vector i is (i + l) % 3, since 16 = 1 mod 3), narrow pairs to 32
-    // words, and de-interleave the words.  The NaN fix-up runs only if a NaN is possible: with
-    // uint8 inputs the result is bounded by (255 sum|w_j| + max|mean| |weight_sum|) max inv_std.
-    float sum_abs_w = 0.0f;
-    for (int64_t j = 0; j < terms; ++j) sum_abs_w += std::fabs(weights[j]);
-    float max_mean = 0.0f, max_inv_std = 0.0f;
-    for (int c = 0; c < 3; ++c) {
-      max_mean = std::max(max_mean, std::fabs(mean[c]));
-      max_inv_std = std::max(max_inv_std, std::fabs(inv_std[c]));
-    }
-    const double bound = (255.0 * sum_abs_w + static_cast<double>(max_mean) * std::fabs(weight_sum)) * max_inv_std;
-    const bool may_nan = !(bound < 1e37);  // also true when any of them is NaN or inf
+    // words, and de-interleave the words.
     alignas(64) float mp[3][16], sp[3][16];
     for (int r = 0; r < 3; ++r) {
       for (int l = 0; l < 16; ++l) {
@@ -472,6 +516,32 @@ void mix_tile_u8x3_simd(const void* const* sources, const float* weights, int64_
       store_words<kStream>(o0 + t, planar_words(0, words[0], words[1], words[2]));
       store_words<kStream>(o1 + t, planar_words(1, words[0], words[1], words[2]));
       store_words<kStream>(o2 + t, planar_words(2, words[0], words[1], words[2]));
+    }
+  }
+#endif
+#if MIXNN_SIMD_NHWC3 == 256
+  if constexpr (!std::is_same<Tout, float>::value) {
+    // 16 pixels a step, two 8-pixel groups, so that one 256-bit store takes 16 narrow values
+    // of a channel.
+    for (; t + 2 * kLanes <= tile; t += 2 * kLanes) {
+      VecF a[6], x[6];
+      load_u8x24(src[0] + 3 * t, x[0], x[1], x[2]);
+      load_u8x24(src[0] + 3 * t + 24, x[3], x[4], x[5]);
+      for (int i = 0; i < 6; ++i) a[i] = vmul(w[0], x[i]);
+      for (int64_t j = 1; j < terms; ++j) {
+        load_u8x24(src[j] + 3 * t, x[0], x[1], x[2]);
+        load_u8x24(src[j] + 3 * t + 24, x[3], x[4], x[5]);
+        for (int i = 0; i < 6; ++i) a[i] = vfmadd(w[j], x[i], a[i]);
+      }
+      const VecF ya0 = _mm256_mul_ps(vfnmadd(m0, ws, planar<0>(a[0], a[1], a[2])), s0);
+      const VecF ya1 = _mm256_mul_ps(vfnmadd(m1, ws, planar<1>(a[0], a[1], a[2])), s1);
+      const VecF ya2 = _mm256_mul_ps(vfnmadd(m2, ws, planar<2>(a[0], a[1], a[2])), s2);
+      const VecF yb0 = _mm256_mul_ps(vfnmadd(m0, ws, planar<0>(a[3], a[4], a[5])), s0);
+      const VecF yb1 = _mm256_mul_ps(vfnmadd(m1, ws, planar<1>(a[3], a[4], a[5])), s1);
+      const VecF yb2 = _mm256_mul_ps(vfnmadd(m2, ws, planar<2>(a[3], a[4], a[5])), s2);
+      store_pair<kStream>(o0 + t, ya0, yb0, may_nan);
+      store_pair<kStream>(o1 + t, ya1, yb1, may_nan);
+      store_pair<kStream>(o2 + t, ya2, yb2, may_nan);
     }
   }
 #endif
@@ -553,10 +623,10 @@ SimdTileFn pick_simd_tile(int64_t terms) {
 }
 
 // Bytes of one full-width vector store of Tout (the alignment a non-temporal store needs).
-// (512-bit builds store 32 narrow values at a time.)
+// (Narrow outputs are stored two vectors' worth at a time.)
 template <typename Tout>
 constexpr int64_t vector_store_bytes() {
-  return (MIXNN_SIMD_NHWC3 == 512 && sizeof(Tout) == 2 ? 2 : 1) * kLanes * static_cast<int64_t>(sizeof(Tout));
+  return (sizeof(Tout) == 2 ? 2 : 1) * kLanes * static_cast<int64_t>(sizeof(Tout));
 }
 
 #endif  // MIXNN_SIMD_NHWC3
