@@ -215,6 +215,26 @@ def test_in_memory_eval_is_exact(garments):
     np.testing.assert_array_equal(cropped, garments.images[:, 4:24, 4:24])
 
 
+@pytest.mark.parametrize("ids", [None, "subset"])
+def test_in_memory_eval_host_path_equals_the_dali_path(garments, ids, rng):
+    """In-memory eval batches are slices of the array (no DALI); they must be exactly what the
+    DALI pipeline gives: the same images, ids, labels and normalisation, batch by batch."""
+    from mixnn_fast.pipeline.loader import _DaliLoader
+
+    if ids == "subset":
+        ids = np.sort(rng.choice(len(garments), len(garments) // 2 + 1, replace=False))
+    loader = EvalLoader(garments, batch_size=6, ids=ids, mean=[120.0], std=[60.0], device="cpu", num_threads=1)
+    assert loader._host_path()
+    host = list(loader)
+    dali = list(_DaliLoader.__iter__(loader))
+    assert len(host) == len(dali) == len(loader)
+    for h, d in zip(host, dali):
+        assert torch.equal(h.images, d.images) and torch.equal(h.ids, d.ids) and torch.equal(h.labels, d.labels)
+        torch.testing.assert_close(h.mix(torch.ones(len(h), 1))[0], d.mix(torch.ones(len(d), 1))[0], rtol=0, atol=0)
+    expected = np.arange(len(garments)) if ids is None else ids
+    np.testing.assert_array_equal(torch.cat([b.anchor_ids for b in host]).numpy(), expected)
+
+
 def test_normalising_in_the_pipeline_equals_normalising_after(wide_jpeg_set):
     plain = torch.cat([b.images for b in EvalLoader(wide_jpeg_set, 5, crop=48, device="cpu")]).float()
     normed = torch.cat([b.images for b in EvalLoader(wide_jpeg_set, 5, crop=48, mean=MEAN, std=STD,

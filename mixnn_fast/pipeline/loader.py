@@ -818,3 +818,30 @@ class EvalLoader(_DaliLoader):
         from mixnn_fast.pipeline.dali_pipelines import eval_pipeline
 
         return eval_pipeline, dict(resize=self.resize, crop=self.crop)
+
+    def _host_path(self) -> bool:
+        """In-memory uint8 images read whole on the CPU: the evaluation transform is only the
+        normalisation, which :meth:`LoaderBatch.mix` fuses with the layout change, so the
+        batches are slices of the array and DALI is not involved.  Why: on 28×28 images the
+        pipeline round trip cost as much as the model's forward pass (bench/epoch.py)."""
+        images = self.description.images
+        return (images is not None and self.device == "cpu" and not self.normalize_in_pipeline
+                and self.layout == "NHWC" and (self.crop is None or self.crop == min(images.shape[1:3])
+                                              and images.shape[1] == images.shape[2]))
+
+    def __iter__(self) -> Iterator[LoaderBatch]:
+        if not self._host_path():
+            yield from super().__iter__()
+            return
+        images = self.description.images
+        plan = self._epoch_plan()
+        for b in range(len(plan)):
+            batch = plan[b]
+            ids = batch.ids
+            if len(ids) and ids[-1] - ids[0] == len(ids) - 1 and bool(np.all(np.diff(ids) == 1)):
+                block = images[ids[0]:ids[-1] + 1]  # consecutive ids (the usual in-order pass): a view
+            else:
+                block = images[ids]
+            if not block.flags.writeable:  # torch.from_numpy wants a writeable array
+                block = block.copy()
+            yield self._make_batch(torch.from_numpy(np.ascontiguousarray(block)), batch)
