@@ -55,7 +55,8 @@ def forward_pass(model: torch.nn.Module, loader, ids: torch.Tensor, device: torc
     seen = torch.zeros(len(ids), dtype=torch.bool)
     for batch in loader:
         x, _ = batch.mix(torch.ones(len(batch), 1))
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        with torch.inference_mode(), \
+                torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             logits, features = model(x.to(device, non_blocking=True).contiguous(memory_format=memory_format),
                                      return_features=True)
         rows = torch.searchsorted(ids, batch.anchor_ids.cpu())
