@@ -81,3 +81,17 @@ def test_a_bad_shard_is_refused(shard, capsys):
 
     assert main(["table", "--shard", shard, "--out-dir", "/nonexistent/never-written"]) == 2
     assert "--shard" in capsys.readouterr().err
+
+
+def test_a_run_being_trained_elsewhere_is_not_touched(tmp_path):
+    """A second process (here: a held lock) must not resume the same folder concurrently."""
+    import fcntl
+
+    cell = _cells(tmp_path, methods=("ce",), plan_pair=False)[0]
+    out = tmp_path / "table" / "sym-40_ce_s0"
+    out.mkdir(parents=True)
+    with (out / ".lock").open("w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(RuntimeError, match="another process"):
+            experiments.run_cell(cell, log=lambda *_: None)
+    assert not (out / "metrics.jsonl").exists()

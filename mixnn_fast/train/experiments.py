@@ -9,7 +9,9 @@ their checkpoint, so the command can be stopped and restarted at will.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import math
 import shlex
@@ -117,13 +119,37 @@ def _same_config(saved: dict, cfg: TrainConfig) -> bool:
 
 
 def run_cell(cell: Cell, *, log=print) -> dict:
-    """Train one cell (or load its finished summary; or resume it from its checkpoint)."""
+    """Train one cell (or load its finished summary; or resume it from its checkpoint).  Raises
+    RuntimeError when another process is training the same folder."""
+    out = Path(cell.config.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with _exclusive(out):
+        return _run_cell_locked(cell, out, log)
+
+
+@contextlib.contextmanager
+def _exclusive(out: Path):
+    """Hold ``out/.lock`` while a run is checked, trained or reported: two processes (table
+    shards, a table and a demo) must never train the same folder at once, which would interleave
+    their epochs in one metrics file."""
+    handle = (out / ".lock").open("w")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"{out}: another process is training this run now; wait for it to finish "
+                               "(table shards: run the whole table once every shard is done)") from None
+        yield
+    finally:
+        handle.close()
+
+
+def _run_cell_locked(cell: Cell, out: Path, log) -> dict:
     import yaml
 
     from mixnn_fast.train.report import write_run_report
     from mixnn_fast.train.trainer import CHECKPOINT, Trainer
 
-    out = Path(cell.config.out_dir)
     summary_path, config_path = out / "summary.json", out / "config.yaml"
     saved = yaml.safe_load(config_path.read_text()) if config_path.exists() else None
     if saved is not None and not _same_config(saved, cell.config):
