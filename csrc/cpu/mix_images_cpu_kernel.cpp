@@ -448,6 +448,33 @@ inline void store_vec(Half* o, VecF y) {
 }
 #endif
 
+// The 3·kLanes interleaved bytes of one pixel group (kLanes pixels × 3 channels) as three
+// vectors, full or under a byte mask.
+struct LoadGroup {
+  inline void operator()(const uint8_t* s, VecF& x0, VecF& x1, VecF& x2) const {
+#if MIXNN_SIMD_NHWC3 == 512
+    load_u8x48(s, x0, x1, x2);
+#else
+    load_u8x24(s, x0, x1, x2);
+#endif
+  }
+};
+
+// a[3g .. 3g+2] = Σ_j w_j · x_j over pixel group g (g < kGroups) starting at byte `offset` of
+// every source, accumulated as the portable kernel does (w_0 x_0, then one fma per term), so
+// every tile rounds alike; the groups of one source are loaded together.
+template <int kGroups, typename Load>
+inline void accumulate_groups(const uint8_t* const* src, int64_t offset, const VecF* w, int64_t terms,
+                              const Load& load, VecF* a) {
+  VecF x[3 * kGroups];
+  for (int g = 0; g < kGroups; ++g) load(src[0] + offset + 3 * kLanes * g, x[3 * g], x[3 * g + 1], x[3 * g + 2]);
+  for (int i = 0; i < 3 * kGroups; ++i) a[i] = vmul(w[0], x[i]);
+  for (int64_t j = 1; j < terms; ++j) {
+    for (int g = 0; g < kGroups; ++g) load(src[j] + offset + 3 * kLanes * g, x[3 * g], x[3 * g + 1], x[3 * g + 2]);
+    for (int i = 0; i < 3 * kGroups; ++i) a[i] = vfmadd(w[j], x[i], a[i]);
+  }
+}
+
 // One tile of an NHWC uint8 C=3 -> NCHW row.  kTerms > 0 fixes the number of sources at
 // compile time (the loop over them unrolls), 0 reads `terms`.
 template <int kTerms, typename Tout, bool kStream>
@@ -498,15 +525,8 @@ void mix_tile_u8x3_simd(const void* const* sources, const float* weights, int64_
     const VecF mpat[3] = {_mm512_load_ps(mp[0]), _mm512_load_ps(mp[1]), _mm512_load_ps(mp[2])};
     const VecF spat[3] = {_mm512_load_ps(sp[0]), _mm512_load_ps(sp[1]), _mm512_load_ps(sp[2])};
     for (; t + 2 * kLanes <= tile; t += 2 * kLanes) {
-      VecF a[6], x[6];
-      load_u8x48(src[0] + 3 * t, x[0], x[1], x[2]);
-      load_u8x48(src[0] + 3 * t + 48, x[3], x[4], x[5]);
-      for (int i = 0; i < 6; ++i) a[i] = vmul(w[0], x[i]);
-      for (int64_t j = 1; j < terms; ++j) {
-        load_u8x48(src[j] + 3 * t, x[0], x[1], x[2]);
-        load_u8x48(src[j] + 3 * t + 48, x[3], x[4], x[5]);
-        for (int i = 0; i < 6; ++i) a[i] = vfmadd(w[j], x[i], a[i]);
-      }
+      VecF a[6];
+      accumulate_groups<2>(src, 3 * t, w, terms, LoadGroup{}, a);
       __m512i words[3];
       for (int k = 0; k < 3; ++k) {
         const VecF y0 = _mm512_mul_ps(vfnmadd(mpat[(2 * k) % 3], ws, a[2 * k]), spat[(2 * k) % 3]);
@@ -524,15 +544,8 @@ void mix_tile_u8x3_simd(const void* const* sources, const float* weights, int64_
     // 16 pixels a step, two 8-pixel groups, so that one 256-bit store takes 16 narrow values
     // of a channel.
     for (; t + 2 * kLanes <= tile; t += 2 * kLanes) {
-      VecF a[6], x[6];
-      load_u8x24(src[0] + 3 * t, x[0], x[1], x[2]);
-      load_u8x24(src[0] + 3 * t + 24, x[3], x[4], x[5]);
-      for (int i = 0; i < 6; ++i) a[i] = vmul(w[0], x[i]);
-      for (int64_t j = 1; j < terms; ++j) {
-        load_u8x24(src[j] + 3 * t, x[0], x[1], x[2]);
-        load_u8x24(src[j] + 3 * t + 24, x[3], x[4], x[5]);
-        for (int i = 0; i < 6; ++i) a[i] = vfmadd(w[j], x[i], a[i]);
-      }
+      VecF a[6];
+      accumulate_groups<2>(src, 3 * t, w, terms, LoadGroup{}, a);
       const VecF ya0 = _mm256_mul_ps(vfnmadd(m0, ws, planar<0>(a[0], a[1], a[2])), s0);
       const VecF ya1 = _mm256_mul_ps(vfnmadd(m1, ws, planar<1>(a[0], a[1], a[2])), s1);
       const VecF ya2 = _mm256_mul_ps(vfnmadd(m2, ws, planar<2>(a[0], a[1], a[2])), s2);
@@ -546,32 +559,15 @@ void mix_tile_u8x3_simd(const void* const* sources, const float* weights, int64_
   }
 #endif
   for (; t + kLanes <= tile; t += kLanes) {
-    VecF a0, a1, a2, x0, x1, x2;
+    VecF a[3];
+    accumulate_groups<1>(src, 3 * t, w, terms, LoadGroup{}, a);
 #if MIXNN_SIMD_NHWC3 == 512
-    load_u8x48(src[0] + 3 * t, x0, x1, x2);
-#else
-    load_u8x24(src[0] + 3 * t, x0, x1, x2);
-#endif
-    a0 = vmul(w[0], x0);
-    a1 = vmul(w[0], x1);
-    a2 = vmul(w[0], x2);
-    for (int64_t j = 1; j < terms; ++j) {
-#if MIXNN_SIMD_NHWC3 == 512
-      load_u8x48(src[j] + 3 * t, x0, x1, x2);
-#else
-      load_u8x24(src[j] + 3 * t, x0, x1, x2);
-#endif
-      a0 = vfmadd(w[j], x0, a0);
-      a1 = vfmadd(w[j], x1, a1);
-      a2 = vfmadd(w[j], x2, a2);
-    }
-#if MIXNN_SIMD_NHWC3 == 512
-    const VecF p0 = planar(0, a0, a1, a2), p1 = planar(1, a0, a1, a2), p2 = planar(2, a0, a1, a2);
+    const VecF p0 = planar(0, a[0], a[1], a[2]), p1 = planar(1, a[0], a[1], a[2]), p2 = planar(2, a[0], a[1], a[2]);
     store_vec<kStream>(o0 + t, _mm512_mul_ps(vfnmadd(m0, ws, p0), s0), kLanes);
     store_vec<kStream>(o1 + t, _mm512_mul_ps(vfnmadd(m1, ws, p1), s1), kLanes);
     store_vec<kStream>(o2 + t, _mm512_mul_ps(vfnmadd(m2, ws, p2), s2), kLanes);
 #else
-    const VecF p0 = planar<0>(a0, a1, a2), p1 = planar<1>(a0, a1, a2), p2 = planar<2>(a0, a1, a2);
+    const VecF p0 = planar<0>(a[0], a[1], a[2]), p1 = planar<1>(a[0], a[1], a[2]), p2 = planar<2>(a[0], a[1], a[2]);
     store_vec<kStream>(o0 + t, _mm256_mul_ps(vfnmadd(m0, ws, p0), s0));
     store_vec<kStream>(o1 + t, _mm256_mul_ps(vfnmadd(m1, ws, p1), s1));
     store_vec<kStream>(o2 + t, _mm256_mul_ps(vfnmadd(m2, ws, p2), s2));
@@ -582,18 +578,12 @@ void mix_tile_u8x3_simd(const void* const* sources, const float* weights, int64_
   // The last < 16 pixels with masked loads and stores.
   const int count = static_cast<int>(tile - t);
   const uint64_t byte_mask = (uint64_t{1} << (3 * count)) - 1;
-  VecF a0, a1, a2, x0, x1, x2;
-  load_u8x48_partial(src[0] + 3 * t, byte_mask, x0, x1, x2);
-  a0 = vmul(w[0], x0);
-  a1 = vmul(w[0], x1);
-  a2 = vmul(w[0], x2);
-  for (int64_t j = 1; j < terms; ++j) {
-    load_u8x48_partial(src[j] + 3 * t, byte_mask, x0, x1, x2);
-    a0 = vfmadd(w[j], x0, a0);
-    a1 = vfmadd(w[j], x1, a1);
-    a2 = vfmadd(w[j], x2, a2);
-  }
-  const VecF p0 = planar(0, a0, a1, a2), p1 = planar(1, a0, a1, a2), p2 = planar(2, a0, a1, a2);
+  const auto load_partial = [byte_mask](const uint8_t* s, VecF& x0, VecF& x1, VecF& x2) {
+    load_u8x48_partial(s, byte_mask, x0, x1, x2);
+  };
+  VecF a[3];
+  accumulate_groups<1>(src, 3 * t, w, terms, load_partial, a);
+  const VecF p0 = planar(0, a[0], a[1], a[2]), p1 = planar(1, a[0], a[1], a[2]), p2 = planar(2, a[0], a[1], a[2]);
   store_vec(o0 + t, _mm512_mul_ps(vfnmadd(m0, ws, p0), s0), count);
   store_vec(o1 + t, _mm512_mul_ps(vfnmadd(m1, ws, p1), s1), count);
   store_vec(o2 + t, _mm512_mul_ps(vfnmadd(m2, ws, p2), s2), count);
