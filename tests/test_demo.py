@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mixnn_fast.data import fashion_mnist
-from mixnn_fast.train.demo import DEMO_EPOCHS, DEMO_SUBSET, demo_configs, run_demo
+from mixnn_fast.train.demo import DEMO_EPOCHS, DEMO_SUBSET, demo_cells, run_demo
 from mixnn_fast.train.experiments import table_cells
 
 
@@ -18,7 +18,8 @@ def _fashion_mnist_installed() -> bool:
 
 
 def test_demo_runs_the_tables_sym40_cells(tmp_path):
-    demo = demo_configs(epochs=DEMO_EPOCHS, subset=DEMO_SUBSET, out_dir=str(tmp_path), progress=False)
+    demo = {m: c.config for m, c in demo_cells(epochs=DEMO_EPOCHS, subset=DEMO_SUBSET, out_dir=str(tmp_path),
+                                               progress=False).items()}
     table = {c.method: c.config for c in table_cells(out_dir=tmp_path, seeds=(0,), methods=("ce", "mixnn"),
                                                      plan_pair=False, ablations=False) if c.noise == "sym-40"}
     for method in ("ce", "mixnn"):

@@ -13,9 +13,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mixnn_fast.train.config import TrainConfig
-from mixnn_fast.train.experiments import Cell, curve_of_run, run_cell, table_cells
-from mixnn_fast.train.report import plot_accuracy
+from mixnn_fast.train.experiments import Cell, run_cell, table_cells
+from mixnn_fast.train.metrics import read_metrics
+from mixnn_fast.train.report import accuracy_curve, plot_accuracy
 
 DEMO_EPOCHS = 60
 DEMO_SUBSET = 2000
@@ -23,17 +23,15 @@ QUICK_EPOCHS = 6
 QUICK_SUBSET = 1000
 
 
-def demo_configs(*, epochs: int, subset: int, out_dir: str, seed: int = 0, noise_rate: float = 0.4,
-                 progress: bool = True) -> dict[str, TrainConfig]:
-    """CE and MixNN: the results table's sym-40 cells at this budget, written under ``out_dir``."""
+def demo_cells(*, epochs: int, subset: int, out_dir: str, seed: int = 0, progress: bool = True) -> dict[str, Cell]:
+    """CE and MixNN: the results table's sym-40 cells at this budget, each written to
+    ``out_dir/<method>``."""
     cells = table_cells(out_dir=out_dir, subset=subset, epochs=epochs, seeds=(seed,), methods=("ce", "mixnn"),
-                        noises=(("symmetric_uniform", noise_rate, f"sym-{round(100 * noise_rate)}"),),
-                        plan_pair=False, ablations=False, progress=progress)
-    configs = {}
+                        noises=(("symmetric_uniform", 0.4, "sym-40"),), plan_pair=False, ablations=False,
+                        progress=progress)
     for cell in cells:
         cell.config.out_dir = str(Path(out_dir) / cell.method)
-        configs[cell.method] = cell.config
-    return configs
+    return {cell.method: cell for cell in cells}
 
 
 def format_results(results: dict[str, dict]) -> str:
@@ -57,17 +55,17 @@ def run_demo(*, quick: bool = False, epochs: int | None = None, subset: int | No
     epochs = epochs or (QUICK_EPOCHS if quick else DEMO_EPOCHS)
     subset = subset or (QUICK_SUBSET if quick else DEMO_SUBSET)
     out_dir = out_dir or ("runs/demo_quick" if quick else "runs/demo")
-    configs = demo_configs(epochs=epochs, subset=subset, out_dir=out_dir, seed=seed, progress=progress)
+    cells = demo_cells(epochs=epochs, subset=subset, out_dir=out_dir, seed=seed, progress=progress)
     results: dict[str, dict] = {}
     curves = {}
-    for method, cfg in configs.items():
+    for method, cell in cells.items():
+        cfg = cell.config
         print(f"\n[demo] {method}: {subset} Fashion-MNIST training images, 40% symmetric noise, {epochs} epochs, "
               f"no augmentation (warm-up {cfg.warmup_epochs}, label correction from epoch {cfg.correction_start}, "
               f"warm restarts every {cfg.restart_period})", flush=True)
-        cell = Cell(noise="sym-40", method=method, seed=seed, config=cfg)
         # a finished run is reported again, not retrained; an interrupted one resumes
         results[method] = run_cell(cell, log=lambda message: print(message.replace("[table]", "[demo]"), flush=True))
-        curves[method] = curve_of_run(cfg.out_dir)
+        curves[method] = accuracy_curve(read_metrics(cfg.out_dir))
     plot_path = plot_accuracy(curves, Path(out_dir) / "accuracy_ce_vs_mixnn.png",
                               title=f"Fashion-MNIST, 40% symmetric noise, {subset} images")
     table = format_results(results)

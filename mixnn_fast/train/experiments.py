@@ -29,8 +29,9 @@ TABLE_METHODS = ("ce", "mixup", "gce", "sce", "mixnn")
 TABLE_NOISE = (("symmetric_uniform", 0.2, "sym-20"), ("symmetric_uniform", 0.4, "sym-40"),
                ("symmetric_uniform", 0.6, "sym-60"), ("symmetric_uniform", 0.8, "sym-80"),
                ("asymmetric_fashion_mnist", 0.4, "asym-40"))
-# fields that only change how a run reports, never what it computes
-_COSMETIC = ("progress", "tensorboard", "out_dir", "extra")
+# fields that only change how a run reports, never what it computes (plus where it writes)
+_REPORTING_ONLY = ("progress", "tensorboard", "extra")
+_COSMETIC = _REPORTING_ONLY + ("out_dir",)
 
 
 @dataclass
@@ -78,16 +79,15 @@ def table_cells(*, out_dir: str | Path, subset: int = 2000, epochs: int = 60, au
     cells = []
     for seed in seeds:
         for kind, rate, noise_label in noises:
-            variants = [(m, "", {}) for m in methods]
+            # (method, row label, folder suffix, config changes)
+            variants = [(m, "", "", {}) for m in methods]
             if plan_pair and "mixnn" in methods and noise_label == "sym-40":
-                variants.append(("mixnn", "naive plan", {"plan": "naive"}))
+                variants.append(("mixnn", "naive plan", "_naive", {"plan": "naive"}))
             if ablations and "mixnn" in methods and noise_label == "sym-60":
-                variants.append(("mixnn", "GMM on soft-target losses", {"gmm_loss": "soft_targets"}))
+                variants.append(("mixnn", "GMM on soft-target losses", "_softgmm", {"gmm_loss": "soft_targets"}))
             if ablations and "mixnn" in methods and noise_label == "sym-80":  # the paper's setting at 80%
-                variants.append(("mixnn", "losses averaged over 5 refreshes", {"gmm_history": 5}))
-            for method, variant, extra in variants:
-                suffix = {"": "", "naive plan": "_naive", "GMM on soft-target losses": "_softgmm",
-                          "losses averaged over 5 refreshes": "_history5"}[variant]
+                variants.append(("mixnn", "losses averaged over 5 refreshes", "_history5", {"gmm_history": 5}))
+            for method, variant, suffix, extra in variants:
                 name = f"{noise_label}_{method}{suffix}_s{seed}"
                 values = dict(dataset="fashion_mnist", train_subset=subset, noise=kind, noise_rate=rate,
                               noise_seed=seed, seed=seed, method=method, model="small_cnn", model_widths=list(widths),
@@ -105,7 +105,7 @@ def train_command(cfg: TrainConfig) -> str:
     parts = [".venv/bin/mixnn", "train"]
     for f in dataclasses.fields(TrainConfig):
         value = getattr(cfg, f.name)
-        if f.name in ("progress", "tensorboard", "extra") or value == getattr(defaults, f.name):
+        if f.name in _REPORTING_ONLY or value == getattr(defaults, f.name):
             continue
         flag = "--" + f.name.replace("_", "-")
         if isinstance(value, bool):
@@ -162,11 +162,6 @@ def _run_cell_locked(cell: Cell, out: Path, log) -> dict:
         summary = json.loads(summary_path.read_text())
         if summary.get("epochs") == cell.config.epochs:
             log(f"[table] {cell.noise} {cell.label} seed {cell.seed}: done earlier ({out})")
-            if "clean_auroc_current_labels" not in summary:  # summaries written before it was added
-                rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-                values = [r["clean_auroc_current_labels"] for r in rows if "clean_auroc_current_labels" in r]
-                if values:
-                    summary["clean_auroc_current_labels"] = values[-1]
             return summary
     resume = (out / CHECKPOINT).exists()
     log(f"[table] {cell.noise} {cell.label} seed {cell.seed}: {'resuming' if resume else 'training'} -> {out}")
@@ -182,14 +177,12 @@ def _run_cell_locked(cell: Cell, out: Path, log) -> dict:
     return summary
 
 
-def curve_of_run(out_dir: str) -> list[tuple[int, float]]:
-    path = Path(out_dir) / "metrics.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-    return [(r["epoch"], r["test_accuracy"]) for r in rows if "test_accuracy" in r]
+def _known(values: list[float | None]) -> list[float]:
+    return [v for v in values if v is not None and not math.isnan(v)]
 
 
-def _pct(values: list[float]) -> str:
-    values = [v for v in values if v is not None and not math.isnan(v)]
+def _pct(values: list[float | None]) -> str:
+    values = _known(values)
     if not values:
         return "–"
     if len(values) == 1:
@@ -198,7 +191,7 @@ def _pct(values: list[float]) -> str:
 
 
 def _auroc(values: list[float | None]) -> str:
-    values = [v for v in values if v is not None and not math.isnan(v)]
+    values = _known(values)
     return f"{statistics.mean(values):.3f}" if values else "–"
 
 
@@ -218,7 +211,7 @@ def format_table(cells: list[Cell], summaries: list[dict]) -> str:
         lines.append(
             f"| {noise} | {label} | {_pct(finals)} | {_pct(bests)} | {_pct(drops)} | "
             f"{_pct([s.get('label_accuracy_after_correction') for _, s in runs])} | "
-            f"{statistics.mean(s.get('final_clean_auroc', float('nan')) for _, s in runs):.3f} | "
+            f"{_auroc([s.get('final_clean_auroc') for _, s in runs])} | "
             f"{_auroc([s.get('clean_auroc_current_labels') for _, s in runs])} | "
             f"{', '.join(str(c.seed) for c, _ in runs)} | "
             f"{statistics.mean(s.get('wall_seconds', float('nan')) for _, s in runs) / 60:.1f} |")
@@ -230,14 +223,15 @@ def format_table(cells: list[Cell], summaries: list[dict]) -> str:
 
 def plot_table(cells: list[Cell], out_dir: str | Path) -> list[Path]:
     """One PNG per noise setting: test accuracy per epoch of every method (first seed)."""
-    from mixnn_fast.train.report import plot_accuracy
+    from mixnn_fast.train.metrics import read_metrics
+    from mixnn_fast.train.report import accuracy_curve, plot_accuracy
 
     paths = []
     by_noise: dict[str, dict[str, list]] = {}
     for cell in cells:
         curves = by_noise.setdefault(cell.noise, {})
         if cell.label not in curves:
-            curves[cell.label] = curve_of_run(cell.config.out_dir)
+            curves[cell.label] = accuracy_curve(read_metrics(cell.config.out_dir))
     for noise, curves in by_noise.items():
         cfg = next(c.config for c in cells if c.noise == noise)
         paths.append(plot_accuracy(curves, Path(out_dir) / f"accuracy_{noise}.png",

@@ -36,6 +36,14 @@ def auroc(scores: torch.Tensor | np.ndarray, positives: torch.Tensor | np.ndarra
     return float((ranks[p].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
+def read_metrics(out_dir: str | Path) -> list[dict[str, Any]]:
+    """The per-epoch rows a run has logged to ``out_dir/metrics.jsonl`` (none if it has no file)."""
+    path = Path(out_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 class MetricsLog:
     """Appends one row per epoch to ``metrics.jsonl`` and ``metrics.csv`` in ``out_dir``, and to
     TensorBoard when it is installed and wanted.  Rows may gain keys over time (the CSV is
@@ -47,8 +55,8 @@ class MetricsLog:
         self.jsonl = self.out_dir / "metrics.jsonl"
         self.csv = self.out_dir / "metrics.csv"
         self.rows: list[dict[str, Any]] = []
-        if resume and self.jsonl.exists():
-            self.rows = [json.loads(line) for line in self.jsonl.read_text().splitlines() if line.strip()]
+        if resume:
+            self.rows = read_metrics(self.out_dir)
         elif self.jsonl.exists():
             self.jsonl.unlink()
         self.writer = None

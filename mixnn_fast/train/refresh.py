@@ -114,12 +114,14 @@ def refresh(outputs: ForwardPass, targets: SoftTargets, given_labels: torch.Tens
     pool_labels = given_labels[ids]
     log_probs = F.log_softmax(outputs.logits, dim=1)
     probabilities = log_probs.exp()
+    pool_targets = targets.targets[ids].float().cpu()  # (P, C) before this refresh's correction
+    current_labels = pool_targets.argmax(1)
     if gmm_loss == "given":
         losses = F.nll_loss(log_probs, pool_labels, reduction="none")
     elif gmm_loss == "argmax_targets":
-        losses = F.nll_loss(log_probs, targets.targets[ids].float().cpu().argmax(1), reduction="none")
+        losses = F.nll_loss(log_probs, current_labels, reduction="none")
     else:
-        losses = -(targets.targets[ids].float().cpu() * log_probs).sum(dim=1)
+        losses = -(pool_targets * log_probs).sum(dim=1)
     if loss_history is not None:
         loss_history.update(ids, losses)
         losses_for_gmm = loss_history.mean(ids)
@@ -145,7 +147,6 @@ def refresh(outputs: ForwardPass, targets: SoftTargets, given_labels: torch.Tens
         stats["lambda_q10"], stats["lambda_q50"], stats["lambda_q90"] = (
             float(q) for q in torch.quantile(weights[:, 0], torch.tensor([0.1, 0.5, 0.9])))
 
-    fitted_labels = targets.targets[ids].float().cpu().argmax(1)  # the labels the GMM judged, before this update
     if label_correction:
         corrected = targets.update(ids, probabilities, epoch)
         stats["targets_updated"] = float(corrected)
@@ -156,7 +157,7 @@ def refresh(outputs: ForwardPass, targets: SoftTargets, given_labels: torch.Tens
         stats["clean_auroc"] = auroc(clean_prob, clean_mask)
         # once labels are corrected, "clean" means "the current label is right": the AUROC that
         # measures what the GMM is asked to detect from then on
-        stats["clean_auroc_current_labels"] = auroc(clean_prob, fitted_labels == true_labels)
+        stats["clean_auroc_current_labels"] = auroc(clean_prob, current_labels == true_labels)
         if clean_mask.any():
             stats["clean_prob_mean_clean"] = float(clean_prob[clean_mask].mean())
         if (~clean_mask).any():
