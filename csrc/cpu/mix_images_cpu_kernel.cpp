@@ -307,15 +307,9 @@ inline void store_vec(float* o, VecF y, int count) {
     _mm512_mask_storeu_ps(o, static_cast<__mmask16>((1u << count) - 1), y);
   }
 }
-template <bool kStream = false>
-inline void store_vec(BFloat16* o, VecF y, int count) {
-  // from_float<BFloat16>: (u + 0x7FFF + ((u >> 16) & 1)) >> 16, NaN -> (u >> 16) | 0x40
-  const __m512i u = _mm512_castps_si512(y);
-  __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)),
-                               _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)));
-  const __mmask16 nan = _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q);
-  r = _mm512_mask_or_epi32(r, nan, u, _mm512_set1_epi32(0x00400000));
-  const __m256i h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
+// The first `count` of 16 narrow values (bfloat16 or float16 bits) to o.
+template <bool kStream, typename T16>
+inline void store_words16(T16* o, __m256i h, int count) {
   if (count == kLanes) {
     if (kStream) {
       _mm256_stream_si256(reinterpret_cast<__m256i*>(o), h);
@@ -327,6 +321,17 @@ inline void store_vec(BFloat16* o, VecF y, int count) {
   }
 }
 template <bool kStream = false>
+inline void store_vec(BFloat16* o, VecF y, int count) {
+  // from_float<BFloat16>: (u + 0x7FFF + ((u >> 16) & 1)) >> 16, NaN -> (u >> 16) | 0x40
+  const __m512i u = _mm512_castps_si512(y);
+  __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)),
+                               _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)));
+  const __mmask16 nan = _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q);
+  r = _mm512_mask_or_epi32(r, nan, u, _mm512_set1_epi32(0x00400000));
+  const __m256i h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
+  store_words16<kStream>(o, h, count);
+}
+template <bool kStream = false>
 inline void store_vec(Half* o, VecF y, int count) {
   // vcvtps2ph rounds to nearest even with subnormals and overflow to inf exactly as
   // from_float<Half>; a NaN is first replaced by the header's canonical one (sign | 0x7E00).
@@ -336,15 +341,7 @@ inline void store_vec(Half* o, VecF y, int count) {
                                             _mm512_set1_epi32(0x7FC00000));
   const __m512 fixed = _mm512_castsi512_ps(_mm512_mask_mov_epi32(u, nan, canonical));
   const __m256i h = _mm512_cvtps_ph(fixed, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  if (count == kLanes) {
-    if (kStream) {
-      _mm256_stream_si256(reinterpret_cast<__m256i*>(o), h);
-    } else {
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), h);
-    }
-  } else {
-    _mm256_mask_storeu_epi16(o, static_cast<__mmask16>((1u << count) - 1), h);
-  }
+  store_words16<kStream>(o, h, count);
 }
 
 #else  // MIXNN_SIMD_NHWC3 == 256
