@@ -64,10 +64,42 @@ _CHUNK = 4096
 # scikit-learn's KMeans defaults, used by GaussianMixture's "kmeans" initialisation.
 _KMEANS_MAX_ITER = 300
 _KMEANS_TOL = 1e-4
+# Spreads below this many sqrt(reg_covar) are treated as one value: reg_covar then exceeds the
+# data's variance by 1e200 and every posterior equals its mixture weight to within 1e-200, while
+# reg_covar / std^2 in the standardised space would approach float64 overflow.
+_NEGLIGIBLE_SPREAD = 1e-100
+# Below float64's smallest normal number a range has lost its precision; it counts as one value.
+_SMALLEST_NORMAL_F64 = torch.finfo(torch.float64).tiny
+
+
+def _midrange_and_half_range(lo: float, hi: float) -> tuple[float, float]:
+    """(midrange, half-range) of [lo, hi], lo < hi finite, both finite and the half-range > 0
+    even when hi - lo overflows (|lo|, |hi| near float64's max) or halving it underflows."""
+    span = hi - lo
+    if not math.isfinite(span):
+        return 0.5 * lo + 0.5 * hi, 0.5 * hi - 0.5 * lo
+    half = 0.5 * span
+    return lo + half, half if half > 0.0 else span
+
+
+def _comfortable(dtype: torch.dtype, *values: float) -> bool:
+    """Every nonzero value is far enough inside ``dtype``'s range that its square (and products
+    with O(1) numbers) stays a normal number: scales and log-odds coefficients of extreme data
+    would otherwise under- or overflow (CI found a subnormal float32 range)."""
+    bound = 1e15 if dtype == torch.float32 else 1e150
+    return all(v == 0.0 or 1.0 / bound < abs(v) < bound for v in values)
+
+
+def _square_ratio(numerator: float, denominator: float) -> float:
+    """numerator / denominator^2 for numerator >= 0, denominator > 0, without the underflow of
+    denominator^2 (a tiny data scale would otherwise divide by zero)."""
+    ratio = math.sqrt(numerator) / denominator
+    return ratio * ratio if numerator > 0.0 else 0.0  # inf rather than OverflowError
 
 
 class DegenerateLossesWarning(UserWarning):
-    """The losses cannot be split into two groups (fewer than two distinct values)."""
+    """The losses cannot be split into two groups (fewer than two distinct values, or a spread
+    below float64's resolution or 1e-100 x sqrt(reg_covar))."""
 
 
 class CollapsedComponentWarning(UserWarning):
@@ -117,8 +149,15 @@ class _Standardised:
         self.n = n
         if x.dtype in (torch.float16, torch.bfloat16):
             x = x.to(dtype)
-        # x stays in its own dtype until the shift is subtracted (the writes into the design
-        # cast): float64 losses far from zero keep their resolution in float32 work.
+        # z = (x - shift) / scale with x's mean and std: any shift and positive scale leave the EM
+        # unchanged (reg_covar is rescaled with them), and O(1) values keep float32 cancellation
+        # small. A first pass centres x on its midrange in x's own dtype before the write into the
+        # design casts, so float64 losses far from zero keep their resolution in float32 work.
+        # When the range is extreme for the design's dtype (CI found a subnormal float32 range,
+        # whose squares underflow; a half-range can round to 0 or hi - lo overflow), that pass
+        # also divides by the half-range, in float64, so the design holds values in [-1, 1].
+        midrange, half_range = _midrange_and_half_range(lo, hi)
+        unit = 1.0 if _comfortable(dtype, half_range) else half_range
         chunk = min(_CHUNK, n)
         chunks = -(-n // chunk)
         full, self.tail = divmod(n, chunk)
@@ -127,23 +166,22 @@ class _Standardised:
         ones.fill_(1.0)
         if self.tail:
             ones[full, self.tail:] = 0.0
-        # z = (x - shift) / scale with x's mean and std: any shift and positive scale leave the EM
-        # unchanged (reg_covar is rescaled with them), and O(1) values keep float32 cancellation
-        # small. The mean and std come from a first pass centred on the midrange.
-        midrange = 0.5 * (lo + hi)
+        centred = x if unit == 1.0 else torch.sub(x.to(torch.float64), midrange).div_(unit)
+        offset = midrange if unit == 1.0 else 0.0
         if full:
-            torch.sub(x[: full * chunk].view(full, chunk), midrange, out=z[:full])
+            torch.sub(centred[: full * chunk].view(full, chunk), offset, out=z[:full])
         if self.tail:
-            torch.sub(x[full * chunk:], midrange, out=z[full, : self.tail])
+            torch.sub(centred[full * chunk:], offset, out=z[full, : self.tail])
             z[full, self.tail:] = 0.0
+        del centred
         total, first, second = self._fill_square_and_sum()
         mean = first / total
         std = math.sqrt(max(second / total - mean * mean, 0.0))
-        if not std > 1e-6 * (hi - lo):  # spread lost to rounding: the range serves as well
-            std = hi - lo
-        z.sub_(mean).mul_(ones).mul_(1.0 / std)  # mul by ones keeps the padding at 0
-        self.shift = midrange + mean
-        self.scale = std
+        if not std > 1e-6 * half_range / unit:  # spread lost to rounding: the half-range serves as well
+            std = half_range / unit
+        z.sub_(mean).mul_(ones).div_(std)  # mul by ones keeps the padding at 0
+        self.shift = midrange + mean * unit
+        self.scale = std * unit
         self.total, self.sum_z, self.sum_z2 = self._fill_square_and_sum()
         self.resp = torch.empty((chunks, 2, chunk), dtype=dtype, device=x.device)
         self.work = torch.empty_like(self.resp)
@@ -175,6 +213,8 @@ class _Standardised:
             self.work[-1, :, self.tail:] = 0.0  # padding: r = 1/2 there, must not count
         sum_r_log_r = self.work.mul_(self.resp).sum()  # torch's cascade sum: accurate in float32
         stats = self.moments(self.resp)
+        if not all(math.isfinite(v) for row in stats for v in row):  # NaN responsibilities reach the sums
+            raise _overflow_error(self.design.dtype)
         return stats, float(sum_r_log_r)
 
     def posterior(self, params: _Params, component: int) -> torch.Tensor:
@@ -182,7 +222,21 @@ class _Standardised:
         coefficients = torch.tensor([params.log_odds_coefficients(component)],
                                     dtype=self.design.dtype).to(self.design.device, non_blocking=True)
         out = torch.bmm(coefficients.expand(self.design.shape[0], 1, 3), self.design).sigmoid_()
-        return out.view(-1)[: self.n]
+        probability = out.view(-1)[: self.n]
+        _check_posterior(probability)
+        return probability
+
+
+def _overflow_error(dtype: torch.dtype) -> ValueError:
+    return ValueError(f"GMM1D: the log-odds overflowed {dtype} (a component's variance is tiny next to the "
+                      "data's spread: the data sit in a few tight clusters far apart); increase reg_covar, "
+                      "or normalise the losses")
+
+
+def _check_posterior(probability: torch.Tensor) -> None:
+    """The posterior from the expanded log-odds is NaN only where opposite infinities met."""
+    if bool(torch.isnan(probability).any()):
+        raise _overflow_error(probability.dtype)
 
 
 @dataclass(frozen=True)
@@ -247,7 +301,10 @@ class GMM1D:
     ``lower_bound_`` (final mean log-likelihood) and ``lower_bounds_`` (per iteration).
     Data with fewer than two distinct values give a degenerate fit (``degenerate_``
     True): both components at that value with variance reg_covar, equal weights,
-    every posterior 0.5, and a DegenerateLossesWarning.
+    every posterior 0.5, and a DegenerateLossesWarning. So do data whose spread is
+    below float64's smallest normal number or 1e-100 x sqrt(reg_covar) (reg_covar
+    then swamps it and the posteriors equal the weights to within 1e-200; both
+    components sit at the midrange).
     """
 
     def __init__(self, *, max_iter: int = 10, tol: float = 1e-2, reg_covar: float = 5e-4, seed: int = 0,
@@ -308,11 +365,15 @@ class GMM1D:
         _check_finite(x, "x")
         if self.degenerate_:
             return torch.full(x.shape, 0.5, dtype=self.dtype, device=x.device)
-        work_dtype = torch.promote_types(x.dtype, self.dtype)  # subtract before any down-cast
-        z = (x.to(work_dtype) - self._shift).to(self.dtype).mul_(1.0 / self._scale)
+        # Standardised before any down-cast; in float64 when the scale (see _Standardised) or the
+        # log-odds' coefficients (huge for a component with a tiny variance) are extreme.
         c0, c1, c2 = self._params.log_odds_coefficients(component)
-        d = torch.mul(z * z, c2).add_(z, alpha=c1).add_(c0)
-        return torch.sigmoid(d)
+        comfortable = _comfortable(self.dtype, self._scale, c0, c1, c2)
+        work = torch.promote_types(x.dtype, self.dtype if comfortable else torch.float64)
+        z = (x.to(work) - self._shift).div_(self._scale)
+        probability = torch.sigmoid(torch.mul(z * z, c2).add_(z, alpha=c1).add_(c0))
+        _check_posterior(probability)
+        return probability.to(self.dtype)
 
     @property
     def lower_mean_component(self) -> int:
@@ -329,10 +390,15 @@ class GMM1D:
         lo, hi = (float(v) for v in torch.aminmax(x))
         _check_finite(x, "x", (lo, hi))
         if lo == hi:
-            self._fit_degenerate(lo, x.numel())
+            self._fit_degenerate(x.numel(), f"are all equal ({lo:g})", lo)
+            return _DegenerateData(x.numel(), x.device)
+        _, half_range = _midrange_and_half_range(lo, hi)
+        if half_range < _SMALLEST_NORMAL_F64 or half_range < _NEGLIGIBLE_SPREAD * math.sqrt(self.reg_covar):
+            self._fit_degenerate(x.numel(), f"span only [{lo:g}, {hi:g}] (below float64's resolution or "
+                                 f"{_NEGLIGIBLE_SPREAD:g} x sqrt(reg_covar))", 0.5 * lo + 0.5 * hi)
             return _DegenerateData(x.numel(), x.device)
         data = _Standardised(x, self.dtype, lo, hi)
-        reg_z = self.reg_covar / data.scale ** 2
+        reg_z = _square_ratio(self.reg_covar, data.scale)
         params = self._initial_params(data, reg_z)
 
         lower_bound = -math.inf
@@ -364,12 +430,14 @@ class GMM1D:
         self.lower_bound_ = lower_bound
         self.lower_bounds_ = lower_bounds
         self.means_ = torch.tensor([data.shift + data.scale * m for m in params.means], dtype=torch.float64)
-        self.variances_ = torch.tensor([data.scale ** 2 * v for v in params.variances], dtype=torch.float64)
+        # t * t: inf, not OverflowError, when the variance in x's units exceeds float64 (x near 1e308)
+        self.variances_ = torch.tensor([t * t for t in (data.scale * math.sqrt(v) for v in params.variances)],
+                                       dtype=torch.float64)
         self.weights_ = torch.tensor(params.weights, dtype=torch.float64)
         return data
 
-    def _fit_degenerate(self, value: float, n: int) -> None:
-        warnings.warn(f"GMM1D: the {n} value(s) are all equal ({value:g}); two components cannot be told apart, "
+    def _fit_degenerate(self, n: int, why: str, value: float) -> None:
+        warnings.warn(f"GMM1D: the {n} value(s) {why}; two components cannot be told apart, "
                       "every posterior is 0.5", DegenerateLossesWarning, stacklevel=4)
         self.degenerate_ = True
         self._params = _Params((0.0, 0.0), (1.0, 1.0), (0.5, 0.5))
@@ -386,7 +454,11 @@ class GMM1D:
         """k-means estimates, each replaced by the user's init when given (scikit-learn's rule)."""
         a, s = data.shift, data.scale
         given_means = None if self.means_init is None else tuple((m - a) / s for m in self.means_init)
-        given_vars = None if self.variances_init is None else tuple(v / s ** 2 for v in self.variances_init)
+        given_vars = None if self.variances_init is None else tuple(_square_ratio(v, s) for v in self.variances_init)
+        for name, given in (("means_init", given_means), ("variances_init", given_vars)):
+            if given is not None and not all(math.isfinite(v) and abs(v) < 1e150 for v in given):
+                raise ValueError(f"{name}={getattr(self, name)} is out of range for data with mean {a:g} and "
+                                 f"standard deviation {s:g} (more than 1e150 of them away)")
         if given_means is not None and given_vars is not None and self.weights_init is not None:
             return _Params(given_means, given_vars, self.weights_init)
         estimate = self._m_step(data.moments(self._kmeans_resp(data)), reg_z, weights_by_n=data.n)
@@ -403,8 +475,9 @@ class GMM1D:
             spread = max(second - 2.0 * mean * first + mean * mean * total, 0.0) / n
             variance = spread + reg_z
             if not variance > 0.0:
-                raise ValueError("GMM1D: a component collapsed onto a single value (zero variance); "
-                                 "increase reg_covar (scikit-learn's default is 1e-6, MixNN uses 5e-4)")
+                raise ValueError("GMM1D: a component collapsed onto a single value (zero variance); increase "
+                                 f"reg_covar (here {reg_z:g} x the data's variance; scikit-learn's default is "
+                                 "1e-6, MixNN uses 5e-4 on normalised losses) or normalise the losses")
             nk.append(n)
             means.append(mean)
             variances.append(variance)
@@ -457,6 +530,8 @@ class GMM1D:
             new_count, sum_hi, _ = data.moments(above)[0]
             if new_count == count_hi:
                 break  # scikit-learn's "strict convergence"
+            if new_count == 0 or new_count == n:
+                break  # rounding emptied a cluster (near-tied values): keep the last two centres
             count_hi = new_count
             new_hi = sum_hi / new_count
             new_lo = (data.sum_z - sum_hi) / (n - new_count)
@@ -519,8 +594,9 @@ def clean_probability(losses: torch.Tensor, *, max_iter: int = 10, tol: float = 
 
     Returns:
         Tensor[N] in ``dtype`` on the losses' device, values in [0, 1] (and the model
-        if return_model). Losses with fewer than two distinct values (including N == 1)
-        cannot be split: every probability is 0.5, with a DegenerateLossesWarning.
+        if return_model). Losses with fewer than two distinct values (including N == 1),
+        or a spread GMM1D counts as none (see there), cannot be split: every
+        probability is 0.5, with a DegenerateLossesWarning.
     """
     losses = _check_losses(losses, "losses")
     if losses.numel() == 0:
@@ -531,7 +607,10 @@ def clean_probability(losses: torch.Tensor, *, max_iter: int = 10, tol: float = 
     _check_finite(losses, "losses", (lo, hi))
     x = losses
     if normalise and hi > lo:
-        x = (losses.to(torch.promote_types(losses.dtype, dtype)) - lo).mul_(1.0 / (hi - lo))
+        # divide (a reciprocal of a subnormal range overflows); halve first when hi - lo overflows
+        work = losses.to(torch.promote_types(losses.dtype, dtype))
+        x = (work.sub(lo).div_(hi - lo) if hi - lo <= torch.finfo(work.dtype).max
+             else work.mul(0.5).sub_(0.5 * lo).div_(0.5 * hi - 0.5 * lo))
     model = GMM1D(max_iter=max_iter, tol=tol, reg_covar=reg_covar, seed=seed, means_init=means_init,
                   variances_init=variances_init, weights_init=weights_init, dtype=dtype)
     data = model._fit(x)

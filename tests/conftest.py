@@ -16,6 +16,8 @@ from hypothesis import settings
 
 # Hypothesis: bounded and deterministic enough for CI on 2 cores.
 settings.register_profile("ci", max_examples=60, deadline=None, derandomize=False, print_blob=True)
+# A long search before a release: HYPOTHESIS_PROFILE=deep pytest -k <property tests>.
+settings.register_profile("deep", max_examples=3000, deadline=None, derandomize=False, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 HAS_CUDA = torch.cuda.is_available()

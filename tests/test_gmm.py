@@ -236,6 +236,71 @@ def test_unnormalised_fit_works_far_from_zero_in_float32(rng):
     assert_same_fit(ours, theirs, x, "cpu", 1e-3)
 
 
+@pytest.mark.parametrize("scale", [1e-150, 1e-40, 1e-10, 1e10, 1e150])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_unnormalised_fit_is_scale_invariant_from_tiny_to_huge_scales(rng, scale, dtype):
+    # x * s with reg_covar * s^2 is the same mixture; s^2 and reg_covar / s^2 must not under- or overflow
+    x = bimodal(rng, 3001)
+    init = random_init(rng, x)
+    reference = GMM1D(**init, dtype=dtype).fit(torch.from_numpy(x))
+    scaled_init = {"means_init": init["means_init"] * scale, "variances_init": init["variances_init"] * scale ** 2,
+                   "weights_init": init["weights_init"]}
+    scaled = GMM1D(reg_covar=5e-4 * scale ** 2, **scaled_init, dtype=dtype).fit(torch.from_numpy(x * scale))
+    torch.testing.assert_close(scaled.predict_proba(torch.from_numpy(x * scale)),
+                               reference.predict_proba(torch.from_numpy(x)), rtol=0, atol=1e-5)
+    torch.testing.assert_close(scaled.means_ / scale, reference.means_, rtol=1e-5, atol=0)
+    torch.testing.assert_close(scaled.variances_ / scale ** 2, reference.variances_, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("values,dtype", [
+    ([0.0, 3.2229864679470793e-44], torch.float32),  # CI, 2026-11-25: a subnormal float32 range
+    ([0.0, 1.401298464324817e-45], torch.float32),  # half the range rounds to 0 in float32
+    ([0.0, 1.7773e-300], torch.float64),
+    ([1.7976931348623155e+308, -2.9937604643020797e+292], torch.float64),  # hi - lo overflows
+    ([-3e38, 3e38, 1.0], torch.float32),
+])
+def test_extreme_ranges_give_the_same_split_as_ordinary_ones(values, dtype):
+    # two or three values, far apart relative to their range: normalised, each is its own cluster
+    x = torch.tensor(values, dtype=dtype)
+    p = clean_probability(x)
+    lowest = torch.arange(len(values)) == int(x.argmin())
+    assert (p[lowest] > 0.99).all() and (p[~lowest] < 0.01).all()
+    # unnormalised, reg_covar = 5e-4 swamps these spreads and the fit gives probabilities, lowest loss
+    # most clean; or it vanishes next to them, and the error says what to do
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DegenerateLossesWarning)  # [0, 1.8e-300]: below float64's resolution
+            p = clean_probability(x, normalise=False)
+    except ValueError as exc:
+        assert "log-odds overflowed" in str(exc) or "collapsed" in str(exc)
+        assert "reg_covar" in str(exc) and "normalise" in str(exc)
+        return
+    assert torch.isfinite(p).all() and (p >= 0).all() and (p <= 1).all() and (p[lowest] >= p[~lowest]).all()
+
+
+def test_ranges_below_float64_resolution_or_reg_covar_are_degenerate():
+    with pytest.warns(DegenerateLossesWarning, match="span only"):
+        p = clean_probability(torch.tensor([0.0, 5e-324], dtype=torch.float64), normalise=False)
+    assert torch.equal(p, torch.full((2,), 0.5))
+    with pytest.warns(DegenerateLossesWarning, match="reg_covar"):
+        model = GMM1D(reg_covar=1.0).fit(torch.tensor([0.0, 1e-101], dtype=torch.float64))
+    assert model.degenerate_
+    # just above the threshold it is an ordinary fit: the posteriors are the mixture weights
+    model = GMM1D(reg_covar=1.0).fit(torch.tensor([0.0, 1e-99], dtype=torch.float64))
+    assert not model.degenerate_
+
+
+def test_clusters_too_tight_for_float32_log_odds_raise_a_clear_error():
+    x = torch.tensor([0.0, 0.0, 1e30, 1e30])  # variance reg_covar = 5e-4 vs a spread of 1e30
+    with pytest.raises(ValueError, match="log-odds overflowed.*reg_covar"):
+        GMM1D(reg_covar=5e-4, means_init=[0.0, 1e30], variances_init=[5e-4, 5e-4],
+              weights_init=[0.5, 0.5]).fit(torch.tensor([0.0, 1e-30, 1e30, 1e30 + 1e23]))
+    # in float64 the same fit works and matches scikit-learn
+    p = GMM1D(reg_covar=5e-4, dtype=torch.float64).fit_predict_proba(x.double())
+    reference = sklearn_gmm(x.double().numpy(), reg_covar=5e-4).predict_proba(x.double().numpy()[:, None])
+    np.testing.assert_allclose(np.sort(p.numpy(), axis=1), np.sort(reference, axis=1), atol=1e-9)
+
+
 def test_same_seed_same_result_and_seed_reaches_the_initialisation(rng):
     losses = torch.from_numpy(unimodal(rng, 2001))
     a = clean_probability(losses, seed=3)
@@ -325,20 +390,37 @@ def test_non_finite_losses_raise_naming_the_index(n, position, bad, dtype):
         GMM1D().fit(x)
 
 
-@given(values=st.lists(st.floats(-1e6, 1e6, allow_nan=False, width=32), min_size=1, max_size=200),
-       normalise=st.booleans())
-def test_any_finite_losses_give_probabilities(values, normalise):
-    x = torch.tensor(values, dtype=torch.float32)
+def _finite_loss_lists(width: int):
+    """Lists of finite floats of one width, including subnormals, the extremes and near-ties:
+    the ranges the standardisation must survive (CI once found [0.0, 3.2e-44] in float32)."""
+    finfo = np.finfo(np.float32 if width == 32 else np.float64)
+    anything = st.floats(allow_nan=False, allow_infinity=False, width=width)
+    subnormal = st.floats(-float(finfo.smallest_normal), float(finfo.smallest_normal), width=width)
+    ordinary = st.floats(-1e6, 1e6, allow_nan=False, width=width)
+    near_one = st.integers(0, 3).map(lambda k: float(np.nextafter(finfo.dtype.type(1), 2, dtype=finfo.dtype) ** k)
+                                     if k else 1.0)
+    return st.lists(st.one_of(ordinary, subnormal, anything, near_one, st.sampled_from([0.0, -0.0])),
+                    min_size=1, max_size=200)
+
+
+@given(data=st.data(), dtype=st.sampled_from([torch.float32, torch.float64]), normalise=st.booleans(),
+       compute=st.sampled_from([torch.float32, torch.float64]))
+def test_any_finite_losses_give_probabilities(data, dtype, normalise, compute):
+    values = data.draw(_finite_loss_lists(32 if dtype == torch.float32 else 64), label="values")
+    x = torch.tensor(values, dtype=dtype)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DegenerateLossesWarning)
         warnings.simplefilter("ignore", CollapsedComponentWarning)
         try:
-            p = clean_probability(x, normalise=normalise)
+            p, model = clean_probability(x, normalise=normalise, dtype=compute, return_model=True)
         except ValueError as exc:  # only legitimate failure: zero variance needs reg_covar
             assert "reg_covar" in str(exc)
             return
-    assert p.shape == x.shape and p.dtype == torch.float32
+    assert p.shape == x.shape and p.dtype == compute
     assert torch.isfinite(p).all() and (p >= 0).all() and (p <= 1).all()
+    if not normalise:  # the fitted model applied to the same losses again stays a probability
+        again = model.posterior(x, model.lower_mean_component)
+        assert torch.isfinite(again).all() and (again >= 0).all() and (again <= 1).all()
 
 
 @pytest.mark.parametrize("bad,error,match", [
