@@ -51,6 +51,8 @@ from typing import Sequence
 
 import torch
 
+from mixnn_fast._checks import check_sample_ids
+
 __all__ = ["GMM1D", "clean_probability", "LossHistory", "DegenerateLossesWarning", "CollapsedComponentWarning"]
 
 logger = logging.getLogger(__name__)
@@ -79,7 +81,21 @@ def _midrange_and_half_range(lo: float, hi: float) -> tuple[float, float]:
     if not math.isfinite(span):
         return 0.5 * lo + 0.5 * hi, 0.5 * hi - 0.5 * lo
     half = 0.5 * span
-    return lo + half, half if half > 0.0 else span
+    midrange = 0.5 * (lo + hi) if math.isfinite(lo + hi) else lo + half  # any value in [lo, hi] serves
+    return midrange, half if half > 0.0 else span
+
+
+def _times_square(value: float, factor: float) -> float:
+    """value * factor^2 for value >= 0 without the under- or overflow of factor^2 alone
+    (inf, not OverflowError, when the product exceeds float64: variances of x near 1e308)."""
+    try:
+        square = factor ** 2  # as before the guard (pow, not factor * factor): reported values unchanged
+    except OverflowError:
+        square = math.inf
+    if _SMALLEST_NORMAL_F64 <= square < math.inf:
+        return value * square
+    root = math.sqrt(value) * factor
+    return root * root
 
 
 def _comfortable(dtype: torch.dtype, *values: float) -> bool:
@@ -93,6 +109,12 @@ def _comfortable(dtype: torch.dtype, *values: float) -> bool:
 def _square_ratio(numerator: float, denominator: float) -> float:
     """numerator / denominator^2 for numerator >= 0, denominator > 0, without the underflow of
     denominator^2 (a tiny data scale would otherwise divide by zero)."""
+    try:
+        square = denominator ** 2  # as before the guard (pow, not a product): results unchanged
+    except OverflowError:
+        square = math.inf
+    if _SMALLEST_NORMAL_F64 <= square < math.inf:
+        return numerator / square
     ratio = math.sqrt(numerator) / denominator
     return ratio * ratio if numerator > 0.0 else 0.0  # inf rather than OverflowError
 
@@ -177,9 +199,10 @@ class _Standardised:
         total, first, second = self._fill_square_and_sum()
         mean = first / total
         std = math.sqrt(max(second / total - mean * mean, 0.0))
-        if not std > 1e-6 * half_range / unit:  # spread lost to rounding: the half-range serves as well
-            std = half_range / unit
-        z.sub_(mean).mul_(ones).div_(std)  # mul by ones keeps the padding at 0
+        if not std > 2e-6 * half_range / unit:  # spread lost to rounding: the range serves as well
+            std = 2.0 * half_range / unit
+        # std is comfortable for the dtype in both cases (see above), so is its reciprocal
+        z.sub_(mean).mul_(ones).mul_(1.0 / std)  # mul by ones keeps the padding at 0
         self.shift = midrange + mean * unit
         self.scale = std * unit
         self.total, self.sum_z, self.sum_z2 = self._fill_square_and_sum()
@@ -368,9 +391,11 @@ class GMM1D:
         # Standardised before any down-cast; in float64 when the scale (see _Standardised) or the
         # log-odds' coefficients (huge for a component with a tiny variance) are extreme.
         c0, c1, c2 = self._params.log_odds_coefficients(component)
-        comfortable = _comfortable(self.dtype, self._scale, c0, c1, c2)
-        work = torch.promote_types(x.dtype, self.dtype if comfortable else torch.float64)
-        z = (x.to(work) - self._shift).div_(self._scale)
+        if _comfortable(self.dtype, self._scale) and _comfortable(self.dtype, max(abs(c0), abs(c1), abs(c2), 1.0)):
+            work_dtype = torch.promote_types(x.dtype, self.dtype)  # subtract before any down-cast
+            z = (x.to(work_dtype) - self._shift).to(self.dtype).mul_(1.0 / self._scale)
+        else:
+            z = (x.to(torch.float64) - self._shift).div_(self._scale)
         probability = torch.sigmoid(torch.mul(z * z, c2).add_(z, alpha=c1).add_(c0))
         _check_posterior(probability)
         return probability.to(self.dtype)
@@ -430,9 +455,7 @@ class GMM1D:
         self.lower_bound_ = lower_bound
         self.lower_bounds_ = lower_bounds
         self.means_ = torch.tensor([data.shift + data.scale * m for m in params.means], dtype=torch.float64)
-        # t * t: inf, not OverflowError, when the variance in x's units exceeds float64 (x near 1e308)
-        self.variances_ = torch.tensor([t * t for t in (data.scale * math.sqrt(v) for v in params.variances)],
-                                       dtype=torch.float64)
+        self.variances_ = torch.tensor([_times_square(v, data.scale) for v in params.variances], dtype=torch.float64)
         self.weights_ = torch.tensor(params.weights, dtype=torch.float64)
         return data
 
@@ -607,10 +630,13 @@ def clean_probability(losses: torch.Tensor, *, max_iter: int = 10, tol: float = 
     _check_finite(losses, "losses", (lo, hi))
     x = losses
     if normalise and hi > lo:
-        # divide (a reciprocal of a subnormal range overflows); halve first when hi - lo overflows
         work = losses.to(torch.promote_types(losses.dtype, dtype))
-        x = (work.sub(lo).div_(hi - lo) if hi - lo <= torch.finfo(work.dtype).max
-             else work.mul(0.5).sub_(0.5 * lo).div_(0.5 * hi - 0.5 * lo))
+        if _comfortable(work.dtype, hi - lo):
+            x = (work - lo).mul_(1.0 / (hi - lo))
+        elif hi - lo <= torch.finfo(work.dtype).max:  # the reciprocal of a subnormal range overflows
+            x = work.sub(lo).div_(hi - lo)
+        else:  # hi - lo overflows: halve first
+            x = work.mul(0.5).sub_(0.5 * lo).div_(0.5 * hi - 0.5 * lo)
     model = GMM1D(max_iter=max_iter, tol=tol, reg_covar=reg_covar, seed=seed, means_init=means_init,
                   variances_init=variances_init, weights_init=weights_init, dtype=dtype)
     data = model._fit(x)
@@ -702,14 +728,4 @@ class LossHistory:
         self._next.copy_(state["next"])
 
     def _check_indices(self, indices: object, name: str) -> torch.Tensor:
-        if not isinstance(indices, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(indices).__name__}")
-        if indices.dtype != torch.int64 or indices.ndim != 1:
-            raise ValueError(f"{name} must be a 1-D int64 tensor, got {indices.dtype} of shape {tuple(indices.shape)}")
-        if indices.device != self.values.device:
-            raise ValueError(f"{name} is on {indices.device}, the history on {self.values.device}")
-        if indices.numel():
-            lo, hi = (int(v) for v in torch.aminmax(indices))
-            if lo < 0 or hi >= self.num_samples:
-                raise ValueError(f"{name} must lie in [0, {self.num_samples}), got values in [{lo}, {hi}]")
-        return indices
+        return check_sample_ids(indices, name, self.num_samples, self.values.device, "the history")
