@@ -17,6 +17,8 @@ import math
 
 import torch
 
+from mixnn_fast._checks import check_in_range, check_sample_ids
+
 __all__ = ["SoftTargets"]
 
 _STORAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -44,7 +46,7 @@ class SoftTargets:
             raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
         if labels.ndim != 1 or labels.dtype != torch.int64:
             raise ValueError(f"labels must be a 1-D int64 tensor (N,), got {labels.dtype} of shape {tuple(labels.shape)}")
-        _check_in_range(labels, "labels", num_classes, "num_classes")
+        check_in_range(labels, "labels", num_classes, "num_classes")
         if not (isinstance(momentum, (int, float)) and 0.0 <= momentum <= 1.0):
             raise ValueError(f"momentum must be a number in [0, 1], got {momentum!r}")
         for name, value, least in (("start_epoch", start_epoch, 0), ("update_every", update_every, 1)):
@@ -95,7 +97,7 @@ class SoftTargets:
         if clean_labels.dtype != torch.int64 or tuple(clean_labels.shape) != (len(self),):
             raise ValueError(f"clean_labels must be an int64 tensor of shape ({len(self)},), got "
                              f"{clean_labels.dtype} of shape {tuple(clean_labels.shape)}")
-        _check_in_range(clean_labels, "clean_labels", self.num_classes, "num_classes")
+        check_in_range(clean_labels, "clean_labels", self.num_classes, "num_classes")
         if len(self) == 0:
             raise ValueError("correction_accuracy of an empty store is undefined")
         hits = (self.corrected_labels() == clean_labels.to(self.device)).sum()
@@ -159,14 +161,7 @@ class SoftTargets:
     # ---------------------------------------------------------------- checks
 
     def _check_indices(self, indices: object, name: str) -> torch.Tensor:
-        if not isinstance(indices, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(indices).__name__}")
-        if indices.ndim != 1 or indices.dtype != torch.int64:
-            raise ValueError(f"{name} must be a 1-D int64 tensor, got {indices.dtype} of shape {tuple(indices.shape)}")
-        if indices.device != self.device:
-            raise ValueError(f"{name} is on {indices.device}, the targets on {self.device}")
-        _check_in_range(indices, name, len(self), "N")
-        return indices
+        return check_sample_ids(indices, name, len(self), self.device, "the targets")
 
     def _check_probabilities(self, probabilities: object, rows: int) -> None:
         if not isinstance(probabilities, torch.Tensor):
@@ -189,11 +184,3 @@ class SoftTargets:
         if float(error[worst]) > tolerance:
             raise ValueError(f"each row of probabilities must sum to 1 (within {tolerance}); row {worst} sums to "
                              f"{float(probabilities[worst].double().sum()):.6g}")
-
-
-def _check_in_range(values: torch.Tensor, name: str, upper: int, upper_name: str) -> None:
-    if values.numel() == 0:
-        return
-    lo, hi = (int(v) for v in torch.aminmax(values))
-    if lo < 0 or hi >= upper:
-        raise ValueError(f"{name} must lie in [0, {upper_name}) = [0, {upper}), got values in [{lo}, {hi}]")

@@ -30,6 +30,8 @@ import math
 
 import torch
 
+from mixnn_fast._checks import check_in_range
+
 __all__ = ["mixing_weights", "random_partners", "MODES"]
 
 MODES = ("gmm", "avg", "rdm", "mixup")
@@ -184,7 +186,7 @@ def _check_inputs(clean_prob: object, neighbours: object,
                          f"of shape {tuple(neighbours.shape)}")
     if neighbours.device != clean_prob.device:
         raise ValueError(f"neighbours is on {neighbours.device}, clean_prob on {clean_prob.device}")
-    _check_in_range(neighbours, "neighbours", n)
+    check_in_range(neighbours, "neighbours", n)
     if anchors is None:
         if neighbours.shape[0] != n:
             raise ValueError(f"neighbours has {neighbours.shape[0]} rows but clean_prob has N={n} samples; "
@@ -198,13 +200,5 @@ def _check_inputs(clean_prob: object, neighbours: object,
         raise ValueError(f"anchors has {anchors.numel()} entries but neighbours has {neighbours.shape[0]} rows")
     if anchors.device != clean_prob.device:
         raise ValueError(f"anchors is on {anchors.device}, clean_prob on {clean_prob.device}")
-    _check_in_range(anchors, "anchors", n)
+    check_in_range(anchors, "anchors", n)
     return clean_prob, neighbours, anchors
-
-
-def _check_in_range(indices: torch.Tensor, name: str, n: int) -> None:
-    if indices.numel() == 0:
-        return
-    lo, hi = (int(v) for v in torch.aminmax(indices))
-    if lo < 0 or hi >= n:
-        raise ValueError(f"{name} must lie in [0, N) = [0, {n}), got values in [{lo}, {hi}]")
