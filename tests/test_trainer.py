@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
+from fixtures import make_clothing1m
 
 from mixnn_fast.cli import main as mixnn_main
 from mixnn_fast.train.config import TrainConfig
@@ -104,3 +106,25 @@ def test_no_augmentation_gives_the_same_images_every_epoch(tmp_path):
 def test_no_augmentation_is_refused_for_image_files(tmp_path):
     with pytest.raises(ValueError, match="augment"):
         tiny_config(tmp_path, dataset="image_folder", data_root=str(tmp_path), augment=False)
+
+
+def test_clothing1m_balanced_draw_is_made_once_per_epoch_and_covers_loader_and_refresh(tmp_path, monkeypatch):
+    import mixnn_fast.train.trainer as trainer_module
+
+    fixture = make_clothing1m(tmp_path / "clothing1m", n_noisy_train=42, size=32)
+    seeds: list[int] = []
+    original = trainer_module.balanced_subset
+
+    def counted(description, num_batches, batch_size, seed):
+        seeds.append(seed)
+        return original(description, num_batches, batch_size, seed)
+
+    monkeypatch.setattr(trainer_module, "balanced_subset", counted)
+    cfg = tiny_config(tmp_path, dataset="clothing1m", data_root=str(fixture.root), noise="none", method="mixnn",
+                      epochs=2, warmup_epochs=1, correction_start=1, num_batches=2, batch_size=8, seed=5)
+    trainer = Trainer(cfg)
+    trainer.fit()
+    assert seeds == [5, 6]  # one draw per epoch although the loader and the refresh both use it
+    drawn = original(trainer.data.train, 2, 8, 6)
+    assert torch.equal(trainer.last_refresh.ids, torch.from_numpy(np.sort(drawn)))
+    assert trainer.mix_loader.make_plan(1).stats.anchors == len(drawn)

@@ -15,6 +15,7 @@ Every epoch appends a row to ``metrics.jsonl``/``metrics.csv`` and saves ``check
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -111,7 +112,12 @@ class Trainer:
             loader_options.update(size=geometry.size)
         self.anchor_ids = None
         if cfg.dataset == "clothing1m" and cfg.num_batches:
-            self.anchor_ids = lambda epoch: balanced_subset(train, cfg.num_batches, cfg.batch_size, cfg.seed + epoch)
+            @functools.lru_cache(maxsize=2)  # the loader and the refresh both ask for each epoch's draw
+            def balanced_draw(epoch: int) -> np.ndarray:
+                ids = balanced_subset(train, cfg.num_batches, cfg.batch_size, cfg.seed + epoch)
+                ids.setflags(write=False)  # shared by its callers
+                return ids
+            self.anchor_ids = balanced_draw
         self.plain_loader = MixNNLoader(train, cfg.batch_size, mode="plain", anchor_ids=self.anchor_ids,
                                         **loader_options)
         mix_mode = "in_batch" if cfg.partners == "in_batch" else cfg.plan
