@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     table.add_argument("--shard", help="K/N: run every N-th cell from the K-th (several processes, one folder)")
 
     bench = sub.add_parser("bench", help="run bench/<name>.py (extra arguments go to the script)")
-    bench.add_argument("name", help="mixer, refresh_gmm, refresh_neighbours, loader, epoch, ...")
+    bench.add_argument("name", help="mixer, refresh_gmm, refresh_neighbours, loader, eval_loader, epoch, ...")
 
     sub.add_parser("info", help="what the native extension was built with")
     return parser

@@ -41,6 +41,15 @@ def wide_jpeg_set(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def tall_jpeg_set(tmp_path_factory):
+    """7 JPEGs of 131×77 (portrait, odd sides): the other orientation for the central window."""
+    root = tmp_path_factory.mktemp("tall")
+    images = photo_crops(7, (131, 77), seed=5)
+    paths = [str(write_jpeg(root / f"{i}.jpg", img)) for i, img in enumerate(images)]
+    return DatasetDescription("tall", ["a", "b"], np.arange(7) % 2, paths=paths)
+
+
+@pytest.fixture(scope="module")
 def garments():
     if not HAVE_FASHION_MNIST:
         pytest.skip("Fashion-MNIST (Debian dataset-fashion-mnist) is not installed")
@@ -78,9 +87,11 @@ def collect(loader):
 # outputs against PIL
 
 
-def test_eval_loader_matches_pil_resize_and_centre_crop(wide_jpeg_set):
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+def test_eval_loader_matches_pil_resize_and_centre_crop(wide_jpeg_set, backend):
     desc = wide_jpeg_set
-    loader = EvalLoader(desc, batch_size=4, crop=64, resize=72, device="cpu", num_threads=1)
+    loader = EvalLoader(desc, batch_size=4, crop=64, resize=72, device="cpu", num_threads=1, resize_backend=backend)
+    assert loader.resize_backend == backend
     batches = collect(loader)
     assert [len(b) for b in batches] == [4, 4, 2]
     ids = torch.cat([b.ids for b in batches]).numpy()
@@ -161,6 +172,38 @@ def test_host_resize_equals_dali_resize_within_rounding(wide_jpeg_set):
     per_image = (images["torch"] - images["dali"]).abs().mean(dim=(1, 2, 3))
     assert per_image.max() < 0.5, f"mean |torch - DALI| per image up to {per_image.max():.2f} grey levels"
     assert MixNNLoader(desc, 4, neighbours=nbrs, device="cpu").resize_backend == "torch"  # the CPU default
+
+
+@pytest.mark.parametrize("crop,resize", [(64, 72), (48, 48), (33, 70)])
+def test_eval_host_resize_equals_the_dali_view_within_alignment(wide_jpeg_set, tall_jpeg_set, crop, resize):
+    """EvalLoader(resize_backend="torch"): DALI decodes the central window, torch resizes it;
+    the views agree with DALI's resize-then-crop to within half a source pixel of alignment
+    per edge. These small photo crops are sharp (a one-pixel shift changes them by 6-10 grey
+    levels on average), so the bound below catches a misplaced window; images never swap."""
+    for desc in (wide_jpeg_set, tall_jpeg_set):
+        views = {}
+        for backend in ("dali", "torch"):
+            loader = EvalLoader(desc, batch_size=4, crop=crop, resize=resize, device="cpu", resize_backend=backend)
+            views[backend] = torch.cat([b.images.clone() for b in loader]).float()
+        assert views["torch"].shape == views["dali"].shape == (len(desc), crop, crop, 3)
+        diff = (views["torch"] - views["dali"]).abs().mean(dim=(1, 2, 3))
+        assert diff.max() < 4.0, f"mean |torch - DALI| per image up to {diff.max():.2f} grey levels"
+        others = (views["torch"][:, None] - views["dali"][None]).abs().mean(dim=(2, 3, 4))
+        others.fill_diagonal_(float("inf"))
+        assert (others.min(dim=1).values > 2 * diff + 3).all()
+
+
+def test_eval_host_resize_backend_choice_and_errors(wide_jpeg_set, garments):
+    assert EvalLoader(wide_jpeg_set, 4, device="cpu").resize_backend == "torch"  # the CPU default
+    assert EvalLoader(wide_jpeg_set, 4, crop=80, resize=72, device="cpu").resize_backend == "dali"  # window > image
+    with pytest.raises(ValueError, match="crop <= resize"):
+        EvalLoader(wide_jpeg_set, 4, crop=80, resize=72, device="cpu", resize_backend="torch")
+    with pytest.raises(ValueError, match="resize_backend"):
+        EvalLoader(wide_jpeg_set, 4, device="cpu", resize_backend="pil")
+    # in-memory sets are never resized: the backend does not change their views
+    a = torch.cat([b.images for b in EvalLoader(garments, 8, crop=20, device="cpu", resize_backend="torch")])
+    b = torch.cat([b.images for b in EvalLoader(garments, 8, crop=20, device="cpu", resize_backend="dali")])
+    assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
@@ -260,7 +303,7 @@ def test_file_reader_pipeline_shares_the_eval_processing(wide_jpeg_set):
     for (out,) in it:
         images.append(out["images"])
         labels.append(out["labels"].reshape(-1))
-    ours = torch.cat([b.images for b in EvalLoader(desc, 4, crop=64, resize=72, device="cpu")])
+    ours = torch.cat([b.images for b in EvalLoader(desc, 4, crop=64, resize=72, device="cpu", resize_backend="dali")])
     torch.testing.assert_close(torch.cat(images), ours, atol=0, rtol=0)
     np.testing.assert_array_equal(torch.cat(labels).numpy(), desc.labels)
 
@@ -473,7 +516,8 @@ def test_bad_arguments_name_themselves(jpeg_set):
 
 @pytest.mark.cuda
 def test_gpu_eval_matches_cpu(wide_jpeg_set):
-    cpu = torch.cat([b.images for b in EvalLoader(wide_jpeg_set, 4, crop=64, resize=72, device="cpu")])
+    cpu = torch.cat([b.images for b in EvalLoader(wide_jpeg_set, 4, crop=64, resize=72, device="cpu",
+                                                  resize_backend="dali")])
     gpu = torch.cat([b.images for b in EvalLoader(wide_jpeg_set, 4, crop=64, resize=72, device="gpu")])
     assert gpu.is_cuda
     assert (gpu.cpu().float() - cpu.float()).abs().mean() < 3.0  # nvJPEG vs libjpeg-turbo

@@ -9,6 +9,7 @@ Processing functions take and return DALI data nodes and work inside any
   bilinear resize is several times faster than DALI's ``fn.resize``);
 - :func:`pad_and_crop` -- decoded uint8 HWC arrays -> same size, randomly shifted;
 - :func:`decode_resize_center_crop` / :func:`center_crop` -- the evaluation views;
+  :func:`decode_center_window` -- the same view's window decoded, not resized;
 - :func:`random_flip`, :func:`normalise` -- flips for arrays; the last step of every pipeline.
 
 Sources: :func:`plan_source` (an external source, batch mode, fed by an epoch plan)
@@ -28,6 +29,7 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import nvidia.dali.fn as fn
+import nvidia.dali.math as dmath
 import nvidia.dali.types as types
 from nvidia.dali import pipeline_def
 
@@ -92,6 +94,35 @@ def decode_resize_center_crop(encoded, *, resize: int, crop: int, device: str = 
     images = fn.decoders.image(encoded, device=decoder, output_type=types.RGB)
     images = fn.resize(images, resize_shorter=resize)
     return fn.crop(images, crop=(crop, crop))  # crop_pos 0.5: the centre
+
+
+def decode_center_window(encoded, *, resize: int, crop: int, device: str = "cpu"):
+    """Encoded images -> the source window that :func:`decode_resize_center_crop` shows,
+    decoded at its own size (uint8 HWC, ROI decoding) and not resized.
+
+    The window follows DALI's own geometry: the resized shape (shorter side ``resize``, the
+    other rounded), the centred crop's anchor in it (rounded), mapped back to source pixels
+    and rounded to whole ones.  Resizing it to (crop, crop) gives the evaluation view to
+    within half a source pixel of alignment per edge (the loader does that on the host, see
+    ``EvalLoader(resize_backend=...)``).  Needs ``crop <= resize``.
+    """
+    if crop > resize:
+        raise ValueError(f"crop: the central window needs crop <= resize, got crop={crop}, resize={resize}")
+    decoder = "mixed" if _check_device(device) == "gpu" else "cpu"
+    shape = fn.peek_image_shape(encoded, dtype=types.FLOAT)  # (H, W, C) from the header, before decoding
+    height, width = shape[0], shape[1]
+    scale = resize / dmath.min(height, width)
+
+    def rounded(x):
+        return dmath.floor(x + 0.5)
+
+    resized_h, resized_w = rounded(height * scale), rounded(width * scale)
+    anchor_y, anchor_x = rounded(0.5 * (resized_h - crop)), rounded(0.5 * (resized_w - crop))
+    top, bottom = rounded(anchor_y * height / resized_h), rounded((anchor_y + crop) * height / resized_h)
+    left, right = rounded(anchor_x * width / resized_w), rounded((anchor_x + crop) * width / resized_w)
+    return fn.decoders.image_slice(encoded, fn.stack(top, left), fn.stack(bottom - top, right - left),
+                                   axis_names="HW", normalized_anchor=False, normalized_shape=False,
+                                   device=decoder, output_type=types.RGB)
 
 
 def pad_and_crop(images, *, height: int, width: int, pad: int):
@@ -185,10 +216,17 @@ def train_pipeline(source, *, encoded: bool, device: str = "cpu", size: int | No
 @pipeline_def
 def eval_pipeline(source, *, encoded: bool, device: str = "cpu", resize: int | None = None,
                   crop: int | None = None, mean: Sequence[float] | None = None,
-                  std: Sequence[float] | None = None, layout: str = "HWC"):
+                  std: Sequence[float] | None = None, layout: str = "HWC", resize_outside: bool = False):
     """Evaluation views, no randomness: resize + centre crop (encoded) or an optional
-    centre crop (arrays)."""
+    centre crop (arrays).
+
+    ``resize_outside`` (encoded sources): the pipeline returns ``(windows,)``, the central
+    windows decoded but not resized (:func:`decode_center_window`); the caller resizes
+    them to (crop, crop) and normalises them.
+    """
     data = plan_source(source, encoded=encoded, device=device)
+    if encoded and resize_outside:
+        return (decode_center_window(data, resize=resize, crop=crop, device=device),)
     if encoded:
         images = decode_resize_center_crop(data, resize=resize, crop=crop, device=device)
     else:

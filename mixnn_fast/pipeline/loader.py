@@ -28,7 +28,10 @@ decodes the random windows (ROI decoding) and the loader resizes each window int
 batch with torch's uint8 antialiased bilinear kernel (the same triangle filter as DALI's
 linear antialiased ``fn.resize`` and PIL's BILINEAR; within rounding of DALI's result) and
 mirrors it when DALI's coin says so: on a 2-core x86 machine DALI's CPU resize took
-~1.4 ms per 224×224 image, twice the ROI decode, and torch's ~0.2 ms.
+~1.4 ms per 224×224 image, twice the ROI decode, and torch's ~0.2 ms.  The evaluation views
+(``EvalLoader(resize_backend=...)``) work the same way on the CPU: DALI decodes only the
+source window that the resize-then-centre-crop view shows, and torch resizes it
+(bench/eval_loader.py: about 2× the all-DALI path).
 
 Bad images (``on_error``): "raise" (default) raises an error naming the file when its
 batch is reached; "skip" drops the sample, and every anchor that needs it, and counts
@@ -375,6 +378,17 @@ def resize_windows(windows, mirror, size: int, out: torch.Tensor) -> torch.Tenso
     return out[:len(windows)]
 
 
+def _resolve_resize_backend(backend: str, device: str) -> str:
+    """"auto" -> "torch" on the CPU, "dali" on a GPU; ValueError for unknown names or "torch" on a GPU."""
+    if backend not in RESIZE_BACKENDS:
+        raise ValueError(f"resize_backend: must be one of {RESIZE_BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "dali" if device == "gpu" else "torch"
+    if backend == "torch" and device == "gpu":
+        raise ValueError("resize_backend: 'torch' resizes host images; with device='gpu' use 'dali' or 'auto'")
+    return backend
+
+
 _storage_use_count = getattr(torch._C, "_storage_Use_Count", None)  # private; without it, no recycling
 #: fresh batch buffers (copy=True) remembered per kind, to be recycled once nobody holds them
 RECYCLED_BUFFERS = 4
@@ -698,13 +712,7 @@ class MixNNLoader(_DaliLoader):
         if not 0 < self.aspect_ratio[0] <= self.aspect_ratio[1]:
             raise ValueError(f"aspect_ratio: must be 0 < low <= high, got {aspect_ratio}")
         self.flip = bool(flip)
-        if resize_backend not in RESIZE_BACKENDS:
-            raise ValueError(f"resize_backend: must be one of {RESIZE_BACKENDS}, got {resize_backend!r}")
-        if resize_backend == "auto":
-            resize_backend = "dali" if self.device == "gpu" else "torch"
-        if resize_backend == "torch" and self.device == "gpu":
-            raise ValueError("resize_backend: 'torch' resizes host images; with device='gpu' use 'dali' or 'auto'")
-        self.resize_backend = resize_backend
+        self.resize_backend = _resolve_resize_backend(resize_backend, self.device)
         self._anchor_ids = anchor_ids
         self._neighbours = None
         self._cached: tuple[int, EpochPlan] | None = None
@@ -778,13 +786,20 @@ class EvalLoader(_DaliLoader):
     samples they hold (every sample once, minus skipped ones).  ``ids`` restricts the pass
     to a subset (in the given order).  With several shards each process gets every
     ``num_shards``-th batch, unpadded.
+
+    ``resize_backend`` (encoded images): "dali" resizes in the pipeline; "torch" has DALI
+    decode only the central window the view shows (ROI decoding) and resizes it to
+    (crop, crop) on the host, as :class:`MixNNLoader` does its random windows (within
+    about a source pixel of alignment and rounding of the DALI view; CPU only, needs
+    crop <= resize); "auto" (default) is "torch" on the CPU, "dali" on a GPU.
     """
 
     def __init__(self, description: DatasetDescription, batch_size: int, *, ids=None, crop: int | None = None,
                  resize: int | None = None, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                  normalize_in_pipeline: bool = False, layout: str = "NHWC", num_threads: int = 2,
                  device: str = "auto", device_id: int | None = None, shard_id: int = 0, num_shards: int = 1,
-                 on_error: str = "raise", prefetch_queue_depth: int = 2, copy: bool = True):
+                 on_error: str = "raise", prefetch_queue_depth: int = 2, copy: bool = True,
+                 resize_backend: str = "auto"):
         super().__init__(description, batch_size, num_threads=num_threads, device=device, device_id=device_id,
                          seed=0, shard_id=shard_id, num_shards=num_shards, on_error=on_error,
                          prefetch_queue_depth=prefetch_queue_depth, mean=mean, std=std,
@@ -798,6 +813,14 @@ class EvalLoader(_DaliLoader):
             resize = int(round(self.crop / 0.875))
         self.resize = None if resize is None else _check_positive_int(resize, "resize")
         self.ids = None if ids is None else np.asarray(ids)
+        explicit = resize_backend
+        self.resize_backend = _resolve_resize_backend(resize_backend, self.device)
+        if self._resize_outside() and self.crop > self.resize:
+            if explicit == "torch":
+                raise ValueError(f"resize_backend: 'torch' resizes the central window, which needs crop <= resize; "
+                                 f"got crop={self.crop}, resize={self.resize}")
+            self.resize_backend = "dali"
+        self.size = self.crop  # the side of the host-resized views
 
     def make_plan(self) -> EpochPlan:
         order = np.arange(len(self.description), dtype=np.int64) if self.ids is None else self.ids
@@ -818,6 +841,9 @@ class EvalLoader(_DaliLoader):
         from mixnn_fast.pipeline.dali_pipelines import eval_pipeline
 
         return eval_pipeline, dict(resize=self.resize, crop=self.crop)
+
+    def _resize_outside(self) -> bool:
+        return self.resize_backend == "torch" and not self.description.in_memory
 
     def _host_path(self) -> bool:
         """In-memory uint8 images read whole on the CPU: the evaluation transform is only the
