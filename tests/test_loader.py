@@ -31,22 +31,23 @@ def jpeg_set(tmp_path_factory):
     return desc
 
 
+def photo_jpeg_set(root, name: str, n: int, shape: tuple[int, int], seed: int) -> DatasetDescription:
+    """``n`` distinct photo-crop JPEGs of ``shape`` (height, width) in ``root``, 2 classes."""
+    images = photo_crops(n, shape, seed=seed)
+    paths = [str(write_jpeg(root / f"{i}.jpg", img)) for i, img in enumerate(images)]
+    return DatasetDescription(name, ["a", "b"], np.arange(n) % 2, paths=paths)
+
+
 @pytest.fixture(scope="module")
 def wide_jpeg_set(tmp_path_factory):
     """10 JPEGs of 90×120 (height×width): resize and centre crop have work to do."""
-    root = tmp_path_factory.mktemp("wide")
-    images = photo_crops(10, (90, 120), seed=2)
-    paths = [str(write_jpeg(root / f"{i}.jpg", img)) for i, img in enumerate(images)]
-    return DatasetDescription("wide", ["a", "b"], np.arange(10) % 2, paths=paths)
+    return photo_jpeg_set(tmp_path_factory.mktemp("wide"), "wide", 10, (90, 120), seed=2)
 
 
 @pytest.fixture(scope="module")
 def tall_jpeg_set(tmp_path_factory):
     """7 JPEGs of 131×77 (portrait, odd sides): the other orientation for the central window."""
-    root = tmp_path_factory.mktemp("tall")
-    images = photo_crops(7, (131, 77), seed=5)
-    paths = [str(write_jpeg(root / f"{i}.jpg", img)) for i, img in enumerate(images)]
-    return DatasetDescription("tall", ["a", "b"], np.arange(7) % 2, paths=paths)
+    return photo_jpeg_set(tmp_path_factory.mktemp("tall"), "tall", 7, (131, 77), seed=5)
 
 
 @pytest.fixture(scope="module")
