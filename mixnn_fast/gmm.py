@@ -85,17 +85,34 @@ def _midrange_and_half_range(lo: float, hi: float) -> tuple[float, float]:
     return midrange, half if half > 0.0 else span
 
 
+def _normal_square(x: float) -> float | None:
+    """x ** 2 when it is a normal, finite float64 number, else None (it under- or overflows).
+    pow, not x * x, as before these guards: results on ordinary data stay bit-identical."""
+    try:
+        square = x ** 2
+    except OverflowError:
+        return None
+    return square if _SMALLEST_NORMAL_F64 <= square < math.inf else None
+
+
 def _times_square(value: float, factor: float) -> float:
     """value * factor^2 for value >= 0 without the under- or overflow of factor^2 alone
     (inf, not OverflowError, when the product exceeds float64: variances of x near 1e308)."""
-    try:
-        square = factor ** 2  # as before the guard (pow, not factor * factor): reported values unchanged
-    except OverflowError:
-        square = math.inf
-    if _SMALLEST_NORMAL_F64 <= square < math.inf:
+    square = _normal_square(factor)
+    if square is not None:
         return value * square
     root = math.sqrt(value) * factor
     return root * root
+
+
+def _square_ratio(numerator: float, denominator: float) -> float:
+    """numerator / denominator^2 for numerator >= 0, denominator > 0, without the underflow of
+    denominator^2 (a tiny data scale would otherwise divide by zero)."""
+    square = _normal_square(denominator)
+    if square is not None:
+        return numerator / square
+    ratio = math.sqrt(numerator) / denominator
+    return ratio * ratio if numerator > 0.0 else 0.0  # inf rather than OverflowError
 
 
 def _comfortable(dtype: torch.dtype, *values: float) -> bool:
@@ -104,19 +121,6 @@ def _comfortable(dtype: torch.dtype, *values: float) -> bool:
     would otherwise under- or overflow (CI found a subnormal float32 range)."""
     bound = 1e15 if dtype == torch.float32 else 1e150
     return all(v == 0.0 or 1.0 / bound < abs(v) < bound for v in values)
-
-
-def _square_ratio(numerator: float, denominator: float) -> float:
-    """numerator / denominator^2 for numerator >= 0, denominator > 0, without the underflow of
-    denominator^2 (a tiny data scale would otherwise divide by zero)."""
-    try:
-        square = denominator ** 2  # as before the guard (pow, not a product): results unchanged
-    except OverflowError:
-        square = math.inf
-    if _SMALLEST_NORMAL_F64 <= square < math.inf:
-        return numerator / square
-    ratio = math.sqrt(numerator) / denominator
-    return ratio * ratio if numerator > 0.0 else 0.0  # inf rather than OverflowError
 
 
 class DegenerateLossesWarning(UserWarning):
