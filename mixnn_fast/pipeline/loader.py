@@ -412,7 +412,8 @@ class _DaliLoader:
 
     def __init__(self, description: DatasetDescription, batch_size: int, *, num_threads: int, device: str,
                  device_id: int | None, seed: int, shard_id: int, num_shards: int, on_error: str,
-                 prefetch_queue_depth: int, mean, std, normalize_in_pipeline: bool, layout: str, copy: bool):
+                 prefetch_queue_depth: int, mean, std, normalize_in_pipeline: bool, layout: str, copy: bool,
+                 resize_backend: str):
         if not isinstance(description, DatasetDescription):
             raise TypeError(f"description: expected a DatasetDescription, got {type(description).__name__}")
         self.description = description
@@ -428,6 +429,7 @@ class _DaliLoader:
             raise ValueError(f"on_error: must be 'raise' or 'skip', got {on_error!r}")
         self.seed = _check_positive_int(seed, "seed", minimum=0)
         self.device, self.device_id = _resolve_device(device, device_id)
+        self.resize_backend = _resolve_resize_backend(resize_backend, self.device)
         channels = 3 if not description.in_memory else description.images.shape[3]
         for name, value in (("mean", mean), ("std", std)):
             if value is not None and len(value) != channels:
@@ -480,7 +482,7 @@ class _DaliLoader:
 
     def _resize_outside(self) -> bool:
         """True when DALI stops before the resize and the loader resizes (see the module docstring)."""
-        return False
+        return self.resize_backend == "torch" and not self.description.in_memory
 
     # --- machinery ------------------------------------------------------------------------
 
@@ -696,7 +698,8 @@ class MixNNLoader(_DaliLoader):
         super().__init__(description, batch_size, num_threads=num_threads, device=device, device_id=device_id,
                          seed=seed, shard_id=shard_id, num_shards=num_shards, on_error=on_error,
                          prefetch_queue_depth=prefetch_queue_depth, mean=mean, std=std,
-                         normalize_in_pipeline=normalize_in_pipeline, layout=layout, copy=copy)
+                         normalize_in_pipeline=normalize_in_pipeline, layout=layout, copy=copy,
+                         resize_backend=resize_backend)
         from mixnn_fast.pipeline.plan import MODES
 
         if mode not in MODES:
@@ -712,7 +715,6 @@ class MixNNLoader(_DaliLoader):
         if not 0 < self.aspect_ratio[0] <= self.aspect_ratio[1]:
             raise ValueError(f"aspect_ratio: must be 0 < low <= high, got {aspect_ratio}")
         self.flip = bool(flip)
-        self.resize_backend = _resolve_resize_backend(resize_backend, self.device)
         self._anchor_ids = anchor_ids
         self._neighbours = None
         self._cached: tuple[int, EpochPlan] | None = None
@@ -773,9 +775,6 @@ class MixNNLoader(_DaliLoader):
         return train_pipeline, dict(size=self.size, area=self.area, aspect_ratio=self.aspect_ratio,
                                     image_shape=shape, pad=self.pad, flip=self.flip)
 
-    def _resize_outside(self) -> bool:
-        return self.resize_backend == "torch" and not self.description.in_memory
-
 
 class EvalLoader(_DaliLoader):
     """Evaluation batches in data-set order, no augmentation (the refresh pass).
@@ -803,7 +802,8 @@ class EvalLoader(_DaliLoader):
         super().__init__(description, batch_size, num_threads=num_threads, device=device, device_id=device_id,
                          seed=0, shard_id=shard_id, num_shards=num_shards, on_error=on_error,
                          prefetch_queue_depth=prefetch_queue_depth, mean=mean, std=std,
-                         normalize_in_pipeline=normalize_in_pipeline, layout=layout, copy=copy)
+                         normalize_in_pipeline=normalize_in_pipeline, layout=layout, copy=copy,
+                         resize_backend=resize_backend)
         if not description.in_memory and crop is None:
             crop = 224
         self.crop = None if crop is None else _check_positive_int(crop, "crop")
@@ -813,10 +813,8 @@ class EvalLoader(_DaliLoader):
             resize = int(round(self.crop / 0.875))
         self.resize = None if resize is None else _check_positive_int(resize, "resize")
         self.ids = None if ids is None else np.asarray(ids)
-        explicit = resize_backend
-        self.resize_backend = _resolve_resize_backend(resize_backend, self.device)
         if self._resize_outside() and self.crop > self.resize:
-            if explicit == "torch":
+            if resize_backend == "torch":
                 raise ValueError(f"resize_backend: 'torch' resizes the central window, which needs crop <= resize; "
                                  f"got crop={self.crop}, resize={self.resize}")
             self.resize_backend = "dali"
@@ -841,9 +839,6 @@ class EvalLoader(_DaliLoader):
         from mixnn_fast.pipeline.dali_pipelines import eval_pipeline
 
         return eval_pipeline, dict(resize=self.resize, crop=self.crop)
-
-    def _resize_outside(self) -> bool:
-        return self.resize_backend == "torch" and not self.description.in_memory
 
     def _host_path(self) -> bool:
         """In-memory uint8 images read whole on the CPU: the evaluation transform is only the
