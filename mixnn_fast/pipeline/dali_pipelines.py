@@ -51,6 +51,12 @@ def _check_device(device: str) -> str:
 # processing
 
 
+def _decoder_device(device: str) -> str:
+    """The decoders' device for a pipeline on ``device``: "mixed" (Huffman on the CPU, the
+    rest on the GPU) for "gpu", else "cpu"."""
+    return "mixed" if _check_device(device) == "gpu" else "cpu"
+
+
 def decode_random_resized_crop(encoded, *, size: int, area: Sequence[float] = (0.08, 1.0),
                                aspect_ratio: Sequence[float] = (3 / 4, 4 / 3), flip: bool = True,
                                device: str = "cpu"):
@@ -81,7 +87,7 @@ def decode_random_crop(encoded, *, area: Sequence[float] = (0.08, 1.0),
     :func:`decode_random_resized_crop` resizes and mirrors them in DALI; a loader can
     instead resize them itself (see ``MixNNLoader(resize_backend=...)``).
     """
-    decoder = "mixed" if _check_device(device) == "gpu" else "cpu"
+    decoder = _decoder_device(device)
     images = fn.decoders.image_random_crop(encoded, device=decoder, output_type=types.RGB,
                                            random_area=list(area), random_aspect_ratio=list(aspect_ratio),
                                            num_attempts=10)
@@ -90,7 +96,7 @@ def decode_random_crop(encoded, *, area: Sequence[float] = (0.08, 1.0),
 
 def decode_resize_center_crop(encoded, *, resize: int, crop: int, device: str = "cpu"):
     """Encoded images -> shorter side resized to ``resize``, then the central (crop, crop) window."""
-    decoder = "mixed" if _check_device(device) == "gpu" else "cpu"
+    decoder = _decoder_device(device)
     images = fn.decoders.image(encoded, device=decoder, output_type=types.RGB)
     images = fn.resize(images, resize_shorter=resize)
     return fn.crop(images, crop=(crop, crop))  # crop_pos 0.5: the centre
@@ -108,7 +114,7 @@ def decode_center_window(encoded, *, resize: int, crop: int, device: str = "cpu"
     """
     if crop > resize:
         raise ValueError(f"crop: the central window needs crop <= resize, got crop={crop}, resize={resize}")
-    decoder = "mixed" if _check_device(device) == "gpu" else "cpu"
+    decoder = _decoder_device(device)
     shape = fn.peek_image_shape(encoded, dtype=types.FLOAT)  # (H, W, C) from the header, before decoding
     height, width = shape[0], shape[1]
     scale = resize / dmath.min(height, width)
