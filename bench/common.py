@@ -98,3 +98,51 @@ def report(name: str, rows: Sequence[dict], columns: Sequence[str], *, extra: di
                                indent=2, default=str))
     print(f"\n(wrote {path})")
     return path
+
+
+def rotated(items: Sequence, round_index: int) -> list:
+    """``items`` rotated left by ``round_index`` (mod their number): one round's order in an
+    interleaved benchmark, so that no variant always runs first or right after the same one."""
+    k = round_index % len(items)
+    return list(items[k:]) + list(items[:k])
+
+
+def paired_median(values: Sequence[float], base: Sequence[float]) -> float:
+    """Median over rounds of ``values[i] / base[i]``, both measured in round i: robust to load
+    that drifts between rounds, unlike the ratio of the two medians."""
+    return statistics.median(v / b for v, b in zip(values, base))
+
+
+def interleaved_rounds(runs: dict[str, Callable[[], int]], *, repeats: int, expected: int,
+                       cpu_seconds: Callable[[str], float]) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Time every variant once per round, in :func:`rotated` order: round 0 warms up (workers,
+    pipelines, page cache), rounds 1..``repeats`` are measured.
+
+    Args:
+        runs: name -> a callable that runs one pass and returns how many items it processed,
+            which must be ``expected`` (else RuntimeError).
+        cpu_seconds: name -> a CPU-time clock for that variant (e.g. this process's plus its
+            worker processes'), read before and after each pass.
+
+    Returns ``(rates, cpu_ms)``: per name, items/s and CPU milliseconds per item for each
+    measured round, in round order (so ratios can be paired by round).  Prints each round.
+    """
+    names = list(runs)
+    rates: dict[str, list[float]] = {name: [] for name in names}
+    cpu_ms: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(repeats + 1):
+        rate = {}
+        for name in rotated(names, round_index):
+            start, cpu_start = time.perf_counter(), cpu_seconds(name)
+            count = runs[name]()
+            elapsed = time.perf_counter() - start
+            cpu_used = cpu_seconds(name) - cpu_start
+            if count != expected:
+                raise RuntimeError(f"{name}: {count} items in a pass of {expected}")
+            rate[name] = count / elapsed
+            if round_index:
+                rates[name].append(count / elapsed)
+                cpu_ms[name].append(cpu_used * 1e3 / count)
+        print(f"round {round_index}{' (warm-up)' if round_index == 0 else ''}: items/s "
+              + ", ".join(f"{name.split()[0]} {rate[name]:.0f}" for name in names), flush=True)
+    return rates, cpu_ms

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import mixnn_fast  # noqa: E402,F401  (sets OMP_WAIT_POLICY before torch loads)
-from common import report  # noqa: E402
+from common import paired_median, report, rotated  # noqa: E402
 
 from mixnn_fast.train.config import TrainConfig  # noqa: E402
 from mixnn_fast.train.trainer import Trainer  # noqa: E402
@@ -61,8 +61,7 @@ def main(argv=None) -> None:
         # variant, in rotated order, and ratios are taken within a round (paired).
         measured: list[list[dict]] = [[] for _ in variants]
         for epoch in range(1, args.epochs + 1):
-            shift = epoch % len(variants)
-            for i in list(range(len(variants)))[shift:] + list(range(len(variants)))[:shift]:
+            for i in rotated(range(len(variants)), epoch):
                 measured[i].append(trainers[i].train_epoch(epoch))
     base = [epoch_seconds(r) for r in measured[0]]
     for (_, label, _), epochs in zip(variants, measured):
@@ -74,7 +73,7 @@ def main(argv=None) -> None:
                      "epoch s": statistics.median(total),
                      "train img/s": statistics.median(r["images_per_second"] for r in epochs),
                      "extra decode": statistics.median(r.get("extra_decode_fraction", 0.0) for r in epochs),
-                     "ratio to CE (paired)": statistics.median(t / b for t, b in zip(total, base)),
+                     "ratio to CE (paired)": paired_median(total, base),
                      "min ratio": min(t / b for t, b in zip(total, base)),
                      "max ratio": max(t / b for t, b in zip(total, base))})
     report("epoch", rows, ["variant", "train s", "refresh s", "refresh forward s", "epoch s", "train img/s",

@@ -29,11 +29,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import report  # noqa: E402
+from common import interleaved_rounds, paired_median, report  # noqa: E402
 from loader import IMAGENET_MEAN, IMAGENET_STD, make_web_like_jpegs, worker_cpu_seconds  # noqa: E402
 
 from mixnn_fast.data.description import DatasetDescription  # noqa: E402
@@ -71,10 +70,6 @@ def pass_ours(loader) -> int:
     return n
 
 
-def process_cpu_seconds() -> float:
-    return time.process_time()
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=512)
@@ -103,36 +98,15 @@ def main(argv=None) -> None:
             B: (EvalLoader(desc, args.batch, resize_backend="dali", **common), pass_ours),
             C: (EvalLoader(desc, args.batch, resize_backend="torch", **common), pass_ours),
         }
-        names = list(variants)
-        rates: dict[str, list[float]] = {k: [] for k in names}
-        cpu: dict[str, list[float]] = {k: [] for k in names}
-        ratio_a: dict[str, list[float]] = {k: [] for k in names}
-        ratio_b: dict[str, list[float]] = {k: [] for k in names}
-        for round_ in range(args.repeats + 1):
-            this_round = {}
-            for name in names[round_ % 3:] + names[:round_ % 3]:
-                loader, run = variants[name]
-                cpu0 = process_cpu_seconds() + (worker_cpu_seconds(loader) if name == A else 0.0)
-                start = time.perf_counter()
-                n = run(loader)
-                elapsed = time.perf_counter() - start
-                cpu1 = process_cpu_seconds() + (worker_cpu_seconds(loader) if name == A else 0.0)
-                assert n == args.images, f"{name}: {n} images, expected {args.images}"
-                this_round[name] = n / elapsed
-                if round_:  # round 0 warms up (workers, pipelines, page cache)
-                    rates[name].append(n / elapsed)
-                    cpu[name].append((cpu1 - cpu0) / n)
-            if round_:
-                for name in names:
-                    ratio_a[name].append(this_round[name] / this_round[A])
-                    ratio_b[name].append(this_round[name] / this_round[B])
-            print(f"round {round_}: " + ", ".join(f"{k[:3]} {v:.0f} img/s" for k, v in this_round.items()),
-                  flush=True)
+        rates, cpu_ms = interleaved_rounds(
+            {name: (lambda ld=loader, run=run: run(ld)) for name, (loader, run) in variants.items()},
+            repeats=args.repeats, expected=args.images,
+            cpu_seconds=lambda name: time.process_time() + worker_cpu_seconds(variants[name][0]))
 
     rows = [{"variant": name, "img_per_s": statistics.median(rates[name]),
-             "vs_a": statistics.median(ratio_a[name]), "vs_b": statistics.median(ratio_b[name]),
-             "cpu_ms_per_img": 1000 * statistics.median(cpu[name]),
-             "cpu_a_over_this": statistics.median(cpu[A]) / statistics.median(cpu[name])} for name in names]
+             "vs_a": paired_median(rates[name], rates[A]), "vs_b": paired_median(rates[name], rates[B]),
+             "cpu_ms_per_img": statistics.median(cpu_ms[name]),
+             "cpu_a_over_this": statistics.median(cpu_ms[A]) / statistics.median(cpu_ms[name])} for name in rates]
     report(args.name, rows, ["variant", "img_per_s", "vs_a", "vs_b", "cpu_ms_per_img", "cpu_a_over_this"],
            extra={"images": args.images, "batch": args.batch, "threads": args.threads, "repeats": args.repeats})
 

@@ -63,7 +63,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import format_table, report  # noqa: E402
+from common import format_table, interleaved_rounds, paired_median, report  # noqa: E402
 
 from mixnn_fast.data.description import DatasetDescription  # noqa: E402
 from mixnn_fast.pipeline import MixNNLoader, plan_epoch  # noqa: E402
@@ -294,28 +294,10 @@ def main(argv=None) -> None:
                 (MixNNLoader(desc, neighbours=nbrs, mode="coherent", copy=False, **dali_resize),
                  lambda ld: mix(ld, out)),
         }
-        names = list(variants)
-        rates = {name: [] for name in names}
-        cpu_ms = {name: [] for name in names}  # CPU ms per image (this process + DataLoader workers)
-        for rep in range(args.repeats + 1):  # round 0 warms up (workers, pipelines, page cache)
-            rotated = names[rep % len(names):] + names[:rep % len(names)]
-            rate, cpu = {}, {}
-            for name in rotated:
-                loader, run = variants[name]
-                start, cpu_start = time.perf_counter(), time.process_time() + worker_cpu_seconds(loader)
-                count = run(loader)
-                elapsed = time.perf_counter() - start
-                cpu_used = time.process_time() + worker_cpu_seconds(loader) - cpu_start
-                if count != n:
-                    raise RuntimeError(f"{name}: {count} samples in an epoch of {n}")
-                rate[name] = count / elapsed
-                cpu[name] = cpu_used * 1e3 / count
-            if rep:
-                for name in names:
-                    rates[name].append(rate[name])
-                    cpu_ms[name].append(cpu[name])
-            print(f"round {rep}{' (warm-up)' if rep == 0 else ''}: img/s "
-                  + ", ".join(f"{name.split()[0]} {rate[name]:.0f}" for name in names), flush=True)
+        rates, cpu_ms = interleaved_rounds(
+            {name: (lambda ld=loader, run=run: run(ld)) for name, (loader, run) in variants.items()},
+            repeats=args.repeats, expected=n,
+            cpu_seconds=lambda name: time.process_time() + worker_cpu_seconds(variants[name][0]))
         coherent_plan = variants[C][0].plan
         stats = coherent_plan.stats
         cpu_rows = [cpu_breakdown(name, variants[name][0], weights, targets, args.mix_threads, out,
@@ -329,15 +311,14 @@ def main(argv=None) -> None:
     med = {name: statistics.median(r) for name, r in rates.items()}
 
     def paired(name: str, base: str) -> float:
-        """Median over rounds of name's rate / base's rate in the same round."""
-        return statistics.median(x / y for x, y in zip(rates[name], rates[base]))
+        return paired_median(rates[name], rates[base])
 
     rows = []
     for name, r in rates.items():
         rows.append({"variant": name, "img/s (median)": med[name], "min": min(r), "max": max(r),
                      "vs (a), paired": paired(name, A), "vs (b), paired": paired(name, B),
                      "CPU ms/img": statistics.median(cpu_ms[name]),
-                     "(a) CPU / own CPU": statistics.median(x / y for x, y in zip(cpu_ms[A], cpu_ms[name]))})
+                     "(a) CPU / own CPU": paired_median(cpu_ms[A], cpu_ms[name])})
     report(args.name, rows, ["variant", "img/s (median)", "min", "max", "vs (a), paired", "vs (b), paired",
                              "CPU ms/img", "(a) CPU / own CPU"],
            extra={"images": n, "batch": args.batch, "threads": args.threads, "mix_threads": args.mix_threads,
