@@ -1,6 +1,7 @@
 """The shared list-file parser: round trips (property-based) and every error naming file and line."""
 from __future__ import annotations
 
+import os
 import re
 
 import numpy as np
@@ -16,6 +17,7 @@ from mixnn_fast.data.listfile import (
     read_path_label_list,
     read_path_list,
     resolve,
+    resolve_entries,
 )
 
 # Paths as people write them: any printable text, spaces inside allowed, no line breaks and
@@ -144,3 +146,125 @@ def test_read_names(tmp_path):
     file = tmp_path / "names.txt"
     file.write_text("T-Shirt\r\nShirt\r\n\r\n")
     assert read_names(file) == ["T-Shirt", "Shirt"]
+
+
+# --------------------------------------------------------------------------- paths outside the root
+
+
+def _one_entry(tmp_path, path: str, *, blank_lines: int = 2):
+    """A list file holding ``path`` on line ``blank_lines + 2`` after one ordinary entry."""
+    file = tmp_path / "l.txt"
+    file.write_text("ok.jpg 0\n" + "\n" * blank_lines + f"{path} 1\n", encoding="utf-8")
+    return file, read_path_label_list(file), blank_lines + 2
+
+
+@pytest.mark.parametrize("entry, problem", [
+    ("../x.jpg", "outside the dataset root"),
+    ("../../etc/passwd", "outside the dataset root"),
+    ("a/../../x.jpg", "outside the dataset root"),          # nested: only normpath shows it leaves
+    ("a/b/../../../root_sibling/x.jpg", "outside the dataset root"),
+    ("/etc/passwd", "outside the dataset root"),           # absolute, elsewhere
+    ("//etc/passwd", "outside the dataset root"),          # POSIX keeps a leading "//"
+    (".", "the dataset root .* itself"),
+    ("a/..", "the dataset root .* itself"),
+    ("./", "the dataset root .* itself"),
+])
+def test_paths_leaving_the_root_name_file_and_line(tmp_path, entry, problem):
+    root = tmp_path / "data"
+    root.mkdir()
+    file, entries, line = _one_entry(tmp_path, entry)
+    with pytest.raises(ListFileError, match=re.escape(f"{file}, line {line}: path {entry!r} resolves to ") + ".*" + problem) as info:
+        resolve_entries(root, entries)
+    assert "allow_outside_root=True" in str(info.value)
+    # the opt-in returns the normalised path, wherever it is
+    opted = resolve_entries(root, entries, allow_outside_root=True)
+    assert opted == [str(root / "ok.jpg"), os.path.normpath(os.path.join(root, entry))]
+
+
+def test_root_given_with_dots_or_trailing_separator(tmp_path):
+    (tmp_path / "data").mkdir()
+    file, entries, _ = _one_entry(tmp_path, "sub/x.jpg")
+    for root in (f"{tmp_path}/data/", f"{tmp_path}/other/../data", f"{tmp_path}/data/."):
+        assert resolve_entries(root, entries) == [str(tmp_path / "data" / "ok.jpg"), str(tmp_path / "data/sub/x.jpg")]
+    # a sibling whose name starts with the root's name is outside it, not inside
+    _, entries, line = _one_entry(tmp_path, "../data2/x.jpg")
+    with pytest.raises(ListFileError, match=f"line {line}: .*outside the dataset root"):
+        resolve_entries(tmp_path / "data", entries)
+
+
+@pytest.mark.parametrize("entry", [
+    "a/../b.jpg",                 # .. that stays inside
+    "./a.jpg",
+    "a//b.jpg",
+    "..foo/x.jpg",                # a name starting with two dots is not a parent reference
+    "a\\..\\..\\etc\\passwd",     # backslashes: ordinary name characters on Linux
+    "..\\..\\x.jpg",
+    "dir with space/..  odd .jpg",
+])
+def test_paths_inside_the_root_are_accepted(tmp_path, entry):
+    root = tmp_path / "data"
+    root.mkdir()
+    _, entries, _ = _one_entry(tmp_path, entry)
+    resolved = resolve_entries(root, entries)[1]
+    assert resolved == os.path.normpath(os.path.join(root, entry))
+    assert resolved.startswith(str(root) + os.sep)
+    if "\\" in entry:  # the whole backslashed string is one file name directly under the root
+        assert os.path.dirname(resolved) == str(root) and os.path.basename(resolved) == entry
+
+
+def test_an_absolute_path_inside_the_root_is_accepted(tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    _, entries, _ = _one_entry(tmp_path, f"{root}/sub/x.jpg")
+    assert resolve_entries(root, entries)[1] == str(root / "sub" / "x.jpg")
+    _, entries, _ = _one_entry(tmp_path, "/anything/at/all.jpg")
+    assert resolve_entries("/", entries)[1] == "/anything/at/all.jpg"  # everything is under "/"
+
+
+def test_symlinks_inside_the_root_are_followed_lexically(tmp_path):
+    """The documented choice: the check is on the lexical path, so a symlink farm whose
+    links point to another disk still works; what a list line alone cannot do is leave."""
+    outside = tmp_path / "big_disk" / "class_a"
+    outside.mkdir(parents=True)
+    (outside / "img.jpg").write_bytes(b"\xff\xd8\xff")
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "class_a").symlink_to(outside, target_is_directory=True)
+    _, entries, _ = _one_entry(tmp_path, "class_a/img.jpg")
+    resolved = resolve_entries(root, entries)
+    assert resolved[1] == str(root / "class_a" / "img.jpg")
+    check_images_exist(entries.select(np.array([False, True])), resolved[1:])
+    # ".." after a link is resolved lexically too: it stays inside root, as written
+    _, entries, _ = _one_entry(tmp_path, "class_a/../class_a/img.jpg")
+    assert resolve_entries(root, entries)[1] == str(root / "class_a" / "img.jpg")
+
+
+def test_many_outside_lines_are_counted(tmp_path):
+    file = tmp_path / "l.txt"
+    file.write_text("a.jpg 0\n../b.jpg 0\n/c.jpg 1\nd/../../e.jpg 2\n")
+    with pytest.raises(ListFileError, match=r"line 2: path '\.\./b\.jpg' .* \(2 more lines like it\)"):
+        resolve_entries(tmp_path / "root", read_path_label_list(file))
+
+
+# --------------------------------------------------------------------------- label and path limits
+
+
+def test_huge_labels_are_reported_with_their_line(tmp_path):
+    file = tmp_path / "l.txt"
+    for huge in ("9" * 19, "9" * 30, "9" * 5000, str(2**63)):
+        file.write_text(f"a.jpg 1\nb.jpg {huge}\n")
+        with pytest.raises(ListFileError, match=re.escape(f"{file}, line 2: label ") + ".* is too large") as info:
+            read_path_label_list(file)
+        assert len(str(info.value)) < 400  # a 5,000-digit label is not copied into the message
+    file.write_text(f"a.jpg {2**63 - 1}\nb.jpg 000000000000000000000000000007\n")
+    assert read_path_label_list(file).labels.tolist() == [2**63 - 1, 7]
+
+
+def test_a_nul_byte_in_a_path_is_reported(tmp_path):
+    file = tmp_path / "l.txt"
+    file.write_bytes(b"a.jpg 0\nb\x00c.jpg 1\n")
+    with pytest.raises(ListFileError, match=re.escape(f"{file}, line 2: path ") + ".*NUL byte"):
+        read_path_label_list(file)
+    file.write_bytes(b"a.jpg\n\nb\x00c.jpg\n")
+    with pytest.raises(ListFileError, match=re.escape(f"{file}, line 3: path ") + ".*NUL byte"):
+        read_path_list(file)

@@ -3,6 +3,7 @@ fixtures built from real images (tests/fixtures.py)."""
 from __future__ import annotations
 
 import math
+import os
 import re
 import shutil
 from pathlib import Path
@@ -335,3 +336,126 @@ def test_from_arrays_rejects_bad_input():
         from_arrays(images, [0, 1])
     d = from_arrays(images, [0, 1, 1], clean_labels=[0, 1, 2])
     assert d.num_classes == 3 and d.clean_labels.tolist() == [0, 1, 2]
+
+
+# --------------------------------------------------------------------------- paths outside the root
+
+@pytest.fixture
+def secret(tmp_path):
+    """An existing file outside every dataset root, so that 'not found' cannot mask the check."""
+    path = tmp_path / "outside" / "secret.jpg"
+    path.parent.mkdir()
+    path.write_bytes(b"\xff\xd8\xff not for the loader")
+    return path
+
+
+def test_clothing1m_key_outside_root_names_key_list_line(clothing_copy, secret):
+    tree, root = clothing_copy
+    escaping = os.path.relpath(secret, root)  # "../outside/secret.jpg"
+    keys = root / "clean_val_key_list.txt"
+    _replace_line(keys, 2, escaping)
+    with (root / "clean_label_kv.txt").open("a") as kv:
+        kv.write(f"{escaping} 3\n{secret} 4\n")
+    with pytest.raises(ListFileError, match=re.escape(f"{keys}, line 2: path {escaping!r} resolves to {secret}, "
+                                                      f"outside the dataset root {root}")):
+        clothing1m(root, "clean_val")
+    d = clothing1m(root, "clean_val", allow_outside_root=True)
+    assert d.paths[1] == str(secret) and d.labels[1] == 3
+    _replace_line(keys, 2, str(secret))  # an absolute key elsewhere
+    with pytest.raises(ListFileError, match=re.escape(f"{keys}, line 2: path {str(secret)!r}")):
+        clothing1m(root, "clean_val", check_exists=False)
+
+
+def test_webvision_lists_outside_their_directory(tmp_path, secret):
+    tree = make_webvision(tmp_path / "wv", n_train=4, n_val=3, n_imagenet=4, label_range=10,
+                          imagenet_layout="list", seed=2)
+    train = tree.root / "info" / "train_filelist_google.txt"
+    _replace_line(train, 3, "../outside/secret.jpg 1")
+    with pytest.raises(ListFileError, match=re.escape(f"{train}, line 3: path '../outside/secret.jpg' resolves to "
+                                                      f"{secret}, outside the dataset root {tree.root}")):
+        webvision(tree.root, "train")
+    assert webvision(tree.root, "train", allow_outside_root=True).paths[2] == str(secret)
+    # val paths are relative to val_images_256/: leaving that directory is leaving the list's root
+    val = tree.root / "info" / "val_filelist.txt"
+    (tree.root / "google" / "escaped.jpg").write_bytes(b"\xff\xd8\xff")
+    _replace_line(val, 1, "../google/escaped.jpg 2")
+    with pytest.raises(ListFileError, match=re.escape(f"{val}, line 1: path '../google/escaped.jpg'") +
+                       ".*outside the dataset root " + re.escape(str(tree.root / "val_images_256"))):
+        webvision(tree.root, "val")
+    assert webvision(tree.root, "val", allow_outside_root=True).paths[0] == str(tree.root / "google" / "escaped.jpg")
+    imagenet = tree.root / "imagenet" / "val_filelist.txt"
+    _replace_line(imagenet, 2, f"{secret} 1")
+    with pytest.raises(ListFileError, match=re.escape(f"{imagenet}, line 2: path {str(secret)!r}")):
+        webvision(tree.root, "imagenet_val")
+    assert str(secret) in webvision(tree.root, "imagenet_val", allow_outside_root=True).paths
+
+
+def test_webvision_synsets_that_are_not_utf8_name_file_and_line(tmp_path):
+    tree = make_webvision(tmp_path, n_train=2, n_val=1, n_imagenet=0, seed=3)
+    synsets = tree.root / "info" / "synsets.txt"
+    lines = synsets.read_bytes().split(b"\n")
+    lines[6] = b"n0000 caf\xe9"
+    synsets.write_bytes(b"\n".join(lines))
+    with pytest.raises(ListFileError, match=re.escape(f"{synsets}, line 7: not valid UTF-8")):
+        webvision(tree.root, "train")
+
+
+def test_file_list_outside_root_and_the_opt_in(tmp_path, secret):
+    tree = make_path_label_list(tmp_path / "set", n_per_class=2, size=16, num_classes=2, seed=1)
+    lines = tree.list_path.read_text().splitlines()
+    for entry in ("../outside/secret.jpg", "images/../../outside/secret.jpg", str(secret)):
+        tree.list_path.write_text("\n".join(lines[:2] + [f"{entry} 1"] + lines[2:]) + "\n")
+        with pytest.raises(ListFileError, match=re.escape(f"{tree.list_path}, line 3: path {entry!r} resolves to "
+                                                          f"{secret}, outside the dataset root {tree.root}")):
+            file_list(tree.list_path)
+        d = file_list(tree.list_path, allow_outside_root=True)
+        assert d.paths[2] == str(secret) and len(d) == len(lines) + 1
+    # the root is the one given: the absolute entry lies inside tmp_path
+    assert file_list(tree.list_path, tmp_path, check_exists=False).paths[2] == str(secret)
+    tree.list_path.write_text("\n".join(lines + ["images/.. 0"]) + "\n")
+    with pytest.raises(ListFileError, match=re.escape(f"line {len(lines) + 1}: path 'images/..' resolves to the "
+                                                      f"dataset root {tree.root} itself")):
+        file_list(tree.list_path, check_exists=False)
+
+
+def test_file_list_does_not_infer_billions_of_classes(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(b"\xff\xd8\xff")
+    listing = tmp_path / "list.txt"
+    listing.write_text("a.jpg 0\na.jpg 1000000000000\n")
+    with pytest.raises(ListFileError, match=re.escape(f"{listing}, line 2: label 1000000000000 would make")):
+        file_list(listing)
+    with pytest.raises(ListFileError, match=r"line 2: label 1000000000000 is out of range \[0, 10\)"):
+        file_list(listing, classes=10)
+
+
+def test_image_folder_follows_a_symlink_farm(tmp_path):
+    store = make_jpeg_folder(tmp_path / "store", n_per_class=2, size=16, num_classes=2)
+    farm = tmp_path / "farm"
+    farm.mkdir()
+    for name in store.classes:
+        (farm / name).symlink_to(store.root / name, target_is_directory=True)
+    d = image_folder(farm)
+    assert d.paths == [str(farm / Path(p).parent.name / Path(p).name) for p in store.paths]
+    assert d.labels.tolist() == store.labels.tolist()
+
+
+def test_image_folder_symlink_loop_is_an_error(tmp_path):
+    make_jpeg_folder(tmp_path / "f", n_per_class=1, size=16, num_classes=2)
+    loop = tmp_path / "f" / "class_1" / "again"
+    loop.symlink_to(tmp_path / "f", target_is_directory=True)  # back to an ancestor
+    with pytest.raises(ValueError, match=re.escape(f"symbolic link loop: {loop} leads back to {tmp_path / 'f'}")):
+        image_folder(tmp_path / "f")
+    loop.unlink()
+    # a loop through a directory outside the root, two links long
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "f" / "class_0" / "out").symlink_to(elsewhere, target_is_directory=True)
+    (elsewhere / "back").symlink_to(tmp_path / "f" / "class_0", target_is_directory=True)
+    with pytest.raises(ValueError, match="symbolic link loop: .*/class_0/out/back leads back to "):
+        image_folder(tmp_path / "f")
+    # two links to one directory (no loop) are two listings of the same images, as before
+    (elsewhere / "back").unlink()
+    (elsewhere / "x.jpg").write_bytes((tmp_path / "f" / "class_0" / "img_0000.jpg").read_bytes())
+    (tmp_path / "f" / "class_1" / "out2").symlink_to(elsewhere, target_is_directory=True)
+    d = image_folder(tmp_path / "f")
+    assert d.labels.tolist() == [0, 0, 1, 1]

@@ -9,6 +9,13 @@
     read_idx(path)                      the IDX array reader behind fashion_mnist
     read_path_label_list(path), read_path_list(path)
                                         the shared list-file parser (errors name file and line)
+
+The sources that read list files (clothing1m, webvision, file_list) take
+``allow_outside_root=False``: a listed path that leads outside the directory the list is
+relative to (``../x``, ``a/../../x``, ``/etc/passwd``, or the directory itself) is a
+ListFileError naming the list file and line, unless the caller opts in with True. The test is
+lexical (after ``os.path.normpath``); symbolic links inside the root are followed, so
+symlink-farm datasets keep working (the reasons are in ``listfile.resolve_entries``).
 """
 from mixnn_fast.data.arrays import from_arrays
 from mixnn_fast.data.cifar import cifar

@@ -30,7 +30,7 @@ from mixnn_fast.data.listfile import (
     read_names,
     read_path_label_list,
     read_path_list,
-    resolve,
+    resolve_entries,
 )
 
 SPLITS = ("noisy_train", "clean_train", "clean_val", "clean_test")
@@ -57,7 +57,9 @@ def _label_table(entries: ListEntries) -> dict[str, int]:
     return table
 
 
-def clothing1m(root: str | os.PathLike, split: str, *, check_exists: bool = True) -> DatasetDescription:
+def clothing1m(
+    root: str | os.PathLike, split: str, *, check_exists: bool = True, allow_outside_root: bool = False
+) -> DatasetDescription:
     """One split of Clothing1M.
 
     ``split``: "noisy_train" (about 1M images, labels = the noisy web labels),
@@ -74,6 +76,9 @@ def clothing1m(root: str | os.PathLike, split: str, *, check_exists: bool = True
     file, a label outside [0, 14), a malformed line, conflicting labels for one key, and —
     with ``check_exists`` (default) — a listed image that is not on disk. Checking existence
     stats every image once (a few seconds for the 1M noisy keys on a local disk).
+    A key that leads outside ``root`` (``../x``, ``/abs/path``, or ``root`` itself) is an
+    error naming the key list and line unless ``allow_outside_root=True``; symbolic links
+    inside ``root`` are followed (see :func:`mixnn_fast.data.listfile.resolve_entries`).
     """
     if split not in SPLITS:
         raise ValueError(f"clothing1m: split must be one of {SPLITS}, got {split!r}")
@@ -99,7 +104,7 @@ def clothing1m(root: str | os.PathLike, split: str, *, check_exists: bool = True
         labels[i] = label
         other[i] = other_table.get(key, UNKNOWN)
 
-    paths = resolve(root, keys.paths)
+    paths = resolve_entries(root, keys, allow_outside_root=allow_outside_root)
     if check_exists:
         check_images_exist(keys, paths)
     extra: dict = {"split": split}

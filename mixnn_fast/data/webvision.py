@@ -34,8 +34,9 @@ from mixnn_fast.data.listfile import (
     ListEntries,
     check_images_exist,
     check_label_range,
+    read_names,
     read_path_label_list,
-    resolve,
+    resolve_entries,
 )
 
 SPLITS = ("train", "val", "imagenet_val")
@@ -48,21 +49,23 @@ def _class_names(root: str, num_classes: int) -> list[str]:
     path = os.path.join(root, "info", "synsets.txt")
     if not os.path.isfile(path):
         return [str(i) for i in range(num_classes)]
-    with open(path, encoding="utf-8") as handle:
-        names = [line.strip() for line in handle if line.strip()]
+    # read_names, not open(): a byte that is not UTF-8 is then reported with the file and line
+    names = read_names(path, what="WebVision synsets file")
     if len(names) < num_classes:
         raise ValueError(f"{path}: {len(names)} class names, fewer than num_classes={num_classes}")
     return names[:num_classes]
 
 
-def _imagenet_entries(imagenet_root: str, num_classes: int, check_exists: bool) -> tuple[list[str], np.ndarray]:
+def _imagenet_entries(
+    imagenet_root: str, num_classes: int, check_exists: bool, allow_outside_root: bool
+) -> tuple[list[str], np.ndarray]:
     """Absolute paths and labels of the ILSVRC12 validation images with label < num_classes."""
     list_path = os.path.join(imagenet_root, "val_filelist.txt")
     if os.path.isfile(list_path):
         entries = read_path_label_list(list_path, what="ILSVRC12 validation list")
         check_label_range(entries, WEBVISION_CLASSES)
         entries = entries.select(entries.labels < num_classes)
-        paths = resolve(imagenet_root, entries.paths)
+        paths = resolve_entries(imagenet_root, entries, allow_outside_root=allow_outside_root)
         if check_exists:
             check_images_exist(entries, paths)
         return paths, entries.labels
@@ -94,6 +97,7 @@ def webvision(
     *,
     imagenet_root: str | os.PathLike | None = None,
     check_exists: bool = True,
+    allow_outside_root: bool = False,
 ) -> DatasetDescription:
     """One split of (mini-)WebVision, keeping the classes with index < ``num_classes``.
 
@@ -103,7 +107,11 @@ def webvision(
     Returns ``paths`` (N absolute, list order), ``labels`` (N,) int64.
 
     Errors name the list file and line: a malformed line, a label outside [0, 1000), and with
-    ``check_exists`` a listed image missing on disk.
+    ``check_exists`` a listed image missing on disk. A listed path that leads outside the
+    directory its list is relative to (``root`` for "train", ``root/val_images_256`` for
+    "val", the ImageNet root for "imagenet_val"), by ``..``, an absolute path, or being that
+    directory itself, is an error too unless ``allow_outside_root=True``; symbolic links are
+    followed (see :func:`mixnn_fast.data.listfile.resolve_entries`).
     """
     if split not in SPLITS:
         raise ValueError(f"webvision: split must be one of {SPLITS}, got {split!r}")
@@ -116,7 +124,7 @@ def webvision(
 
     if split == "imagenet_val":
         base = os.path.abspath(os.fspath(imagenet_root)) if imagenet_root is not None else os.path.join(root, "imagenet")
-        paths, labels = _imagenet_entries(base, num_classes, check_exists)
+        paths, labels = _imagenet_entries(base, num_classes, check_exists, allow_outside_root)
         return DatasetDescription(
             name=f"webvision{num_classes}/imagenet_val", classes=classes, labels=labels, clean_labels=labels,
             paths=paths, root=base, extra={"split": split},
@@ -131,7 +139,7 @@ def webvision(
     # (e.g. 5000) is reported rather than silently dropped as "not one of the first 50 classes".
     check_label_range(entries, WEBVISION_CLASSES)
     entries = entries.select(entries.labels < num_classes)
-    paths = resolve(image_dir, entries.paths)
+    paths = resolve_entries(image_dir, entries, allow_outside_root=allow_outside_root)
     if check_exists:
         check_images_exist(entries, paths)
     return DatasetDescription(
