@@ -61,6 +61,25 @@ def test_idx_malformed_files_are_named(tmp_path):
         read_idx(tmp_path / "absent")
 
 
+def test_idx_sizes_that_overflow_int64_or_numpy(tmp_path):
+    path = tmp_path / "x-idx4-ubyte"
+    # 65536**4 = 2**64: in int64 arithmetic the promised size wraps to 0 and matched an empty
+    # body, and the reshape then failed with a message naming no file
+    path.write_bytes(bytes([0, 0, 0x08, 4]) + b"\x00\x01\x00\x00" * 4)
+    with pytest.raises(ValueError, match=re.escape(f"{path}: truncated: header promises shape (65536, 65536, 65536, "
+                                                   f"65536) ({2**64} data bytes), found 0")):
+        read_idx(path)
+    path.write_bytes(bytes([0, 0, 0x0E, 3]) + b"\xff\xff\xff\xff" * 3)
+    with pytest.raises(ValueError, match=re.escape(f"({(2**32 - 1)**3 * 8} data bytes)")):
+        read_idx(path)
+    # the header allows 255 dimensions, NumPy 64 (32 before NumPy 2)
+    path.write_bytes(bytes([0, 0, 0x08, 100]) + b"\x00\x00\x00\x01" * 100)
+    with pytest.raises(ValueError, match=re.escape(f"{path}: IDX header declares 100 dimensions, more than NumPy")):
+        read_idx(path)
+    path.write_bytes(bytes([0, 0, 0x08, 32]) + b"\x00\x00\x00\x01" * 32 + b"\x07")
+    assert read_idx(path).shape == (1,) * 32
+
+
 @needs_fashion_mnist
 @pytest.mark.parametrize("gz", [True, False], ids=["gzip", "raw"])
 def test_fashion_mnist_from_written_idx(tmp_path, gz):

@@ -8,6 +8,7 @@ all raise ValueError naming the file.
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import struct
 import zlib
@@ -26,6 +27,8 @@ IDX_DTYPES = {
     0x0E: np.dtype(">f8"),
 }
 _GZIP_MAGIC = b"\x1f\x8b"
+#: The most dimensions NumPy arrays can have (64 in NumPy 2, 32 before); the IDX header allows 255.
+_MAX_NDIM = 64 if int(np.__version__.split(".")[0]) >= 2 else 32
 
 
 def _read_bytes(path: str) -> bytes:
@@ -57,12 +60,16 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
             f"{path}: bad IDX magic number 0x{raw[:4].hex()} (expected 0x0000TTDD: type TT in "
             f"{{{', '.join(f'{t:02x}' for t in IDX_DTYPES)}}}, DD >= 1 dimensions)"
         )
+    if ndim > _MAX_NDIM:
+        raise ValueError(f"{path}: IDX header declares {ndim} dimensions, more than NumPy arrays can have ({_MAX_NDIM})")
     header_size = 4 + 4 * ndim
     if len(raw) < header_size:
         raise ValueError(f"{path}: truncated IDX header ({len(raw)} bytes, {ndim} dimensions need {header_size})")
     shape = struct.unpack(f">{ndim}I", raw[4:header_size])
     dtype = IDX_DTYPES[type_code]
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    # Python integers: np.prod in int64 wraps around for headers like (65536,) * 4, and a
+    # wrapped size of 0 would match an empty body.
+    expected = math.prod(shape) * dtype.itemsize
     found = len(raw) - header_size
     if found != expected:
         kind = "truncated" if found < expected else "has trailing bytes"
