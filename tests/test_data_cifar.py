@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import time
 
 import numpy as np
 import pytest
@@ -114,3 +115,86 @@ def test_cifar_malformed_files(tmp_path):
         cifar(tmp_path, "cifar100")
     with pytest.raises(ValueError, match="which must be one of"):
         cifar(tmp_path, "cifar1000")
+
+
+def test_a_few_corrupt_bytes_do_not_allocate_gigabytes(tmp_path):
+    """The C unpickler sizes its memo by the largest index an opcode names: this 7-byte file
+    (None, LONG_BINPUT 0x3fffffff) made it allocate and zero 16 GB and take a minute."""
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(b"N" + b"r\xff\xff\xff\x3f" + b".")
+    started = time.perf_counter()
+    assert load_restricted_pickle(str(path)) is None
+    assert time.perf_counter() - started < 1.0
+    path.write_bytes(b"Np99999999999999999999\n.")  # PUT with a decimal index
+    assert load_restricted_pickle(str(path)) is None
+
+
+def test_a_pickle_cannot_allocate_arrays_of_its_choosing(tmp_path):
+    path = tmp_path / "data_batch_1"
+    # numpy.ndarray((2**40,)) called directly
+    path.write_bytes(b"\x80\x02cnumpy\nndarray\n\x8a\x06\x00\x00\x00\x00\x00\x01\x85R.")
+    with pytest.raises(ValueError, match=re.escape(f"{path}: not a readable CIFAR pickle") + ".*not callable"):
+        load_restricted_pickle(str(path))
+    # _reconstruct(ndarray, (2**40,), b"b") instead of numpy's (0,)
+    path.write_bytes(b"\x80\x02cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n"
+                     b"\x8a\x06\x00\x00\x00\x00\x00\x01\x85C\x01b\x87R.")
+    with pytest.raises(ValueError, match="_reconstruct is only allowed as numpy writes it"):
+        load_restricted_pickle(str(path))
+
+
+def test_malformed_meta_and_keys_name_the_file(tmp_path):
+    written = make_cifar(tmp_path, "cifar10", n_train=5, n_test=2)
+    meta = written.directory / "batches.meta"
+    meta.write_bytes(python2_pickle_dumps({"label_names": 10}))
+    with pytest.raises(ValueError, match=re.escape(f"{meta}: 'label_names' must be a list of class names")):
+        cifar(tmp_path, "cifar10")
+    meta.write_bytes(pickle.dumps({"label_names": [b"caf\xe9"] * 10}, protocol=2))
+    with pytest.raises(ValueError, match=re.escape(f"{meta}: a class name in 'label_names' is not UTF-8")):
+        cifar(tmp_path, "cifar10")
+    # a dict key nested a million tuples deep: hashing it overflowed the C stack (SIGSEGV)
+    meta.write_bytes(b"\x80\x02}N" + b"\x85" * 1_000_000 + b"Ns.")
+    with pytest.raises(ValueError, match=re.escape(f"{meta}: not a readable CIFAR pickle (UnpicklingError: a dict key "
+                                                   "or set member that cannot be hashed safely: containers nested")):
+        cifar(tmp_path, "cifar10")
+    # a key list that is not printable in full is summarised by type
+    meta.write_bytes(python2_pickle_dumps({(1, (2, 3)): 0, "x" * 500: 1}))
+    with pytest.raises(ValueError, match=r"no 'label_names' entry \(keys: \['<tuple>', 'xxxx") as info:
+        cifar(tmp_path, "cifar10")
+    assert len(str(info.value)) < 400
+
+
+def _shared_halves(levels: int, innermost: bytes = b"N", tuple_op: bytes = b"\x86") -> bytes:
+    """A pickle body building t_k = (t_(k-1), t_(k-1)) ``levels`` times (memo PUT/GET), so
+    its expanded size is 2**levels for a few bytes a level."""
+    body = innermost + b"q\x00" + b"0"  # PUT 0, POP: only the memo keeps each level
+    for level in range(levels):
+        body += b"h" + bytes([level]) + b"h" + bytes([level]) + tuple_op + b"q" + bytes([level + 1]) + b"0"
+    return body + b"h" + bytes([levels])  # GET: the outermost tuple, alone on the stack
+
+
+@pytest.mark.parametrize("what, payload, problem", [
+    # hashing (t, t) nested 60 times visits 2**60 entries: the load hung
+    ("key", b"\x80\x02}" + _shared_halves(60) + b"Ns.", "cannot be hashed safely: more than 10000 entries"),
+    ("set member", b"\x80\x02\x8f(" + _shared_halves(60) + b"\x90.", "cannot be hashed safely"),
+    ("frozenset member", b"\x80\x02(" + _shared_halves(60) + b"\x91.", "cannot be hashed safely"),
+    # as a value it loads, but np.asarray or str() of it would hang: refused after loading
+    ("value", b"\x80\x02}X\x04\x00\x00\x00data" + _shared_halves(60) + b"s.", "more than 10000000 entries"),
+    ("list", b"\x80\x02]q\x00h\x00a.", "a container holds itself"),
+    ("depth", b"\x80\x02" + b"]" * 40 + b"a" * 39 + b".", "containers nested more than 32 deep"),
+])
+def test_pickles_that_would_hang_or_crash_later_are_refused(tmp_path, what, payload, problem):
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(payload)
+    started = time.perf_counter()
+    with pytest.raises(ValueError, match=re.escape(f"{path}: not a readable CIFAR pickle") + ".*" + re.escape(problem)):
+        load_restricted_pickle(str(path))
+    assert time.perf_counter() - started < 2.0
+
+
+def test_numpy_dtype_is_only_a_type_string(tmp_path):
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(b"\x80\x02cnumpy\ndtype\n]\x85R.")  # dtype([])
+    with pytest.raises(ValueError, match="numpy.dtype is only allowed as numpy pickles it"):
+        load_restricted_pickle(str(path))
+    path.write_bytes(pickle.dumps(np.dtype("u1"), protocol=2))
+    assert load_restricted_pickle(str(path)) == np.dtype("u1")
