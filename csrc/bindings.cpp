@@ -5,6 +5,22 @@
 // MixImagesParams with their data pointers and sizes.  So the extension needs
 // neither libtorch nor a particular torch version.  The GIL is released while
 // the kernels run.
+//
+// The bindings do not trust the front, though: anything in Python can build a
+// MixImagesParams and call them.  Each binding first checks its inputs
+// (torchvision's order: check, return early when there is no work, then run):
+//
+//   - sizes are >= 0 and their products fit in int64;
+//   - every buffer whose size is known is large enough for the sizes
+//     (ValueError naming it).  A pointer set from a Python buffer (a NumPy
+//     array, memoryview, ...) knows its size and must be C-contiguous; a raw
+//     address does not, and the caller declares it in `<name>_nbytes` (-1, the
+//     default, means undeclared: nothing can be checked for that buffer);
+//   - out does not overlap any input (a kernel writing into its own index
+//     arrays would read indices it wrote);
+//   - every anchor and partner index lies in [0, num_images) (IndexError
+//     naming the argument and the position).  O(B·K) reads, against the
+//     kernel's O(B·K·H·W·C); on CUDA the indices are copied to the host first.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -13,12 +29,16 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "cpu/cuda_grid_emulator.h"
 #include "cpu/mix_images_cpu.h"
 #include "cuda/mix_images_kernel.h"
+#include "dispatch.h"
 #include "mix_params.h"
 #ifdef MIXNN_WITH_CUDA
+#include <cuda_runtime.h>
+
 #include "cuda/mix_images_cuda.h"
 #endif
 
@@ -29,36 +49,249 @@ using mixnn::MixImagesParams;
 
 namespace {
 
-// Last line of defence; the Python front has checked shapes, dtypes and index ranges.
-void check_params(const MixImagesParams& p) {
-  auto require = [](bool ok, const std::string& message) {
-    if (!ok) throw std::invalid_argument("mix_images: " + message);
-  };
-  require(p.num_images >= 0 && p.height >= 0 && p.width >= 0 && p.channels >= 0, "image sizes must be >= 0");
-  require(p.batch >= 0 && p.num_partners >= 0, "batch and num_partners must be >= 0");
-  const bool has_work = p.batch > 0 && p.height * p.width * p.channels > 0;
-  if (!has_work) return;
-  require(p.num_images > 0, "anchors index an empty image batch");
-  require(p.images != nullptr, "images pointer is null");
-  require(p.anchors != nullptr, "anchors pointer is null");
-  require(p.num_partners == 0 || p.partners != nullptr, "partners pointer is null");
-  require(p.weights != nullptr, "weights pointer is null");
-  require(p.mean != nullptr && p.inv_std != nullptr, "mean / inv_std pointers are null");
-  require(p.out != nullptr, "out pointer is null");
+constexpr int64_t kUndeclared = -1;
+
+// What Python sees as MixImagesParams: the kernels' plain struct, plus the size in bytes of
+// each buffer where it is known, and the Python buffers it was taken from (kept alive as long
+// as the params hold their pointers).  The kernels receive the MixImagesParams part only.
+struct BoundParams : MixImagesParams {
+  int64_t images_nbytes = kUndeclared;
+  int64_t anchors_nbytes = kUndeclared;
+  int64_t partners_nbytes = kUndeclared;
+  int64_t weights_nbytes = kUndeclared;
+  int64_t mean_nbytes = kUndeclared;
+  int64_t inv_std_nbytes = kUndeclared;
+  int64_t out_nbytes = kUndeclared;
+  py::object images_owner, anchors_owner, partners_owner, weights_owner, mean_owner, inv_std_owner, out_owner;
+};
+
+[[noreturn]] void fail(const std::string& where, const std::string& message) {
+  throw std::invalid_argument(where + ": " + message);
 }
 
+int64_t dtype_bytes(DType dtype) {
+  return mixnn::dispatch_dtype(dtype, "dtype", [](auto tag) -> int64_t { return sizeof(typename decltype(tag)::type); });
+}
+
+int64_t product(const char* where, std::initializer_list<int64_t> factors, const char* what) {
+  int64_t result = 1;
+  for (int64_t f : factors) {
+    if (__builtin_mul_overflow(result, f, &result)) fail(where, std::string(what) + " overflows int64");
+  }
+  return result;
+}
+
+// One buffer of a call: its name, where it starts, how many bytes the call touches, and how
+// many the caller says it holds (kUndeclared if unknown).
+struct Span {
+  const char* name;
+  const void* ptr;
+  int64_t needed;
+  int64_t declared;
+};
+
+// The byte sizes every buffer must have for these sizes and dtypes, and the size checks that
+// need no memory access.  Shared by all bindings, in the order the error messages should come.
+std::vector<Span> checked_spans(const BoundParams& p, const char* where) {
+  auto nonnegative = [&](int64_t value, const char* name) {
+    if (value < 0) fail(where, std::string(name) + " must be >= 0, got " + std::to_string(value));
+  };
+  nonnegative(p.num_images, "num_images");
+  nonnegative(p.height, "height");
+  nonnegative(p.width, "width");
+  nonnegative(p.channels, "channels");
+  nonnegative(p.batch, "batch");
+  nonnegative(p.num_partners, "num_partners");
+  const int64_t image_elems = product(where, {p.height, p.width, p.channels}, "height * width * channels");
+  if (p.num_partners == INT64_MAX) fail(where, "num_partners + 1 overflows int64");
+  const int64_t terms = p.num_partners + 1;
+  std::vector<Span> spans = {
+      {"images", p.images, product(where, {p.num_images, image_elems, dtype_bytes(p.in_dtype)}, "images size"),
+       p.images_nbytes},
+      {"anchors", p.anchors, product(where, {p.batch, 8}, "anchors size"), p.anchors_nbytes},
+      {"partners", p.partners, product(where, {p.batch, p.num_partners, 8}, "partners size"), p.partners_nbytes},
+      {"weights", p.weights, product(where, {p.batch, terms, 4}, "weights size"), p.weights_nbytes},
+      {"mean", p.mean, product(where, {p.channels, 4}, "mean size"), p.mean_nbytes},
+      {"inv_std", p.inv_std, product(where, {p.channels, 4}, "inv_std size"), p.inv_std_nbytes},
+      {"out", p.out, product(where, {p.batch, image_elems, dtype_bytes(p.out_dtype)}, "out size"), p.out_nbytes},
+  };
+  static const char* const kShapes[] = {
+      "num_images * height * width * channels elements of in_dtype", "batch int64 indices",
+      "batch * num_partners int64 indices", "batch * (num_partners + 1) float32 weights",
+      "channels float32 values", "channels float32 values", "batch * height * width * channels elements of out_dtype"};
+  for (size_t i = 0; i < spans.size(); ++i) {
+    const Span& s = spans[i];
+    if (s.declared < kUndeclared) fail(where, std::string(s.name) + "_nbytes must be >= 0 (or -1: undeclared)");
+    if (s.declared != kUndeclared && s.declared < s.needed) {
+      fail(where, std::string(s.name) + ": buffer holds " + std::to_string(s.declared) + " bytes, the call needs " +
+                      std::to_string(s.needed) + " (" + kShapes[i] + ")");
+    }
+  }
+  return spans;
+}
+
+// Null pointers and overlaps with out, for a call that has work to do.
+void check_pointers(const std::vector<Span>& spans, const char* where) {
+  for (const Span& s : spans) {
+    if (s.needed > 0 && s.ptr == nullptr) fail(where, std::string(s.name) + ": pointer is null");
+  }
+  const Span& out = spans.back();
+  const auto out_begin = reinterpret_cast<std::uintptr_t>(out.ptr);
+  std::uintptr_t out_end;
+  if (__builtin_add_overflow(out_begin, static_cast<std::uintptr_t>(out.needed), &out_end)) {
+    fail(where, "out: address range wraps around");
+  }
+  for (size_t i = 0; i + 1 < spans.size(); ++i) {
+    const Span& s = spans[i];
+    if (s.needed == 0) continue;
+    const auto begin = reinterpret_cast<std::uintptr_t>(s.ptr);
+    std::uintptr_t end;
+    if (__builtin_add_overflow(begin, static_cast<std::uintptr_t>(s.needed), &end)) {
+      fail(where, std::string(s.name) + ": address range wraps around");
+    }
+    if (begin < out_end && out_begin < end) {
+      fail(where, std::string("out: overlaps ") + s.name + " in memory; the mixer cannot write in place");
+    }
+  }
+}
+
+// IndexError (std::out_of_range) naming the first index outside [0, num_images).
+void check_indices(const int64_t* values, int64_t count, int64_t columns, int64_t num_images, const char* name,
+                   const char* where) {
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t v = values[i];
+    if (v < 0 || v >= num_images) {
+      const std::string at = columns > 0 ? "[" + std::to_string(i / columns) + ", " + std::to_string(i % columns) + "]"
+                                         : "[" + std::to_string(i) + "]";
+      throw std::out_of_range(std::string(where) + ": " + name + at + " = " + std::to_string(v) +
+                              " is out of range [0, " + std::to_string(num_images) + ") (num_images)");
+    }
+  }
+}
+
+bool has_work(const MixImagesParams& p) { return p.batch > 0 && p.height * p.width * p.channels > 0; }
+
+// Everything above, for host pointers.  Returns false when there is no work (nothing is read
+// or written then, so the pointers are not looked at).
+bool check_host_call(const BoundParams& p, const char* where) {
+  const std::vector<Span> spans = checked_spans(p, where);
+  if (!has_work(p)) return false;
+  check_pointers(spans, where);
+  check_indices(p.anchors, p.batch, 0, p.num_images, "anchors", where);
+  check_indices(p.partners, p.batch * p.num_partners, p.num_partners, p.num_images, "partners", where);
+  return true;
+}
+
+#ifdef MIXNN_WITH_CUDA
+void check_cuda(cudaError_t status, const char* where, const std::string& what) {
+  if (status != cudaSuccess) {
+    cudaGetLastError();  // clear it, so that the next CUDA call does not report it again
+    fail(where, what + " (" + cudaGetErrorString(status) + ")");
+  }
+}
+
+// Device (or managed, or mapped pinned) memory on the current device: what the kernel can read.
+void check_device_pointer(const Span& s, int device, const char* where) {
+  if (s.needed == 0) return;
+  cudaPointerAttributes attributes{};
+  check_cuda(cudaPointerGetAttributes(&attributes, s.ptr), where, std::string(s.name) + ": cannot query the pointer");
+  const bool on_device = attributes.type == cudaMemoryTypeDevice || attributes.type == cudaMemoryTypeManaged ||
+                         (attributes.type == cudaMemoryTypeHost && attributes.devicePointer != nullptr);
+  if (!on_device) {
+    fail(where, std::string(s.name) + ": is not memory the GPU can read (host memory? mix_images_cuda needs device "
+                                      "pointers)");
+  }
+  if (attributes.type == cudaMemoryTypeDevice && attributes.device != device) {
+    fail(where, std::string(s.name) + ": is on device " + std::to_string(attributes.device) +
+                    " but the kernel runs on device " + std::to_string(device));
+  }
+}
+
+std::vector<int64_t> device_indices(const int64_t* values, int64_t count, cudaStream_t stream, const char* name,
+                                    const char* where) {
+  std::vector<int64_t> host(static_cast<size_t>(count));
+  if (count == 0) return host;
+  // On the call's stream: the indices may come from work queued on it.
+  check_cuda(cudaMemcpyAsync(host.data(), values, count * sizeof(int64_t), cudaMemcpyDeviceToHost, stream), where,
+             std::string(name) + ": cannot read the indices from the device");
+  check_cuda(cudaStreamSynchronize(stream), where, std::string(name) + ": cannot read the indices from the device");
+  return host;
+}
+
+bool check_cuda_call(const BoundParams& p, std::intptr_t stream_handle, const char* where) {
+  const std::vector<Span> spans = checked_spans(p, where);
+  if (!has_work(p)) return false;
+  check_pointers(spans, where);
+  int device = 0;
+  check_cuda(cudaGetDevice(&device), where, "no current CUDA device");
+  for (const Span& s : spans) check_device_pointer(s, device, where);
+  const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
+  const auto anchors = device_indices(p.anchors, p.batch, stream, "anchors", where);
+  check_indices(anchors.data(), p.batch, 0, p.num_images, "anchors", where);
+  const auto partners = device_indices(p.partners, p.batch * p.num_partners, stream, "partners", where);
+  check_indices(partners.data(), p.batch * p.num_partners, p.num_partners, p.num_images, "partners", where);
+  return true;
+}
+#endif
+
+// A pointer property: an int (an address; its size, if known, goes in <name>_nbytes) or a
+// C-contiguous Python buffer (pointer and size taken from it; the buffer is kept alive).
+// `element` checks the buffer's item type for typed fields (nullptr: any type).
 template <typename T>
-void def_pointer(py::class_<MixImagesParams>& cls, const char* name, T MixImagesParams::*field) {
+void def_pointer(py::class_<BoundParams>& cls, const char* name, T MixImagesParams::*field,
+                 int64_t BoundParams::*nbytes, py::object BoundParams::*owner, bool writable,
+                 bool (*element)(const py::buffer_info&), const char* element_name) {
   cls.def_property(
-      name, [field](const MixImagesParams& p) { return reinterpret_cast<std::uintptr_t>(p.*field); },
-      [field](MixImagesParams& p, std::uintptr_t address) { p.*field = reinterpret_cast<T>(address); });
+      name, [field](const BoundParams& p) { return reinterpret_cast<std::uintptr_t>(p.*field); },
+      [=](BoundParams& p, const py::object& value) {
+        const std::string where = std::string("MixImagesParams.") + name;
+        if (PyLong_Check(value.ptr()) && !PyBool_Check(value.ptr())) {
+          const unsigned long long address = PyLong_AsUnsignedLongLong(value.ptr());
+          if (address == static_cast<unsigned long long>(-1) && PyErr_Occurred()) {
+            PyErr_Clear();
+            fail(where, "an address must be an int in [0, 2**64), got " + py::repr(value).cast<std::string>());
+          }
+          p.*field = reinterpret_cast<T>(static_cast<std::uintptr_t>(address));
+          p.*owner = py::object();
+          return;
+        }
+        if (!PyObject_CheckBuffer(value.ptr())) {
+          throw py::type_error(where + ": expected an address (int) or a C-contiguous buffer such as a NumPy "
+                                       "array, got " + std::string(Py_TYPE(value.ptr())->tp_name));
+        }
+        py::buffer_info info;
+        try {
+          info = py::reinterpret_borrow<py::buffer>(value).request(writable);
+        } catch (py::error_already_set& err) {
+          fail(where, std::string(writable ? "needs a writable buffer: " : "cannot read the buffer: ") + err.what());
+        }
+        if (element != nullptr && !element(info)) {
+          fail(where, std::string("expected ") + element_name + " elements, got buffer format '" + info.format +
+                          "' (" + std::to_string(info.itemsize) + " bytes each)");
+        }
+        py::ssize_t expected = info.itemsize;
+        for (py::ssize_t d = info.ndim - 1; d >= 0 && info.size > 0; --d) {
+          if (info.shape[d] != 1 && info.strides[d] != expected) {
+            fail(where, "the buffer is not C-contiguous (the kernels read it as one dense block)");
+          }
+          expected *= info.shape[d];
+        }
+        p.*field = reinterpret_cast<T>(info.ptr);
+        p.*nbytes = static_cast<int64_t>(info.size) * static_cast<int64_t>(info.itemsize);
+        p.*owner = py::reinterpret_borrow<py::object>(value);
+      });
 }
 
 template <typename E>
-void def_enum(py::class_<MixImagesParams>& cls, const char* name, E MixImagesParams::*field, int max_code) {
+bool buffer_of(const py::buffer_info& info) {
+  return info.item_type_is_equivalent_to<E>();
+}
+
+template <typename E>
+void def_enum(py::class_<BoundParams>& cls, const char* name, E MixImagesParams::*field, int max_code) {
   cls.def_property(
-      name, [field](const MixImagesParams& p) { return static_cast<int>(p.*field); },
-      [field, name, max_code](MixImagesParams& p, int code) {
+      name, [field](const BoundParams& p) { return static_cast<int>(p.*field); },
+      [field, name, max_code](BoundParams& p, int code) {
         if (code < 0 || code > max_code) {
           throw std::invalid_argument(std::string(name) + ": unknown code " + std::to_string(code));
         }
@@ -71,31 +304,50 @@ void def_enum(py::class_<MixImagesParams>& cls, const char* name, E MixImagesPar
 PYBIND11_MODULE(_C, m) {
   m.doc() = "mixnn_fast native kernels: the fused neighbour mixer (CPU/OpenMP, CUDA)";
 
-  py::class_<MixImagesParams> params(m, "MixImagesParams",
-                                     "Pointers (as integers), sizes and layouts of one mix_images call.");
+  py::class_<BoundParams> params(
+      m, "MixImagesParams",
+      "Pointers, sizes and layouts of one mix_images call.\n\n"
+      "A pointer is set from an int (an address) or from a C-contiguous buffer (a NumPy array...),\n"
+      "which also records its size. For an address, declare the buffer's size in <name>_nbytes\n"
+      "(-1: undeclared, unchecked). The calls check sizes against the buffers, and every index\n"
+      "against num_images, before running.");
   params.def(py::init<>());
-  def_pointer(params, "images", &MixImagesParams::images);
-  def_pointer(params, "anchors", &MixImagesParams::anchors);
-  def_pointer(params, "partners", &MixImagesParams::partners);
-  def_pointer(params, "weights", &MixImagesParams::weights);
-  def_pointer(params, "mean", &MixImagesParams::mean);
-  def_pointer(params, "inv_std", &MixImagesParams::inv_std);
-  def_pointer(params, "out", &MixImagesParams::out);
+  def_pointer(params, "images", &MixImagesParams::images, &BoundParams::images_nbytes, &BoundParams::images_owner,
+              false, nullptr, nullptr);
+  def_pointer(params, "anchors", &MixImagesParams::anchors, &BoundParams::anchors_nbytes, &BoundParams::anchors_owner,
+              false, buffer_of<int64_t>, "int64");
+  def_pointer(params, "partners", &MixImagesParams::partners, &BoundParams::partners_nbytes,
+              &BoundParams::partners_owner, false, buffer_of<int64_t>, "int64");
+  def_pointer(params, "weights", &MixImagesParams::weights, &BoundParams::weights_nbytes, &BoundParams::weights_owner,
+              false, buffer_of<float>, "float32");
+  def_pointer(params, "mean", &MixImagesParams::mean, &BoundParams::mean_nbytes, &BoundParams::mean_owner, false,
+              buffer_of<float>, "float32");
+  def_pointer(params, "inv_std", &MixImagesParams::inv_std, &BoundParams::inv_std_nbytes, &BoundParams::inv_std_owner,
+              false, buffer_of<float>, "float32");
+  def_pointer(params, "out", &MixImagesParams::out, &BoundParams::out_nbytes, &BoundParams::out_owner, true, nullptr,
+              nullptr);
   def_enum(params, "in_dtype", &MixImagesParams::in_dtype, 3);
   def_enum(params, "out_dtype", &MixImagesParams::out_dtype, 3);
   def_enum(params, "in_layout", &MixImagesParams::in_layout, 1);
   def_enum(params, "out_layout", &MixImagesParams::out_layout, 1);
-  params.def_readwrite("num_images", &MixImagesParams::num_images)
-      .def_readwrite("height", &MixImagesParams::height)
-      .def_readwrite("width", &MixImagesParams::width)
-      .def_readwrite("channels", &MixImagesParams::channels)
-      .def_readwrite("batch", &MixImagesParams::batch)
-      .def_readwrite("num_partners", &MixImagesParams::num_partners);
+  params.def_readwrite("num_images", &BoundParams::num_images)
+      .def_readwrite("height", &BoundParams::height)
+      .def_readwrite("width", &BoundParams::width)
+      .def_readwrite("channels", &BoundParams::channels)
+      .def_readwrite("batch", &BoundParams::batch)
+      .def_readwrite("num_partners", &BoundParams::num_partners)
+      .def_readwrite("images_nbytes", &BoundParams::images_nbytes)
+      .def_readwrite("anchors_nbytes", &BoundParams::anchors_nbytes)
+      .def_readwrite("partners_nbytes", &BoundParams::partners_nbytes)
+      .def_readwrite("weights_nbytes", &BoundParams::weights_nbytes)
+      .def_readwrite("mean_nbytes", &BoundParams::mean_nbytes)
+      .def_readwrite("inv_std_nbytes", &BoundParams::inv_std_nbytes)
+      .def_readwrite("out_nbytes", &BoundParams::out_nbytes);
 
   m.def(
       "mix_images_cpu",
-      [](const MixImagesParams& p, int num_threads) {
-        check_params(p);
+      [](const BoundParams& p, int num_threads) {
+        if (!check_host_call(p, "mix_images_cpu")) return;
         py::gil_scoped_release release;
         mixnn::cpu::mix_images(p, num_threads);
       },
@@ -109,8 +361,11 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "mix_images_cuda_emulated",
-      [](const MixImagesParams& p, int64_t grid_x, int64_t grid_y) {
-        check_params(p);
+      [](const BoundParams& p, int64_t grid_x, int64_t grid_y) {
+        // 0 = the launcher's grid; otherwise within what a CUDA launch allows
+        if (grid_x < 0 || grid_x > INT32_MAX) fail("mix_images_cuda_emulated", "grid_x must lie in [0, 2**31 - 1]");
+        if (grid_y < 0 || grid_y > 65535) fail("mix_images_cuda_emulated", "grid_y must lie in [0, 65535]");
+        if (!check_host_call(p, "mix_images_cuda_emulated")) return;
         py::gil_scoped_release release;
         mixnn::emulator::mix_images(p, grid_x, grid_y);
       },
@@ -119,7 +374,8 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "cuda_launch_config",
-      [](const MixImagesParams& p) {
+      [](const BoundParams& p) {
+        checked_spans(p, "cuda_launch_config");  // sizes only: nothing is read
         const auto c = mixnn::cuda_body::mix_images_launch_config(p);
         return py::make_tuple(py::make_tuple(c.grid.x, c.grid.y, c.grid.z),
                               py::make_tuple(c.block.x, c.block.y, c.block.z));
@@ -129,8 +385,8 @@ PYBIND11_MODULE(_C, m) {
 #ifdef MIXNN_WITH_CUDA
   m.def(
       "mix_images_cuda",
-      [](const MixImagesParams& p, std::intptr_t stream) {
-        check_params(p);
+      [](const BoundParams& p, std::intptr_t stream) {
+        if (!check_cuda_call(p, stream, "mix_images_cuda")) return;
         py::gil_scoped_release release;
         mixnn::cuda::mix_images(p, stream);
       },
