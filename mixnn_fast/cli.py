@@ -1,7 +1,7 @@
 """The ``mixnn`` command: train, evaluate, demo, bench, info.
 
     mixnn train --config run.yaml --epochs 40 --method mixnn      # flags override the YAML
-    mixnn train --out-dir runs/x --resume                          # continue from runs/x/checkpoint.pt
+    mixnn train --out-dir runs/x --resume [--epochs 80]            # continue runs/x with its own settings
     mixnn evaluate runs/x                                          # test accuracy of a saved run
     mixnn demo [--quick]                                           # CE vs MixNN on Fashion-MNIST
     mixnn table [--seeds 0 1] [--methods ce mixnn]                 # the results table (methods x noise)
@@ -20,6 +20,8 @@ from pathlib import Path
 
 
 BENCH_DIR = Path(__file__).resolve().parent.parent / "bench"
+#: bench/<name>.py of a source checkout that ``mixnn bench NAME`` runs (nothing else is run)
+BENCHMARKS = ("mixer", "loader", "eval_loader", "epoch", "refresh", "refresh_gmm", "refresh_neighbours")
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -43,13 +45,60 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, dest=f.name, type=str, default=None)
 
 
+def _given_settings(args: argparse.Namespace) -> dict:
+    """The TrainConfig fields set in --config's YAML or on the command line (flags win)."""
+    from mixnn_fast.train.config import TrainConfig, read_yaml_settings
+
+    given = read_yaml_settings(args.config) if args.config else {}
+    given.update({name: getattr(args, name) for name in TrainConfig.field_names()
+                  if getattr(args, name, None) is not None})
+    return given
+
+
 def _config_from_args(args: argparse.Namespace):
     from mixnn_fast.train.config import TrainConfig
 
-    overrides = {name: getattr(args, name) for name in TrainConfig.field_names() if getattr(args, name, None) is not None}
-    if args.config:
-        return TrainConfig.from_yaml(args.config, **overrides)
-    return TrainConfig.from_dict(overrides, source="command line")
+    if args.resume_any:
+        return _resume_config(args)
+    source = f"{args.config} (with the command line's flags)" if args.config else "command line"
+    return TrainConfig.from_dict(_given_settings(args), source=source)
+
+
+def _resume_config(args: argparse.Namespace):
+    """The settings of the run being resumed, with the flags that may change applied; a flag
+    that would change the experiment is an error naming it."""
+    import yaml
+
+    from mixnn_fast.train.checkpoint import CHECKPOINT, PREVIOUS, load_checkpoint
+    from mixnn_fast.train.config import RESUMABLE_FIELDS, TrainConfig
+
+    given = _given_settings(args)
+    if "out_dir" not in given:
+        raise ValueError("--resume: say which run with --out-dir (the folder the run writes to)")
+    out = Path(given["out_dir"])
+    if (out / CHECKPOINT).exists() or (out / PREVIOUS).exists():
+        saved = load_checkpoint(out, previous=args.resume_from_previous)["config"]
+        source = f"{out / (PREVIOUS if args.resume_from_previous else CHECKPOINT)}"
+    elif (out / "config.yaml").exists():  # stopped before its first checkpoint: starts again from epoch 0
+        saved = yaml.safe_load((out / "config.yaml").read_text())
+        source = str(out / "config.yaml")
+    else:
+        raise FileNotFoundError(f"--resume: {out} holds no run (no {CHECKPOINT}, no config.yaml); "
+                                "train it first without --resume")
+    if not isinstance(saved, dict):
+        raise ValueError(f"--resume: {source} does not hold a mapping of settings")
+    saved_cfg = TrainConfig.from_dict(saved, source=source)
+    changed = sorted(k for k, v in given.items() if k not in RESUMABLE_FIELDS and v != getattr(saved_cfg, k))
+    if changed:
+        detail = ", ".join(f"--{k.replace('_', '-')} {given[k]!r} (the run has {getattr(saved_cfg, k)!r})"
+                           for k in changed)
+        raise ValueError(f"--resume: these settings would change the experiment of {out}: {detail}. "
+                         f"A resumed run keeps its settings; only {', '.join(RESUMABLE_FIELDS[:-1])} may change. "
+                         "Train other settings into another --out-dir")
+    values = saved_cfg.to_dict()
+    values.update({k: v for k, v in given.items() if k in RESUMABLE_FIELDS})
+    values["out_dir"] = str(out)
+    return TrainConfig.from_dict(values, source="command line")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -57,7 +106,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from mixnn_fast.train.trainer import Trainer
 
     cfg = _config_from_args(args)
-    trainer = Trainer(cfg, resume=args.resume)
+    trainer = Trainer(cfg, resume=args.resume, resume_from_previous=args.resume_from_previous,
+                      overwrite=args.overwrite)
     if trainer.data.note:
         print(f"NOTE: {trainer.data.note}")
     summary = write_run_report(trainer, trainer.fit())
@@ -66,14 +116,18 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from mixnn_fast.train.checkpoint import load_checkpoint
     from mixnn_fast.train.config import TrainConfig
-    from mixnn_fast.train.trainer import CHECKPOINT, Trainer
+    from mixnn_fast.train.trainer import Trainer
 
     run = Path(args.run)
-    if not (run / CHECKPOINT).exists():
-        raise SystemExit(f"evaluate: {run / CHECKPOINT} does not exist (train with --out-dir {run} first)")
-    cfg = TrainConfig.from_yaml(run / "config.yaml", progress=not args.no_progress, tensorboard=False)
-    trainer = Trainer(cfg, resume=True)
+    if not run.is_dir():
+        raise FileNotFoundError(f"evaluate: {run} is not a folder (give a run's --out-dir)")
+    saved = load_checkpoint(run, previous=args.previous)["config"]
+    # what a run reports (progress bars, TensorBoard) never changes what it computes
+    cfg = TrainConfig.from_dict({**saved, "progress": not args.no_progress, "out_dir": str(run)},
+                                source=f"{run}'s checkpoint")
+    trainer = Trainer(cfg, resume=not args.previous, resume_from_previous=args.previous)
     print(json.dumps({"run": str(run), "epochs_trained": trainer.start_epoch,
                       "test_accuracy": trainer.test_accuracy()}, indent=2))
     return 0
@@ -114,11 +168,12 @@ def cmd_table(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
+    if args.name not in BENCHMARKS:
+        raise ValueError(f"bench: no benchmark {args.name!r}; the benchmarks are {', '.join(BENCHMARKS)}")
     script = BENCH_DIR / f"{args.name}.py"
     if not script.exists():
-        available = sorted(p.stem for p in BENCH_DIR.glob("*.py") if p.stem != "common") if BENCH_DIR.exists() else []
-        raise SystemExit(f"bench: no benchmark {args.name!r} (the benchmarks live in a source checkout's bench/; "
-                         f"available: {', '.join(available) or 'none'})")
+        raise FileNotFoundError(f"bench: {script} is missing (the benchmarks live in a source checkout's bench/; "
+                                "an installed package has none)")
     sys.argv = [str(script), *rest]
     # scripts import their harness as `bench.common` or `common`
     sys.path[:0] = [str(BENCH_DIR.parent), str(BENCH_DIR)]
@@ -141,11 +196,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train one configuration (YAML and/or flags)")
     train.add_argument("--config", help="YAML file of TrainConfig settings")
-    train.add_argument("--resume", action="store_true", help="continue from <out-dir>/checkpoint.pt")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the run in --out-dir with its own settings (only epochs, progress, "
+                            "tensorboard, eval/checkpoint frequency and threads may be changed)")
+    train.add_argument("--resume-from-previous", action="store_true",
+                       help="like --resume, from the checkpoint kept before the last one (when that one is corrupt)")
+    train.add_argument("--overwrite", action="store_true",
+                       help="start again in an --out-dir that already holds a run (its files are replaced)")
     _add_config_flags(train)
 
     evaluate = sub.add_parser("evaluate", help="test accuracy of a saved run")
     evaluate.add_argument("run", help="the run's folder (its --out-dir)")
+    evaluate.add_argument("--previous", action="store_true", help="evaluate the checkpoint kept before the last one")
     evaluate.add_argument("--no-progress", action="store_true")
 
     demo = sub.add_parser("demo", help="CE vs MixNN on Fashion-MNIST with 40%% symmetric noise")
@@ -169,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     table.add_argument("--shard", help="K/N: run every N-th cell from the K-th (several processes, one folder)")
 
     bench = sub.add_parser("bench", help="run bench/<name>.py (extra arguments go to the script)")
-    bench.add_argument("name", help="mixer, refresh_gmm, refresh_neighbours, loader, eval_loader, epoch, ...")
+    bench.add_argument("name", help=", ".join(BENCHMARKS))
 
     sub.add_parser("info", help="what the native extension was built with")
     return parser
@@ -182,14 +244,24 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognised arguments: {' '.join(rest)}")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "train":
+        args.resume_any = args.resume or args.resume_from_previous
     try:
         if args.command == "bench":
             return cmd_bench(args, rest)
         return {"train": cmd_train, "evaluate": cmd_evaluate, "demo": cmd_demo, "table": cmd_table,
                 "info": cmd_info}[args.command](args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, TypeError, FileNotFoundError) as exc:  # a user's mistake: the message, no traceback
         print(f"mixnn {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:
+        from mixnn_fast.train.experiments import RunLocked
+        from mixnn_fast.train.trainer import TrainingDiverged
+
+        if not isinstance(exc, (TrainingDiverged, RunLocked)):
+            raise  # a fault of ours: keep the traceback
+        print(f"mixnn {args.command}: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

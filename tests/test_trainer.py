@@ -3,6 +3,7 @@ loader, checkpoints, resumes, reports; the CLI drives it."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -128,3 +129,40 @@ def test_clothing1m_balanced_draw_is_made_once_per_epoch_and_covers_loader_and_r
     drawn = original(trainer.data.train, 2, 8, 6)
     assert torch.equal(trainer.last_refresh.ids, torch.from_numpy(np.sort(drawn)))
     assert trainer.mix_loader.make_plan(1).stats.anchors == len(drawn)
+
+
+def _folder_with_a_corrupt_image(tmp_path):
+    from fixtures import make_jpeg_folder
+
+    train = make_jpeg_folder(tmp_path / "train", n_per_class=6, size=40, num_classes=2)
+    test = make_jpeg_folder(tmp_path / "test", n_per_class=3, size=40, num_classes=2, seed=1)
+    bad = train.paths[4]
+    Path(bad).write_bytes(b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4)  # a JPEG header, then garbage
+    return train, test, bad
+
+
+CORRUPT_RUN = ["--dataset", "image_folder", "--noise", "none", "--method", "mixnn", "--epochs", "3",
+               "--warmup-epochs", "1", "--correction-start", "2", "--restart-period", "1", "--batch-size", "4",
+               "--model-widths", "4", "8", "8", "8", "--no-progress", "--no-tensorboard", "--num-threads", "1"]
+
+
+def test_a_corrupt_image_mid_epoch_is_skipped_and_counted(tmp_path, capsys):
+    train, test, bad = _folder_with_a_corrupt_image(tmp_path)
+    out = tmp_path / "run"
+    code = mixnn_main(["train", *CORRUPT_RUN, "--data-root", str(train.root), "--test-root", str(test.root),
+                       "--on-error", "skip", "--out-dir", str(out)])
+    assert code == 0, capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["skipped_images"] == 1 and list(summary["skipped_files"]) == [bad]
+    assert summary["epochs"] == 3
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["skipped_images"] == 1 for r in rows)
+
+
+def test_a_corrupt_image_is_named_when_not_skipping(tmp_path, capsys):
+    train, test, bad = _folder_with_a_corrupt_image(tmp_path)
+    code = mixnn_main(["train", *CORRUPT_RUN, "--data-root", str(train.root), "--test-root", str(test.root),
+                       "--out-dir", str(tmp_path / "run")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert bad in err and "on_error" in err

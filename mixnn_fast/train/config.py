@@ -7,6 +7,9 @@ by field from the command line (``mixnn train --config run.yaml --epochs 40``).
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,19 @@ PARTNER_MODES = ("neighbours", "random", "in_batch")
 PLAN_MODES = ("coherent", "naive")
 GMM_LOSS_TARGETS = ("soft_targets", "argmax_targets", "given")
 DATASETS = ("fashion_mnist", "digits", "cifar10", "cifar100", "clothing1m", "webvision", "image_folder", "file_list")
+NEIGHBOUR_BACKENDS = ("hnsw", "exact", "faiss")
+NOISE_KINDS = ("none", "symmetric_uniform", "symmetric_flip", "asymmetric_cifar10", "asymmetric_cifar100",
+               "pairflip", "asymmetric_fashion_mnist")  # mixnn_fast.noise.KINDS minus "custom" (needs a matrix)
+MODELS = ("small_cnn", "preact_resnet18", "resnet34", "resnet50")  # or torchvision:<name> / timm:<name>
+ON_ERROR = ("raise", "skip")
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+#: Fields that change how a run is watched or where it stops, never what an epoch computes: a
+#: resumed run may change them (``mixnn train --out-dir X --resume --epochs 80``).  Every other
+#: field defines the experiment and must match the run being resumed.  ``num_threads`` changes
+#: only the order of float reductions (results equal to rounding, not bit for bit).
+RESUMABLE_FIELDS = ("epochs", "out_dir", "progress", "tensorboard", "eval_every", "checkpoint_every",
+                    "checkpoint_every_steps", "num_threads", "extra")
 
 
 @dataclass
@@ -78,6 +94,8 @@ class TrainConfig:
     out_dir: str = "runs/mixnn"
     eval_every: int = 1
     checkpoint_every: int = 1
+    checkpoint_every_steps: int | None = None  # also save every N training steps (long epochs lose at most N)
+    on_error: str = "raise"               # an unreadable image: raise (naming the file) | skip it and count it
     progress: bool = True
     tensorboard: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
@@ -86,30 +104,82 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Raise ValueError naming the first field that is out of range."""
+        """Raise ValueError (or TypeError for a value of the wrong type) naming the first field
+        that is out of range.  Called on construction, so no run starts from a bad setting."""
+        self._check_types()
         choices = {"method": METHODS, "weights": WEIGHT_MODES, "partners": PARTNER_MODES, "plan": PLAN_MODES,
-                   "gmm_loss": GMM_LOSS_TARGETS, "dataset": DATASETS}
+                   "gmm_loss": GMM_LOSS_TARGETS, "dataset": DATASETS, "neighbour_backend": NEIGHBOUR_BACKENDS,
+                   "noise": NOISE_KINDS, "on_error": ON_ERROR}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}: must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        if self.model not in MODELS and not re.match(r"^(torchvision|timm):\w+$", self.model):
+            raise ValueError(f"model: must be one of {', '.join(MODELS)}, torchvision:<name> or timm:<name>; "
+                             f"got {self.model!r}")
+        if not _DEVICE.match(self.device):
+            raise ValueError(f"device: must be auto, cpu, cuda or cuda:<index>; got {self.device!r}")
         positive = ["epochs", "batch_size", "restart_period", "num_neighbours", "gmm_history", "gmm_max_iter",
                     "eval_every", "checkpoint_every", "correction_every"]
-        for name in positive:
-            if int(getattr(self, name)) < 1:
+        optional_positive = ["num_batches", "num_threads", "checkpoint_every_steps"]
+        for name in positive + [n for n in optional_positive if getattr(self, n) is not None]:
+            if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_epochs", "correction_start", "seed", "noise_seed"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        for name in ("lr", "lr_min", "momentum", "weight_decay", "noise_rate", "correction_momentum", "rdm_alpha",
+                     "gmm_tol", "gmm_reg_covar", "mixup_alpha", "gce_q", "sce_alpha", "sce_beta"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name}: must be a finite number, got {getattr(self, name)}")
         if not 0 <= self.noise_rate <= 1:
             raise ValueError(f"noise_rate: must lie in [0, 1], got {self.noise_rate}")
         if not 0 <= self.correction_momentum <= 1:
             raise ValueError(f"correction_momentum: must lie in [0, 1], got {self.correction_momentum}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum: must lie in [0, 1), got {self.momentum}")
         if self.lr <= 0 or self.lr_min < 0 or self.lr_min > self.lr:
             raise ValueError(f"lr / lr_min: need 0 <= lr_min <= lr and lr > 0, got {self.lr_min} / {self.lr}")
-        if self.warmup_epochs < 0 or self.correction_start < 0:
-            raise ValueError("warmup_epochs / correction_start: must be >= 0")
+        for name in ("weight_decay", "gmm_tol"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        for name in ("rdm_alpha", "gmm_reg_covar", "mixup_alpha"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
+        if not 0 < self.gce_q <= 1:
+            raise ValueError(f"gce_q: must lie in (0, 1], got {self.gce_q}")
+        if self.sce_alpha < 0 or self.sce_beta < 0 or self.sce_alpha + self.sce_beta == 0:
+            raise ValueError(f"sce_alpha / sce_beta: need both >= 0, not both 0; got {self.sce_alpha} / {self.sce_beta}")
+        if self.model_widths is not None:
+            if self.model != "small_cnn":
+                raise ValueError(f"model_widths: only small_cnn takes widths; got model {self.model!r}")
+            if not self.model_widths or any(w < 1 for w in self.model_widths):
+                raise ValueError(f"model_widths: expected positive channel counts, got {self.model_widths}")
         if not self.augment and self.dataset in ("clothing1m", "webvision", "image_folder", "file_list"):
             raise ValueError(f"augment: False is only supported for in-memory datasets (fashion_mnist, cifar10, "
                              f"cifar100, digits); {self.dataset} is decoded from files with a random-resized crop")
         if self.train_subset is not None and self.train_subset < 2:
             raise ValueError(f"train_subset: must be >= 2, got {self.train_subset}")
+        if not self.out_dir:
+            raise ValueError("out_dir: must not be empty")
+
+    def _check_types(self) -> None:
+        """Each field holds a value of its annotated type (YAML and hand-written dicts can hold
+        anything): TypeError naming the field otherwise.  ints are accepted for floats; bools are
+        not accepted for numbers (YAML's ``yes`` is a bool)."""
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            kinds = typing.get_args(hints[f.name]) or (hints[f.name],)
+            if value is None and type(None) in kinds:
+                continue
+            if not any(_is_instance(value, kind) for kind in kinds if kind is not type(None)):
+                expected = " or ".join(_type_name(k) for k in kinds)
+                raise TypeError(f"{f.name}: expected {expected}, got {value!r} ({type(value).__name__})")
+
+    def experiment_differences(self, other: "TrainConfig") -> list[str]:
+        """Names of the fields outside :data:`RESUMABLE_FIELDS` whose values differ from ``other``'s."""
+        return sorted(f for f in self.field_names() if f not in RESUMABLE_FIELDS
+                      and getattr(self, f) != getattr(other, f))
 
     # ---- (de)serialisation -----------------------------------------------------------------
 
@@ -125,22 +195,60 @@ class TrainConfig:
         unknown = sorted(set(values) - set(cls.field_names()))
         if unknown:
             raise ValueError(f"{source}: unknown setting(s) {', '.join(unknown)}")
-        return cls(**values)
+        try:
+            return cls(**values)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"{source}: {exc}") from None
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> "TrainConfig":
         """Load a YAML mapping of fields, then apply ``overrides`` (None values are ignored)."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config: {path} does not exist")
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ValueError(f"config: {path} is not valid YAML: {exc}") from exc
-        if not isinstance(values, dict):
-            raise ValueError(f"config: {path} must hold a mapping of settings, got {type(values).__name__}")
+        values = read_yaml_settings(path)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls.from_dict(values, source=str(path))
 
     def save_yaml(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        """Write the settings as YAML (atomically: a reader never sees half a file)."""
+        from mixnn_fast.train.atomic import write_atomic
+
+        write_atomic(path, yaml.safe_dump(self.to_dict(), sort_keys=False).encode())
+
+
+def read_yaml_settings(path: str | Path) -> dict:
+    """The mapping of settings in a YAML file, as written (not yet checked against the fields).
+    FileNotFoundError / ValueError naming the file when it is missing, not YAML or not a mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config: {path} does not exist")
+    try:
+        values = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ValueError(f"config: {path} is not valid YAML: {exc}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ValueError(f"config: {path} must hold a mapping of settings, got {type(values).__name__}")
+    bad_keys = [k for k in values if not isinstance(k, str)]
+    if bad_keys:
+        raise ValueError(f"config: {path}: setting names must be strings, got {bad_keys[0]!r}")
+    return values
+
+
+def _is_instance(value: Any, kind: Any) -> bool:
+    origin = typing.get_origin(kind)
+    if origin is list:
+        (item,) = typing.get_args(kind)
+        return isinstance(value, list) and all(_is_instance(v, item) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is Any:
+        return True
+    return isinstance(value, kind)
+
+
+def _type_name(kind: Any) -> str:
+    return "None" if kind is type(None) else getattr(kind, "__name__", str(kind))

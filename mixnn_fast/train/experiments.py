@@ -34,6 +34,10 @@ _REPORTING_ONLY = ("progress", "tensorboard", "extra")
 _COSMETIC = _REPORTING_ONLY + ("out_dir",)
 
 
+class RunLocked(RuntimeError):
+    """Another process is training this run folder now."""
+
+
 @dataclass
 class Cell:
     """One run of the table: its row label, noise label, and the full configuration."""
@@ -141,7 +145,7 @@ def _exclusive(out: Path):
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise RuntimeError(f"{out}: another process is training this run now; wait for it to finish "
+            raise RunLocked(f"{out}: another process is training this run now; wait for it to finish "
                                "(table shards: run the whole table once every shard is done)") from None
         yield
     finally:
@@ -152,7 +156,7 @@ def _run_cell_locked(cell: Cell, out: Path, log) -> dict:
     import yaml
 
     from mixnn_fast.train.report import write_run_report
-    from mixnn_fast.train.trainer import CHECKPOINT, Trainer
+    from mixnn_fast.train.trainer import CHECKPOINT, PREVIOUS, Trainer
 
     summary_path, config_path = out / "summary.json", out / "config.yaml"
     saved = yaml.safe_load(config_path.read_text()) if config_path.exists() else None
@@ -163,10 +167,11 @@ def _run_cell_locked(cell: Cell, out: Path, log) -> dict:
         if summary.get("epochs") == cell.config.epochs:
             log(f"[table] {cell.noise} {cell.label} seed {cell.seed}: done earlier ({out})")
             return summary
-    resume = (out / CHECKPOINT).exists()
+    resume = (out / CHECKPOINT).exists() or (out / PREVIOUS).exists()
     log(f"[table] {cell.noise} {cell.label} seed {cell.seed}: {'resuming' if resume else 'training'} -> {out}")
     start = time.perf_counter()
-    trainer = Trainer(cell.config, resume=resume)
+    # without a checkpoint, whatever an earlier attempt left (its config was checked above) is replaced
+    trainer = Trainer(cell.config, resume=resume, overwrite=not resume)
     if trainer.data.note:
         log(f"[table] NOTE: {trainer.data.note}")
     summary = trainer.fit()

@@ -19,11 +19,13 @@ from mixnn_fast.weights import mixing_weights, random_partners
 
 @dataclass
 class ForwardPass:
-    """Per-sample outputs of the model in data-set order: logits (N, C) float32 and features
-    (N, D) float32, on the CPU."""
+    """Per-sample outputs of the model: logits (P, C) float32 and features (P, D) float32, on the
+    CPU, for the samples ``ids`` (P,) int64 sorted (the pool asked for, minus samples that could
+    not be read when that is allowed)."""
 
     logits: torch.Tensor
     features: torch.Tensor
+    ids: torch.Tensor | None = None  # None: every sample, in order
 
 
 @dataclass
@@ -43,11 +45,13 @@ class RefreshResult:
 @torch.no_grad()
 def forward_pass(model: torch.nn.Module, loader, ids: torch.Tensor, device: torch.device, *,
                  autocast_dtype: torch.dtype | None = None, memory_format: torch.memory_format = torch.contiguous_format,
-                 progress=None) -> ForwardPass:
+                 progress=None, allow_missing: bool = False) -> ForwardPass:
     """Run ``model`` in eval mode over every batch of ``loader`` (an EvalLoader over the samples
     ``ids``, (P,) int64 sorted) and gather logits and penultimate features in the order of ``ids``.
     ``model`` may be :func:`mixnn_fast.train.models.inference_copy` of the training model, with
-    ``memory_format`` the format its weights are in."""
+    ``memory_format`` the format its weights are in.  Samples the loader skipped (unreadable
+    images with ``on_error="skip"``) are left out of the result when ``allow_missing``, else
+    they are a RuntimeError."""
     was_training = model.training
     model.eval()
     logits_all: torch.Tensor | None = None
@@ -69,11 +73,13 @@ def forward_pass(model: torch.nn.Module, loader, ids: torch.Tensor, device: torc
         if progress is not None:
             progress.update(len(rows))
     model.train(was_training)
-    if logits_all is None or not bool(seen.all()):
+    if logits_all is None or (not allow_missing and not bool(seen.all())):
         missing = int((~seen).sum())
         raise RuntimeError(f"refresh: the evaluation pass did not cover {missing} of {len(ids)} samples "
                            "(skipped images?); the refresh needs every sample of the pool")
-    return ForwardPass(logits=logits_all, features=features_all)
+    if bool(seen.all()):
+        return ForwardPass(logits=logits_all, features=features_all, ids=ids)
+    return ForwardPass(logits=logits_all[seen], features=features_all[seen], ids=ids[seen])
 
 
 def refresh(outputs: ForwardPass, targets: SoftTargets, given_labels: torch.Tensor, epoch: int, *,

@@ -11,6 +11,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from mixnn_fast.train.atomic import write_atomic
+
 
 def _pyplot():
     import matplotlib
@@ -134,27 +136,32 @@ def write_run_report(trainer, summary: dict) -> dict:
     data = trainer.data.train
     given = data.labels
     logits = trainer.predict(trainer.pool_loader, len(data))
-    if trainer.cfg.method == "mixnn" and trainer.last_refresh is not None and len(trainer.last_refresh.ids) == len(data):
+    readable = torch.isfinite(logits).all(1)  # unreadable images (on_error="skip") have NaN rows
+    clean_prob = np.full(len(data), np.nan)  # NaN: not scored (sorted last)
+    refreshed = trainer.last_refresh
+    if trainer.cfg.method == "mixnn" and refreshed is not None and len(refreshed.ids) == int(readable.sum()):
         corrected = trainer.targets.corrected_labels().cpu().numpy()
-        clean_prob = trainer.last_refresh.clean_prob.numpy()
+        clean_prob[refreshed.ids.numpy()] = refreshed.clean_prob.numpy()
     else:
         corrected = logits.argmax(1).numpy()
-        losses = torch.nn.functional.cross_entropy(logits, torch.from_numpy(given), reduction="none")
-        clean_prob = clean_probability(losses).numpy()
+        losses = torch.nn.functional.cross_entropy(logits[readable], torch.from_numpy(given)[readable],
+                                                   reduction="none")
+        clean_prob[readable.numpy()] = clean_probability(losses).numpy()
     true = data.clean_labels
     files = {"label_issues": str(write_label_issues(out / "label_issues.csv", given=given, corrected=corrected,
                                                     clean_prob=clean_prob, paths=data.paths, true=true,
                                                     classes=list(data.classes)))}
     files["accuracy_plot"] = str(plot_accuracy({trainer.cfg.method: accuracy_curve(trainer.metrics.rows)},
                                                out / "accuracy.png"))
-    clean_mask = None if true is None else (true == given)
-    files["clean_probability_plot"] = str(plot_clean_probability(clean_prob, clean_mask,
+    scored = ~np.isnan(clean_prob)
+    clean_mask = None if true is None else (true == given)[scored]
+    files["clean_probability_plot"] = str(plot_clean_probability(clean_prob[scored], clean_mask,
                                                                  out / "clean_probability.png",
                                                                  title=f"{trainer.cfg.method}: clean probability"))
     if true is not None:
         summary["label_accuracy_after_correction"] = float((corrected == true).mean())
-        summary["final_clean_auroc"] = auroc(clean_prob, clean_mask)
+        summary["final_clean_auroc"] = auroc(clean_prob[scored], clean_mask)
         files["confusion_plot"] = str(plot_confusion(true, corrected, list(data.classes), out / "confusion.png"))
     summary = {**summary, "files": files}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_atomic(out / "summary.json", json.dumps(summary, indent=2).encode())
     return summary

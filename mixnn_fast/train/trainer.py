@@ -10,7 +10,16 @@ One epoch of MixNN after warm-up::
     step      soft cross-entropy, SGD, cosine annealing with warm restarts
 
 Every epoch appends a row to ``metrics.jsonl``/``metrics.csv`` and saves ``checkpoint.pt``
-(atomically); ``Trainer(cfg, resume=True)`` continues from it.
+(atomically; also every ``checkpoint_every_steps`` steps inside an epoch); ``Trainer(cfg,
+resume=True)`` continues from it exactly: every piece of state is in the checkpoint (model,
+optimiser, schedule, soft targets, loss history, the refresh's partners and weights, the
+position in the epoch plan, the loss accumulated so far this epoch, and every random state),
+and the loaders' augmentations are a pure function of (seed, epoch, batch), so a run killed
+at any moment and resumed writes the same ``metrics.jsonl`` as an uninterrupted one, timings
+aside (on the CPU with the same thread count; see docs/resume.md for GPUs).
+
+Constructing a :class:`Trainer` validates everything (settings, data, checkpoint) and writes
+nothing; :meth:`Trainer.fit` writes the run folder.
 """
 from __future__ import annotations
 
@@ -18,7 +27,6 @@ import dataclasses
 import functools
 import logging
 import math
-import os
 import random
 import time
 from pathlib import Path
@@ -31,6 +39,8 @@ from mixnn_fast.gmm import LossHistory
 from mixnn_fast.mixer import mix_images
 from mixnn_fast.pipeline import EvalLoader, MixNNLoader
 from mixnn_fast.targets import SoftTargets
+from mixnn_fast.train.checkpoint import (CHECKPOINT, PREVIOUS, CheckpointError, capture_rng, load_checkpoint,
+                                         restore_rng, save_checkpoint)
 from mixnn_fast.train.config import TrainConfig
 from mixnn_fast.train.datasets import RunData, prepare_data
 from mixnn_fast.train.losses import (generalized_cross_entropy, one_hot, soft_cross_entropy,
@@ -42,7 +52,7 @@ from mixnn_fast.weights import mixing_weights
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT = "checkpoint.pt"
+__all__ = ["Trainer", "TrainingDiverged", "CHECKPOINT", "PREVIOUS", "CheckpointError", "resolve_device"]
 
 
 class TrainingDiverged(RuntimeError):
@@ -68,10 +78,32 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 class Trainer:
-    """Trains one configuration; ``fit()`` runs the remaining epochs and returns the summary."""
+    """Trains one configuration; ``fit()`` runs the remaining epochs and returns the summary.
 
-    def __init__(self, cfg: TrainConfig, data: RunData | None = None, *, resume: bool = False) -> None:
+    Args:
+        cfg: the run's settings.
+        data: the data sets (default: ``prepare_data(cfg)``).
+        resume: continue from ``cfg.out_dir``'s checkpoint (a folder without one starts at
+            epoch 0).  Only :data:`~mixnn_fast.train.config.RESUMABLE_FIELDS` may differ from the
+            checkpoint's settings; any other difference is a ValueError naming the fields.
+        resume_from_previous: resume from the checkpoint kept before the last one (when the last
+            one is truncated or corrupt).
+        overwrite: start afresh in a folder that already holds a run (without it, that is a
+            ValueError: a forgotten ``--resume`` must not wipe a run).
+
+    Construction validates everything and writes nothing; :meth:`fit` writes the run folder.
+    """
+
+    def __init__(self, cfg: TrainConfig, data: RunData | None = None, *, resume: bool = False,
+                 resume_from_previous: bool = False, overwrite: bool = False) -> None:
         self.cfg = cfg
+        self.out_dir = Path(cfg.out_dir)
+        self.resume = bool(resume or resume_from_previous)
+        state = self._read_checkpoint(previous=resume_from_previous) if self.resume else None
+        if not self.resume and not overwrite and self._holds_run():
+            raise ValueError(f"out_dir: {self.out_dir} already holds a run; continue it with --resume (or "
+                             "resume=True), or start again with --overwrite (overwrite=True), or choose another "
+                             "--out-dir")
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         self.threads = cfg.num_threads or torch.get_num_threads()
@@ -79,9 +111,6 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         self.autocast_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) \
             if (cfg.amp and self.device.type == "cuda") else None
-        self.out_dir = Path(cfg.out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        cfg.save_yaml(self.out_dir / "config.yaml")
 
         self.data = data or prepare_data(cfg)
         train = self.data.train
@@ -105,7 +134,7 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(cfg.seed)
 
         loader_options = dict(mean=geometry.mean, std=geometry.std, num_threads=self.threads, seed=cfg.seed,
-                              device="gpu" if self.device.type == "cuda" else "cpu")
+                              device="gpu" if self.device.type == "cuda" else "cpu", on_error=cfg.on_error)
         if train.in_memory:
             loader_options.update(size=geometry.size, pad=geometry.pad if cfg.augment else 0, flip=cfg.augment)
         else:  # files: always a random-resized crop (TrainConfig refuses augment=False)
@@ -124,7 +153,7 @@ class Trainer:
         self.mix_loader = MixNNLoader(train, cfg.batch_size, mode=mix_mode, anchor_ids=self.anchor_ids,
                                       **loader_options) if cfg.method == "mixnn" else None
         eval_options = dict(mean=geometry.mean, std=geometry.std, num_threads=self.threads,
-                            device=loader_options["device"])
+                            device=loader_options["device"], on_error=cfg.on_error)
         if not train.in_memory:
             eval_options.update(crop=geometry.size, resize=geometry.eval_resize)
         self.eval_options = eval_options
@@ -132,14 +161,57 @@ class Trainer:
         self.pool_loader = EvalLoader(train, EVAL_BATCH, **eval_options)
         self.test_loader = EvalLoader(self.data.test, EVAL_BATCH, **eval_options) if self.data.test is not None else None
 
-        self.metrics = MetricsLog(self.out_dir, tensorboard=cfg.tensorboard, resume=resume)
+        self.metrics: MetricsLog | None = None  # opened by fit(): construction writes nothing
         self.last_refresh: RefreshResult | None = None
         self.weight_table: torch.Tensor | None = None   # (N, K+1) λ/β per anchor
         self.partner_table: torch.Tensor | None = None  # (N, K) partners per anchor
         self.start_epoch = 0
+        self.start_batch = 0      # > 0: the checkpoint was taken inside epoch start_epoch
+        self._partial: dict | None = None  # that epoch's row and sums so far
+        self._skipped_before: dict[int, str] = {}  # unreadable samples found before a resume
         self.best_test_accuracy = float("nan")
-        if resume:
-            self.load_checkpoint()
+        if state is not None:
+            self._restore(state)
+
+    # ---- the run folder --------------------------------------------------------------------
+
+    def _holds_run(self) -> bool:
+        return any((self.out_dir / name).exists() for name in (CHECKPOINT, PREVIOUS, "metrics.jsonl"))
+
+    def _read_checkpoint(self, *, previous: bool) -> dict | None:
+        """The checkpoint to resume from, its settings checked against ``cfg`` (None: nothing saved
+        yet, the run starts at epoch 0)."""
+        try:
+            state = load_checkpoint(self.out_dir, previous=previous)
+        except FileNotFoundError:
+            if previous or (self.out_dir / PREVIOUS).exists():
+                raise
+            log.info("no checkpoint in %s: starting from epoch 0", self.out_dir)
+            return None
+        try:
+            saved = TrainConfig.from_dict(state["config"], source="the checkpoint's settings")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"checkpoint: {self.out_dir / CHECKPOINT} holds unusable settings ({exc})") from None
+        changed = self.cfg.experiment_differences(saved)
+        if changed:
+            detail = ", ".join(f"{k}: {getattr(saved, k)!r} -> {getattr(self.cfg, k)!r}" for k in changed)
+            raise ValueError(f"resume: {self.out_dir} was trained with other settings ({detail}); only "
+                             "epochs, progress, tensorboard, eval_every, checkpoint_every(_steps) and num_threads "
+                             "may change when resuming; use another --out-dir to train these settings")
+        done = int(state["position"]["epoch"])
+        if self.cfg.epochs < done:
+            raise ValueError(f"epochs: {self.out_dir} has already trained {done} epochs; ask for at least that many "
+                             f"(got {self.cfg.epochs})")
+        return state
+
+    def _open_outputs(self) -> None:
+        """Create the run folder, write ``config.yaml`` and open the metrics (first call of fit)."""
+        if self.metrics is not None:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.cfg.save_yaml(self.out_dir / "config.yaml")
+        self.metrics = MetricsLog(self.out_dir, tensorboard=self.cfg.tensorboard, resume=self.resume)
+        self.metrics.truncate(self.start_epoch)
 
     # ---- the schedule ----------------------------------------------------------------------
 
@@ -161,23 +233,40 @@ class Trainer:
 
     # ---- one epoch -------------------------------------------------------------------------
 
+    def skipped(self) -> dict[int, str]:
+        """Every sample found unreadable so far (``on_error="skip"``): sample id -> reason."""
+        found = dict(self._skipped_before)
+        for loader in (self.plain_loader, self.mix_loader, self.pool_loader):
+            if loader is not None:
+                found.update(loader.skipped)
+        return found
+
     def _pool_ids(self, epoch: int) -> torch.Tensor:
         """(P,) sorted sample ids the refresh covers: the epoch's anchors (Clothing1M's balanced
-        draw) or every sample."""
+        draw) or every sample, minus samples already found unreadable."""
         if self.anchor_ids is None:
-            return torch.arange(self.num_samples)
-        return torch.from_numpy(np.sort(np.asarray(self.anchor_ids(epoch), dtype=np.int64)))
+            pool = torch.arange(self.num_samples)
+        else:
+            pool = torch.from_numpy(np.sort(np.asarray(self.anchor_ids(epoch), dtype=np.int64)))
+        skipped = self.skipped()
+        if skipped:
+            pool = pool[~torch.isin(pool, torch.tensor(sorted(skipped), dtype=torch.int64))]
+        return pool
 
     def run_refresh(self, epoch: int) -> dict:
         """The refresh before a MixNN epoch; returns its metrics."""
         cfg = self.cfg
         start = time.perf_counter()
         pool = self._pool_ids(epoch)
-        loader = self.pool_loader if self.anchor_ids is None else \
+        loader = self.pool_loader if len(pool) == self.num_samples else \
             EvalLoader(self.data.train, EVAL_BATCH, ids=pool.numpy(), **self.eval_options)
         with _progress(len(pool), f"refresh {epoch}", cfg.progress) as bar:
             outputs = forward_pass(self.inference_model(), loader, pool, self.device,
-                                   autocast_dtype=self.autocast_dtype, memory_format=self.memory_format, progress=bar)
+                                   autocast_dtype=self.autocast_dtype, memory_format=self.memory_format, progress=bar,
+                                   allow_missing=cfg.on_error == "skip")
+        if loader is not self.pool_loader:
+            self._skipped_before.update(loader.skipped)
+        pool = outputs.ids  # minus samples that could not be read just now
         forward_seconds = time.perf_counter() - start
         authors_mixup = cfg.authors_schedule and epoch < cfg.correction_start
         result = refresh(
@@ -243,23 +332,36 @@ class Trainer:
         return x, y
 
     def train_epoch(self, epoch: int) -> dict:
+        """Train epoch ``epoch`` (from batch ``start_batch`` when resuming inside it); returns its
+        metrics row.  Saves a checkpoint every ``cfg.checkpoint_every_steps`` steps."""
         cfg = self.cfg
-        row: dict = {"epoch": epoch}
         phase = self.phase(epoch)
-        row["phase"] = phase
-        if phase == "mixnn":
-            row.update(self.run_refresh(epoch))
-            loader = self.mix_loader
+        if self._partial is not None and self._partial["row"]["epoch"] == epoch:
+            partial, start_batch = self._partial, self.start_batch  # the refresh of this epoch is done
         else:
-            loader = self.plain_loader
-        loader.set_epoch(epoch)
+            row = {"epoch": epoch, "phase": phase}
+            if phase == "mixnn":
+                row.update(self.run_refresh(epoch))
+            partial = {"row": row, "loss_sum": 0.0, "seen": 0, "seconds": {"train": 0.0, "loader_wait": 0.0,
+                                                                         "mix": 0.0, "step": 0.0}}
+            start_batch = 0
+        self._partial, self.start_batch = None, 0
+        row = dict(partial["row"])
+        loader = self.mix_loader if phase == "mixnn" else self.plain_loader
+        loader.set_epoch(epoch, start_batch=start_batch)
         iterations = len(loader)
         self.model.train()
-        start = time.perf_counter()
-        loss_sum, seen = 0.0, 0
-        with _progress(int(loader.make_plan(epoch).stats.anchors), f"epoch {epoch} {phase}", cfg.progress) as bar:
-            for i, batch in enumerate(loader):
+        loss_sum, seen, seconds = partial["loss_sum"], partial["seen"], dict(partial["seconds"])
+        bar_total = int(loader.make_plan(epoch).stats.anchors)
+        with _progress(bar_total, f"epoch {epoch} {phase}", cfg.progress) as bar:
+            start = time.perf_counter()
+            wait_from = start
+            for i, batch in enumerate(loader, start=start_batch):
+                got = time.perf_counter()
+                seconds["loader_wait"] += got - wait_from
                 x, y = self._inputs(batch, phase)
+                mixed = time.perf_counter()
+                seconds["mix"] += mixed - got
                 with torch.autocast(self.device.type, dtype=self.autocast_dtype,
                                     enabled=self.autocast_dtype is not None):
                     logits = self.model(x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format))
@@ -275,11 +377,27 @@ class Trainer:
                 seen += len(batch)
                 bar.update(len(batch))
                 bar.set_postfix(loss=f"{loss_sum / seen:.3f}")
-        seconds = time.perf_counter() - start
-        row.update(train_loss=loss_sum / max(seen, 1), train_seconds=seconds, images_per_second=seen / seconds,
+                wait_from = time.perf_counter()
+                seconds["step"] += wait_from - mixed
+                if cfg.checkpoint_every_steps and (i + 1) % cfg.checkpoint_every_steps == 0 and i + 1 < iterations:
+                    seconds["train"] += wait_from - start
+                    self.start_epoch, self.start_batch = epoch, i + 1
+                    self._partial = {"row": partial["row"], "loss_sum": loss_sum, "seen": seen,
+                                     "seconds": dict(seconds)}
+                    self.save_checkpoint()
+                    self._partial, self.start_batch = None, 0
+                    start = wait_from = time.perf_counter()  # the save is not training time
+            seconds["train"] += time.perf_counter() - start
+        row.update(train_loss=loss_sum / max(seen, 1), train_seconds=seconds["train"],
+                   images_per_second=seen / max(seconds["train"], 1e-9),
+                   loader_wait_seconds=seconds["loader_wait"], mix_seconds=seconds["mix"],
+                   step_seconds=seconds["step"],
+                   loader_wait_fraction=seconds["loader_wait"] / max(seconds["train"], 1e-9),
                    lr=self.optimizer.param_groups[0]["lr"])
         if loader.plan is not None:
             row["extra_decode_fraction"] = loader.plan.stats.extra_decode_fraction
+        if cfg.on_error == "skip":
+            row["skipped_images"] = len(self.skipped())
         return row
 
     # ---- evaluation ------------------------------------------------------------------------
@@ -291,13 +409,20 @@ class Trainer:
 
     @torch.no_grad()
     def predict(self, loader, num_samples: int) -> torch.Tensor:
-        """(N, C) logits of every sample of ``loader``'s data set, in data-set order."""
+        """(N, C) float32 logits of every sample of ``loader``'s data set, in data-set order
+        (rows of samples that could not be read, with ``on_error="skip"``, are NaN)."""
         with _progress(num_samples, "evaluate", self.cfg.progress) as bar:
-            return forward_pass(self.inference_model(), loader, torch.arange(num_samples), self.device,
-                                autocast_dtype=self.autocast_dtype, memory_format=self.memory_format,
-                                progress=bar).logits
+            outputs = forward_pass(self.inference_model(), loader, torch.arange(num_samples), self.device,
+                                   autocast_dtype=self.autocast_dtype, memory_format=self.memory_format,
+                                   progress=bar, allow_missing=self.cfg.on_error == "skip")
+        if len(outputs.ids) == num_samples:
+            return outputs.logits
+        logits = torch.full((num_samples, outputs.logits.shape[1]), float("nan"))
+        logits[outputs.ids] = outputs.logits
+        return logits
 
     def test_accuracy(self) -> float:
+        """Accuracy on the test set (NaN without one); unreadable test images count as wrong."""
         if self.test_loader is None:
             return float("nan")
         logits = self.predict(self.test_loader, len(self.data.test))
@@ -306,8 +431,9 @@ class Trainer:
     # ---- the whole run ---------------------------------------------------------------------
 
     def fit(self) -> dict:
-        """Train from ``start_epoch`` to ``cfg.epochs``; returns :meth:`summary`."""
+        """Train from where the run stands to ``cfg.epochs``; returns :meth:`summary`."""
         cfg = self.cfg
+        self._open_outputs()
         for epoch in range(self.start_epoch, cfg.epochs):
             row = self.train_epoch(epoch)
             if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
@@ -326,8 +452,8 @@ class Trainer:
 
     def summary(self) -> dict:
         """Final numbers: test accuracy (last, best), label-correction accuracy and clean-detection
-        AUROC where true labels are known, realised noise rate."""
-        rows = self.metrics.rows
+        AUROC where true labels are known, realised noise rate, unreadable images skipped."""
+        rows = self.metrics.rows if self.metrics is not None else []
         tested = [r["test_accuracy"] for r in rows if "test_accuracy" in r]
         summary = {
             "method": self.cfg.method,
@@ -343,16 +469,29 @@ class Trainer:
             values = [r[key] for r in rows if key in r]
             if values:
                 summary[key] = values[-1]
+        skipped = self.skipped()
+        if self.cfg.on_error == "skip" or skipped:
+            paths = self.data.train.paths
+            summary["skipped_images"] = len(skipped)
+            summary["skipped_files"] = {(paths[i] if paths is not None else str(i)): reason
+                                        for i, reason in sorted(skipped.items())}
         return summary
 
     # ---- checkpoints -----------------------------------------------------------------------
 
     def save_checkpoint(self) -> Path:
-        """Everything needed to continue: model, optimiser, schedule, soft targets, loss history,
-        the last partners and weights, random states.  Written to a temporary file, then renamed."""
+        """Everything needed to continue exactly (see the module docstring), written atomically;
+        the checkpoint it replaces is kept as ``checkpoint.prev.pt``."""
+        refresh_state = None
+        if self.last_refresh is not None and self.cfg.partners == "in_batch":
+            # in-batch partners are searched per batch on the refresh's features: a resume inside
+            # the epoch needs them (other modes keep everything in the partner/weight tables)
+            refresh_state = {"ids": self.last_refresh.ids, "clean_prob": self.last_refresh.clean_prob,
+                             "features": self.last_refresh.features}
         state = {
             "config": self.cfg.to_dict(),
-            "epoch": self.start_epoch,
+            "position": {"epoch": self.start_epoch, "batch": self.start_batch},
+            "partial_epoch": self._partial,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -360,56 +499,43 @@ class Trainer:
             "loss_history": None if self.loss_history is None else self.loss_history.state_dict(),
             "weight_table": self.weight_table,
             "partner_table": self.partner_table,
-            "last_refresh": None if self.last_refresh is None else {
-                "ids": self.last_refresh.ids, "clean_prob": self.last_refresh.clean_prob,
-                "features": self.last_refresh.features},
+            "last_refresh": refresh_state,
             "best_test_accuracy": self.best_test_accuracy,
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                    "generator": self.generator.get_state()},
+            "skipped": {int(k): v for k, v in self.skipped().items()},
+            "rng": capture_rng(self.generator),
         }
-        path = self.out_dir / CHECKPOINT
-        tmp = path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-        return path
+        return save_checkpoint(self.out_dir, state)
 
-    def load_checkpoint(self) -> None:
+    def _restore(self, state: dict) -> None:
+        """Put a checkpoint's state into this trainer (its settings were checked on reading)."""
         path = self.out_dir / CHECKPOINT
-        if not path.exists():
-            log.info("no checkpoint in %s: starting from epoch 0", self.out_dir)
-            self.metrics.truncate(0)
-            return
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        saved = {k: v for k, v in state["config"].items() if k not in ("epochs", "out_dir", "progress")}
-        current = {k: v for k, v in self.cfg.to_dict().items() if k in saved}
-        changed = sorted(k for k in saved if saved[k] != current[k])
-        if changed:
-            raise ValueError(f"resume: {path} was written with different settings ({', '.join(changed)}); "
-                             "use another out_dir or the same settings")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.targets.load_state_dict(state["targets"])
-        if self.loss_history is not None and state["loss_history"] is not None:
-            self.loss_history.load_state_dict(state["loss_history"])
-        self.weight_table = state["weight_table"]
-        self.partner_table = state["partner_table"]
-        if self.partner_table is not None and self.mix_loader is not None:
-            self.mix_loader.set_neighbours(self.partner_table.numpy())
-        if state["last_refresh"] is not None:
-            saved_refresh = state["last_refresh"]
-            self.last_refresh = RefreshResult(
-                losses=torch.empty(0), probabilities=torch.empty(0), clean_prob=saved_refresh["clean_prob"],
-                ids=saved_refresh["ids"], neighbours=None, weights=None, features=saved_refresh["features"],
-                gmm=None)
-        self.best_test_accuracy = state["best_test_accuracy"]
-        torch.set_rng_state(state["rng"]["torch"])
-        np.random.set_state(state["rng"]["numpy"])
-        random.setstate(state["rng"]["python"])
-        self.generator.set_state(state["rng"]["generator"])
-        self.start_epoch = int(state["epoch"])
-        self.metrics.truncate(self.start_epoch)
-        log.info("resumed from %s at epoch %d", path, self.start_epoch)
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.targets.load_state_dict(state["targets"])
+            if self.loss_history is not None and state["loss_history"] is not None:
+                self.loss_history.load_state_dict(state["loss_history"])
+            self.weight_table = state["weight_table"]
+            self.partner_table = state["partner_table"]
+            if self.partner_table is not None and self.mix_loader is not None:
+                self.mix_loader.set_neighbours(self.partner_table.numpy())
+            if state["last_refresh"] is not None:
+                saved_refresh = state["last_refresh"]
+                self.last_refresh = RefreshResult(
+                    losses=torch.empty(0), probabilities=torch.empty(0), clean_prob=saved_refresh["clean_prob"],
+                    ids=saved_refresh["ids"], neighbours=None, weights=None, features=saved_refresh["features"],
+                    gmm=None)
+            self.best_test_accuracy = float(state["best_test_accuracy"])
+            self._skipped_before = {int(k): str(v) for k, v in state["skipped"].items()}
+            restore_rng(state["rng"], self.generator)
+            self.start_epoch = int(state["position"]["epoch"])
+            self.start_batch = int(state["position"]["batch"])
+            self._partial = state["partial_epoch"]
+        except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+            raise CheckpointError(f"checkpoint: {path} does not fit this run ({type(exc).__name__}: "
+                                  f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+        log.info("resuming %s at epoch %d, batch %d", self.out_dir, self.start_epoch, self.start_batch)
 
     @staticmethod
     def _seed_everything(seed: int) -> None:

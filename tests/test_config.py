@@ -1,0 +1,120 @@
+"""TrainConfig refuses every bad setting up front, by name — from Python, YAML and the CLI."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mixnn_fast.train.config import RESUMABLE_FIELDS, TrainConfig
+
+FIELDS = TrainConfig.field_names()
+
+any_value = st.one_of(
+    st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12), st.lists(st.integers(-5, 300), max_size=6), st.dictionaries(st.text(max_size=4),
+                                                                                        st.integers(), max_size=2))
+
+
+def _names_a_field(message: str, values: dict) -> bool:
+    return any(name in message for name in values) or "lr / lr_min" in message or "sce_alpha" in message
+
+
+@given(values=st.dictionaries(st.sampled_from(FIELDS), any_value, min_size=1, max_size=5))
+@settings(suppress_health_check=[HealthCheck.too_slow])
+def test_any_mapping_of_settings_is_a_config_or_an_error_naming_a_field(values):
+    try:
+        cfg = TrainConfig.from_dict(values, source="test")
+    except (TypeError, ValueError) as exc:
+        assert str(exc).startswith("test: ")
+        assert _names_a_field(str(exc), values), exc
+        return
+    # accepted: every value is what it says, and the config survives its own round trip
+    for name, value in values.items():
+        assert getattr(cfg, name) == value or (isinstance(value, float) and math.isnan(value))
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@given(text=st.text(max_size=200))
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_any_yaml_file_is_a_config_or_an_error_naming_the_file(tmp_path, text):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    try:
+        TrainConfig.from_yaml(path)
+    except (TypeError, ValueError) as exc:
+        assert str(path) in str(exc)
+
+
+@given(data=st.binary(max_size=200))
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_any_bytes_as_yaml_are_a_config_or_an_error_naming_the_file(tmp_path, data):
+    path = tmp_path / "run.yaml"
+    path.write_bytes(data)
+    try:
+        TrainConfig.from_yaml(path)
+    except (TypeError, ValueError) as exc:
+        assert str(path) in str(exc)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("neighbour_backend", "annoy", "neighbour_backend: must be one of hnsw, exact, faiss"),
+    ("weights", "median", "weights: must be one of"),
+    ("model", "resnet9000", "model: must be one of"),
+    ("noise", "sym", "noise: must be one of"),
+    ("noise", "custom", "noise: must be one of"),  # needs a transition matrix: not a config value
+    ("device", "gpu", "device: must be auto, cpu, cuda or cuda:<index>"),
+    ("device", "cuda:x", "device: must be"),
+    ("on_error", "ignore", "on_error: must be one of raise, skip"),
+    ("epochs", "10", "epochs: expected int"),
+    ("epochs", True, "epochs: expected int"),
+    ("lr", float("inf"), "lr: must be a finite number"),
+    ("num_threads", 0, "num_threads: must be >= 1"),
+    ("checkpoint_every_steps", 0, "checkpoint_every_steps: must be >= 1"),
+    ("momentum", 1.0, "momentum: must lie in [0, 1)"),
+    ("gce_q", 0.0, "gce_q: must lie in (0, 1]"),
+    ("model_widths", [8, 0], "model_widths: expected positive"),
+    ("seed", -1, "seed: must be >= 0"),
+])
+def test_bad_settings_are_refused_by_name(field, value, message):
+    with pytest.raises((TypeError, ValueError), match=message.replace("[", r"\[").replace("(", r"\(")
+                       .replace(")", r"\)")):
+        TrainConfig(**{field: value})
+
+
+def test_every_enum_field_is_checked():
+    """Each field whose annotation is a string chosen from a fixed set is refused when unknown
+    (a field added later without a check fails here)."""
+    free_text = {"data_root", "test_root", "weights_path", "out_dir", "model", "device"}
+    for name in FIELDS:
+        if name in free_text or not isinstance(getattr(TrainConfig(), name), str):
+            continue
+        with pytest.raises(ValueError, match=name):
+            TrainConfig(**{name: "no-such-choice"})
+
+
+def test_resumable_fields_are_fields():
+    assert set(RESUMABLE_FIELDS) <= set(FIELDS)
+    assert TrainConfig(epochs=5).experiment_differences(TrainConfig(epochs=9, progress=False)) == []
+    assert TrainConfig(method="ce").experiment_differences(TrainConfig()) == ["method"]
+
+
+def test_yaml_round_trip(tmp_path):
+    cfg = TrainConfig(method="gce", model_widths=[8, 16, 16, 16], checkpoint_every_steps=50)
+    cfg.save_yaml(tmp_path / "c.yaml")
+    assert TrainConfig.from_yaml(tmp_path / "c.yaml") == cfg
+    assert yaml.safe_load((tmp_path / "c.yaml").read_text())["method"] == "gce"
+
+
+def test_cli_refuses_a_bad_config_file_before_writing(tmp_path, capsys):
+    from mixnn_fast.cli import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("epochs: ten\nmethod: mixnn\n")
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(bad), "--out-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and "epochs" in err
+    assert not out.exists()
