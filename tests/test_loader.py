@@ -375,13 +375,20 @@ def test_epochs_differ_and_restart_after_break(jpeg_set):
     desc = jpeg_set
     loader = MixNNLoader(desc, batch_size=4, neighbours=ring_neighbours(len(desc)), size=32, device="cpu",
                          num_threads=1)
-    first = [b.anchor_ids.tolist() for b in loader]  # epoch 0
+
+    def run_epoch():
+        batches = [(b.anchor_ids.tolist(), b.images.clone()) for b in loader]
+        return [a for a, _ in batches], [x for _, x in batches]
+
+    first, first_images = run_epoch()  # epoch 0
     for batch in loader:  # epoch 1, abandoned after one batch
         break
     loader.set_epoch(0)
-    again = [b.anchor_ids.tolist() for b in loader]  # epoch 0 replayed on a fresh pipeline
+    again, again_images = run_epoch()  # epoch 0 replayed on a fresh pipeline
     assert again == first
-    second = [b.anchor_ids.tolist() for b in loader]  # epoch 1, complete
+    # the augmentations too: drawn per (seed, epoch, batch, slot), not by the pipeline's RNG
+    assert all(torch.equal(x, y) for x, y in zip(again_images, first_images, strict=True))
+    second, _ = run_epoch()  # epoch 1, complete
     assert sorted(sum(second, [])) == list(range(len(desc)))
     assert second != first
 

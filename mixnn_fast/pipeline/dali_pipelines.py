@@ -3,22 +3,33 @@
 Processing functions take and return DALI data nodes and work inside any
 ``@pipeline_def``, whichever operator produced their input:
 
-- :func:`decode_random_resized_crop` -- JPEG/PNG bytes -> (size, size, 3) uint8 HWC;
-- :func:`decode_random_crop` -- the same random windows, decoded but not resized, and the
-  flips (for a loader that resizes them itself: on the CPU, torch's uint8 antialiased
-  bilinear resize is several times faster than DALI's ``fn.resize``);
-- :func:`pad_and_crop` -- decoded uint8 HWC arrays -> same size, randomly shifted;
+- :func:`decode_resized_window` -- JPEG/PNG bytes + a window (anchor, shape) + a flip flag
+  per image -> (size, size, 3) uint8 HWC (the random-resized crop);
+- :func:`decode_window` -- the window decoded but not resized (for a loader that resizes
+  and mirrors it itself: on the CPU, torch's uint8 antialiased bilinear resize is several
+  times faster than DALI's ``fn.resize``);
+- :func:`pad_and_crop` -- decoded uint8 HWC arrays + a shift per image -> same size, shifted;
 - :func:`decode_resize_center_crop` / :func:`center_crop` -- the evaluation views;
   :func:`decode_center_window` -- the same view's window decoded, not resized;
-- :func:`random_flip`, :func:`normalise` -- flips for arrays; the last step of every pipeline.
+- :func:`flip_horizontal`, :func:`normalise` -- flips for arrays; the last step of every pipeline.
 
-Sources: :func:`plan_source` (an external source, batch mode, fed by an epoch plan)
-and a named file reader (``fn.readers.file(name="Reader")``) in
-:func:`file_reader_eval_pipeline`, which DALI's iterators follow by that name.
+Where the training randomness comes from: not from DALI.  Windows, shifts and flips are
+drawn on the host (:mod:`mixnn_fast.pipeline.augment_params`), per image, from (seed,
+epoch, batch index, slot), and arrive with the images through the external source
+(:func:`train_source`); the graph only applies them.  DALI's random operators keep their
+state across epochs and restart it whenever a pipeline is built, so with them a run
+resumed from a checkpoint (or a pipeline rebuilt after a decoding failure) would not see
+the augmentations of an uninterrupted run; with host parameters it does, exactly.
+
+Sources: :func:`plan_source` (the evaluation views: an external source, batch mode, fed
+by an epoch plan), :func:`train_source` (the same with the augmentation parameters as
+further outputs of one callback), and a named file reader (``fn.readers.file(name="Reader")``)
+in :func:`file_reader_eval_pipeline`, which DALI's iterators follow by that name.
 
 Device placement is explicit: ``device="gpu"`` decodes with ``device="mixed"`` (Huffman
 on the CPU, the rest on the GPU) and runs every later operator on the GPU; arrays are
-moved with ``.gpu()`` right after the source.  ``device="cpu"`` keeps everything on the
+moved with ``.gpu()`` right after the source.  Augmentation parameters stay on the CPU
+(DALI takes argument inputs from the CPU).  ``device="cpu"`` keeps everything on the
 CPU; build those pipelines with ``device_id=None``.
 
 Images leave every pipeline as HWC (or CHW with ``layout="CHW"``): uint8 unless
@@ -57,19 +68,21 @@ def _decoder_device(device: str) -> str:
     return "mixed" if _check_device(device) == "gpu" else "cpu"
 
 
-def decode_random_resized_crop(encoded, *, size: int, area: Sequence[float] = (0.08, 1.0),
-                               aspect_ratio: Sequence[float] = (3 / 4, 4 / 3), flip: bool = True,
-                               device: str = "cpu"):
-    """Encoded images -> (size, size, 3) uint8 HWC random-resized crops, flipped
-    horizontally with probability 1/2 when ``flip``.
+def decode_resized_window(encoded, anchor, shape, mirror=None, *, size: int, device: str = "cpu"):
+    """Encoded images -> (size, size, 3) uint8 HWC: each image's window decoded (ROI
+    decoding: only that region is decoded) and resized, mirrored where ``mirror`` is 1.
 
-    The random window is chosen before decoding, so the decoder only decodes that region
-    (ROI decoding): cheaper than decoding the whole image and cropping it.  The flip is
-    folded into the resize (a region of interest whose start is right of its end is read
-    mirrored), which saves a pass over every image.
+    Args:
+        encoded: the images' bytes (CPU).
+        anchor, shape: (2,) int32 per image, the window's top-left (y, x) and (h, w) in
+            pixels of the decoded image (CPU).
+        mirror: int32 0/1 per image (CPU), or None for no flips.
+
+    The flip is folded into the resize (a region of interest whose start is right of its
+    end is read mirrored), which saves a pass over every image.
     """
-    images, mirror = decode_random_crop(encoded, area=area, aspect_ratio=aspect_ratio, flip=flip, device=device)
-    if not flip:
+    images = decode_window(encoded, anchor, shape, device=device)
+    if mirror is None:
         return fn.resize(images, resize_x=size, resize_y=size)  # linear, antialiased when shrinking
     mirror = fn.cast(mirror, dtype=types.FLOAT)  # 0 or 1 per image
     roi_start = fn.stack(mirror * 0.0, mirror)  # (y, x): x starts at the right edge when mirrored
@@ -78,20 +91,16 @@ def decode_random_resized_crop(encoded, *, size: int, area: Sequence[float] = (0
                      roi_relative=True)
 
 
-def decode_random_crop(encoded, *, area: Sequence[float] = (0.08, 1.0),
-                       aspect_ratio: Sequence[float] = (3 / 4, 4 / 3), flip: bool = True, device: str = "cpu"):
-    """Encoded images -> (random windows, flips): the windows of a random-resized crop
-    decoded at their own sizes (uint8 HWC, ROI decoding), not resized, and one int32 coin
-    per image (1 = to be mirrored; None when not ``flip``).
+def decode_window(encoded, anchor, shape, *, device: str = "cpu"):
+    """Encoded images -> each image's window, decoded at its own size (uint8 HWC, ROI
+    decoding), not resized; ``anchor`` (y, x) and ``shape`` (h, w) are (2,) int32 per image,
+    in pixels of the decoded (EXIF-oriented) image.
 
-    :func:`decode_random_resized_crop` resizes and mirrors them in DALI; a loader can
+    :func:`decode_resized_window` resizes and mirrors the windows in DALI; a loader can
     instead resize them itself (see ``MixNNLoader(resize_backend=...)``).
     """
-    decoder = _decoder_device(device)
-    images = fn.decoders.image_random_crop(encoded, device=decoder, output_type=types.RGB,
-                                           random_area=list(area), random_aspect_ratio=list(aspect_ratio),
-                                           num_attempts=10)
-    return images, (fn.random.coin_flip(dtype=types.INT32) if flip else None)
+    return fn.decoders.image_slice(encoded, anchor, shape, axis_names="HW", normalized_anchor=False,
+                                   normalized_shape=False, device=_decoder_device(device), output_type=types.RGB)
 
 
 def decode_resize_center_crop(encoded, *, resize: int, crop: int, device: str = "cpu"):
@@ -131,14 +140,11 @@ def decode_center_window(encoded, *, resize: int, crop: int, device: str = "cpu"
                                    device=decoder, output_type=types.RGB)
 
 
-def pad_and_crop(images, *, height: int, width: int, pad: int):
-    """uint8 HWC (height, width, C) -> the same size, shifted by a random whole number of
-    pixels in [-pad, pad] on each axis with zeros filling the gap (zero-pad by ``pad``,
-    then take a random crop of the original size: the CIFAR augmentation)."""
-    if pad == 0:
-        return images
-    shifts = [float(v) for v in range(-pad, pad + 1)]
-    start = fn.cast(fn.random.uniform(values=shifts, shape=[2]), dtype=types.INT32)
+def pad_and_crop(images, start, *, height: int, width: int):
+    """uint8 HWC (height, width, C) -> the same size, shifted by ``start`` ((2,) int32 per
+    image, (dy, dx), from the CPU) with zeros filling the gap.  The same as zero-padding by
+    ``pad`` and cropping the original size at (pad + dy, pad + dx): the CIFAR augmentation
+    when the shifts are uniform over [-pad, pad]."""
     return fn.slice(images, start=start, shape=[height, width], axis_names="HW", out_of_bounds_policy="pad",
                     fill_values=0)
 
@@ -148,9 +154,9 @@ def center_crop(images, *, crop: int | None):
     return images if crop is None else fn.crop(images, crop=(crop, crop))
 
 
-def random_flip(images):
-    """Horizontal flip with probability 1/2, per image."""
-    return fn.flip(images, horizontal=fn.random.coin_flip())
+def flip_horizontal(images, mirror):
+    """Horizontal flip where ``mirror`` (int32 0/1 per image, from the CPU) is 1."""
+    return fn.flip(images, horizontal=mirror)
 
 
 def normalise(images, *, mean: Sequence[float] | None, std: Sequence[float] | None, layout: str = "HWC"):
@@ -186,6 +192,40 @@ def plan_source(source: Callable[[], object], *, encoded: bool, device: str):
     return data.gpu() if _check_device(device) == "gpu" else data
 
 
+def train_source(source: Callable[[], tuple], *, encoded: bool, device: str, shift: bool = True,
+                 flip: bool = True):
+    """The external source of the training pipeline: the images and their augmentation
+    parameters, all outputs of one callback (batch mode), so they cannot fall out of step.
+
+    ``source()`` returns, per batch of M images,
+
+    - encoded: (list of M 1-D uint8 arrays (file bytes), anchors (M, 2) int32 (y, x),
+      shapes (M, 2) int32 (h, w), flips (M,) int32 if ``flip``);
+    - arrays: ((M, H, W, C) uint8, shifts (M, 2) int32 (dy, dx) if ``shift``, flips (M,)
+      int32 if ``flip``);
+
+    and raises StopIteration at the end of the epoch.  Returns the data nodes, None for
+    the parameters not given: (bytes, anchors, shapes, flips) or (images, shifts, flips).
+    Arrays go to the GPU with ``device="gpu"``; everything else stays on the CPU.
+    """
+    _check_device(device)
+    if encoded:
+        kinds = [(types.UINT8, 1), (types.INT32, 1), (types.INT32, 1)] + ([(types.INT32, 0)] if flip else [])
+        layout = None
+    else:
+        kinds = [(types.UINT8, 3)] + ([(types.INT32, 1)] if shift else []) + ([(types.INT32, 0)] if flip else [])
+        layout = ["HWC"]
+    nodes = list(fn.external_source(source=source, num_outputs=len(kinds), batch=True, dtype=[k[0] for k in kinds],
+                                    ndim=[k[1] for k in kinds], layout=layout))
+    if encoded:
+        return tuple(nodes) + (() if flip else (None,))
+    images = nodes.pop(0)
+    if device == "gpu":
+        images = images.gpu()  # arrays go to the GPU straight away so every augmentation runs there
+    shifts = nodes.pop(0) if shift else None
+    return images, shifts, (nodes.pop(0) if flip else None)
+
+
 # ---------------------------------------------------------------------------------------------
 # pipelines (batch_size, num_threads, device_id, seed, prefetch_queue_depth are given where
 # they are built: ``train_pipeline(source, ..., batch_size=..., num_threads=..., device_id=None)``)
@@ -193,29 +233,30 @@ def plan_source(source: Callable[[], object], *, encoded: bool, device: str):
 
 @pipeline_def
 def train_pipeline(source, *, encoded: bool, device: str = "cpu", size: int | None = None,
-                   area: Sequence[float] = (0.08, 1.0), aspect_ratio: Sequence[float] = (3 / 4, 4 / 3),
                    image_shape: Sequence[int] | None = None, pad: int = 4, flip: bool = True,
                    mean: Sequence[float] | None = None, std: Sequence[float] | None = None, layout: str = "HWC",
                    resize_outside: bool = False):
-    """Training views, one independent augmentation per decoded image.
+    """Training views, one augmentation per decoded image, its parameters from ``source``
+    (:func:`train_source`; drawn by :mod:`mixnn_fast.pipeline.augment_params`).
 
-    Encoded sources: random-resized crop to ``size`` + flip.  Arrays of ``image_shape``
-    (H, W, C): pad-and-crop by ``pad`` + flip.
+    Encoded sources: the given window, resized to ``size``, + flip.  Arrays of
+    ``image_shape`` (H, W, C): the given shift (zero fill; none when ``pad`` is 0) + flip.
 
     ``resize_outside`` (encoded sources): the pipeline stops before the resize and returns
-    the decoded random windows and the flip coins (:func:`decode_random_crop`; ``(windows,)``
-    alone without ``flip``); the caller resizes, mirrors and normalises them.
+    the decoded windows and the flip flags (:func:`decode_window`; ``(windows,)`` alone
+    without ``flip``); the caller resizes, mirrors and normalises them.
     """
-    data = plan_source(source, encoded=encoded, device=device)
-    if encoded and resize_outside:
-        windows, mirror = decode_random_crop(data, area=area, aspect_ratio=aspect_ratio, flip=flip, device=device)
-        return (windows, mirror) if flip else (windows,)
     if encoded:
-        images = decode_random_resized_crop(data, size=size, area=area, aspect_ratio=aspect_ratio, flip=flip,
-                                            device=device)
+        data, anchor, shape, mirror = train_source(source, encoded=True, device=device, flip=flip)
+        if resize_outside:
+            windows = decode_window(data, anchor, shape, device=device)
+            return (windows, mirror) if flip else (windows,)
+        images = decode_resized_window(data, anchor, shape, mirror, size=size, device=device)
     else:
-        images = pad_and_crop(data, height=image_shape[0], width=image_shape[1], pad=pad)
-        images = random_flip(images) if flip else images
+        images, shift, mirror = train_source(source, encoded=False, device=device, shift=pad > 0, flip=flip)
+        if pad:
+            images = pad_and_crop(images, shift, height=image_shape[0], width=image_shape[1])
+        images = flip_horizontal(images, mirror) if flip else images
     return normalise(images, mean=mean, std=std, layout=layout)
 
 

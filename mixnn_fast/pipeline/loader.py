@@ -3,43 +3,58 @@
 ::
 
     loader = MixNNLoader(description, batch_size=64, neighbours=nbrs, mean=MEAN, std=STD)
-    for epoch in range(epochs):
-        loader.set_epoch(epoch)
+    for epoch in range(first_epoch, epochs):             # (first_epoch, first_batch): from a checkpoint
+        loader.set_epoch(epoch, start_batch=first_batch if epoch == first_epoch else 0)
         loader.set_neighbours(refreshed_neighbours)      # after each refresh pass
         for batch in loader:                              # LoaderBatch
             x, y = batch.mix(weights[batch.anchor_ids], targets)   # (B, C, H, W), (B, classes)
             loss = soft_cross_entropy(model(x), y)
+            resume = (epoch, batch.position + 1)          # what a checkpoint records
 
 Each batch decodes the plan's ids once (``batch.images`` (M, H, W, C)), gives every
 decoded image its own augmentation, and says where the anchors and partners are
 (``anchor_slots`` (B,), ``partner_slots`` (B, K)); :meth:`LoaderBatch.mix` hands them to
 :func:`mixnn_fast.mix_images` / :func:`mixnn_fast.mix_targets`.
 
+Exact resume: an epoch's batches are a pure function of (seed, epoch, neighbours,
+anchors) (the plan), and each decoded image's augmentation a pure function of (seed,
+epoch, the batch's plan index, its slot in the batch): the windows, shifts and flips are
+drawn on the host (:mod:`mixnn_fast.pipeline.augment_params`) and handed to DALI with the
+images, never by DALI's own random operators, whose state would depend on the pipeline's
+history.  So ``set_epoch(e, start_batch=s)`` on a new loader yields exactly batches
+``s, s+1, ...`` of an uninterrupted epoch ``e``, pixel for pixel, without reading or
+decoding the batches before ``s``; and rebuilding the pipeline (after a decoding failure
+or an abandoned epoch) changes nothing.
+
 How batches stay aligned with their metadata: DALI calls the feeder (the external
 source) in batch order, ``prefetch_queue_depth`` batches ahead of the consumer.  The
 feeder appends each batch it serves to a FIFO, and each pipeline output pops the oldest
-entry.  The feeder never raises an error itself (it would surface on an earlier,
-prefetching ``run()`` and misalign the queue): a file it cannot read ends the feeding
-there, the batches before it are delivered, and then the error is raised.
+entry.  A batch's augmentation parameters are further outputs of the same feeder call as
+its images, so they travel through DALI together and need no queue of their own.  The
+feeder never raises an error itself (it would surface on an earlier, prefetching
+``run()`` and misalign the queue): a file it cannot read ends the feeding there, the
+batches before it are delivered, and then the error is raised.
 
 Where the random-resized crop is resized (``MixNNLoader(resize_backend=...)``, encoded
 images): on a GPU, DALI does everything.  On the CPU (the default there, "torch"), DALI
 decodes the random windows (ROI decoding) and the loader resizes each window into the
 batch with torch's uint8 antialiased bilinear kernel (the same triangle filter as DALI's
 linear antialiased ``fn.resize`` and PIL's BILINEAR; within rounding of DALI's result) and
-mirrors it when DALI's coin says so: on a 2-core x86 machine DALI's CPU resize took
-~1.4 ms per 224×224 image, twice the ROI decode, and torch's ~0.2 ms.  The evaluation views
-(``EvalLoader(resize_backend=...)``) work the same way on the CPU: DALI decodes only the
-source window that the resize-then-centre-crop view shows, and torch resizes it
-(bench/eval_loader.py: about 2× the all-DALI path).
+mirrors it when its flip flag says so (the same windows and flags either way): on a 2-core
+x86 machine DALI's CPU resize took ~1.4 ms per 224×224 image, twice the ROI decode, and
+torch's ~0.2 ms.  The evaluation views (``EvalLoader(resize_backend=...)``) work the same
+way on the CPU: DALI decodes only the source window that the resize-then-centre-crop view
+shows, and torch resizes it (bench/eval_loader.py: about 2× the all-DALI path).
 
 Bad images (``on_error``): "raise" (default) raises an error naming the file when its
 batch is reached; "skip" drops the sample, and every anchor that needs it, and counts
 them (``loader.skipped``: id -> reason, ``loader.skipped_anchors``).  Missing files,
-empty files and bytes that are not an image format are caught while reading; images
-that start right but do not decode (truncated, corrupt) make DALI fail the batch, and
-the loader then decodes the batch's files one by one with PIL to name the culprit,
-rebuilds the pipeline and (when skipping) replays the batch without it.
+empty files, bytes that are not an image format and (training views of encoded images)
+headers whose size cannot be read are caught while reading; images that start right but
+do not decode (truncated, corrupt) make DALI fail the batch, and the loader then decodes
+the batch's files one by one with PIL to name the culprit, rebuilds the pipeline and
+(when skipping) replays the batch without it.  The replayed batches get the same
+augmentations, and a skipped image does not change those of the others in its batch.
 """
 from __future__ import annotations
 
@@ -52,6 +67,7 @@ import numpy as np
 import torch
 
 from mixnn_fast.data.description import DatasetDescription
+from mixnn_fast.pipeline.augment_params import CropFlip, ShiftFlip, encoded_image_size
 from mixnn_fast.pipeline.plan import EpochPlan, PlanBatch, plan_epoch
 
 log = logging.getLogger(__name__)
@@ -88,7 +104,11 @@ class LoaderBatch:
         partner_slots: (B, K) int64 positions of each anchor's partners (K = 0 for plain
             and in-batch plans).
         labels: (B,) int64 the anchors' given (possibly noisy) labels.
-        index: the batch's index in its epoch plan.
+        index: the batch's index in its epoch plan (before sharding: the same batch has the
+            same index on every shard).
+        position: the batch's position in this shard's plan for the epoch (``len(loader)``
+            batches, ``0..len(loader)-1``); ``set_epoch(epoch, start_batch=position + 1)``
+            resumes right after it.
         mean, std: the normalisation :meth:`mix` applies (None when the pipeline already
             normalised, or when no statistics were given).
         layout: "NHWC" or "NCHW", the layout of ``images``.
@@ -103,6 +123,7 @@ class LoaderBatch:
     partner_slots: torch.Tensor
     labels: torch.Tensor
     index: int
+    position: int = 0
     mean: Sequence[float] | None = None
     std: Sequence[float] | None = None
     layout: str = "NHWC"
@@ -170,12 +191,13 @@ class LoaderBatch:
 # the feeder: plan batches -> bytes/arrays for DALI's external source
 
 
-def _drop_samples(batch: PlanBatch, bad: np.ndarray) -> tuple[PlanBatch, int]:
+def _drop_samples(batch: PlanBatch, bad: np.ndarray) -> tuple[PlanBatch, int, np.ndarray]:
     """``batch`` without the ids in ``bad`` and without every anchor that needs one of
-    them (as itself or as a partner); returns (batch, number of anchors dropped)."""
+    them (as itself or as a partner); returns (batch, number of anchors dropped, (M',)
+    int64 the kept slots: positions in ``batch.ids`` of the new batch's ids)."""
     is_bad = np.isin(batch.ids, bad)
     if not is_bad.any():
-        return batch, 0
+        return batch, 0, np.arange(len(batch.ids))
     keep = ~is_bad[batch.anchor_slots]
     if batch.partner_slots.shape[1]:
         keep &= ~is_bad[batch.partner_slots].any(axis=1)
@@ -184,7 +206,8 @@ def _drop_samples(batch: PlanBatch, bad: np.ndarray) -> tuple[PlanBatch, int]:
     used[a_slots] = True
     used[p_slots.ravel()] = True
     renumber = np.cumsum(used) - 1
-    return PlanBatch(batch.index, batch.ids[used], renumber[a_slots], renumber[p_slots]), int((~keep).sum())
+    return (PlanBatch(batch.index, batch.ids[used], renumber[a_slots], renumber[p_slots]), int((~keep).sum()),
+            np.flatnonzero(used))
 
 
 def _image_format_problem(raw: np.ndarray) -> str | None:
@@ -201,13 +224,22 @@ class _Feeder:
     """The external source's callable: serves the plan's batches in order (see the
     module docstring for the FIFO ``served`` and the error policy).
 
+    With an ``augment`` spec (:class:`~mixnn_fast.pipeline.augment_params.ShiftFlip` or
+    :class:`~mixnn_fast.pipeline.augment_params.CropFlip`) each call returns the images
+    followed by their augmentation parameters, drawn from (``seed``, the plan's epoch,
+    the batch's plan index, each image's slot in the planned batch); without, the images
+    alone (the evaluation views).
+
     The set of known-bad sample ids persists across epochs, so bad files are not read
     (nor counted) twice.
     """
 
-    def __init__(self, description: DatasetDescription, on_error: str):
+    def __init__(self, description: DatasetDescription, on_error: str, augment: ShiftFlip | CropFlip | None = None,
+                 seed: int = 0):
         self.description = description
         self.on_error = on_error
+        self.augment = augment
+        self.seed = seed
         self.plan: EpochPlan | None = None
         self.cursor = 0
         self.served: collections.deque[tuple[int, PlanBatch]] = collections.deque()
@@ -222,11 +254,11 @@ class _Feeder:
     def skipped_anchors(self) -> int:
         return self._dropped_before + sum(self._dropped.values())
 
-    def start(self, plan: EpochPlan) -> None:
-        """Serve ``plan`` from its first batch (a new epoch)."""
+    def start(self, plan: EpochPlan, position: int = 0) -> None:
+        """Serve ``plan`` from batch ``position`` (a new epoch, or one resumed there)."""
         self._dropped_before += sum(self._dropped.values())
         self._dropped = {}
-        self.plan, self.cursor, self.error = plan, 0, None
+        self.plan, self.cursor, self.error = plan, position, None
         self.served.clear()
 
     def rewind(self, position: int) -> None:
@@ -248,24 +280,39 @@ class _Feeder:
             self.cursor += 1
             planned = self.plan[position]
             batch = planned
+            slots = np.arange(len(planned.ids))  # each served image's slot in the planned batch
             if self.skipped:
-                batch, _ = _drop_samples(batch, np.fromiter(self.skipped, dtype=np.int64))
+                batch, _, slots = _drop_samples(batch, np.fromiter(self.skipped, dtype=np.int64))
+            sizes = None
             if self.description.in_memory:
                 data = self.description.images[batch.ids] if len(batch) else None
             else:
-                data, batch = self._read(batch)
+                data, batch, kept, sizes = self._read(batch, with_sizes=self.augment is not None)
+                slots = slots[kept]
             if self.error is None:
                 self._dropped[position] = len(planned) - len(batch)
             if data is None or not len(batch):
                 continue  # every anchor skipped, or an error ends the epoch here
             self.served.append((position, batch))
-            return data
+            if self.augment is None:
+                return data
+            # Slots of the *planned* batch: an image keeps its augmentation when others
+            # of its batch are skipped.
+            return (data, *self.augment.params(self.seed, self.plan.epoch, planned.index, len(planned.ids), slots,
+                                               sizes))
 
-    def _read(self, batch: PlanBatch) -> tuple[list[np.ndarray] | None, PlanBatch]:
-        """The bytes of every id of ``batch`` (in ``batch.ids`` order)."""
+    def _read(self, batch: PlanBatch, with_sizes: bool = False
+              ) -> tuple[list[np.ndarray] | None, PlanBatch, np.ndarray, np.ndarray | None]:
+        """The bytes of every id of ``batch`` (in ``batch.ids`` order).
+
+        Returns (bytes or None after an error, the batch without unreadable samples, (M',)
+        its slots in the given batch, and with ``with_sizes`` (M', 2) int64 each image's
+        decoded (height, width) from its header, else None)."""
         paths = self.description.paths
         raw_of: dict[int, np.ndarray] = {}
+        size_of: dict[int, tuple[int, int]] = {}
         bad, reasons = [], []
+        kept = np.arange(len(batch.ids))
         for sample in np.unique(batch.ids).tolist():
             path = paths[sample]
             try:
@@ -278,9 +325,15 @@ class _Feeder:
                                "and count them")
                     self.error = (FileNotFoundError(message) if isinstance(exc, FileNotFoundError)
                                   else ImageDecodeError(message, [path]))
-                    return None, batch
+                    return None, batch, kept, None
                 continue
             problem = _image_format_problem(raw)
+            if problem is None and with_sizes:
+                size = encoded_image_size(raw)
+                if size is None:
+                    problem = "the image header (height, width) cannot be read"
+                else:
+                    size_of[sample] = size
             if problem is not None:
                 bad.append(sample)
                 reasons.append(f"{path}: {problem}")
@@ -288,14 +341,16 @@ class _Feeder:
                     self.error = ImageDecodeError(f"cannot decode {path}: {problem} (sample {sample}); pass "
                                                   "on_error='skip' to skip undecodable samples and count them",
                                                   [path])
-                    return None, batch
+                    return None, batch, kept, None
                 continue
             raw_of[sample] = raw
         if bad:
             self.skip(bad, reasons)
-            batch, _ = _drop_samples(batch, np.array(bad, dtype=np.int64))
+            batch, _, kept = _drop_samples(batch, np.array(bad, dtype=np.int64))
+        ids = batch.ids.tolist()
+        sizes = np.array([size_of[s] for s in ids], dtype=np.int64).reshape(-1, 2) if with_sizes else None
         # the naive plan lists a partner twice on purpose: it is decoded twice
-        return [raw_of[s] for s in batch.ids.tolist()], batch
+        return [raw_of[s] for s in ids], batch, kept, sizes
 
 
 def _pil_problem(path: str) -> str | None:
@@ -470,7 +525,8 @@ class _DaliLoader:
 
     # --- to be provided by subclasses ---------------------------------------------------------
 
-    def _epoch_plan(self) -> EpochPlan:
+    def _epoch_plan(self) -> tuple[EpochPlan, int]:
+        """The plan the next iteration runs and the position in it to start from."""
         raise NotImplementedError
 
     def _pipeline(self) -> tuple[Callable, dict]:
@@ -494,8 +550,9 @@ class _DaliLoader:
                            mean=self.mean if self.normalize_in_pipeline else None,
                            std=self.std if self.normalize_in_pipeline else None, layout=self.layout[1:], **args,
                            batch_size=max_batch, num_threads=self.num_threads, device_id=self.device_id,
-                           # shards draw different augmentations from one common seed
-                           seed=self.seed * 1009 + self.shard_id, prefetch_queue_depth=self.prefetch_queue_depth)
+                           # no operator of these pipelines draws from DALI's RNG (the training
+                           # augmentations come from the feeder); a fixed seed all the same
+                           seed=self.seed, prefetch_queue_depth=self.prefetch_queue_depth)
         pipe.build()
         self._pipe, self._pipe_batch = pipe, max_batch
         return pipe
@@ -576,14 +633,14 @@ class _DaliLoader:
                           out_layout=self.layout, out_dtype=dtype, out=self._buffer("final", shape, dtype),
                           num_threads=HOST_RESIZE_THREADS)
 
-    def _make_batch(self, images: torch.Tensor, batch: PlanBatch) -> LoaderBatch:
+    def _make_batch(self, images: torch.Tensor, batch: PlanBatch, position: int) -> LoaderBatch:
         ids = torch.from_numpy(np.ascontiguousarray(batch.ids))
         anchors = torch.from_numpy(np.ascontiguousarray(batch.anchor_slots))
         partners = torch.from_numpy(np.ascontiguousarray(batch.partner_slots))
         labels = torch.from_numpy(self.description.labels[batch.ids[batch.anchor_slots]])
         normalised = self.normalize_in_pipeline
         return LoaderBatch(images=images, ids=ids, anchor_slots=anchors, partner_slots=partners, labels=labels,
-                           index=batch.index, mean=None if normalised else self.mean,
+                           index=batch.index, position=position, mean=None if normalised else self.mean,
                            std=None if normalised else self.std, layout=self.layout,
                            recycle=self._recycle_mixed if self.device == "cpu" else None)
 
@@ -618,8 +675,10 @@ class _DaliLoader:
         self._feeder.rewind(served[0][0])  # replay from the failed batch
 
     def __iter__(self) -> Iterator[LoaderBatch]:
-        plan = self._epoch_plan()
-        self._feeder.start(plan)
+        plan, start = self._epoch_plan()
+        if start >= len(plan):
+            return  # resumed at the end of the epoch (or an empty plan): nothing to decode
+        self._feeder.start(plan, start)
         pipe = self._pipeline_for(plan)
         finished = False
         try:
@@ -637,8 +696,8 @@ class _DaliLoader:
                     self._decode_failure(err)  # raises, or rewinds the feeder for a replay
                     pipe = self._build(self._pipe_batch or self._max_batch(plan))
                     continue
-                _, batch = self._feeder.served.popleft()
-                yield self._make_batch(self._images(outputs), batch)
+                position, batch = self._feeder.served.popleft()
+                yield self._make_batch(self._images(outputs), batch, position)
         finally:
             # A pipeline left mid-epoch still holds prefetched batches: rebuild next time.
             self._pipe_clean = finished
@@ -658,11 +717,14 @@ class MixNNLoader(_DaliLoader):
             :mod:`mixnn_fast.pipeline.plan`).
         anchor_ids: the anchors of each epoch: None (all samples), an int array, or a
             callable ``epoch -> int array`` (e.g. Clothing1M's balanced draw).
-        seed: seeds the plans (``[seed, epoch]``) and DALI's augmentations.  Use the same
-            seed in every process: the shards split one common plan.
+        seed: seeds the plans (``[seed, epoch]``) and the augmentations (``[seed, epoch,
+            batch index]``, see :mod:`mixnn_fast.pipeline.augment_params`).  Use the same
+            seed in every process: the shards split one common plan, and a batch gets the
+            same augmentations whichever shard decodes it.
         drop_last: drop each epoch's final partial batch.
         size: output side of the random-resized crop (encoded images).
-        area, aspect_ratio: random-resized-crop ranges (relative area, width/height).
+        area, aspect_ratio: random-resized-crop ranges (relative area, width/height), drawn
+            as torchvision's ``RandomResizedCrop`` does.
         pad: pad-and-crop shift for in-memory images (pixels, each side).
         flip: random horizontal flips.
         mean, std: per-channel statistics in 0-255 units; applied by :meth:`LoaderBatch.mix`
@@ -684,7 +746,8 @@ class MixNNLoader(_DaliLoader):
             CPU, "dali" on a GPU).  Same augmentation either way (see the module docstring).
 
     Iterating yields :class:`LoaderBatch` es; each ``iter()`` runs the next epoch (or the
-    one given to :meth:`set_epoch`).
+    one given to :meth:`set_epoch`, from the batch given there).  ``len(loader)`` is the
+    number of batches of that epoch's plan on this shard, whatever batch it starts from.
     """
 
     def __init__(self, description: DatasetDescription, batch_size: int, *, neighbours=None,
@@ -715,16 +778,38 @@ class MixNNLoader(_DaliLoader):
         if not 0 < self.aspect_ratio[0] <= self.aspect_ratio[1]:
             raise ValueError(f"aspect_ratio: must be 0 < low <= high, got {aspect_ratio}")
         self.flip = bool(flip)
+        self._feeder.augment = (ShiftFlip(self.pad, self.flip) if description.in_memory
+                                else CropFlip(self.area, self.aspect_ratio, self.flip))
+        self._feeder.seed = self.seed
         self._anchor_ids = anchor_ids
         self._neighbours = None
         self._cached: tuple[int, EpochPlan] | None = None
         self.set_neighbours(neighbours)
         self.epoch = 0
+        self.start_batch = 0  # where the next iteration starts in its plan
         self.plan: EpochPlan | None = None  # the current epoch's plan (this shard's batches)
 
-    def set_epoch(self, epoch: int) -> None:
-        """The epoch the next iteration runs (plans are seeded by ``[seed, epoch]``)."""
-        self.epoch = _check_positive_int(epoch, "epoch", minimum=0)
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """The epoch the next iteration runs, and the position in this shard's plan it
+        starts from.
+
+        The iteration then yields batches ``start_batch, ..., len(loader) - 1`` of
+        ``epoch``'s plan, identical (images and augmentations, pixel for pixel) to those
+        of an uninterrupted pass: resume with ``start_batch = batch.position + 1`` of the
+        last batch consumed.  The batches before ``start_batch`` are neither read nor decoded.
+        ``start_batch = len(loader)`` yields nothing (the epoch is complete).  The
+        iteration after that starts at the beginning of ``epoch + 1``.
+
+        Args:
+            epoch: int >= 0 (plans are seeded by ``[seed, epoch]``).
+            start_batch: int, 0 <= start_batch <= len(plan); the upper bound is checked
+                when the iteration starts (the plan may still change: neighbours, anchors),
+                with a ValueError naming ``start_batch``.
+        """
+        epoch = _check_positive_int(epoch, "epoch", minimum=0)
+        if isinstance(start_batch, bool) or not isinstance(start_batch, (int, np.integer)) or start_batch < 0:
+            raise ValueError(f"start_batch: must be an integer >= 0, got {start_batch!r}")
+        self.epoch, self.start_batch = epoch, int(start_batch)
 
     def set_neighbours(self, neighbours) -> None:
         """Partners for the next epochs: (N, K) int64 (checked when the plan is made)."""
@@ -755,13 +840,21 @@ class MixNNLoader(_DaliLoader):
         self._cached = (epoch, plan)
         return plan
 
-    def _epoch_plan(self) -> EpochPlan:
-        self.plan = self.make_plan(self.epoch)
+    def _epoch_plan(self) -> tuple[EpochPlan, int]:
+        plan = self.make_plan(self.epoch)
+        start = self.start_batch
+        if start > len(plan):
+            raise ValueError(f"start_batch: {start} is past the end of epoch {self.epoch}, whose plan has "
+                             f"{len(plan)} batches on this shard (0 <= start_batch <= {len(plan)})")
+        self.plan = plan
         self.epoch += 1
-        return self.plan
+        self.start_batch = 0
+        return plan, start
 
     def __len__(self) -> int:
-        """Batches in the next epoch (computes its plan)."""
+        """Batches in the next epoch's plan on this shard (computes the plan); counts the
+        batches before ``start_batch`` too (the iteration yields ``len - start_batch``,
+        fewer when ``on_error="skip"`` empties a batch)."""
         return len(self.make_plan(self.epoch))
 
     def _max_batch(self, plan: EpochPlan) -> int:
@@ -772,8 +865,7 @@ class MixNNLoader(_DaliLoader):
         from mixnn_fast.pipeline.dali_pipelines import train_pipeline  # DALI is imported here, not before
 
         shape = self.description.images.shape[1:] if self.description.in_memory else None
-        return train_pipeline, dict(size=self.size, area=self.area, aspect_ratio=self.aspect_ratio,
-                                    image_shape=shape, pad=self.pad, flip=self.flip)
+        return train_pipeline, dict(size=self.size, image_shape=shape, pad=self.pad, flip=self.flip)
 
 
 class EvalLoader(_DaliLoader):
@@ -826,8 +918,8 @@ class EvalLoader(_DaliLoader):
                           num_samples=len(self.description))
         return plan.shard(self.shard_id, self.num_shards, pad=False)
 
-    def _epoch_plan(self) -> EpochPlan:
-        return self.make_plan()
+    def _epoch_plan(self) -> tuple[EpochPlan, int]:
+        return self.make_plan(), 0
 
     def __len__(self) -> int:
         return len(self.make_plan())
@@ -855,7 +947,7 @@ class EvalLoader(_DaliLoader):
             yield from super().__iter__()
             return
         images = self.description.images
-        plan = self._epoch_plan()
+        plan, _ = self._epoch_plan()
         for b in range(len(plan)):
             batch = plan[b]
             ids = batch.ids
@@ -865,4 +957,4 @@ class EvalLoader(_DaliLoader):
                 block = images[ids]
             if not block.flags.writeable:  # torch.from_numpy wants a writeable array
                 block = block.copy()
-            yield self._make_batch(torch.from_numpy(np.ascontiguousarray(block)), batch)
+            yield self._make_batch(torch.from_numpy(np.ascontiguousarray(block)), batch, b)
