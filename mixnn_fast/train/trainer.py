@@ -356,7 +356,8 @@ class Trainer:
         with _progress(bar_total, f"epoch {epoch} {phase}", cfg.progress) as bar:
             start = time.perf_counter()
             wait_from = start
-            for i, batch in enumerate(loader, start=start_batch):
+            for batch in loader:
+                i = batch.position  # this batch's place in the plan (batches can be skipped whole)
                 got = time.perf_counter()
                 seconds["loader_wait"] += got - wait_from
                 x, y = self._inputs(batch, phase)
