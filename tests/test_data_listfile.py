@@ -268,3 +268,18 @@ def test_a_nul_byte_in_a_path_is_reported(tmp_path):
     file.write_bytes(b"a.jpg\n\nb\x00c.jpg\n")
     with pytest.raises(ListFileError, match=re.escape(f"{file}, line 3: path ") + ".*NUL byte"):
         read_path_list(file)
+
+
+def test_cr_line_endings_are_reported_not_merged_into_one_entry(tmp_path):
+    file = tmp_path / "l.txt"
+    file.write_bytes(b"a.jpg 0\rb.jpg 1\rc.jpg 2\r")  # CR-only: one 'line' holding three entries
+    with pytest.raises(ListFileError, match=re.escape(f"{file}, line 1: carriage return inside the line")):
+        read_path_label_list(file)
+    file.write_bytes(b"a.jpg 0\r\nb.jpg 1\r\nc.jpg\r2\n")  # CRLF is fine; a stray CR is not
+    with pytest.raises(ListFileError, match=re.escape(f"{file}, line 3: carriage return")):
+        read_path_label_list(file)
+    file.write_bytes(b"T-Shirt\rShirt\r")
+    with pytest.raises(ListFileError, match="line 1: carriage return"):
+        read_names(file)
+    file.write_bytes(b"keys/a.jpg\r\n\r\nkeys/b.jpg\r\n")
+    assert read_path_list(file).paths == ["keys/a.jpg", "keys/b.jpg"]

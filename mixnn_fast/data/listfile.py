@@ -74,7 +74,7 @@ def require_file(path: str | os.PathLike, what: str) -> str:
 
 
 def _numbered_lines(path: str) -> Iterator[tuple[int, str]]:
-    """(1-based line number, text) for each non-blank line, UTF-8, CR/LF endings and a BOM tolerated."""
+    """(1-based line number, text) for each non-blank line, UTF-8, LF or CRLF endings and a BOM tolerated."""
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, start=1):
             try:
@@ -84,6 +84,14 @@ def _numbered_lines(path: str) -> Iterator[tuple[int, str]]:
             if number == 1:
                 text = text.removeprefix("\ufeff")
             text = text.strip()
+            # Lines end in LF or CRLF. A CR left inside a line means CR-only line endings (old Mac
+            # files, or a file mixing them): read as one line, the whole file would silently
+            # become a single entry whose path holds the other lines.
+            if "\r" in text:
+                raise ListFileError(
+                    f"{path}, line {number}: carriage return inside the line (CR line endings? "
+                    "list files need LF or CRLF)"
+                )
             # Blank lines (typically a trailing newline pair) carry no entry; skipping them
             # loses nothing, whereas a half-written entry is caught by the field checks below.
             if text:
