@@ -76,6 +76,12 @@ def test_idx_sizes_that_overflow_int64_or_numpy(tmp_path):
     path.write_bytes(bytes([0, 0, 0x08, 100]) + b"\x00\x00\x00\x01" * 100)
     with pytest.raises(ValueError, match=re.escape(f"{path}: IDX header declares 100 dimensions, more than NumPy")):
         read_idx(path)
+    # an empty array, but with sides NumPy cannot index (found by tests/test_fuzz_readers.py)
+    path.write_bytes(bytes([0, 0, 0x08, 3]) + b"\x00\x00\x00\x00" + b"\xff\xff\xff\xff" * 2)
+    with pytest.raises(ValueError, match=re.escape(f"{path}: header shape (0, 4294967295, 4294967295) is too large")):
+        read_idx(path)
+    path.write_bytes(bytes([0, 0, 0x08, 3]) + b"\x00\x00\x00\x00" + b"\x00\x00\x00\x1c" * 2)
+    assert read_idx(path).shape == (0, 28, 28)
     path.write_bytes(bytes([0, 0, 0x08, 32]) + b"\x00\x00\x00\x01" * 32 + b"\x07")
     assert read_idx(path).shape == (1,) * 32
 

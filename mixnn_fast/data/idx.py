@@ -74,5 +74,11 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     if found != expected:
         kind = "truncated" if found < expected else "has trailing bytes"
         raise ValueError(f"{path}: {kind}: header promises shape {shape} ({expected} data bytes), found {found}")
+    # NumPy refuses shapes whose nonzero sides multiply past what it can index, even for an
+    # empty array: (0, 2**32 - 1, 2**32 - 1) promises 0 bytes, matches an empty body, and
+    # reshape would fail with a message naming no file.
+    addressable = math.prod(side for side in shape if side) * dtype.itemsize
+    if addressable > np.iinfo(np.intp).max:
+        raise ValueError(f"{path}: header shape {shape} is too large for a NumPy array")
     array = np.frombuffer(raw, dtype=dtype, offset=header_size).reshape(shape)
     return array.astype(dtype.newbyteorder("="), copy=True)
