@@ -103,6 +103,11 @@ def test_cifar_malformed_files(tmp_path):
     batch.write_bytes(python2_pickle_dumps(content))
     with pytest.raises(ValueError, match=r"'data' must be a \(N, 3072\) uint8 array"):
         cifar(tmp_path, "cifar10")
+    content["data"] = good_data = pickle.loads(good, encoding="latin1")["data"]
+    content["labels"] = [[], [0]] + [0] * (len(good_data) - 2)  # ragged: np.asarray raised, naming nothing
+    batch.write_bytes(python2_pickle_dumps(content))
+    with pytest.raises(ValueError, match=re.escape(f"{batch}: 'labels' must be 2 integers (ValueError: ")):
+        cifar(tmp_path, "cifar10")
     del content["data"]
     batch.write_bytes(python2_pickle_dumps(content))
     with pytest.raises(ValueError, match="no 'data' entry"):

@@ -266,7 +266,10 @@ def _names(path: str, key: str) -> list[str]:
 
 
 def _labels(batch: dict, key: str, path: str, n: int, num_classes: int) -> np.ndarray:
-    labels = np.asarray(_field(batch, key, path))
+    try:
+        labels = np.asarray(_field(batch, key, path))
+    except (ValueError, TypeError, OverflowError) as exc:  # ragged lists, unconvertible objects
+        raise ValueError(f"{path}: {key!r} must be {n} integers ({type(exc).__name__}: {_clip(exc)})") from exc
     if labels.shape != (n,) or labels.dtype.kind not in "iu":
         raise ValueError(f"{path}: {key!r} must be {n} integers, got {labels.dtype} {labels.shape}")
     bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
