@@ -94,6 +94,7 @@ MIXNN_HD uint8_t from_float<uint8_t>(float f) {
   return static_cast<uint8_t>(rounded);
 }
 
+// Vector form (the CPU kernel's avx2/avx512 tile): bfloat16_round in cpu/mix_math_simd.h.
 template <>
 MIXNN_HD BFloat16 from_float<BFloat16>(float f) {
   const uint32_t u = float_to_bits(f);
@@ -105,7 +106,8 @@ MIXNN_HD BFloat16 from_float<BFloat16>(float f) {
 
 // float -> IEEE half, round to nearest even, overflow to inf, subnormals exact:
 // the FP16 library's construction (scale to push the rounding point to bit 13,
-// then add a bias that makes the FPU do the rounding).
+// then add a bias that makes the FPU do the rounding).  Vector form: half_from_float in
+// cpu/mix_math_simd.h (F16C's conversion, which agrees but for NaN, plus this function's NaN).
 template <>
 MIXNN_HD Half from_float<Half>(float f) {
   const float scale_to_inf = 0x1.0p+112f;
@@ -126,12 +128,13 @@ MIXNN_HD Half from_float<Half>(float f) {
 
 // ---- the mixing arithmetic ---------------------------------------------------
 
-// One term of the convex combination: acc + w * x.
+// One term of the convex combination: acc + w * x.  Vector form: accumulate in cpu/mix_math_simd.h.
 MIXNN_HD float mix_accumulate(float acc, float weight, float value) { return acc + weight * value; }
 
 // Σ_j w_j (x_j - mean) / std  ==  (Σ_j w_j x_j - mean · Σ_j w_j) · (1/std).
 // Normalising after the sum touches each output once instead of K+1 times; the
-// weight sum keeps it exact when the weights do not sum to exactly 1.
+// weight sum keeps it exact when the weights do not sum to exactly 1.  Vector form: normalise in
+// cpu/mix_math_simd.h.
 MIXNN_HD float mix_normalise(float weighted_sum, float weight_sum, float mean, float inv_std) {
   return (weighted_sum - mean * weight_sum) * inv_std;
 }

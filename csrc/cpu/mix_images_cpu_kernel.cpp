@@ -17,8 +17,9 @@
 // (input types × layouts) + (output types × layouts × channel cases) instead of
 // their product.  Three-channel NHWC input headed for NCHW output (decoded
 // images into a network) accumulates planar, de-interleaving the narrow input
-// rather than the floats; at K = 1 one fused loop does both stages in registers.  The element arithmetic comes from mix_math.h, shared
-// with the CUDA kernel.
+// rather than the floats; at K = 1 one fused loop does both stages in registers.  The element
+// arithmetic comes from mix_math.h, shared with the CUDA kernel, and for the vector tile from
+// its vector forms in cpu/mix_math_simd.h.
 #include "cpu/mix_images_cpu.h"
 
 #ifndef MIXNN_CPU_ISA
@@ -39,11 +40,11 @@
 #include <unistd.h>
 #endif
 
-#if defined(__AVX2__) || defined(__AVX512F__)
-#include <immintrin.h>
-#endif
-
 #include "dispatch.h"
+
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include "cpu/mix_math_simd.h"  // the vector forms of mix_math.h's rules (and <immintrin.h>)
+#endif
 
 namespace mixnn {
 namespace cpu {
@@ -175,8 +176,9 @@ using SimdTileFn = void (*)(const void* const*, const float*, int64_t, float, co
 // vector (3t+c)/V at lane (3t+c)%V, and because 3 is coprime with V every lane holds exactly one
 // element of channel c, so two blends and one lane permute give the channel's V values.  The
 // arithmetic is the scalar path's, in the same order (w_0 x_0, then + w_j x_j as one FMA, then
-// (sum - mean * weight_sum) * inv_std as FMA and multiply), and the narrow stores are the
-// header's round-to-nearest-even, so the results do not depend on which path ran.
+// (sum - mean * weight_sum) * inv_std as FMA and multiply), and the narrow stores round as
+// mix_math.h's from_float: all of it through the vector forms of those rules in
+// cpu/mix_math_simd.h, so the results do not depend on which path ran.
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define MIXNN_SIMD_NHWC3 512
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -234,33 +236,15 @@ inline __m512i planar_words(int c, __m512i w0, __m512i w1, __m512i w2) {
   return _mm512_permutexvar_epi16(_mm512_loadu_si512(kDeinterleaveWords.perm[c]), b);
 }
 
-// from_float<BFloat16> on 16 lanes, result in the high half of each 32-bit lane: u + 0x7FFF,
-// + 1 more where bit 16 is set (ties to even); NaN (only when may_nan) -> high half | 0x40.
-inline __m512i bf16_rounded(__m512 y, bool may_nan) {
-  const __m512i u = _mm512_castps_si512(y);
-  const __m512i base = _mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF));
-  __m512i r = _mm512_mask_add_epi32(base, _mm512_test_epi32_mask(u, _mm512_set1_epi32(0x10000)), base,
-                                    _mm512_set1_epi32(1));
-  if (may_nan) r = _mm512_mask_or_epi32(r, _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q), u, _mm512_set1_epi32(0x00400000));
-  return r;
-}
-
-// 32 narrow values, in order, from two vectors of 16 floats.
+// 32 narrow values, in order, from two vectors of 16 floats (bfloat16: the high words of the
+// rounded 32-bit lanes).
 inline __m512i narrow_pair(BFloat16*, __m512 y0, __m512 y1, bool may_nan) {
-  return _mm512_permutex2var_epi16(bf16_rounded(y0, may_nan), _mm512_loadu_si512(kDeinterleaveWords.odd),
-                                   bf16_rounded(y1, may_nan));
-}
-inline __m256i half_of(__m512 y, bool may_nan) {
-  if (may_nan) {
-    const __m512i u = _mm512_castps_si512(y);
-    const __m512i canonical = _mm512_or_si512(_mm512_and_si512(u, _mm512_set1_epi32(INT32_MIN)),
-                                              _mm512_set1_epi32(0x7FC00000));
-    y = _mm512_castsi512_ps(_mm512_mask_mov_epi32(u, _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q), canonical));
-  }
-  return _mm512_cvtps_ph(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return _mm512_permutex2var_epi16(simd::bfloat16_round(y0, may_nan), _mm512_loadu_si512(kDeinterleaveWords.odd),
+                                   simd::bfloat16_round(y1, may_nan));
 }
 inline __m512i narrow_pair(Half*, __m512 y0, __m512 y1, bool may_nan) {
-  return _mm512_inserti64x4(_mm512_castsi256_si512(half_of(y0, may_nan)), half_of(y1, may_nan), 1);
+  return _mm512_inserti64x4(_mm512_castsi256_si512(simd::half_from_float(y0, may_nan)),
+                            simd::half_from_float(y1, may_nan), 1);
 }
 template <bool kStream>
 inline void store_words(void* o, __m512i v) {
@@ -285,8 +269,6 @@ inline void load_u8x48_partial(const uint8_t* s, uint64_t byte_mask, VecF& x0, V
       _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(static_cast<__mmask16>(byte_mask >> 32), s + 32)));
 }
 inline VecF vmul(VecF a, VecF b) { return _mm512_mul_ps(a, b); }
-inline VecF vfmadd(VecF a, VecF b, VecF c) { return _mm512_fmadd_ps(a, b, c); }
-inline VecF vfnmadd(VecF a, VecF b, VecF c) { return _mm512_fnmadd_ps(a, b, c); }
 inline VecF vset1(float f) { return _mm512_set1_ps(f); }
 inline VecF planar(int c, VecF v0, VecF v1, VecF v2) {
   VecF b = _mm512_mask_blend_ps(static_cast<__mmask16>(kDeinterleave.from1[c]), v0, v1);
@@ -322,26 +304,11 @@ inline void store_words16(T16* o, __m256i h, int count) {
 }
 template <bool kStream = false>
 inline void store_vec(BFloat16* o, VecF y, int count) {
-  // from_float<BFloat16>: (u + 0x7FFF + ((u >> 16) & 1)) >> 16, NaN -> (u >> 16) | 0x40
-  const __m512i u = _mm512_castps_si512(y);
-  __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)),
-                               _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)));
-  const __mmask16 nan = _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q);
-  r = _mm512_mask_or_epi32(r, nan, u, _mm512_set1_epi32(0x00400000));
-  const __m256i h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
-  store_words16<kStream>(o, h, count);
+  store_words16<kStream>(o, _mm512_cvtepi32_epi16(_mm512_srli_epi32(simd::bfloat16_round(y, true), 16)), count);
 }
 template <bool kStream = false>
 inline void store_vec(Half* o, VecF y, int count) {
-  // vcvtps2ph rounds to nearest even with subnormals and overflow to inf exactly as
-  // from_float<Half>; a NaN is first replaced by the header's canonical one (sign | 0x7E00).
-  const __mmask16 nan = _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q);
-  const __m512i u = _mm512_castps_si512(y);
-  const __m512i canonical = _mm512_or_si512(_mm512_and_si512(u, _mm512_set1_epi32(INT32_MIN)),
-                                            _mm512_set1_epi32(0x7FC00000));
-  const __m512 fixed = _mm512_castsi512_ps(_mm512_mask_mov_epi32(u, nan, canonical));
-  const __m256i h = _mm512_cvtps_ph(fixed, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  store_words16<kStream>(o, h, count);
+  store_words16<kStream>(o, simd::half_from_float(y, true), count);
 }
 
 #else  // MIXNN_SIMD_NHWC3 == 256
@@ -358,8 +325,6 @@ inline void load_u8x24(const uint8_t* s, VecF& x0, VecF& x1, VecF& x2) {
   x2 = load_u8x8(s + 16);
 }
 inline VecF vmul(VecF a, VecF b) { return _mm256_mul_ps(a, b); }
-inline VecF vfmadd(VecF a, VecF b, VecF c) { return _mm256_fmadd_ps(a, b, c); }
-inline VecF vfnmadd(VecF a, VecF b, VecF c) { return _mm256_fnmadd_ps(a, b, c); }
 inline VecF vset1(float f) { return _mm256_set1_ps(f); }
 template <int c>
 inline VecF planar(VecF v0, VecF v1, VecF v2) {
@@ -383,14 +348,11 @@ inline void store128(void* o, __m128i h) {
     _mm_storeu_si128(static_cast<__m128i*>(o), h);
   }
 }
+// The bfloat16 bits of 8 floats, in the low half of each 32-bit lane.
+inline __m256i bf16_bits(VecF y, bool may_nan) { return _mm256_srli_epi32(simd::bfloat16_round(y, may_nan), 16); }
 template <bool kStream = false>
 inline void store_vec(BFloat16* o, VecF y) {
-  const __m256i u = _mm256_castps_si256(y);
-  __m256i r = _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)),
-                               _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1)));
-  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(y, y, _CMP_UNORD_Q));
-  r = _mm256_blendv_epi8(r, _mm256_or_si256(u, _mm256_set1_epi32(0x00400000)), nan);
-  r = _mm256_srli_epi32(r, 16);
+  const __m256i r = bf16_bits(y, true);
   const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);  // lanes 0 and 2
   store128<kStream>(o, _mm256_castsi256_si128(packed));
 }
@@ -404,44 +366,21 @@ inline void store256(void* o, __m256i v) {
     _mm256_storeu_si256(static_cast<__m256i*>(o), v);
   }
 }
-inline __m256i bf16_bits(VecF y, bool may_nan) {  // from_float<BFloat16>, in the low half of each lane
-  const __m256i u = _mm256_castps_si256(y);
-  __m256i r = _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)),
-                               _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1)));
-  if (may_nan) {
-    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(y, y, _CMP_UNORD_Q));
-    r = _mm256_blendv_epi8(r, _mm256_or_si256(u, _mm256_set1_epi32(0x00400000)), nan);
-  }
-  return _mm256_srli_epi32(r, 16);
-}
 template <bool kStream>
 inline void store_pair(BFloat16* o, VecF y0, VecF y1, bool may_nan) {
   const __m256i packed = _mm256_packus_epi32(bf16_bits(y0, may_nan), bf16_bits(y1, may_nan));
   store256<kStream>(o, _mm256_permute4x64_epi64(packed, 0xD8));  // 64-bit lanes 0 2 1 3: in order
 }
-inline __m128i half_bits(VecF y, bool may_nan) {
-  if (may_nan) {
-    const __m256 nan = _mm256_cmp_ps(y, y, _CMP_UNORD_Q);
-    const __m256 canonical = _mm256_or_ps(_mm256_and_ps(y, _mm256_set1_ps(-0.0f)),
-                                          _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC00000)));
-    y = _mm256_blendv_ps(y, canonical, nan);
-  }
-  return _mm256_cvtps_ph(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-}
 template <bool kStream>
 inline void store_pair(Half* o, VecF y0, VecF y1, bool may_nan) {
-  store256<kStream>(o, _mm256_set_m128i(half_bits(y1, may_nan), half_bits(y0, may_nan)));
+  store256<kStream>(o, _mm256_set_m128i(simd::half_from_float(y1, may_nan), simd::half_from_float(y0, may_nan)));
 }
 template <bool kStream>
 inline void store_pair(float*, VecF, VecF, bool) {}
 
 template <bool kStream = false>
 inline void store_vec(Half* o, VecF y) {
-  const __m256 nan = _mm256_cmp_ps(y, y, _CMP_UNORD_Q);
-  const __m256 canonical = _mm256_or_ps(_mm256_and_ps(y, _mm256_set1_ps(-0.0f)),
-                                        _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC00000)));
-  const __m128i h = _mm256_cvtps_ph(_mm256_blendv_ps(y, canonical, nan), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  store128<kStream>(o, h);
+  store128<kStream>(o, simd::half_from_float(y, true));
 }
 #endif
 
@@ -468,7 +407,7 @@ inline void accumulate_groups(const uint8_t* const* src, int64_t offset, const V
   for (int i = 0; i < 3 * kGroups; ++i) a[i] = vmul(w[0], x[i]);
   for (int64_t j = 1; j < terms; ++j) {
     for (int g = 0; g < kGroups; ++g) load(src[j] + offset + 3 * kLanes * g, x[3 * g], x[3 * g + 1], x[3 * g + 2]);
-    for (int i = 0; i < 3 * kGroups; ++i) a[i] = vfmadd(w[j], x[i], a[i]);
+    for (int i = 0; i < 3 * kGroups; ++i) a[i] = simd::accumulate(a[i], w[j], x[i]);
   }
 }
 
@@ -526,8 +465,8 @@ void mix_tile_u8x3_simd(const void* const* sources, const float* weights, int64_
       accumulate_groups<2>(src, 3 * t, w, terms, LoadGroup{}, a);
       __m512i words[3];
       for (int k = 0; k < 3; ++k) {
-        const VecF y0 = _mm512_mul_ps(vfnmadd(mpat[(2 * k) % 3], ws, a[2 * k]), spat[(2 * k) % 3]);
-        const VecF y1 = _mm512_mul_ps(vfnmadd(mpat[(2 * k + 1) % 3], ws, a[2 * k + 1]), spat[(2 * k + 1) % 3]);
+        const VecF y0 = simd::normalise(a[2 * k], ws, mpat[(2 * k) % 3], spat[(2 * k) % 3]);
+        const VecF y1 = simd::normalise(a[2 * k + 1], ws, mpat[(2 * k + 1) % 3], spat[(2 * k + 1) % 3]);
         words[k] = narrow_pair(static_cast<Tout*>(nullptr), y0, y1, may_nan);
       }
       store_words<kStream>(o0 + t, planar_words(0, words[0], words[1], words[2]));
@@ -543,12 +482,12 @@ void mix_tile_u8x3_simd(const void* const* sources, const float* weights, int64_
     for (; t + 2 * kLanes <= tile; t += 2 * kLanes) {
       VecF a[6];
       accumulate_groups<2>(src, 3 * t, w, terms, LoadGroup{}, a);
-      const VecF ya0 = _mm256_mul_ps(vfnmadd(m0, ws, planar<0>(a[0], a[1], a[2])), s0);
-      const VecF ya1 = _mm256_mul_ps(vfnmadd(m1, ws, planar<1>(a[0], a[1], a[2])), s1);
-      const VecF ya2 = _mm256_mul_ps(vfnmadd(m2, ws, planar<2>(a[0], a[1], a[2])), s2);
-      const VecF yb0 = _mm256_mul_ps(vfnmadd(m0, ws, planar<0>(a[3], a[4], a[5])), s0);
-      const VecF yb1 = _mm256_mul_ps(vfnmadd(m1, ws, planar<1>(a[3], a[4], a[5])), s1);
-      const VecF yb2 = _mm256_mul_ps(vfnmadd(m2, ws, planar<2>(a[3], a[4], a[5])), s2);
+      const VecF ya0 = simd::normalise(planar<0>(a[0], a[1], a[2]), ws, m0, s0);
+      const VecF ya1 = simd::normalise(planar<1>(a[0], a[1], a[2]), ws, m1, s1);
+      const VecF ya2 = simd::normalise(planar<2>(a[0], a[1], a[2]), ws, m2, s2);
+      const VecF yb0 = simd::normalise(planar<0>(a[3], a[4], a[5]), ws, m0, s0);
+      const VecF yb1 = simd::normalise(planar<1>(a[3], a[4], a[5]), ws, m1, s1);
+      const VecF yb2 = simd::normalise(planar<2>(a[3], a[4], a[5]), ws, m2, s2);
       store_pair<kStream>(o0 + t, ya0, yb0, may_nan);
       store_pair<kStream>(o1 + t, ya1, yb1, may_nan);
       store_pair<kStream>(o2 + t, ya2, yb2, may_nan);
@@ -560,14 +499,14 @@ void mix_tile_u8x3_simd(const void* const* sources, const float* weights, int64_
     accumulate_groups<1>(src, 3 * t, w, terms, LoadGroup{}, a);
 #if MIXNN_SIMD_NHWC3 == 512
     const VecF p0 = planar(0, a[0], a[1], a[2]), p1 = planar(1, a[0], a[1], a[2]), p2 = planar(2, a[0], a[1], a[2]);
-    store_vec<kStream>(o0 + t, _mm512_mul_ps(vfnmadd(m0, ws, p0), s0), kLanes);
-    store_vec<kStream>(o1 + t, _mm512_mul_ps(vfnmadd(m1, ws, p1), s1), kLanes);
-    store_vec<kStream>(o2 + t, _mm512_mul_ps(vfnmadd(m2, ws, p2), s2), kLanes);
+    store_vec<kStream>(o0 + t, simd::normalise(p0, ws, m0, s0), kLanes);
+    store_vec<kStream>(o1 + t, simd::normalise(p1, ws, m1, s1), kLanes);
+    store_vec<kStream>(o2 + t, simd::normalise(p2, ws, m2, s2), kLanes);
 #else
     const VecF p0 = planar<0>(a[0], a[1], a[2]), p1 = planar<1>(a[0], a[1], a[2]), p2 = planar<2>(a[0], a[1], a[2]);
-    store_vec<kStream>(o0 + t, _mm256_mul_ps(vfnmadd(m0, ws, p0), s0));
-    store_vec<kStream>(o1 + t, _mm256_mul_ps(vfnmadd(m1, ws, p1), s1));
-    store_vec<kStream>(o2 + t, _mm256_mul_ps(vfnmadd(m2, ws, p2), s2));
+    store_vec<kStream>(o0 + t, simd::normalise(p0, ws, m0, s0));
+    store_vec<kStream>(o1 + t, simd::normalise(p1, ws, m1, s1));
+    store_vec<kStream>(o2 + t, simd::normalise(p2, ws, m2, s2));
 #endif
   }
   if (t == tile) return;
@@ -581,17 +520,16 @@ void mix_tile_u8x3_simd(const void* const* sources, const float* weights, int64_
   VecF a[3];
   accumulate_groups<1>(src, 3 * t, w, terms, load_partial, a);
   const VecF p0 = planar(0, a[0], a[1], a[2]), p1 = planar(1, a[0], a[1], a[2]), p2 = planar(2, a[0], a[1], a[2]);
-  store_vec(o0 + t, _mm512_mul_ps(vfnmadd(m0, ws, p0), s0), count);
-  store_vec(o1 + t, _mm512_mul_ps(vfnmadd(m1, ws, p1), s1), count);
-  store_vec(o2 + t, _mm512_mul_ps(vfnmadd(m2, ws, p2), s2), count);
+  store_vec(o0 + t, simd::normalise(p0, ws, m0, s0), count);
+  store_vec(o1 + t, simd::normalise(p1, ws, m1, s1), count);
+  store_vec(o2 + t, simd::normalise(p2, ws, m2, s2), count);
 #else
-  // The last < 8 pixels, scalar, with the same operations (explicit fmaf: same rounding).
-  const float ws_s = weight_sum;
+  // The last < 8 pixels, scalar: one lane of the same fused operations, so the same rounding.
   for (; t < tile; ++t) {
     for (int c = 0; c < 3; ++c) {
       float a = weights[0] * to_float(src[0][3 * t + c]);
-      for (int64_t j = 1; j < terms; ++j) a = std::fma(weights[j], to_float(src[j][3 * t + c]), a);
-      const float y = std::fma(-mean[c], ws_s, a) * inv_std[c];
+      for (int64_t j = 1; j < terms; ++j) a = simd::accumulate(a, weights[j], to_float(src[j][3 * t + c]));
+      const float y = simd::normalise(a, weight_sum, mean[c], inv_std[c]);
       (c == 0 ? o0 : c == 1 ? o1 : o2)[t] = from_float<Tout>(y);
     }
   }
