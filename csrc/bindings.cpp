@@ -31,8 +31,8 @@
 #include <string>
 #include <vector>
 
-#include "cpu/cuda_grid_emulator.h"
 #include "cpu/mix_images_cpu.h"
+#include "cuda/grid_emulator.h"
 #include "cuda/mix_images_kernel.h"
 #include "dispatch.h"
 #include "mix_params.h"

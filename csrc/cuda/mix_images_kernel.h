@@ -3,7 +3,7 @@
 //
 // The __global__ kernel (mix_images_cuda.cu) only forwards blockIdx, blockDim,
 // threadIdx and gridDim to mix_images_thread(); the host emulator
-// (cpu/cuda_grid_emulator.cpp) calls the same function for every block and
+// (cuda/grid_emulator.cpp) calls the same function for every block and
 // thread of the same grid.  So the kernel's indexing — grid-stride loops, the
 // offsets of both layouts, the 64-bit arithmetic — runs in the tests on a machine
 // without a GPU; only the launch itself is untested there.

@@ -1,7 +1,8 @@
-// Host emulation of the CUDA grid (DESIGN.md, "One kernel, two devices"): the
-// kernel body in cuda/mix_images_kernel.h is compiled here by g++ and executed
-// block by block, thread by thread, so its indexing is tested without a GPU.
-#include "cpu/cuda_grid_emulator.h"
+// Host emulation of the CUDA grid: the kernel body in cuda/mix_images_kernel.h
+// is compiled here by g++ and executed block by block, thread by thread, so its
+// indexing is tested without a GPU.  It sits beside that body, not with the CPU
+// kernel, because it runs the CUDA path's code; it is built with or without nvcc.
+#include "cuda/grid_emulator.h"
 
 #include <stdexcept>
 
