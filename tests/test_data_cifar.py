@@ -156,8 +156,9 @@ def test_malformed_meta_and_keys_name_the_file(tmp_path):
     meta.write_bytes(pickle.dumps({"label_names": [b"caf\xe9"] * 10}, protocol=2))
     with pytest.raises(ValueError, match=re.escape(f"{meta}: a class name in 'label_names' is not UTF-8")):
         cifar(tmp_path, "cifar10")
-    # a dict key nested a million tuples deep: hashing it overflowed the C stack (SIGSEGV)
-    meta.write_bytes(b"\x80\x02}N" + b"\x85" * 1_000_000 + b"Ns.")
+    # a dict key nested a million tuples deep made hashing overflow the C stack (SIGSEGV); the
+    # guard refuses any key nested deeper than MAX_NESTING (100,000 here: the test stays fast)
+    meta.write_bytes(b"\x80\x02}N" + b"\x85" * 100_000 + b"Ns.")
     with pytest.raises(ValueError, match=re.escape(f"{meta}: not a readable CIFAR pickle (UnpicklingError: a dict key "
                                                    "or set member that cannot be hashed safely: containers nested")):
         cifar(tmp_path, "cifar10")
@@ -203,3 +204,14 @@ def test_numpy_dtype_is_only_a_type_string(tmp_path):
         load_restricted_pickle(str(path))
     path.write_bytes(pickle.dumps(np.dtype("u1"), protocol=2))
     assert load_restricted_pickle(str(path)) == np.dtype("u1")
+
+
+def test_a_numpy_state_that_is_not_a_tuple(tmp_path):
+    """One flipped bit (TUPLE -> DICT) in a dtype's state made numpy's __setstate__ raise
+    SystemError ('bad argument to internal function'); found by tests/test_fuzz_readers.py."""
+    good = pickle.dumps({"data": np.zeros((1, 3072), np.uint8)}, protocol=2)
+    state_end = good.index(b"K\x00t", good.index(b"dtype")) + 2  # the TUPLE closing the dtype's state
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(good[:state_end] + b"d" + good[state_end + 1:])
+    with pytest.raises(ValueError, match=re.escape(f"{path}: not a readable CIFAR pickle") + ".*must be a tuple"):
+        load_restricted_pickle(str(path))

@@ -191,6 +191,17 @@ class RestrictedUnpickler(pickle._Unpickler):
     dispatch[pickle.ADDITEMS[0]] = _hashing_guard(pickle.ADDITEMS, lambda stack: stack)
     dispatch[pickle.FROZENSET[0]] = _hashing_guard(pickle.FROZENSET, lambda stack: stack)
 
+    def _load_build(self) -> None:
+        # numpy's __setstate__ parses its argument as a tuple without checking that it is one:
+        # a dict there (one flipped bit: TUPLE -> DICT) raised SystemError from descriptor.c.
+        state, target = self.stack[-1], self.stack[-2]
+        if isinstance(target, (np.dtype, np.ndarray)) and not isinstance(state, tuple):
+            raise pickle.UnpicklingError(f"the state of a numpy {type(target).__name__} must be a tuple, "
+                                         f"got {type(state).__name__}")
+        pickle._Unpickler.load_build(self)
+
+    dispatch[pickle.BUILD[0]] = _load_build
+
     def find_class(self, module: str, name: str) -> Any:
         try:
             return _ALLOWED[(module, name)]
@@ -212,11 +223,12 @@ def load_restricted_pickle(path: str) -> Any:
             raise pickle.UnpicklingError(problem)
         return loaded
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError,
-            AttributeError, UnicodeDecodeError, OverflowError, RecursionError, struct.error) as exc:
+            AttributeError, UnicodeDecodeError, OverflowError, RecursionError, struct.error, SystemError) as exc:
         # The pickle VM reports malformed input through many exception types; they all mean
         # "this is not a CIFAR pickle", and the user needs the file name more than the type.
         # (OverflowError: an array state with a size beyond ssize_t; RecursionError: numpy's
-        # guard on nested specs; struct.error: a short integer operand.)
+        # guard on nested specs; struct.error: a short integer operand; SystemError: numpy's
+        # setstate functions trusting the types of their arguments, see _load_build.)
         raise ValueError(f"{path}: not a readable CIFAR pickle ({type(exc).__name__}: {_clip(exc)})") from exc
 
 
