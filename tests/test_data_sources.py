@@ -459,3 +459,12 @@ def test_image_folder_symlink_loop_is_an_error(tmp_path):
     (tmp_path / "f" / "class_1" / "out2").symlink_to(elsewhere, target_is_directory=True)
     d = image_folder(tmp_path / "f")
     assert d.labels.tolist() == [0, 0, 1, 1]
+
+
+def test_a_description_refuses_a_path_with_a_nul_byte(tmp_path):
+    """The loader opens paths with np.fromfile, whose 'embedded null byte' ValueError names no
+    file (and escapes on_error='skip'): such a path is refused where the description is made."""
+    with pytest.raises(ValueError, match=re.escape("mine: paths[1] = '/x/b\\x00.jpg' contains a NUL byte")):
+        DatasetDescription("mine", ["a"], np.zeros(2, np.int64), paths=["/x/a.jpg", "/x/b\x00.jpg"])
+    d = DatasetDescription("mine", ["a"], np.zeros(2, np.int64), paths=["/x/a.jpg", Path("/x/b.jpg")])
+    assert len(d.subset([1])) == 1

@@ -1,6 +1,7 @@
 """The one record every dataset source returns, and every loader consumes."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, replace
 from typing import Sequence
 
@@ -36,6 +37,12 @@ class DatasetDescription:
         labels = np.asarray(self.labels)
         if labels.ndim != 1 or labels.dtype.kind not in "iu":
             raise ValueError(f"{self.name}: labels must be a 1-D integer array, got {labels.dtype} {labels.shape}")
+        if self.paths is not None:
+            # No file name holds a NUL byte: opening one raises a bare "embedded null byte"
+            # ValueError deep in the loader, naming neither the sample nor the file.
+            bad = next((i for i, p in enumerate(self.paths) if "\x00" in os.fspath(p)), None)
+            if bad is not None:
+                raise ValueError(f"{self.name}: paths[{bad}] = {os.fspath(self.paths[bad])!r} contains a NUL byte")
         n = len(self.paths) if self.paths is not None else len(self.images)
         if len(labels) != n:
             raise ValueError(f"{self.name}: {len(labels)} labels for {n} samples")
