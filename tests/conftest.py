@@ -23,6 +23,18 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 HAS_CUDA = torch.cuda.is_available()
 
 
+def pytest_report_header(config):
+    """Which vector units this run computes with: float32 results round differently on AVX2 and
+    AVX-512 (see docs/testing.md), so a failure report should say which one it came from."""
+    from mixnn_fast._native import has_native, native
+
+    mixer = native().selected_cpu_isa() if has_native() else "not built"
+    return (f"cpu: torch {torch.backends.cpu.get_cpu_capability()} "
+            f"(ATEN_CPU_CAPABILITY={os.environ.get('ATEN_CPU_CAPABILITY', 'unset')}), "
+            f"mixer kernel {mixer} (MIXNN_CPU_ISA={os.environ.get('MIXNN_CPU_ISA', 'unset')}), "
+            f"{torch.get_num_threads()} threads")
+
+
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:
         return
