@@ -22,6 +22,10 @@ from mixnn_fast.neighbours import recall_against
 from mixnn_fast.neighbours.exact import ExactSearcher
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+E32, E64 = torch.finfo(torch.float32).eps, torch.finfo(torch.float64).eps
+# The dtype each backend ranks its final candidates in: the exact backend re-ranks by float64
+# distances, hnsw and faiss by distances in the features' dtype (float32 here).
+RANK_DTYPE = {"exact": torch.float64, "hnsw": torch.float32, "faiss": torch.float32}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -37,8 +41,25 @@ def brute_force(x, metric: str = "euclidean") -> torch.Tensor:
     return d
 
 
-def assert_exact_neighbours(ids: torch.Tensor, x, k: int, metric: str = "euclidean", dist=None) -> None:
-    """ids (N, k) must hold, per row, k distinct other samples at the true k smallest distances."""
+def distance_tolerance(d: int, rank_dtype: torch.dtype, metric: str = "euclidean",
+                       stored_dtype: torch.dtype = torch.float64) -> dict:
+    """How far two computations of one distance may differ: (rtol, atol) for assert_close.
+
+    A squared distance summed from d squared differences rounds to at most (d + 2) eps of itself
+    (d - 1 additions, a square and a subtraction per term: the worst case, whatever order the
+    CPU's vector units sum in), once in the backend's ranking dtype and once in the float64 oracle.
+    Cosine ranks vectors scaled to unit norm and stored in the features' dtype: each is off by
+    eps / 2 per unit of norm, which moves 1 - cos = |u - v|^2 / 2 by up to |u - v| eps <= 2 eps,
+    absolute. Neighbours closer to a tie than this may come back in either order."""
+    rtol = (d + 2) * (torch.finfo(rank_dtype).eps + E64)
+    atol = 2 * torch.finfo(stored_dtype).eps if metric == "cosine" else 0.0
+    return {"rtol": rtol, "atol": atol}
+
+
+def assert_exact_neighbours(ids: torch.Tensor, x, k: int, metric: str = "euclidean", dist=None, *,
+                            rank_dtype: torch.dtype = torch.float64, stored_dtype: torch.dtype = torch.float64) -> None:
+    """ids (N, k) must hold, per row, k distinct other samples at the true k smallest distances,
+    to within the rounding of the distances the backend ranked by (see distance_tolerance)."""
     ids = ids.cpu()
     n = ids.shape[0]
     assert ids.shape == (n, k) and ids.dtype == torch.int64
@@ -49,10 +70,14 @@ def assert_exact_neighbours(ids: torch.Tensor, x, k: int, metric: str = "euclide
     d = brute_force(x, metric)
     true_sorted = d.sort(dim=1).values[:, :k]
     got = d.gather(1, ids)
-    torch.testing.assert_close(got, true_sorted, rtol=1e-9, atol=1e-12)
-    assert (got.diff(dim=1) >= -1e-12).all(), "neighbours not sorted by distance"
-    if dist is not None:
-        torch.testing.assert_close(dist.cpu().double(), true_sorted, rtol=1e-5, atol=1e-5)
+    dim = torch.as_tensor(x).shape[1]
+    tol = distance_tolerance(dim, rank_dtype, metric, stored_dtype)
+    torch.testing.assert_close(got, true_sorted, **tol)
+    slack = tol["rtol"] * got[:, 1:] + tol["atol"]
+    assert (got.diff(dim=1) >= -slack).all(), "neighbours not sorted by distance"
+    if dist is not None:  # the reported distances: the backend's own, rounded once to their dtype
+        out = dict(tol, rtol=tol["rtol"] + torch.finfo(dist.dtype).eps)
+        torch.testing.assert_close(dist.cpu().double(), true_sorted, **out)
 
 
 def clustered(rng: np.random.Generator, n: int, d: int, latent: int = 8, clusters: int = 5,
@@ -131,9 +156,11 @@ def test_cosine_matches_brute_force(rng, device):
     x = rng.normal(size=(300, 20)) * rng.uniform(0.1, 10, (300, 1))  # norms must not matter
     xt = torch.from_numpy(x.astype(np.float32)).to(device)
     ids, dist = nearest_neighbours(xt, 4, backend="exact", metric="cosine", return_distances=True)
-    assert_exact_neighbours(ids, x, 4, metric="cosine", dist=dist)
+    # the oracle sees the float32 features the search saw (rounding x to float32 moves near-ties)
+    # and normalises them in float64; the search stores the unit vectors in float32
+    assert_exact_neighbours(ids, xt.cpu(), 4, metric="cosine", dist=dist, stored_dtype=torch.float32)
     scaled = nearest_neighbours(xt * 7.0, 4, backend="exact", metric="cosine")
-    assert_exact_neighbours(scaled, x, 4, metric="cosine")
+    assert_exact_neighbours(scaled, (xt * 7.0).cpu(), 4, metric="cosine", stored_dtype=torch.float32)
 
 
 # ----------------------------------------------------------------------------- duplicates / self
@@ -165,7 +192,7 @@ def test_many_identical_points(rng):
     for backend in ("exact", "hnsw", "faiss"):
         ids = nearest_neighbours(x, 3, backend=backend, pca_dim=None) if backend == "hnsw" else \
             nearest_neighbours(x, 3, backend=backend)
-        assert_exact_neighbours(ids, x, 3)
+        assert_exact_neighbours(ids, x, 3, rank_dtype=RANK_DTYPE[backend])
 
 
 # ----------------------------------------------------------------------------- approximate backends
@@ -179,9 +206,11 @@ def test_hnsw_recall_against_exact(rng, metric, options):
     assert not (ids == torch.arange(3001).unsqueeze(1)).any()
     recall = recall_against(ids, exact_ids, x, metric=metric)
     assert recall >= 0.95, recall
-    # Distances are full-space distances of the returned ids, sorted.
+    # Distances are full-space distances of the returned ids (float32, from differences), sorted.
     truth = brute_force(x, metric).gather(1, ids)
-    torch.testing.assert_close(dist.double(), truth, rtol=1e-5, atol=1e-5)
+    tol = distance_tolerance(x.shape[1], RANK_DTYPE["hnsw"], metric, stored_dtype=torch.float32)
+    tol["rtol"] += E32  # rounded once more to float32 when reported
+    torch.testing.assert_close(dist.double(), truth, **tol)
     assert (dist.diff(dim=1) >= 0).all()
 
 
@@ -199,7 +228,7 @@ def test_hnsw_results_come_back_on_the_features_device(rng, device):
 def test_faiss_backend_is_exact(rng):
     x = rng.normal(size=(513, 33)).astype(np.float32)
     ids, dist = nearest_neighbours(x, 5, backend="faiss", return_distances=True)
-    assert_exact_neighbours(ids, x, 5, dist=dist)
+    assert_exact_neighbours(ids, x, 5, dist=dist, rank_dtype=RANK_DTYPE["faiss"])
 
 
 def test_faiss_missing_gives_a_clear_error(rng, monkeypatch):
@@ -213,6 +242,8 @@ def test_threads_do_not_change_reranked_results(rng):
     index = NeighbourIndex(x, pca_dim=8, num_threads=1, seed=3)
     one = index.query_all(2)
     index.num_threads = 2
+    # bit-exact on every CPU: threads split the re-ranking into the same fixed row chunks, each
+    # summed by the same code, and hnswlib answers each query alone
     assert torch.equal(one, index.query_all(2))
 
 
@@ -241,7 +272,8 @@ def test_index_query_external_points_and_exclude(rng, backend):
     ids = index.query(q, 4)
     d = torch.cdist(torch.from_numpy(q).double(), torch.from_numpy(x).double(),
                     compute_mode="donot_use_mm_for_euclid_dist")
-    hit = d.gather(1, ids) <= d.sort(dim=1).values[:, 3:4] * (1 + 1e-9)
+    rtol = distance_tolerance(x.shape[1], RANK_DTYPE[backend])["rtol"]
+    hit = d.gather(1, ids) <= d.sort(dim=1).values[:, 3:4] * (1 + rtol)
     assert hit.float().mean() >= (1.0 if backend != "hnsw" else 0.95)
     # Querying the indexed points themselves with exclude = own row equals query_all.
     same = index.query(x, 2, exclude=torch.arange(400))
@@ -256,7 +288,7 @@ def test_query_all_k_equal_n_minus_one(rng):
     x = rng.normal(size=(9, 3)).astype(np.float32)
     for backend in ("exact", "hnsw", "faiss"):
         ids = NeighbourIndex(x, backend=backend).query_all(8)
-        assert_exact_neighbours(ids, x, 8)
+        assert_exact_neighbours(ids, x, 8, rank_dtype=RANK_DTYPE[backend])
 
 
 def test_results_do_not_depend_on_input_container(rng):
@@ -315,7 +347,7 @@ def test_k_must_be_between_one_and_n_minus_one(n, d, k, backend):
     x = np.random.default_rng(n * 100 + d).normal(size=(n, d)).astype(np.float32)
     if 1 <= k <= n - 1:
         ids = nearest_neighbours(x, k, backend=backend, pca_dim=None)
-        assert_exact_neighbours(ids, x, k)
+        assert_exact_neighbours(ids, x, k, rank_dtype=RANK_DTYPE[backend])
     else:
         with pytest.raises(ValueError, match=r"k must be in \[1, "):
             nearest_neighbours(x, k, backend=backend)
