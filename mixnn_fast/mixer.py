@@ -18,6 +18,7 @@ integer indices are converted to int64 and weights to float32 (both are small).
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -37,6 +38,9 @@ WEIGHT_SUM_TOLERANCE = 1e-3
 #: Outputs smaller than this run on one CPU thread: waking an OpenMP team costs more than the
 #: work (measured: a (64, 10) target mix took 11 ms of CPU on 2 threads, 0.13 ms on one).
 SINGLE_THREAD_ELEMENTS = 1 << 16
+#: Most OpenMP threads one call may ask for: libgomp aborts ("Out of memory allocating ...")
+#: or segfaults when asked for 10^5 or more, and no CPU this runs on has more cores.
+MAX_NUM_THREADS = 1024
 
 
 def as_tensor(value: Any, name: str) -> torch.Tensor:
@@ -116,6 +120,16 @@ def _channel_vector(value, channels: int, name: str, default: float) -> torch.Te
     if not bool(torch.isfinite(vec).all()):
         raise ValueError(f"{name}: contains NaN or infinity")
     return vec.to(torch.float32)
+
+
+def _check_num_threads(num_threads) -> int | None:
+    if num_threads is None:
+        return None
+    if isinstance(num_threads, bool) or not isinstance(num_threads, numbers.Integral):
+        raise TypeError(f"num_threads: expected an int or None, got {type(num_threads).__name__}")
+    if not 1 <= num_threads <= MAX_NUM_THREADS:
+        raise ValueError(f"num_threads: must be in [1, {MAX_NUM_THREADS}], got {num_threads}")
+    return int(num_threads)
 
 
 def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -232,6 +246,7 @@ def _params(call: _MixCall):
 
 
 def _run(call: _MixCall, num_threads: int | None) -> torch.Tensor:
+    num_threads = _check_num_threads(num_threads)
     if call.out.numel() == 0:
         return call.out
     params = _params(call)
@@ -285,8 +300,9 @@ def mix_images(
             saturated to [0, 255]).
         out: optional preallocated contiguous output of the right shape, dtype and device.
         check_finite: scan float images for NaN/inf first (an extra pass over the input).
-        num_threads: OpenMP threads on the CPU (default: ``torch.get_num_threads()``, or one thread
-            for outputs under ``SINGLE_THREAD_ELEMENTS`` elements).
+        num_threads: OpenMP threads on the CPU, 1 to ``MAX_NUM_THREADS`` (default:
+            ``torch.get_num_threads()``, or one thread for outputs under ``SINGLE_THREAD_ELEMENTS``
+            elements).
 
     Returns:
         (B, C, H, W) for ``out_layout="NCHW"`` or (B, H, W, C) for "NHWC", in ``out_dtype``.
@@ -357,7 +373,7 @@ def mix_images_cuda_emulated(images, anchors, partners, weights, *, grid: tuple[
     launcher would use (``grid`` > 0 overrides the grid so the grid-stride loops wrap).  Same
     arguments and result as :func:`mix_images`.
     """
-    kwargs.pop("num_threads", None)  # sequential by construction
+    _check_num_threads(kwargs.pop("num_threads", None))  # sequential by construction
     call = _prepare(images, anchors, partners, weights, **kwargs)
     if call.images.device.type != "cpu":
         raise ValueError("images: the emulator runs on host memory; pass CPU tensors")

@@ -1353,3 +1353,20 @@ def test_transition_matrix_is_row_stochastic_or_names_the_argument(kind, rate, n
     assert matrix.shape == (num_classes, num_classes) and bool((matrix >= 0).all())
     np.testing.assert_allclose(matrix.sum(axis=1), 1.0, rtol=0, atol=1e-12)
 
+
+# ============================================================================ regressions
+# Concrete inputs the properties above found, each failing before its fix.
+
+
+def _small_mix_call():
+    images = torch.arange(2 * 2 * 2 * 3, dtype=torch.uint8).reshape(2, 2, 2, 3)
+    return images, torch.tensor([0]), torch.tensor([[1]]), torch.tensor([[0.75, 0.25]])
+
+
+@pytest.mark.parametrize("num_threads", [0, -3, 10**5, 2**31 - 1, 1.5, "2", True])
+def test_regression_num_threads_is_checked_before_openmp_sees_it(num_threads):
+    # 10**5 segfaulted inside libgomp, 2**31 - 1 aborted the process ("Out of memory allocating
+    # ... bytes"), 0 and -3 ran silently on one thread
+    images, anchors, partners, weights = _small_mix_call()
+    expect_error({"num_threads"}, mix_images, images, anchors, partners, weights, num_threads=num_threads)
+    expect_error({"num_threads"}, mix_targets, torch.eye(3), anchors, partners, weights, num_threads=num_threads)
