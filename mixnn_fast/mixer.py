@@ -18,6 +18,7 @@ integer indices are converted to int64 and weights to float32 (both are small).
 """
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -44,25 +45,40 @@ MAX_NUM_THREADS = 1024
 
 
 def as_tensor(value: Any, name: str) -> torch.Tensor:
-    """A torch view of ``value`` (Tensor, NumPy array, or any ``__dlpack__`` producer), without a copy."""
+    """A torch view of ``value`` (Tensor, NumPy array, or any ``__dlpack__`` producer), without a copy
+    (NumPy arrays with negative strides or a non-native byte order, which torch cannot view, are copied)."""
     if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(value, np.ndarray):
-        if value.dtype == np.float64 and name == "images":
+        tensor = value
+    elif isinstance(value, np.ndarray):
+        if value.dtype.kind == "f" and value.dtype.itemsize == 8 and name == "images":
             raise TypeError(f"{name}: float64 images are not supported; use uint8, float32, float16 or bfloat16")
-        if not value.flags.writeable:  # torch.from_numpy warns on read-only arrays; we never write inputs
+        if not value.dtype.isnative or any(step < 0 for step in value.strides):
+            value = np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("="))
+        elif not value.flags.writeable:  # torch.from_numpy warns on read-only arrays; we never write inputs
             value = value.copy()
-        return torch.from_numpy(value)
-    if hasattr(value, "__dlpack__"):
         try:
-            return torch.from_dlpack(value)
+            tensor = torch.from_numpy(value)
+        except TypeError as exc:  # a dtype torch has no equivalent of (object, str, datetime, ...)
+            raise TypeError(f"{name}: NumPy dtype {value.dtype} is not supported ({exc})") from exc
+    elif hasattr(value, "__dlpack__"):
+        try:
+            tensor = torch.from_dlpack(value)
         except (RuntimeError, TypeError, BufferError) as exc:
             raise TypeError(f"{name}: could not be imported through DLPack: {exc}") from exc
-    if isinstance(value, (list, tuple)) and name not in ("images", "targets"):
-        return torch.as_tensor(value)
-    raise TypeError(
-        f"{name}: expected a torch.Tensor, a NumPy array or a DLPack producer, got {type(value).__name__}"
-    )
+    elif isinstance(value, (list, tuple)) and name not in ("images", "targets"):
+        try:
+            tensor = torch.as_tensor(value)
+        except (TypeError, ValueError, RuntimeError, OverflowError) as exc:  # ragged, None, str, > int64
+            raise TypeError(f"{name}: could not be read as a tensor of numbers ({exc})") from exc
+        if tensor.numel() == 0 and name in ("anchors", "partners"):
+            tensor = tensor.long()  # an empty list carries no dtype; torch's default would be float32
+    else:
+        raise TypeError(
+            f"{name}: expected a torch.Tensor, a NumPy array or a DLPack producer, got {type(value).__name__}"
+        )
+    if tensor.layout != torch.strided:  # sparse and other layouts have no data pointer for the kernels
+        raise TypeError(f"{name}: expected a dense (strided) tensor, got layout {tensor.layout}")
+    return tensor
 
 
 def _check_index_tensor(index: torch.Tensor, name: str, shape: tuple, num_images: int, device) -> torch.Tensor:
@@ -109,17 +125,27 @@ def _check_weights(weights: torch.Tensor, shape: tuple, device, normalize: bool,
     return weights
 
 
-def _channel_vector(value, channels: int, name: str, default: float) -> torch.Tensor:
+def _channel_vector(value, channels: int, name: str, default: float, is_std: bool = False) -> torch.Tensor:
     if value is None:
         return torch.full((channels,), default, dtype=torch.float32)
-    vec = torch.as_tensor(value.detach().cpu() if isinstance(value, torch.Tensor) else value, dtype=torch.float64)
-    if vec.numel() == 1:
-        vec = vec.reshape(1).expand(channels)
-    if vec.ndim != 1 or vec.numel() != channels:
-        raise ValueError(f"{name}: expected {channels} values (one per channel), got shape {tuple(vec.shape)}")
+    if isinstance(value, torch.Tensor) and (value.is_complex() or value.layout != torch.strided):
+        raise TypeError(f"{name}: expected real numbers, got a {value.dtype} tensor with layout {value.layout}")
+    try:
+        vec = torch.as_tensor(value.detach().cpu() if isinstance(value, torch.Tensor) else value,
+                              dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError, OverflowError) as exc:  # str, None, complex, ragged lists
+        raise TypeError(f"{name}: expected a number or {channels} numbers (one per channel), got {value!r}") from exc
+    # The values are checked before a scalar is broadcast: a bad value is bad even for zero channels.
     if not bool(torch.isfinite(vec).all()):
         raise ValueError(f"{name}: contains NaN or infinity")
-    return vec.to(torch.float32)
+    single = vec.to(torch.float32)  # the kernels compute in float32
+    if is_std and bool((single <= 0).any()):  # also what is positive in float64 but rounds to 0 in float32
+        raise ValueError(f"{name}: every channel's std must be > 0 (at least float32's smallest number)")
+    if single.numel() == 1:
+        single = single.reshape(1).expand(channels)
+    if single.ndim != 1 or single.numel() != channels:
+        raise ValueError(f"{name}: expected {channels} values (one per channel), got shape {tuple(vec.shape)}")
+    return single.contiguous()  # the kernels read C values from the data pointer
 
 
 def _check_num_threads(num_threads) -> int | None:
@@ -163,14 +189,18 @@ def _prepare(images, anchors, partners, weights, *, in_layout="NHWC", mean=None,
              out_dtype=torch.float32, out=None, normalize_weights=False, weight_tolerance=WEIGHT_SUM_TOLERANCE,
              check_finite=False) -> _MixCall:
     images = as_tensor(images, "images")
-    if in_layout not in _LAYOUT_CODES:
+    # isinstance first: an unhashable value would make the dict lookup raise a TypeError naming nothing
+    if not isinstance(in_layout, str) or in_layout not in _LAYOUT_CODES:
         raise ValueError(f"in_layout: must be 'NHWC' or 'NCHW', got {in_layout!r}")
-    if out_layout not in _LAYOUT_CODES:
+    if not isinstance(out_layout, str) or out_layout not in _LAYOUT_CODES:
         raise ValueError(f"out_layout: must be 'NHWC' or 'NCHW', got {out_layout!r}")
     if images.dtype not in _DTYPE_CODES:
         raise TypeError(f"images: dtype must be uint8, float32, float16 or bfloat16, got {images.dtype}")
-    if out_dtype not in _DTYPE_CODES:
+    if not isinstance(out_dtype, torch.dtype) or out_dtype not in _DTYPE_CODES:
         raise TypeError(f"out_dtype: must be torch.float32, float16, bfloat16 or uint8, got {out_dtype}")
+    if isinstance(weight_tolerance, bool) or not isinstance(weight_tolerance, numbers.Real) \
+            or not 0 <= weight_tolerance < math.inf:
+        raise ValueError(f"weight_tolerance: must be a finite number >= 0, got {weight_tolerance!r}")
     if images.ndim != 4:
         raise ValueError(f"images: expected a 4-D batch ({in_layout}), got shape {tuple(images.shape)}")
     device = images.device
@@ -195,9 +225,7 @@ def _prepare(images, anchors, partners, weights, *, in_layout="NHWC", mean=None,
                              normalize_weights, weight_tolerance)
 
     mean_vec = _channel_vector(mean, channels, "mean", 0.0)
-    std_vec = _channel_vector(std, channels, "std", 1.0)
-    if bool((std_vec <= 0).any()):
-        raise ValueError("std: every channel's std must be > 0")
+    std_vec = _channel_vector(std, channels, "std", 1.0, is_std=True)
     inv_std = (1.0 / std_vec.double()).float()
 
     if check_finite and images.dtype != torch.uint8 and not bool(torch.isfinite(images).all()):
@@ -351,9 +379,13 @@ def mix_targets(
     num_rows, classes = targets.shape
     out_view = None
     if out is not None:
-        if not isinstance(out, torch.Tensor) or out.ndim != 2:
-            raise ValueError("out: expected a (B, C) tensor")
-        out_view = out.view(out.shape[0], 1, 1, out.shape[1]) if out.is_contiguous() else out
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"out: expected a torch.Tensor, got {type(out).__name__}")
+        if out.ndim != 2:
+            raise ValueError(f"out: expected a (B, C) tensor, got shape {tuple(out.shape)}")
+        if not out.is_contiguous():
+            raise ValueError("out: must be contiguous")
+        out_view = out.view(out.shape[0], 1, 1, out.shape[1])
     mixed = mix_images(targets.reshape(num_rows, 1, 1, classes), anchors, partners, weights,
                        in_layout="NHWC", out_layout="NHWC", out_dtype=out_dtype, out=out_view,
                        normalize_weights=normalize_weights, weight_tolerance=weight_tolerance,

@@ -1370,3 +1370,42 @@ def test_regression_num_threads_is_checked_before_openmp_sees_it(num_threads):
     images, anchors, partners, weights = _small_mix_call()
     expect_error({"num_threads"}, mix_images, images, anchors, partners, weights, num_threads=num_threads)
     expect_error({"num_threads"}, mix_targets, torch.eye(3), anchors, partners, weights, num_threads=num_threads)
+
+
+@pytest.mark.parametrize("argument,value", [
+    ("anchors", [[0], [0, 1]]), ("anchors", [None]), ("anchors", [2**70]), ("anchors", ["0"]),
+    ("anchors", np.array([0], dtype=object)), ("anchors", torch.tensor([0]).to_sparse()),
+    ("weights", [[0.5], [0.5, 0.5]]), ("weights", torch.tensor([[0.75, 0.25]]).to_sparse()),
+    ("in_layout", ["NHWC"]), ("out_dtype", [torch.float32]), ("weight_tolerance", "0.1"),
+    ("weight_tolerance", math.nan), ("mean", "abc"), ("mean", [1j]), ("std", [None]),
+])
+def test_regression_unreadable_arguments_are_named(argument, value):
+    # each raised a bare ValueError / TypeError / RuntimeError / NotImplementedError from torch,
+    # numpy or a dict lookup, naming nothing (weight_tolerance=nan silently accepted any weights)
+    images, anchors, partners, weights = _small_mix_call()
+    kwargs = dict(images=images, anchors=anchors, partners=partners, weights=weights)
+    kwargs[argument] = value
+    expect_error({argument}, mix_images, **kwargs)
+
+
+def test_regression_numpy_views_torch_cannot_wrap_are_copied():
+    # negative strides and a non-native byte order raised torch's ValueError naming nothing
+    images, anchors, partners, weights = _small_mix_call()
+    expected = mix_images(images, anchors, partners, weights)
+    flipped = images.numpy()[::-1].copy()[::-1]  # the same values through a negative stride
+    assert any(step < 0 for step in flipped.strides)
+    torch.testing.assert_close(mix_images(flipped, anchors.numpy().astype(">i8"), partners, weights), expected)
+
+
+def test_regression_empty_index_lists_are_an_empty_batch():
+    # [] became a float32 tensor: "anchors: expected an integer tensor"
+    out = mix_images(torch.zeros(3, 2, 2, 1, dtype=torch.uint8), [], torch.empty(0, 1, dtype=torch.int64),
+                     torch.empty(0, 2))
+    assert out.shape == (0, 1, 2, 2)
+
+
+def test_regression_scalar_std_and_mean_values_are_checked_before_broadcasting():
+    # a scalar std of 0 (or a NaN mean) was broadcast to zero channels first and so accepted
+    empty = torch.zeros(1, 2, 2, 0, dtype=torch.uint8)
+    expect_error({"std"}, mix_images, empty, [0], [[0]], [[0.5, 0.5]], std=0.0)
+    expect_error({"mean"}, mix_images, empty, [0], [[0]], [[0.5, 0.5]], mean=math.nan)
