@@ -104,18 +104,27 @@ def _check_weights(weights: torch.Tensor, shape: tuple, device, normalize: bool,
         raise ValueError(f"weights: expected shape {shape} (batch, 1 + num_partners), got {tuple(weights.shape)}")
     if weights.device != device:
         raise ValueError(f"weights: is on {weights.device} but images are on {device}")
+    given = weights
     weights = weights.to(torch.float32).contiguous()
     if weights.numel() == 0:
         return weights
-    if not bool(torch.isfinite(weights).all()):
+    if not bool(torch.isfinite(given).all()):
         raise ValueError("weights: contain NaN or infinity")
-    if bool((weights < 0).any()):
+    if bool((given < 0).any()):
         raise ValueError("weights: must be non-negative (MixNN mixes convexly)")
     sums = weights.sum(dim=1)
     if normalize:
-        if bool((sums <= 0).any()):
+        if bool(torch.isfinite(sums).all()) and bool((sums > 0).all()):
+            return (weights / sums.unsqueeze(1)).contiguous()
+        # The float32 sums overflowed (weights near float32's maximum) or a row vanished in the cast
+        # (float64 weights below float32's range): normalise in float64, each row first divided by
+        # its largest entry so that its sum cannot overflow either.
+        exact = given.to(torch.float64)
+        largest = exact.amax(dim=1, keepdim=True)
+        if bool((largest <= 0).any()):
             raise ValueError("weights: a row sums to 0 and cannot be normalised")
-        return (weights / sums.unsqueeze(1)).contiguous()
+        exact = exact / largest
+        return (exact / exact.sum(dim=1, keepdim=True)).to(torch.float32).contiguous()
     worst = float((sums - 1).abs().max())
     if worst > tol:
         raise ValueError(
@@ -244,11 +253,15 @@ def _prepare(images, anchors, partners, weights, *, in_layout="NHWC", mean=None,
             )
         if not out.is_contiguous():
             raise ValueError("out: must be contiguous")
-        if _overlap(out, images):
-            raise ValueError("out: overlaps images in memory; the mixer cannot write in place")
+    images = images.contiguous()
+    # Checked on what the kernel reads (contiguous copies of strided inputs are not shared): the
+    # kernel reads each input while it writes out, so a shared byte gives a silently wrong result.
+    for name, tensor in (("images", images), ("anchors", anchors), ("partners", partners), ("weights", weights)):
+        if _overlap(out, tensor):
+            raise ValueError(f"out: overlaps {name} in memory; the mixer cannot write in place")
 
     return _MixCall(
-        images=images.contiguous(), anchors=anchors, partners=partners, weights=weights,
+        images=images, anchors=anchors, partners=partners, weights=weights,
         mean=mean_vec.to(device), inv_std=inv_std.to(device), out=out,
         in_layout=in_layout, out_layout=out_layout, height=height, width=width, channels=channels,
     )

@@ -1409,3 +1409,22 @@ def test_regression_scalar_std_and_mean_values_are_checked_before_broadcasting()
     empty = torch.zeros(1, 2, 2, 0, dtype=torch.uint8)
     expect_error({"std"}, mix_images, empty, [0], [[0]], [[0.5, 0.5]], std=0.0)
     expect_error({"mean"}, mix_images, empty, [0], [[0]], [[0.5, 0.5]], mean=math.nan)
+
+
+def test_regression_normalised_weights_near_float32_max_are_not_zeroed():
+    # the float32 row sums overflowed to inf and every weight became 0: an all-zero output
+    images, anchors, partners, _ = _small_mix_call()
+    expected = mix_images(images, anchors, partners, torch.tensor([[0.75, 0.25]]))
+    for weights in (torch.tensor([[3e38, 1e38]]), torch.tensor([[3e-50, 1e-50]], dtype=torch.float64),
+                    torch.tensor([[3e300, 1e300]], dtype=torch.float64)):
+        torch.testing.assert_close(mix_images(images, anchors, partners, weights, normalize_weights=True), expected)
+
+
+def test_regression_out_may_not_overlap_any_input():
+    # only an overlap with images was refused; out sharing memory with the weights gave a silently
+    # wrong result (row 0's output overwrote row 1's weights before row 1 read them)
+    buffer = torch.zeros(8)
+    weights = buffer[:4].view(2, 2)
+    weights.copy_(torch.tensor([[0.25, 0.75], [1.0, 0.0]]))
+    expect_error({"out"}, mix_targets, torch.eye(4)[:3], torch.tensor([0, 1]), torch.tensor([[1], [2]]), weights,
+                 out=buffer.view(2, 4))
