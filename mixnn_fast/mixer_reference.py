@@ -16,6 +16,13 @@ def _as_channel_vector(values, channels: int, dtype: torch.dtype, device) -> tor
     return torch.as_tensor(values, dtype=dtype, device=device).reshape(channels)
 
 
+def _term_indices(anchors: torch.Tensor, partners: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """(B, K+1) int64: each row's anchor, then its partners. K is read from the weights, since
+    reshape(B, -1) cannot infer it for an empty batch (B = 0)."""
+    batch = anchors.shape[0]
+    return torch.cat([anchors.reshape(batch, 1), partners.reshape(batch, weights.shape[-1] - 1)], dim=1).long()
+
+
 def cast_output(mixed: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """Cast a floating result to ``out_dtype``; integer outputs round half to even and saturate."""
     if out_dtype == torch.uint8:
@@ -51,7 +58,7 @@ def mix_images_reference(
     """
     nchw = images if in_layout == "NCHW" else images.permute(0, 3, 1, 2)
     channels = nchw.shape[1]
-    idx = torch.cat([anchors.reshape(-1, 1), partners.reshape(anchors.shape[0], -1)], dim=1).long()
+    idx = _term_indices(anchors, partners, weights)
     gathered = nchw[idx].to(compute_dtype)  # (B, K+1, C, H, W)
     if mean is not None:
         gathered = gathered - _as_channel_vector(mean, channels, compute_dtype, images.device).view(1, 1, -1, 1, 1)
@@ -73,6 +80,6 @@ def mix_targets_reference(
     out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """(N, C) soft targets → (B, C) mixed targets Σ_j w_ij · targets[idx_ij]; no input validation."""
-    idx = torch.cat([anchors.reshape(-1, 1), partners.reshape(anchors.shape[0], -1)], dim=1).long()
+    idx = _term_indices(anchors, partners, weights)
     mixed = (targets[idx].to(compute_dtype) * weights.to(compute_dtype).unsqueeze(-1)).sum(dim=1)
     return mixed.to(out_dtype)

@@ -1428,3 +1428,14 @@ def test_regression_out_may_not_overlap_any_input():
     weights.copy_(torch.tensor([[0.25, 0.75], [1.0, 0.0]]))
     expect_error({"out"}, mix_targets, torch.eye(4)[:3], torch.tensor([0, 1]), torch.tensor([[1], [2]]), weights,
                  out=buffer.view(2, 4))
+
+
+def test_regression_reference_mixer_takes_an_empty_batch():
+    # reshape(0, -1) cannot infer K: RuntimeError from torch
+    from mixnn_fast.mixer_reference import mix_targets_reference
+
+    out = mix_images_reference(torch.zeros(3, 2, 2, 1, dtype=torch.uint8), torch.empty(0, dtype=torch.int64),
+                               torch.empty(0, 1, dtype=torch.int64), torch.empty(0, 2))
+    assert out.shape == (0, 1, 2, 2)
+    assert mix_targets_reference(torch.rand(3, 2), torch.empty(0, dtype=torch.int64),
+                                 torch.empty(0, 0, dtype=torch.int64), torch.empty(0, 1)).shape == (0, 2)
