@@ -275,14 +275,17 @@ class _DegenerateData:
 
 
 def _check_losses(x: object, name: str) -> torch.Tensor:
-    """A 1-D floating tensor of finite values, or a TypeError/ValueError naming ``name``."""
+    """A 1-D floating tensor of finite values, or a TypeError/ValueError naming ``name``.
+
+    Returned detached: losses straight from a training step require grad, and neither the fit
+    (whose out= passes autograd refuses) nor the stored history should hold on to their graph."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor (use torch.from_numpy for arrays), got {type(x).__name__}")
     if x.ndim != 1:
         raise ValueError(f"{name} must be 1-D (N,), got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"{name} must have a floating dtype, got {x.dtype}")
-    return x
+    return x.detach()
 
 
 def _check_finite(x: torch.Tensor, name: str, bounds: tuple[float, float] | None = None) -> None:

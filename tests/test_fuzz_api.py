@@ -1439,3 +1439,16 @@ def test_regression_reference_mixer_takes_an_empty_batch():
     assert out.shape == (0, 1, 2, 2)
     assert mix_targets_reference(torch.rand(3, 2), torch.empty(0, dtype=torch.int64),
                                  torch.empty(0, 0, dtype=torch.int64), torch.empty(0, 1)).shape == (0, 2)
+
+
+def test_regression_losses_that_require_grad_are_fitted_as_detached():
+    # RuntimeError from torch: "sub(): functions with out=... arguments don't support automatic
+    # differentiation"; LossHistory kept the graph of every recorded loss
+    losses = torch.rand(50, generator=torch.Generator().manual_seed(0))
+    expected = clean_probability(losses)
+    torch.testing.assert_close(clean_probability(losses.clone().requires_grad_()), expected)
+    torch.testing.assert_close(GMM1D().fit_predict_proba(losses.clone().requires_grad_()),
+                               GMM1D().fit_predict_proba(losses))
+    history = LossHistory(50, 2)
+    history.update(None, losses.clone().requires_grad_())
+    assert not history.values.requires_grad
