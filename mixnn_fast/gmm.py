@@ -72,6 +72,8 @@ _KMEANS_TOL = 1e-4
 _NEGLIGIBLE_SPREAD = 1e-100
 # Below float64's smallest normal number a range has lost its precision; it counts as one value.
 _SMALLEST_NORMAL_F64 = torch.finfo(torch.float64).tiny
+# The seeds torch.Generator.manual_seed accepts (it raises a bare "Overflow" outside them).
+_SEED_RANGE = (-(2**63), 2**64)
 
 
 def _midrange_and_half_range(lo: float, hi: float) -> tuple[float, float]:
@@ -350,6 +352,8 @@ class GMM1D:
             raise ValueError(f"reg_covar must be a finite number >= 0, got {reg_covar!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        if not _SEED_RANGE[0] <= seed < _SEED_RANGE[1]:
+            raise ValueError(f"seed must be in [-2**63, 2**64) (a torch.Generator seed), got {seed}")
         if dtype not in (torch.float32, torch.float64):
             raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
         self.max_iter, self.tol, self.reg_covar, self.seed, self.dtype = max_iter, float(tol), float(reg_covar), seed, dtype

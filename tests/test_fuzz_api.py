@@ -1452,3 +1452,11 @@ def test_regression_losses_that_require_grad_are_fitted_as_detached():
     history = LossHistory(50, 2)
     history.update(None, losses.clone().requires_grad_())
     assert not history.values.requires_grad
+
+
+@pytest.mark.parametrize("seed", [2**64, 2**70, -(2**63) - 1])
+def test_regression_gmm_seed_outside_torch_range_is_named(seed):
+    # ValueError("Overflow when unpacking long long") from the k-means++ generator, and only when
+    # k-means ran (not for degenerate data)
+    expect_error({"seed"}, GMM1D, seed=seed)
+    expect_error({"seed"}, clean_probability, torch.zeros(3), seed=seed)
