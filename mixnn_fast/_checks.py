@@ -25,3 +25,24 @@ def check_sample_ids(indices: object, name: str, num_samples: int, device: torch
         raise ValueError(f"{name} is on {indices.device}, {owner} on {device}")
     check_in_range(indices, name, num_samples)
     return indices
+
+
+def check_device(device: object, name: str = "device") -> torch.device | None:
+    """``device`` (None, a str, int or torch.device) as a torch.device on which tensors can be made
+    here (cpu, or cuda with that device present); otherwise a TypeError/ValueError naming ``name``
+    rather than torch's RuntimeError from the first allocation."""
+    if device is None:
+        return None
+    if isinstance(device, bool) or not isinstance(device, (str, int, torch.device)):
+        raise TypeError(f"{name} must be a str, int or torch.device, got {type(device).__name__}")
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise ValueError(f"{name} {device!r} is not a device: {exc}") from exc
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (parsed.index or 0) >= count:
+            raise ValueError(f"{name} {device!r} is not available here ({count} CUDA device(s))")
+    elif parsed.type != "cpu":
+        raise ValueError(f"{name} must be a cpu or cuda device, got {device!r}")
+    return parsed

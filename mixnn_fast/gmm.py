@@ -51,7 +51,7 @@ from typing import Sequence
 
 import torch
 
-from mixnn_fast._checks import check_sample_ids
+from mixnn_fast._checks import check_device, check_sample_ids
 
 __all__ = ["GMM1D", "clean_probability", "LossHistory", "DegenerateLossesWarning", "CollapsedComponentWarning"]
 
@@ -681,8 +681,9 @@ class LossHistory:
             raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"window must be an int >= 1, got {window!r}")
-        if not dtype.is_floating_point:
-            raise TypeError(f"dtype must be floating, got {dtype}")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        device = check_device(device)
         self.num_samples, self.window = num_samples, window
         self.values = torch.zeros((num_samples, window), dtype=dtype, device=device)
         self.counts = torch.zeros(num_samples, dtype=torch.int64, device=device)  # records so far, capped at m

@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from mixnn_fast._checks import check_in_range, check_sample_ids
+from mixnn_fast._checks import check_device, check_in_range, check_sample_ids
 
 __all__ = ["SoftTargets"]
 
@@ -54,11 +54,12 @@ class SoftTargets:
                 raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
         if dtype not in _STORAGE_DTYPES:
             raise TypeError(f"dtype must be one of {_STORAGE_DTYPES}, got {dtype}")
+        device = check_device(device)
         self.num_classes = num_classes
         self.momentum = float(momentum)
         self.start_epoch = start_epoch
         self.update_every = update_every
-        device = labels.device if device is None else torch.device(device)
+        device = labels.device if device is None else device
         self.labels = labels.to(device).clone()
         self._targets = torch.zeros((labels.numel(), num_classes), dtype=dtype, device=device)
         self._targets[torch.arange(labels.numel(), device=device), self.labels] = 1.0

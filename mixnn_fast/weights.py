@@ -30,7 +30,7 @@ import math
 
 import torch
 
-from mixnn_fast._checks import check_in_range
+from mixnn_fast._checks import check_device, check_in_range
 
 __all__ = ["mixing_weights", "random_partners", "MODES"]
 
@@ -126,9 +126,9 @@ def random_partners(n: int, k: int = 1, generator: torch.Generator | None = None
         raise ValueError(f"k must be an int in [0, n - 1] = [0, {n - 1}], got {k!r}")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    device = check_device(device)
     if device is None:
         device = generator.device if generator is not None else torch.device("cpu")
-    device = torch.device(device)
     if generator is not None and generator.device.type != device.type:
         raise ValueError(f"generator is on {generator.device}, device is {device}")
     if k == 0:

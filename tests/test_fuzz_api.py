@@ -1460,3 +1460,16 @@ def test_regression_gmm_seed_outside_torch_range_is_named(seed):
     # k-means ran (not for degenerate data)
     expect_error({"seed"}, GMM1D, seed=seed)
     expect_error({"seed"}, clean_probability, torch.zeros(3), seed=seed)
+
+
+@pytest.mark.parametrize("kwargs", [dict(device="not a device"), dict(device="cuda:9"), dict(dtype="float32")])
+def test_regression_loss_history_construction_names_the_argument(kwargs):
+    # RuntimeError from torch's device parser, AttributeError for a str dtype
+    expect_error(set(kwargs), LossHistory, 4, 2, **kwargs)
+
+
+@pytest.mark.parametrize("device", ["not a device", "cuda:9", 2.5])
+def test_regression_device_arguments_are_named(device):
+    # RuntimeError from torch's device parser (or its first allocation on an absent GPU)
+    expect_error({"device"}, random_partners, 5, 1, device=device)
+    expect_error({"device"}, SoftTargets, torch.tensor([0, 1]), 2, device=device)
