@@ -730,14 +730,33 @@ class LossHistory:
         return {"values": self.values.clone(), "counts": self.counts.clone(), "next": self._next.clone()}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore from ``state_dict()``. Everything is checked before anything is copied, so a
+        corrupted state raises a ValueError/TypeError naming it and leaves the history as it was
+        (an out-of-range ring position would otherwise fail later, inside ``update``)."""
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be a dict from LossHistory.state_dict(), got {type(state).__name__}")
         for key, current in (("values", self.values), ("counts", self.counts), ("next", self._next)):
             if key not in state:
                 raise ValueError(f"state is missing {key!r}")
-            if tuple(state[key].shape) != tuple(current.shape):
-                raise ValueError(f"state[{key!r}] has shape {tuple(state[key].shape)}, expected {tuple(current.shape)}")
-        self.values.copy_(state["values"])
-        self.counts.copy_(state["counts"])
-        self._next.copy_(state["next"])
+            value = state[key]
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"state[{key!r}] must be a torch.Tensor, got {type(value).__name__}")
+            if tuple(value.shape) != tuple(current.shape):
+                raise ValueError(f"state[{key!r}] has shape {tuple(value.shape)}, expected {tuple(current.shape)}")
+            floating = key == "values"
+            if value.is_floating_point() != floating or value.is_complex() or value.dtype == torch.bool:
+                raise TypeError(f"state[{key!r}] must be {'floating' if floating else 'an integer tensor'}, "
+                                f"got {value.dtype}")
+        values, counts, ring = state["values"], state["counts"], state["next"]
+        if values.numel() and not bool(torch.isfinite(values).all()):
+            raise ValueError("state['values'] holds NaN or infinity; the history only records finite losses")
+        for key, value, upper in (("counts", counts, self.window + 1), ("next", ring, self.window)):
+            if value.numel() and not (int(value.min()) >= 0 and int(value.max()) < upper):
+                raise ValueError(f"state[{key!r}] must lie in [0, {upper}), got values in "
+                                 f"[{int(value.min())}, {int(value.max())}]")
+        self.values.copy_(values)
+        self.counts.copy_(counts)
+        self._next.copy_(ring)
 
     def _check_indices(self, indices: object, name: str) -> torch.Tensor:
         return check_sample_ids(indices, name, self.num_samples, self.values.device, "the history")

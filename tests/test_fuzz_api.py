@@ -1473,3 +1473,19 @@ def test_regression_device_arguments_are_named(device):
     # RuntimeError from torch's device parser (or its first allocation on an absent GPU)
     expect_error({"device"}, random_partners, 5, 1, device=device)
     expect_error({"device"}, SoftTargets, torch.tensor([0, 1]), 2, device=device)
+
+
+@pytest.mark.parametrize("key,value", [
+    ("next", torch.full((4,), 7)), ("counts", torch.full((4,), -1)), ("values", torch.full((4, 2), math.nan)),
+    ("values", [[0.0] * 2] * 4), ("counts", torch.zeros(4)), (None, None),
+])
+def test_regression_loss_history_refuses_a_corrupted_state(key, value):
+    # next = 7 loaded fine and the following update failed with IndexError inside; negative counts
+    # gave -0.0 means; a list raised AttributeError; a non-dict state a TypeError naming nothing
+    history = LossHistory(4, 2)
+    history.update(None, torch.rand(4))
+    before = history.state_dict()
+    state = None if key is None else {**before, key: value}
+    expect_error({"state"}, history.load_state_dict, state)
+    assert all(torch.equal(before[k], history.state_dict()[k]) for k in before)
+    history.update(None, torch.rand(4))  # still usable
