@@ -1489,3 +1489,22 @@ def test_regression_loss_history_refuses_a_corrupted_state(key, value):
     expect_error({"state"}, history.load_state_dict, state)
     assert all(torch.equal(before[k], history.state_dict()[k]) for k in before)
     history.update(None, torch.rand(4))  # still usable
+
+
+def test_regression_exact_search_of_tiny_features_is_exact():
+    # float32 features of magnitude 1e-30: every product of the expansion underflowed to 0 and the
+    # error bound, relative only, "proved" arbitrary candidates: 40% of the rows were wrong
+    features = torch.randn(30, 4, generator=torch.Generator().manual_seed(0)) * 1e-30
+    exact = torch.cdist(features.double() * 1e30, features.double() * 1e30)
+    exact.fill_diagonal_(math.inf)
+    assert torch.equal(nearest_neighbours(features, 1, backend="exact")[:, 0], exact.argmin(dim=1))
+
+
+def test_regression_exact_search_never_returns_an_excluded_row():
+    # float32 features near 1e37: the float32 expansion overflowed, the masked self tied at inf
+    # with every other row, and the direct float64 distance (0) ranked it first: each row came
+    # back as its own neighbour
+    features = torch.tensor([[1.0e37], [-2.0e37], [3.0e36]])
+    assert nearest_neighbours(features, 1, backend="exact").tolist() == [[2], [2], [0]]
+    assert NeighbourIndex(features, backend="exact").query(features[:1] * 2, 1, exclude=torch.tensor([0])).tolist() \
+        == [[2]]

@@ -52,6 +52,9 @@ class ExactSearcher:
         self.work = self._centred(base, work_dtype)
         self.work_sq = self.work.square().sum(dim=1)
         self.max_norm = float(self.work_sq.max().sqrt())
+        # Products and squares below the working dtype's smallest normal number lose their
+        # relative precision (or are flushed to 0): an absolute error the relative bound misses.
+        self.tiny = torch.finfo(work_dtype).tiny
         if work_dtype == torch.float64:
             self.unit_roundoff = 2.0 ** -53
         else:
@@ -112,14 +115,17 @@ class ExactSearcher:
         _mask_excluded(block, exclude)
         proxy, cand = block.topk(n_cand, dim=1, largest=False, sorted=False)
         del block
-        sq, cand = sort_by_distance_then_id(self._direct(q, cand), cand)
-        if n_cand == available:  # every admissible point is a candidate: nothing left to prove
-            return cand[:, :k], sq[:, :k]
+        sq, cand = sort_by_distance_then_id(self._excluded_to_inf(self._direct(q, cand), cand, exclude), cand)
+        if n_cand == available and bool(torch.isfinite(proxy).all()):
+            return cand[:, :k], sq[:, :k]  # every admissible point is a candidate: nothing left to prove
+        # (an overflowed proxy ties with the masked rows at inf: then only the proof below decides)
         q_sq = qc.to(torch.float64).square().sum(dim=1)
         q_norm = q_sq.sqrt()
         # |fl(expansion) - exact| <= (d + 8) u (|q| + |b|)^2 for the dot product, the norms,
-        # the three additions and the centring rounding; doubled for safety.
-        bound = 2.0 * (self.d + 8) * self.unit_roundoff * (q_norm + self.max_norm) ** 2
+        # the three additions and the centring rounding; doubled for safety. Plus, per operation,
+        # the absolute error of a result (or an input) below the smallest normal number.
+        bound = 2.0 * (self.d + 8) * (self.unit_roundoff * (q_norm + self.max_norm) ** 2
+                                      + self.tiny * (1.0 + q_norm + self.max_norm))
         worst_outside = proxy.max(dim=1).values.to(torch.float64) + q_sq - bound
         proven = worst_outside >= sq[:, k - 1]
         if not bool(proven.all()):
@@ -144,4 +150,12 @@ class ExactSearcher:
                 block, ids = torch.cat([best_d, block], dim=1), torch.cat([best_i, ids], dim=1)
             best_d, pos = block.topk(min(n_cand, block.shape[1]), dim=1, largest=False)
             best_i = ids.gather(1, pos)
-        return sort_by_distance_then_id(self._direct(q, best_i), best_i)
+        return sort_by_distance_then_id(self._excluded_to_inf(self._direct(q, best_i), best_i, exclude), best_i)
+
+    @staticmethod
+    def _excluded_to_inf(sq: torch.Tensor, cand: torch.Tensor, exclude: torch.Tensor | None) -> torch.Tensor:
+        """Masked entries can still be proposed: when the expansion overflows, they tie at +inf
+        with the others, and their direct distance (0 for a query's own row) would rank them first."""
+        if exclude is not None:
+            sq[cand == exclude.unsqueeze(1)] = float("inf")
+        return sq
