@@ -1508,3 +1508,9 @@ def test_regression_exact_search_never_returns_an_excluded_row():
     assert nearest_neighbours(features, 1, backend="exact").tolist() == [[2], [2], [0]]
     assert NeighbourIndex(features, backend="exact").query(features[:1] * 2, 1, exclude=torch.tensor([0])).tolist() \
         == [[2]]
+
+
+def test_regression_hnsw_seed_beyond_size_t_is_named():
+    # TypeError from hnswlib's init_index argument conversion
+    expect_error({"seed"}, NeighbourIndex, torch.randn(5, 2), seed=2**64)
+    expect_error({"num_threads"}, NeighbourIndex, torch.randn(5, 2), num_threads=10**6)

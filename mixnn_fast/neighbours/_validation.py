@@ -69,14 +69,17 @@ def check_metric(metric) -> str:
     return metric
 
 
-def check_positive_int(value, name: str, *, minimum: int = 1, allow_none: bool = False):
-    """Return ``value`` as int (or None when allowed) after checking ``value >= minimum``."""
+def check_positive_int(value, name: str, *, minimum: int = 1, maximum: int | None = None,
+                       allow_none: bool = False):
+    """Return ``value`` as int (or None when allowed) after checking ``minimum <= value <= maximum``."""
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int{' or None' if allow_none else ''}, got {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
     return int(value)
 
 

@@ -55,6 +55,8 @@ BACKENDS = ("hnsw", "exact", "faiss")
 
 # faiss flat is exact up to float32 cancellation: a few spare candidates absorb it.
 _FAISS_MARGIN = 8
+# More threads than any machine has cores: hnswlib starts one std::thread per requested thread.
+_MAX_THREADS = 1024
 
 
 def _stacklevel_outside_package() -> int:
@@ -109,8 +111,8 @@ class NeighbourIndex:
         ef_construction = check_positive_int(ef_construction, "ef_construction")
         ef = check_positive_int(ef, "ef")
         self.num_threads = check_positive_int(
-            torch.get_num_threads() if num_threads is None else num_threads, "num_threads")
-        seed = check_positive_int(seed, "seed", minimum=0)
+            torch.get_num_threads() if num_threads is None else num_threads, "num_threads", maximum=_MAX_THREADS)
+        seed = check_positive_int(seed, "seed", minimum=0, maximum=2**64 - 1)  # hnswlib's size_t, torch's seeds
         pca_sample = check_positive_int(pca_sample, "pca_sample", minimum=2)
 
         features = as_feature_matrix(features, "features")
