@@ -1514,3 +1514,24 @@ def test_regression_hnsw_seed_beyond_size_t_is_named():
     # TypeError from hnswlib's init_index argument conversion
     expect_error({"seed"}, NeighbourIndex, torch.randn(5, 2), seed=2**64)
     expect_error({"num_threads"}, NeighbourIndex, torch.randn(5, 2), num_threads=10**6)
+
+
+@pytest.mark.parametrize("backend", ["hnsw", "faiss"])
+def test_regression_huge_features_find_other_rows(backend):
+    # float32 features near 1e37: the float32 re-ranking overflowed and hnsw and faiss raised
+    # RuntimeError("... returned fewer than k=1 valid neighbours ...")
+    features = torch.tensor([[1.0e37], [-2.0e37], [3.0e36]])
+    assert nearest_neighbours(features, 1, backend=backend).tolist() == [[2], [2], [0]]
+    assert NeighbourIndex(features, backend=backend).query(features[:1] * 2, 1, exclude=torch.tensor([0])).tolist() \
+        == [[2]]
+
+
+@pytest.mark.parametrize("scale", [1e200, 1e-200])
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_regression_float64_features_beyond_float64_squares(scale, metric):
+    # float64 squares overflow beyond ~1e154 and underflow below ~1e-154: Euclidean search returned
+    # each row itself or ties; cosine turned 1e200 rows into zeros (silently wrong) and called
+    # 1e-200 rows all-zero (a false ValueError)
+    features = torch.tensor([[1.0, 0.0], [2.0, 1.0], [1.1, 0.0], [-1.0, 0.5]], dtype=torch.float64)
+    expected = nearest_neighbours(features, 1, backend="exact", metric=metric)
+    assert torch.equal(nearest_neighbours(features * scale, 1, backend="exact", metric=metric), expected)

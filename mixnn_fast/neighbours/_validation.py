@@ -11,6 +11,8 @@ import numpy as np
 import torch
 
 METRICS = ("euclidean", "cosine")
+# Row norms whose float64 squares stay normal numbers; rows outside are rescaled before normalising.
+_NORM_SAFE = (2.0 ** -480, 2.0 ** 480)
 
 
 def as_feature_matrix(features, name: str = "features", *, min_rows: int = 2) -> torch.Tensor:
@@ -97,10 +99,28 @@ def prepare_for_metric(features: torch.Tensor, metric: str, name: str = "feature
     for s in range(0, features.shape[0], rows):
         block = features[s:s + rows].to(torch.float64)
         norms = torch.linalg.vector_norm(block, dim=1, keepdim=True)
+        # The squares of float64 rows beyond ~1e154 overflow (norm inf: the row would become 0) and
+        # those of rows below ~1e-154 underflow (norm 0: a false "all-zero row"). Such rows are first
+        # scaled by a power of two, which is exact and leaves their direction unchanged.
+        extreme = ~((norms > _NORM_SAFE[0]) & (norms < _NORM_SAFE[1])).squeeze(1)
+        if bool(extreme.any()):
+            top = block[extreme].abs().amax(dim=1, keepdim=True)
+            scaled = times_power_of_two(block[extreme], -torch.frexp(top).exponent)  # max |x| in [0.5, 1)
+            block[extreme] = scaled
+            norms[extreme] = torch.linalg.vector_norm(scaled, dim=1, keepdim=True)
         if bool((norms == 0).any()):
             raise ValueError(f"{name} has all-zero rows; cosine distance is undefined for them")
         out[s:s + rows] = block / norms
     return out
+
+
+def times_power_of_two(x: torch.Tensor, exponents) -> torch.Tensor:
+    """``x * 2**exponents`` (an int or an int tensor broadcasting against x), exact whenever the
+    result is a normal number: in two steps, so that no factor overflows even for exponents
+    beyond +-1023 (float64 subnormals scaled up, values near float64's maximum scaled down)."""
+    exponents = torch.as_tensor(exponents, device=x.device)
+    first = torch.div(exponents, 2, rounding_mode="floor")
+    return torch.ldexp(torch.ldexp(x, first), exponents - first)
 
 
 def squared_to_metric(squared: torch.Tensor, metric: str) -> torch.Tensor:

@@ -39,7 +39,8 @@ class HnswSearcher:
                              np.arange(n), num_threads=num_threads)
 
     def search(self, queries: torch.Tensor, n: int) -> torch.Tensor:
-        """The ``n`` approximately nearest ids of each query row: LongTensor[Q, n], nearest first."""
+        """The ``n`` approximately nearest ids of each query row: LongTensor[Q, n], nearest first
+        (all -1 when hnswlib could not fill every row)."""
         self.index.set_ef(max(self.ef, n))
         q = queries.numpy()
         # Queries sorted along the first axis (the top principal axis after PCA) walk nearby
@@ -51,9 +52,11 @@ class HnswSearcher:
         try:
             labels, _ = self.index.knn_query(np.ascontiguousarray(q, dtype=np.float32),
                                              k=n, num_threads=self.num_threads)
-        except RuntimeError as exc:  # hnswlib found fewer than n points for some query
-            raise RuntimeError(f"hnswlib could not return {n} neighbours for every query ({exc}); "
-                               "increase ef or M, or use backend='exact'") from exc
+        except RuntimeError:
+            # hnswlib found fewer than n points for some query ("Cannot return the results in a
+            # contiguous 2D array"): report every row as found short, as faiss does with -1;
+            # the index searches such rows exactly.
+            return torch.full((queries.shape[0], n), -1, dtype=torch.int64)
         labels = labels.astype(np.int64)
         if order is not None:
             unsorted = np.empty_like(labels)

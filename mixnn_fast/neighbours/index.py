@@ -33,6 +33,7 @@ the full space instead, and warns that it did.
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 import warnings
@@ -47,6 +48,7 @@ from mixnn_fast.neighbours._validation import (
     check_positive_int,
     prepare_for_metric,
     squared_to_metric,
+    times_power_of_two,
 )
 from mixnn_fast.neighbours.distances import sort_by_distance_then_id, squared_distances_to_candidates
 from mixnn_fast.neighbours.exact import ExactSearcher
@@ -55,6 +57,13 @@ BACKENDS = ("hnsw", "exact", "faiss")
 
 # faiss flat is exact up to float32 cancellation: a few spare candidates absorb it.
 _FAISS_MARGIN = 8
+# Largest |feature| of Euclidean features searched as given. Outside this range float32 squared
+# distances under- or overflow (float64 ones beyond ~1e154), and the features are searched scaled
+# by a power of two instead: exact, and it changes no ranking. Ordinary features never get there.
+_MAGNITUDE_RANGE = (2.0 ** -50, 2.0 ** 50)
+# Largest |query value| (at the scale the features are searched at) whose float64 squares, summed
+# over any dimension, stay finite; float32 indexes are limited by the cast to float32 first.
+_QUERY_LIMIT = 2.0 ** 500
 # More threads than any machine has cores: hnswlib starts one std::thread per requested thread.
 _MAX_THREADS = 1024
 
@@ -119,6 +128,13 @@ class NeighbourIndex:
         self.n, self.dim = features.shape
         self.device = features.device
         self._base = prepare_for_metric(features, self.metric, "features")
+        self._exponent = 0  # the features are searched as features * 2**-_exponent
+        if self.metric == "euclidean":
+            top = float(self._base.abs().max())
+            if top > 0 and not _MAGNITUDE_RANGE[0] <= top <= _MAGNITUDE_RANGE[1]:
+                self._exponent = math.frexp(top)[1]  # top = m * 2**e with m in [0.5, 1)
+                self._base = times_power_of_two(self._base, -self._exponent)
+        self._exact = None  # built on demand: the fallback for rows an approximate search leaves short
         self.pca = None
         self.explained_variance_ratio = None
         self._graph_vectors = None
@@ -177,8 +193,21 @@ class NeighbourIndex:
         if queries.shape[1] != self.dim:
             raise ValueError(f"queries must have {self.dim} columns like the indexed features, "
                              f"got shape {tuple(queries.shape)}")
-        queries = prepare_for_metric(queries.to(device=self.device, dtype=self._base.dtype), self.metric,
-                                     "queries")
+        if self._exponent:  # in the wider of the two dtypes: float32 queries may not survive the scaling
+            queries = times_power_of_two(queries.to(torch.promote_types(queries.dtype, self._base.dtype)),
+                                         -self._exponent)
+        cast = queries.to(device=self.device, dtype=self._base.dtype)
+        in_range = bool(torch.isfinite(cast).all())
+        if in_range and self.metric == "euclidean" and cast.numel():
+            in_range = float(cast.abs().max()) <= _QUERY_LIMIT
+        if in_range:
+            queries = prepare_for_metric(cast, self.metric, "queries")
+        elif self.metric == "cosine":  # float64 queries beyond float32: their directions still fit
+            queries = prepare_for_metric(queries.to(device=self.device, dtype=torch.float64), "cosine",
+                                         "queries").to(self._base.dtype)
+        else:
+            raise ValueError(f"queries lie too far out for {self._base.dtype} distances at the scale of the indexed "
+                             "features (their squares would overflow)")
         if exclude is not None:
             exclude = self._check_exclude(exclude, queries.shape[0])
         k = check_k(k, self.n - (1 if exclude is not None else 0))
@@ -222,7 +251,10 @@ class NeighbourIndex:
             ids, sq = self._propose_and_rerank(queries, graph_queries, k, exclude)
         if not return_distances:
             return ids
-        return ids, squared_to_metric(sq, self.metric).to(self._base.dtype)
+        distances = squared_to_metric(sq, self.metric)
+        if self._exponent:  # back to the features' units, in float64 (the scaled-back value may not fit float32)
+            distances = times_power_of_two(distances.to(torch.float64), self._exponent)
+        return ids, distances.to(self._base.dtype)
 
     def _propose_and_rerank(self, queries, graph_queries, k, exclude):
         if self.backend == "faiss":
@@ -234,18 +266,30 @@ class NeighbourIndex:
         # One spare for the excluded row, which the search may or may not return.
         fetch = min(max(wanted, k) + (1 if exclude is not None else 0), self.n)
         cand = self._searcher.search(graph_queries, fetch).to(self.device)
-        invalid = cand < 0  # faiss pads with -1 when it finds fewer points
+        invalid = cand < 0  # faiss and hnswlib pad with -1 when they find fewer points
         if exclude is not None:
             invalid |= cand == exclude.unsqueeze(1)
-        sq = squared_distances_to_candidates(queries, self._base, cand.clamp_min(0), dtype=self._base.dtype,
+        safe = cand.clamp_min(0)
+        sq = squared_distances_to_candidates(queries, self._base, safe, dtype=self._base.dtype,
                                              num_threads=self.num_threads)
+        if sq.dtype != torch.float64 and not bool(torch.isfinite(sq[~invalid]).all()):
+            # float32 squares overflowed (queries far outside the indexed points): float64 ranks them
+            sq = squared_distances_to_candidates(queries, self._base, safe, dtype=torch.float64,
+                                                 num_threads=self.num_threads)
         sq[invalid] = float("inf")
         cand = cand.masked_fill(invalid, self.n)  # sorts invalid entries last among equal (inf) distances
         sq, cand = sort_by_distance_then_id(sq, cand)
         sq, cand = sq[:, :k], cand[:, :k]
-        if bool(torch.isinf(sq).any()):
-            raise RuntimeError(f"the {self.backend} search returned fewer than k={k} valid neighbours for some "
-                               "queries; increase ef or M, or use backend='exact'")
+        short = torch.isinf(sq).any(dim=1)
+        if bool(short.any()):
+            # The graph (or faiss, whose float32 distances overflowed to inf) found fewer than k
+            # admissible points for these rows: search them exactly instead of failing.
+            rows = torch.nonzero(short).squeeze(1)
+            if self._exact is None:
+                self._exact = ExactSearcher(self._base, num_threads=self.num_threads)
+            ids_r, sq_r = self._exact.search(queries[rows], k, exclude=None if exclude is None else exclude[rows])
+            sq = sq.to(torch.float64)
+            cand[rows], sq[rows] = ids_r, sq_r
         return cand, sq
 
 
