@@ -37,8 +37,14 @@ __all__ = ["mixing_weights", "random_partners", "MODES"]
 MODES = ("gmm", "avg", "rdm", "mixup")
 _ON_ZERO = ("uniform", "anchor")
 # random_partners draws exact random subsets by sorting random keys while n * (n - 1)
-# keys fit in this many elements; above it, by rejection of rows with repeats.
+# keys fit in this many elements; above it, by rejection of rows with repeats while that is
+# cheap (see _REJECTION_LIMIT), else by redrawing repeated entries, or by sorting keys a block
+# of rows at a time when most of the n - 1 others are wanted.
 _SORT_BUDGET = 1 << 22
+# Rejection redraws a whole row until it has no repeat: about exp(k (k - 1) / (2 (n - 1))) draws
+# per row, so it is used only while k (k - 1) <= 4 (n - 1), at most e^2 ~ 7.4 draws per row
+# (above that it never finished: n = 2049, k = 150 ran for minutes).
+_REJECTION_LIMIT = 4
 
 
 def mixing_weights(clean_prob: torch.Tensor, neighbours: torch.Tensor, mode: str = "gmm", *,
@@ -139,18 +145,51 @@ def random_partners(n: int, k: int = 1, generator: torch.Generator | None = None
     if n * (n - 1) <= _SORT_BUDGET:
         keys = torch.rand((n, n - 1), generator=generator, device=device)
         offsets = keys.argsort(dim=1)[:, :k] + 1
-    else:
+    elif k * (k - 1) <= _REJECTION_LIMIT * (n - 1):
         offsets = torch.randint(1, n, (n, k), generator=generator, device=device)
         if k > 1:
             # rejection: redraw rows with a repeated offset (each row has a repeat with
-            # probability < k^2 / 2n, small whenever this branch runs with sensible k)
+            # probability about k^2 / 2n, bounded by the limit above)
             while True:
                 ordered = offsets.sort(dim=1).values
                 bad = (ordered[:, 1:] == ordered[:, :-1]).any(dim=1).nonzero().squeeze(1)
                 if bad.numel() == 0:
                     break
                 offsets[bad] = torch.randint(1, n, (bad.numel(), k), generator=generator, device=device)
+    elif 2 * k <= n - 1:
+        offsets = _distinct_by_redrawing_repeats(n, k, generator, device)
+    else:
+        offsets = torch.empty((n, k), dtype=torch.int64, device=device)
+        rows = max(1, _SORT_BUDGET // (n - 1))
+        for start in range(0, n, rows):
+            keys = torch.rand((min(rows, n - start), n - 1), generator=generator, device=device)
+            offsets[start:start + rows] = keys.argsort(dim=1)[:, :k] + 1
     return (torch.arange(n, device=device).unsqueeze(1) + offsets) % n
+
+
+def _distinct_by_redrawing_repeats(n: int, k: int, generator: torch.Generator | None,
+                                   device: torch.device) -> torch.Tensor:
+    """(n, k) offsets in [1, n - 1], distinct within each row, for k <= (n - 1) / 2.
+
+    Every repeat of an earlier entry in its row is redrawn until none is left. The rule looks at
+    positions and equality only, never at the values, so it treats every value alike: each ordered
+    k-tuple of distinct offsets is equally likely, as with rejection of whole rows. A redraw repeats
+    with probability < k / (n - 1) <= 1/2, so the repeats shrink geometrically."""
+    offsets = torch.randint(1, n, (n, k), generator=generator, device=device)
+    rows = torch.arange(n, device=device)
+    while rows.numel():
+        block = offsets[rows]
+        ordered, order = block.sort(dim=1, stable=True)  # equal values keep their positions' order
+        later = torch.zeros_like(block, dtype=torch.bool)
+        later[:, 1:] = ordered[:, 1:] == ordered[:, :-1]
+        repeat = torch.zeros_like(later).scatter_(1, order, later)  # back to the row's own positions
+        count = int(repeat.sum())
+        if count == 0:
+            break
+        block[repeat] = torch.randint(1, n, (count,), generator=generator, device=device)
+        offsets[rows] = block
+        rows = rows[repeat.any(dim=1)]
+    return offsets
 
 
 def _dirichlet(rows: int, size: int, alpha: float, generator: torch.Generator | None,

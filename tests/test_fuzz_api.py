@@ -1535,3 +1535,27 @@ def test_regression_float64_features_beyond_float64_squares(scale, metric):
     features = torch.tensor([[1.0, 0.0], [2.0, 1.0], [1.1, 0.0], [-1.0, 0.5]], dtype=torch.float64)
     expected = nearest_neighbours(features, 1, backend="exact", metric=metric)
     assert torch.equal(nearest_neighbours(features * scale, 1, backend="exact", metric=metric), expected)
+
+
+def test_regression_random_partners_for_many_partners_terminates():
+    # n > 2049 uses rejection of whole rows; with k (k - 1) >> n a row almost never comes out without
+    # a repeat: n = 2049, k = 150 did not finish in minutes (k = 100 took 5 s)
+    for n, k in [(2049, 150), (2049, 1025), (2050, 2049)]:
+        partners = random_partners(n, k, torch.Generator().manual_seed(0))
+        ordered = partners.sort(dim=1).values
+        assert not bool((ordered[:, 1:] == ordered[:, :-1]).any())
+        assert not bool((partners == torch.arange(n).unsqueeze(1)).any())
+
+
+def test_regression_partners_redrawn_entry_by_entry_are_uniform():
+    # the replacement for rejection redraws only repeated entries: every ordered k-tuple of
+    # distinct offsets must stay equally likely
+    from scipy import stats
+
+    from mixnn_fast.weights import _distinct_by_redrawing_repeats
+
+    generator = torch.Generator().manual_seed(1)
+    draws = torch.cat([_distinct_by_redrawing_repeats(7, 3, generator, torch.device("cpu")) for _ in range(4000)])
+    tuples, counts = torch.unique(draws, dim=0, return_counts=True)
+    assert len(tuples) == 6 * 5 * 4
+    assert stats.chisquare(counts.numpy()).pvalue > 1e-6
