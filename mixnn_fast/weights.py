@@ -202,6 +202,14 @@ def _dirichlet(rows: int, size: int, alpha: float, generator: torch.Generator | 
                                    generator=generator)
     uniforms = 1.0 - torch.rand((rows, size), generator=generator, dtype=torch.float64, device=device)  # (0, 1]
     log_gammas = gammas.log() + uniforms.log() / alpha
+    lost = ~torch.isfinite(log_gammas.amax(dim=1))
+    if bool(lost.any()):
+        # alpha so small (~1e-308) that log(U) / alpha is -inf in a whole row, and softmax would
+        # give 0/0. alpha * log_gammas = alpha log(G) + log(U) is finite and ranks the entries the
+        # same way; shifted to a maximum of 0 before dividing by alpha, the row's largest entry
+        # gets weight 1 and the others 0, the Dirichlet's limit as alpha -> 0.
+        scaled = alpha * gammas[lost].log() + uniforms[lost].log()
+        log_gammas[lost] = (scaled - scaled.amax(dim=1, keepdim=True)) / alpha
     return torch.softmax(log_gammas, dim=1)
 
 

@@ -1559,3 +1559,12 @@ def test_regression_partners_redrawn_entry_by_entry_are_uniform():
     tuples, counts = torch.unique(draws, dim=0, return_counts=True)
     assert len(tuples) == 6 * 5 * 4
     assert stats.chisquare(counts.numpy()).pvalue > 1e-6
+
+
+@pytest.mark.parametrize("mode,k", [("rdm", 2), ("mixup", 1)])
+def test_regression_tiny_alpha_gives_vertices_not_nan(mode, k):
+    # alpha ~ 1e-310: log(U) / alpha was -inf in every entry of a row and softmax gave NaN
+    weights = mixing_weights(torch.rand(5), torch.zeros(5, k, dtype=torch.int64), mode, alpha=1e-310,
+                             generator=torch.Generator().manual_seed(0))
+    assert bool(torch.isfinite(weights).all()) and bool(((weights == 0) | (weights == 1)).all())
+    assert bool((weights.sum(dim=1) == 1).all())
