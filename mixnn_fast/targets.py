@@ -143,19 +143,42 @@ class SoftTargets:
                 "momentum": self.momentum, "start_epoch": self.start_epoch, "update_every": self.update_every}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore from ``state_dict()``; the store keeps its own dtype and device."""
+        """Restore from ``state_dict()``; the store keeps its own dtype and device.
+
+        Everything is checked before anything changes: a corrupted state raises a ValueError or
+        TypeError naming it and leaves the store as it was (an ``update_every`` of 0 would
+        otherwise surface later as a ZeroDivisionError, NaN targets as a silently wrong training)."""
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be a dict from SoftTargets.state_dict(), got {type(state).__name__}")
         missing = {"targets", "labels", "num_classes", "momentum", "start_epoch", "update_every"} - set(state)
         if missing:
             raise ValueError(f"state is missing {sorted(missing)}")
-        if state["num_classes"] != self.num_classes or tuple(state["targets"].shape) != tuple(self._targets.shape):
-            raise ValueError(f"state holds targets of shape {tuple(state['targets'].shape)} for "
-                             f"{state['num_classes']} classes; this store is {tuple(self._targets.shape)}")
-        if tuple(state["labels"].shape) != tuple(self.labels.shape):
-            raise ValueError(f"state['labels'] has shape {tuple(state['labels'].shape)}, "
-                             f"expected {tuple(self.labels.shape)}")
-        self._targets.copy_(state["targets"])
-        self.labels.copy_(state["labels"])
-        self.momentum = float(state["momentum"])
+        targets, labels = state["targets"], state["labels"]
+        for key, value in (("targets", targets), ("labels", labels)):
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"state[{key!r}] must be a torch.Tensor, got {type(value).__name__}")
+        if state["num_classes"] != self.num_classes or tuple(targets.shape) != tuple(self._targets.shape):
+            raise ValueError(f"state holds targets of shape {tuple(targets.shape)} for "
+                             f"{state['num_classes']!r} classes; this store is {tuple(self._targets.shape)}")
+        if tuple(labels.shape) != tuple(self.labels.shape):
+            raise ValueError(f"state['labels'] has shape {tuple(labels.shape)}, expected {tuple(self.labels.shape)}")
+        if not targets.is_floating_point():
+            raise TypeError(f"state['targets'] must be floating, got {targets.dtype}")
+        if targets.numel() and not (bool(torch.isfinite(targets).all()) and float(targets.min()) >= 0):
+            raise ValueError("state['targets'] must be finite and >= 0 (soft targets are probabilities)")
+        if labels.dtype != torch.int64:
+            raise TypeError(f"state['labels'] must be int64, got {labels.dtype}")
+        check_in_range(labels, "state['labels']", self.num_classes, "num_classes")
+        momentum = state["momentum"]
+        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"state['momentum'] must be a number in [0, 1], got {momentum!r}")
+        for key, least in (("start_epoch", 0), ("update_every", 1)):
+            value = state[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"state[{key!r}] must be an int >= {least}, got {value!r}")
+        self._targets.copy_(targets)
+        self.labels.copy_(labels)
+        self.momentum = float(momentum)
         self.start_epoch = int(state["start_epoch"])
         self.update_every = int(state["update_every"])
 

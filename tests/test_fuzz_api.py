@@ -1568,3 +1568,21 @@ def test_regression_tiny_alpha_gives_vertices_not_nan(mode, k):
                              generator=torch.Generator().manual_seed(0))
     assert bool(torch.isfinite(weights).all()) and bool(((weights == 0) | (weights == 1)).all())
     assert bool((weights.sum(dim=1) == 1).all())
+
+
+@pytest.mark.parametrize("key,value", [
+    ("update_every", 0), ("momentum", 7.0), ("momentum", "abc"), ("momentum", math.nan),
+    ("targets", torch.full((3, 3), math.nan)), ("targets", [[1.0, 0.0, 0.0]] * 3), ("labels", torch.tensor([5, -1, 9])),
+    ("start_epoch", -1), (None, None),
+])
+def test_regression_soft_targets_refuse_a_corrupted_state(key, value):
+    # update_every = 0 loaded fine and the next update raised ZeroDivisionError; momentum 7, NaN
+    # targets and out-of-range labels loaded silently; "abc" raised after the targets were
+    # overwritten; a list raised AttributeError
+    store = SoftTargets(torch.tensor([0, 1, 2]), 3, start_epoch=0)
+    before = store.state_dict()
+    state = None if key is None else {**before, key: value}
+    expect_error({"state"}, store.load_state_dict, state)
+    after = store.state_dict()
+    assert torch.equal(before["targets"], after["targets"]) and after["update_every"] == 1
+    assert store.update(torch.tensor([0]), torch.tensor([[0.0, 1.0, 0.0]]), epoch=1)
