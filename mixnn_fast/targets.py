@@ -126,7 +126,7 @@ class SoftTargets:
         indices = self._check_indices(indices, "indices")
         if indices.numel() > 1 and torch.unique(indices).numel() != indices.numel():
             raise ValueError("indices must be distinct (one prediction per sample per update)")
-        self._check_probabilities(probabilities, indices.numel())
+        probabilities = self._check_probabilities(probabilities, indices.numel())
         if not self.is_update_epoch(epoch):
             return False
         work = torch.promote_types(self._targets.dtype, torch.float32)  # half storage: float32 arithmetic
@@ -187,16 +187,20 @@ class SoftTargets:
     def _check_indices(self, indices: object, name: str) -> torch.Tensor:
         return check_sample_ids(indices, name, len(self), self.device, "the targets")
 
-    def _check_probabilities(self, probabilities: object, rows: int) -> None:
+    def _check_probabilities(self, probabilities: object, rows: int) -> torch.Tensor:
+        """``probabilities`` detached, once checked: a softmax straight from the network requires
+        grad, and the store must not keep every update's graph alive (nor hand a graph-carrying
+        state_dict to torch.save)."""
         if not isinstance(probabilities, torch.Tensor):
             raise TypeError(f"probabilities must be a torch.Tensor, got {type(probabilities).__name__}")
+        probabilities = probabilities.detach()
         if tuple(probabilities.shape) != (rows, self.num_classes) or not probabilities.is_floating_point():
             raise ValueError(f"probabilities must be a floating tensor of shape ({rows}, {self.num_classes}), "
                              f"got {probabilities.dtype} of shape {tuple(probabilities.shape)}")
         if probabilities.device != self.device:
             raise ValueError(f"probabilities is on {probabilities.device}, the targets on {self.device}")
         if rows == 0:
-            return
+            return probabilities
         lo, hi = (float(v) for v in torch.aminmax(probabilities))
         if not (math.isfinite(lo) and math.isfinite(hi) and lo >= 0.0):
             bad = (~(torch.isfinite(probabilities) & (probabilities >= 0))).nonzero()[0].tolist()
@@ -208,3 +212,4 @@ class SoftTargets:
         if float(error[worst]) > tolerance:
             raise ValueError(f"each row of probabilities must sum to 1 (within {tolerance}); row {worst} sums to "
                              f"{float(probabilities[worst].double().sum()):.6g}")
+        return probabilities

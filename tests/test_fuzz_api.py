@@ -1586,3 +1586,11 @@ def test_regression_soft_targets_refuse_a_corrupted_state(key, value):
     after = store.state_dict()
     assert torch.equal(before["targets"], after["targets"]) and after["update_every"] == 1
     assert store.update(torch.tensor([0]), torch.tensor([[0.0, 1.0, 0.0]]), epoch=1)
+
+
+def test_regression_soft_targets_do_not_keep_the_graph_of_predictions():
+    # the store became part of the autograd graph (grad_fn IndexPutBackward0) and grew with every update
+    store = SoftTargets(torch.tensor([0, 1, 2]), 3, start_epoch=0)
+    logits = torch.randn(3, 3, requires_grad=True)
+    store.update(torch.arange(3), torch.softmax(logits, dim=1), epoch=0)
+    assert not store.targets.requires_grad and store.targets.grad_fn is None
