@@ -124,6 +124,19 @@ def _map_matrix(mapping: dict[int, int], num_classes: int) -> np.ndarray:
     return replacement
 
 
+def _check_num_classes(num_classes: object) -> int:
+    if not isinstance(num_classes, (int, np.integer)) or isinstance(num_classes, bool) or num_classes < 2:
+        raise ValueError(f"corrupt: num_classes must be an integer >= 2, got {num_classes!r}")
+    return int(num_classes)
+
+
+def _check_rate(rate: object) -> float:
+    # `not 0 <= rate <= 1` is also true for NaN
+    if isinstance(rate, bool) or not isinstance(rate, (int, float, np.integer, np.floating)) or not 0.0 <= rate <= 1.0:
+        raise ValueError(f"corrupt: rate must be a number in [0, 1], got {rate!r}")
+    return float(rate)
+
+
 def _require_classes(kind: str, num_classes: int, required: int) -> None:
     if num_classes != required:
         raise ValueError(f"corrupt: kind {kind!r} is defined for {required} classes, got num_classes={num_classes}")
@@ -131,7 +144,13 @@ def _require_classes(kind: str, num_classes: int, required: int) -> None:
 
 def validate_transition(matrix: object, num_classes: int, argument: str = "transition") -> np.ndarray:
     """``matrix`` as a (C, C) float64 row-stochastic array; ValueError naming ``argument`` otherwise."""
-    array = np.asarray(matrix, dtype=np.float64)
+    try:
+        array = np.asarray(matrix)
+        if array.dtype.kind == "c":  # the cast below would drop the imaginary parts with a warning
+            raise TypeError("complex entries")
+        array = array.astype(np.float64)
+    except (TypeError, ValueError) as exc:  # ragged rows, strings, None, complex numbers
+        raise TypeError(f"corrupt: {argument} must be a (C, C) array of real numbers ({exc})") from exc
     if array.shape != (num_classes, num_classes):
         raise ValueError(f"corrupt: {argument} must have shape ({num_classes}, {num_classes}), got {array.shape}")
     if not np.all(np.isfinite(array)):
@@ -149,7 +168,7 @@ def validate_transition(matrix: object, num_classes: int, argument: str = "trans
 
 def replacement_matrix(kind: str, num_classes: int, transition: object = None) -> np.ndarray:
     """The (C, C) row-stochastic replacement matrix R of ``kind`` (see the module docstring)."""
-    c = num_classes
+    c = _check_num_classes(num_classes)
     if kind == "custom":
         if transition is None:
             raise ValueError("corrupt: kind 'custom' needs transition=, a (C, C) row-stochastic matrix")
@@ -176,8 +195,13 @@ def replacement_matrix(kind: str, num_classes: int, transition: object = None) -
 
 
 def transition_matrix(kind: str, rate: float, num_classes: int, transition: object = None) -> np.ndarray:
-    """T = (1 − rate)·I + rate·R for ``kind``: (C, C) float64, rows sum to 1."""
-    return (1.0 - rate) * np.eye(num_classes) + rate * replacement_matrix(kind, num_classes, transition)
+    """T = (1 − rate)·I + rate·R for ``kind``: (C, C) float64, rows sum to 1.
+
+    ``rate`` in [0, 1] and ``num_classes`` >= 2 are checked here too: outside them T has
+    negative entries (rate > 1), NaN rows (symmetric_flip with C = 1) or no rows at all."""
+    rate = _check_rate(rate)
+    replacement = replacement_matrix(kind, num_classes, transition)
+    return (1.0 - rate) * np.eye(replacement.shape[0]) + rate * replacement
 
 
 def _systematic_counts(probabilities: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -213,26 +237,26 @@ def corrupt(
     ``sampling``: "exact" (default) or "independent", see the module docstring.
     Returns :class:`NoisyLabels`.
     """
-    clean = np.asarray(labels)
+    try:
+        clean = np.asarray(labels)
+    except ValueError as exc:  # ragged nested lists
+        raise ValueError(f"corrupt: labels must be a 1-D integer array ({exc})") from exc
     if clean.ndim != 1 or (clean.size and clean.dtype.kind not in "iu"):
         raise ValueError(f"corrupt: labels must be a 1-D integer array, got {clean.dtype} {clean.shape}")
-    if not isinstance(num_classes, (int, np.integer)) or isinstance(num_classes, bool) or num_classes < 2:
-        raise ValueError(f"corrupt: num_classes must be an integer >= 2, got {num_classes!r}")
-    num_classes = int(num_classes)
+    num_classes = _check_num_classes(num_classes)
     clean = clean.astype(np.int64)
     if clean.size and (clean.min() < 0 or clean.max() >= num_classes):
         bad = int(np.flatnonzero((clean < 0) | (clean >= num_classes))[0])
         raise ValueError(f"corrupt: labels[{bad}] = {clean[bad]} is out of range [0, {num_classes})")
-    if isinstance(rate, bool) or not isinstance(rate, (int, float, np.integer, np.floating)) or not 0.0 <= rate <= 1.0:
-        raise ValueError(f"corrupt: rate must be a number in [0, 1], got {rate!r}")
+    _check_rate(rate)
     if sampling not in SAMPLINGS:
         raise ValueError(f"corrupt: sampling must be one of {SAMPLINGS}, got {sampling!r}")
     if isinstance(seed, np.random.Generator):
         rng = seed
-    elif isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
-        rng = np.random.default_rng(int(seed))
+    elif isinstance(seed, (int, np.integer)) and not isinstance(seed, bool) and seed >= 0:
+        rng = np.random.default_rng(int(seed))  # (numpy's own error for a negative seed names nothing)
     else:
-        raise ValueError(f"corrupt: seed must be an int or a numpy Generator, got {seed!r}")
+        raise ValueError(f"corrupt: seed must be an int >= 0 or a numpy Generator, got {seed!r}")
     matrix = transition_matrix(kind, float(rate), num_classes, transition)
 
     noisy = clean.copy()

@@ -1594,3 +1594,21 @@ def test_regression_soft_targets_do_not_keep_the_graph_of_predictions():
     logits = torch.randn(3, 3, requires_grad=True)
     store.update(torch.arange(3), torch.softmax(logits, dim=1), epoch=0)
     assert not store.targets.requires_grad and store.targets.grad_fn is None
+
+
+@pytest.mark.parametrize("call,names", [
+    (lambda: corrupt([0, 1], "symmetric_flip", 0.5, 2, -1), {"seed"}),
+    (lambda: corrupt([[0], [0, 1]], "symmetric_flip", 0.5, 2, 0), {"labels"}),
+    (lambda: corrupt([0, 1], "custom", 0.5, 2, 0, transition=[[1.0], [0.0, 1.0]]), {"transition"}),
+    (lambda: corrupt([0, 1], "custom", 0.5, 2, 0, transition=np.eye(2) * (1 + 1j)), {"transition"}),
+    (lambda: transition_matrix("symmetric_flip", 2.0, 3), {"rate"}),
+    (lambda: transition_matrix("pairflip", math.nan, 3), {"rate"}),
+    (lambda: transition_matrix("symmetric_flip", 0.5, 1), {"num_classes"}),
+    (lambda: transition_matrix("symmetric_uniform", 0.5, 0), {"num_classes"}),
+    (lambda: transition_matrix("pairflip", 0.5, 2.5), {"num_classes"}),
+])
+def test_regression_noise_arguments_are_named(call, names):
+    # numpy's "expected non-negative integer" / inhomogeneous-shape ValueErrors; a complex matrix
+    # lost its imaginary part with a warning; transition_matrix returned negative "probabilities"
+    # (rate 2), NaN (rate NaN, symmetric_flip with C = 1) or raised ZeroDivisionError (C = 0)
+    expect_error(names, call)
