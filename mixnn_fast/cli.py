@@ -58,7 +58,7 @@ def _given_settings(args: argparse.Namespace) -> dict:
 def _config_from_args(args: argparse.Namespace):
     from mixnn_fast.train.config import TrainConfig
 
-    if args.resume_any:
+    if args.resume or args.resume_from_previous:
         return _resume_config(args)
     source = f"{args.config} (with the command line's flags)" if args.config else "command line"
     return TrainConfig.from_dict(_given_settings(args), source=source)
@@ -244,8 +244,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognised arguments: {' '.join(rest)}")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    if args.command == "train":
-        args.resume_any = args.resume or args.resume_from_previous
     try:
         if args.command == "bench":
             return cmd_bench(args, rest)
