@@ -466,15 +466,20 @@ def test_skip_drops_and_counts_bad_samples(damaged_set):
     nbrs = ring_neighbours(n, shift=1)  # i mixes with i+1: anchors 2, 4, 7 lose their partner
     loader = MixNNLoader(desc, batch_size=4, neighbours=nbrs, size=32, device="cpu", num_threads=1,
                          on_error="skip", seed=2)
-    anchors = [a for b in loader for a in b.anchor_ids.tolist()]
+    batches = list(loader)
+    anchors = [a for b in batches for a in b.anchor_ids.tolist()]
     assert set(loader.skipped) == {3, 5, 8}
     assert "03.jpg" in loader.skipped[3] and "05.jpg" in loader.skipped[5] and "08.jpg" in loader.skipped[8]
-    expected = sorted(set(range(n)) - {3, 5, 8, 2, 4, 7})
+    expected = sorted(set(range(n)) - {3, 5, 8})  # only the unreadable images are lost
     assert sorted(anchors) == expected
-    assert loader.skipped_anchors == 6
+    assert loader.skipped_anchors == 3
+    # anchors whose partner is unreadable are mixed with themselves in its place (x~ = x, y~ = t)
+    partner_of = {a: p for b in batches for a, p in zip(b.anchor_ids.tolist(), b.partner_ids[:, 0].tolist())}
+    assert all(partner_of[a] == a for a in (2, 4, 7))
+    assert all(partner_of[a] == (a + 1) % n for a in expected if a not in (2, 4, 7))
     # the next epoch knows the bad files already: same anchors, nothing counted twice
     anchors = [a for b in loader for a in b.anchor_ids.tolist()]
-    assert sorted(anchors) == expected and loader.skipped_anchors == 12
+    assert sorted(anchors) == expected and loader.skipped_anchors == 6
     assert set(loader.skipped) == {3, 5, 8}
 
 

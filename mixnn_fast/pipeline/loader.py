@@ -47,13 +47,14 @@ way on the CPU: DALI decodes only the source window that the resize-then-centre-
 shows, and torch resizes it (bench/eval_loader.py: about 2× the all-DALI path).
 
 Bad images (``on_error``): "raise" (default) raises an error naming the file when its
-batch is reached; "skip" drops the sample, and every anchor that needs it, and counts
-them (``loader.skipped``: id -> reason, ``loader.skipped_anchors``).  Missing files,
-empty files, bytes that are not an image format and (training views of encoded images)
-headers whose size cannot be read are caught while reading; images that start right but
-do not decode (truncated, corrupt) make DALI fail the batch, and the loader then decodes
-the batch's files one by one with PIL to name the culprit, rebuilds the pipeline and
-(when skipping) replays the batch without it.  The replayed batches get the same
+batch is reached; "skip" loses that image only and counts it (``loader.skipped``: id ->
+reason, ``loader.skipped_anchors``): as an anchor it is dropped, and an anchor whose
+partner it was is mixed with itself in its place.  Missing files, empty files, bytes that
+are not an image format and (training views of encoded images) headers whose size cannot
+be read are caught while reading; images that start right but do not decode (truncated,
+corrupt) make DALI fail the batch, and the loader then decodes the batch's files one by
+one with PIL -- and, for files PIL reads but DALI does not, with DALI alone -- to name the
+culprit, rebuilds the pipeline and (when skipping) replays the batch without it.  The replayed batches get the same
 augmentations, and a skipped image does not change those of the others in its batch.
 """
 from __future__ import annotations
@@ -192,16 +193,19 @@ class LoaderBatch:
 
 
 def _drop_samples(batch: PlanBatch, bad: np.ndarray) -> tuple[PlanBatch, int, np.ndarray]:
-    """``batch`` without the ids in ``bad`` and without every anchor that needs one of
-    them (as itself or as a partner); returns (batch, number of anchors dropped, (M',)
-    int64 the kept slots: positions in ``batch.ids`` of the new batch's ids)."""
+    """``batch`` without the ids in ``bad``: anchors among them are dropped; an anchor whose
+    partner is among them keeps training, mixed with itself in that partner's place
+    (``λ x + β x = x``, and its targets likewise), so only the unreadable image is lost.
+    Returns (batch, number of anchors dropped, (M',) int64 the kept slots: positions in
+    ``batch.ids`` of the new batch's ids)."""
     is_bad = np.isin(batch.ids, bad)
     if not is_bad.any():
         return batch, 0, np.arange(len(batch.ids))
     keep = ~is_bad[batch.anchor_slots]
-    if batch.partner_slots.shape[1]:
-        keep &= ~is_bad[batch.partner_slots].any(axis=1)
-    a_slots, p_slots = batch.anchor_slots[keep], batch.partner_slots[keep]
+    a_slots, p_slots = batch.anchor_slots[keep], batch.partner_slots[keep].copy()
+    if p_slots.shape[1]:
+        lost = is_bad[p_slots]
+        p_slots[lost] = np.broadcast_to(a_slots[:, None], p_slots.shape)[lost]
     used = np.zeros(len(batch.ids), dtype=bool)
     used[a_slots] = True
     used[p_slots.ravel()] = True
@@ -366,6 +370,41 @@ def _pil_problem(path: str) -> str | None:
     return None
 
 
+def _dali_problems(paths: Sequence[str], device: str, device_id: int | None) -> dict[str, str]:
+    """The files among ``paths`` that DALI's own decoder refuses, each with DALI's reason.
+
+    The second check behind a DALI decoding failure, for files that PIL decodes but DALI does
+    not (e.g. a damaged marker libjpeg tolerates): each file is decoded whole, one per run, by
+    a one-image pipeline on the loader's device, rebuilt only after a failure."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    from mixnn_fast.pipeline.dali_pipelines import _decoder_device
+
+    pending = list(paths)
+
+    def next_file():
+        return [np.fromfile(pending[0], dtype=np.uint8)]
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=device_id, prefetch_queue_depth=1)
+    def decode_one():
+        encoded = fn.external_source(source=next_file, batch=True, dtype=types.UINT8, ndim=1)
+        return fn.decoders.image(encoded, device=_decoder_device(device), output_type=types.RGB)
+
+    problems: dict[str, str] = {}
+    pipe = None
+    while pending:
+        if pipe is None:
+            pipe = decode_one()
+            pipe.build()
+        try:
+            pipe.run()
+        except RuntimeError as err:
+            problems[pending[0]] = f"DALI cannot decode it ({_dali_reason(err)})"
+            pipe = None  # a failed pipeline is not reused
+        pending.pop(0)
+    return problems
+
+
 def _dali_reason(err: BaseException) -> str:
     """The informative line of a DALI error (the one after "encountered:")."""
     lines = [line.strip() for line in str(err).splitlines()]
@@ -516,7 +555,8 @@ class _DaliLoader:
 
     @property
     def skipped_anchors(self) -> int:
-        """Anchors dropped because they or one of their partners could not be decoded."""
+        """Anchors dropped because their own image could not be decoded (an unreadable partner
+        is replaced by the anchor itself, not counted here)."""
         return self._feeder.skipped_anchors
 
     def close(self) -> None:
@@ -663,6 +703,13 @@ class _DaliLoader:
                     culprits.append(sample)
                     reasons.append(f"{paths[sample]}: {problem}")
         first_line = _dali_reason(err)
+        if not culprits:  # PIL decodes them all: ask DALI's decoder about each file alone
+            suspects = list(dict.fromkeys(s for _, batch in served for s in np.unique(batch.ids).tolist()))
+            refused = _dali_problems([paths[s] for s in suspects], self.device, self.device_id)
+            for sample in suspects:
+                if paths[sample] in refused:
+                    culprits.append(sample)
+                    reasons.append(f"{paths[sample]}: {refused[paths[sample]]}")
         if not culprits:
             names = ", ".join(paths[s] for s in served[0][1].ids[:5].tolist())
             raise RuntimeError(f"DALI failed on batch {served[0][1].index} (files {names}, ...) and PIL decodes all "
