@@ -283,6 +283,11 @@ def _params(call: _MixCall):
     p.out = call.out.data_ptr()
     p.out_dtype = _DTYPE_CODES[call.out.dtype]
     p.out_layout = _LAYOUT_CODES[call.out_layout]
+    # Declare every buffer's size, so the binding checks each against the call's shapes
+    # (a raw address carries none): the kernel can then never read or write past a buffer.
+    for name in ("images", "anchors", "partners", "weights", "mean", "inv_std", "out"):
+        tensor = getattr(call, name)
+        setattr(p, f"{name}_nbytes", tensor.numel() * tensor.element_size())
     return p
 
 
