@@ -30,6 +30,23 @@ enum class Layout : int32_t { kNHWC = 0, kNCHW = 1 };
 struct Half { uint16_t bits; };
 struct BFloat16 { uint16_t bits; };
 
+// The CPU kernel's source is compiled once per instruction set (base, avx2, avx512) into one
+// extension.  An inline function that g++ emits out of line would be a weak symbol of the same
+// name in each object, and the linker would keep one copy -- possibly the AVX-512 one inside the
+// kernel chosen for an AVX2-only CPU.  In those builds the functions below therefore live in an
+// inline namespace named after the instruction set: one distinct copy per build, still called
+// as mixnn::to_float etc.  (The types above are shared and stay outside it.)  mix_params.h
+// wraps its helpers the same way.
+#if defined(MIXNN_CPU_ISA) && !defined(__CUDACC__)
+#define MIXNN_ISA_FUNCTIONS_BEGIN inline namespace MIXNN_CPU_ISA {
+#define MIXNN_ISA_FUNCTIONS_END }
+#else
+#define MIXNN_ISA_FUNCTIONS_BEGIN
+#define MIXNN_ISA_FUNCTIONS_END
+#endif
+
+MIXNN_ISA_FUNCTIONS_BEGIN
+
 MIXNN_HD uint32_t float_to_bits(float f) {
 #if defined(__CUDA_ARCH__)
   return __float_as_uint(f);
@@ -139,4 +156,5 @@ MIXNN_HD float mix_normalise(float weighted_sum, float weight_sum, float mean, f
   return (weighted_sum - mean * weight_sum) * inv_std;
 }
 
+MIXNN_ISA_FUNCTIONS_END
 }  // namespace mixnn

@@ -35,6 +35,8 @@ struct MixImagesParams {
   Layout out_layout = Layout::kNCHW;
 };
 
+MIXNN_ISA_FUNCTIONS_BEGIN  // one copy per CPU instruction set (see mix_math.h)
+
 MIXNN_HD int64_t pixels_per_image(const MixImagesParams& p) { return p.height * p.width; }
 
 // Offset of element (pixel, channel) inside one image of the given layout.
@@ -52,4 +54,5 @@ MIXNN_HD float term_weight(const MixImagesParams& p, int64_t row, int64_t term) 
   return p.weights[row * (p.num_partners + 1) + term];
 }
 
+MIXNN_ISA_FUNCTIONS_END
 }  // namespace mixnn
