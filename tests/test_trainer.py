@@ -166,3 +166,24 @@ def test_a_corrupt_image_is_named_when_not_skipping(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert bad in err and "on_error" in err
+
+
+def test_a_list_file_leaving_the_dataset_root_is_refused_by_line(tmp_path, capsys):
+    """mixnn train on a file list that names ``../`` paths: an error naming the list file and
+    line, before anything is written; --allow-outside-root reads them."""
+    from fixtures import make_path_label_list
+
+    data = make_path_label_list(tmp_path / "data", n_per_class=4, size=40, num_classes=2)
+    lines = data.list_path.read_text().splitlines()
+    outside = tmp_path / "outside.jpg"
+    outside.write_bytes(Path(data.paths[0]).read_bytes())
+    lines[2] = f"../outside.jpg {lines[2].rsplit(' ', 1)[1]}"
+    data.list_path.write_text("\n".join(lines) + "\n")
+    run = ["train", "--dataset", "file_list", "--data-root", str(data.list_path), "--noise", "none",
+           "--method", "ce", "--epochs", "1", "--batch-size", "4", "--model-widths", "4", "8", "8", "8",
+           "--no-progress", "--no-tensorboard", "--num-threads", "1", "--out-dir", str(tmp_path / "run")]
+    assert mixnn_main(run) == 2
+    err = capsys.readouterr().err
+    assert f"{data.list_path}, line 3" in err and "outside" in err
+    assert not (tmp_path / "run").exists()
+    assert mixnn_main(run + ["--allow-outside-root"]) == 0

@@ -48,6 +48,7 @@ class TrainConfig:
     noise_rate: float = 0.4
     noise_seed: int = 0
     num_batches: int | None = None        # Clothing1M: class-balanced batches per epoch (paper: 2000)
+    allow_outside_root: bool = False      # list files may name images outside the dataset root
     augment: bool = True                  # in-memory images: random pad-and-crop + flip; False: none (the
                                           # MNIST protocol of Co-teaching/GCE); image files are always augmented
     # ---- method ----------------------------------------------------------------------------

@@ -94,17 +94,19 @@ def _load_sources(cfg: TrainConfig) -> tuple[DatasetDescription, DatasetDescript
         return sources.cifar(cfg.data_root, name, "train"), sources.cifar(cfg.data_root, name, "test"), name, ""
     if not cfg.data_root:
         raise ValueError(f"data_root: {name} needs a data root")
+    outside = dict(allow_outside_root=cfg.allow_outside_root)
     if name == "clothing1m":
-        return (sources.clothing1m(cfg.data_root, "noisy_train"), sources.clothing1m(cfg.data_root, "clean_test"),
-                name, "")
+        return (sources.clothing1m(cfg.data_root, "noisy_train", **outside),
+                sources.clothing1m(cfg.data_root, "clean_test", **outside), name, "")
     if name == "webvision":
-        return sources.webvision(cfg.data_root, "train"), sources.webvision(cfg.data_root, "val"), name, ""
+        return (sources.webvision(cfg.data_root, "train", **outside), sources.webvision(cfg.data_root, "val", **outside),
+                name, "")
     if name == "image_folder":
         test = sources.image_folder(cfg.test_root) if cfg.test_root else None
         return sources.image_folder(cfg.data_root), test, name, ""
     if name == "file_list":
-        test = sources.file_list(cfg.test_root) if cfg.test_root else None
-        return sources.file_list(cfg.data_root), test, name, ""
+        test = sources.file_list(cfg.test_root, **outside) if cfg.test_root else None
+        return sources.file_list(cfg.data_root, **outside), test, name, ""
     raise ValueError(f"dataset: unknown dataset {name!r}")
 
 

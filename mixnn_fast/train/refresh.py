@@ -184,7 +184,9 @@ def in_batch_partners(batch_features: torch.Tensor, k: int = 1) -> torch.Tensor:
     if b == 1:
         return torch.zeros(1, k, dtype=torch.int64)
     f = batch_features.double()
-    distances = torch.cdist(f, f)
+    # differences, not |a|² + |b|² − 2ab: the expanded form cancels, and which of two nearly tied
+    # partners wins would then depend on the BLAS kernel and thread count
+    distances = torch.cdist(f, f, compute_mode="donot_use_mm_for_euclid_dist")
     distances.fill_diagonal_(float("inf"))
     k_eff = min(k, b - 1)
     nearest = distances.topk(k_eff, largest=False).indices
