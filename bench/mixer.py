@@ -25,7 +25,7 @@ from common import report, time_call  # noqa: E402
 
 from mixnn_fast import build_info, mix_images  # noqa: E402
 from mixnn_fast._native import native  # noqa: E402
-from mixnn_fast.mixer_reference import mix_images_reference  # noqa: E402
+from mixnn_fast.mix.reference import mix_images_reference  # noqa: E402
 
 IMAGENET_MEAN = [123.675, 116.28, 103.53]
 IMAGENET_STD = [58.395, 57.12, 57.375]

@@ -36,7 +36,7 @@ from sklearn.mixture import GaussianMixture
 from threadpoolctl import threadpool_limits
 
 from bench.common import report, time_call
-from mixnn_fast.gmm import GMM1D, clean_probability
+from mixnn_fast.refresh.gmm import GMM1D, clean_probability
 
 SETTINGS = {"max_iter": 10, "tol": 1e-2, "reg_covar": 5e-4}
 THREADS = 2

@@ -70,7 +70,7 @@ import numpy as np
 import torch
 
 from bench.common import report, time_call
-from mixnn_fast.neighbours import NeighbourIndex, nearest_neighbours, recall_against, recall_at_k
+from mixnn_fast.refresh.neighbours import NeighbourIndex, nearest_neighbours, recall_against, recall_at_k
 
 THREADS = 2
 TARGET = {"recall": 0.95, "seconds": 3.0, "speedup_vs_faiss": 5.0}

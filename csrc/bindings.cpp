@@ -1,7 +1,7 @@
 // All Python bindings of mixnn_fast._C.
 //
 // Tensors do not cross this boundary as objects: the Python front
-// (mixnn_fast/mixer.py) validates them, makes them contiguous and fills a
+// (mixnn_fast/mix/mixer.py) validates them, makes them contiguous and fills a
 // MixImagesParams with their data pointers and sizes.  So the extension needs
 // neither libtorch nor a particular torch version.  The GIL is released while
 // the kernels run.

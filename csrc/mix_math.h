@@ -22,7 +22,7 @@
 namespace mixnn {
 
 // Element types the mixer reads and writes; the codes are shared with Python
-// (mixnn_fast/mixer.py, _DTYPE_CODES).
+// (mixnn_fast/mix/mixer.py, _DTYPE_CODES).
 enum class DType : int32_t { kUInt8 = 0, kFloat32 = 1, kFloat16 = 2, kBFloat16 = 3 };
 enum class Layout : int32_t { kNHWC = 0, kNCHW = 1 };
 

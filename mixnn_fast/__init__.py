@@ -10,7 +10,7 @@ Entry points:
                                      K nearest other samples in feature space (hnswlib, exact, faiss)
     mixing_weights                   MixNN's λ/β weights (eq. 10-11) and the ablations
     SoftTargets                      label correction by exponential moving average (eq. 12)
-    mixnn_fast.data, mixnn_fast.noise, mixnn_fast.pipeline
+    mixnn_fast.data, mixnn_fast.data.noise, mixnn_fast.pipeline
                                      dataset sources, label-noise simulation, epoch plans + DALI loader
 """
 from __future__ import annotations
@@ -29,19 +29,19 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _LAZY = {
-    "mix_images": "mixnn_fast.mixer",
-    "mix_targets": "mixnn_fast.mixer",
-    "mix_images_reference": "mixnn_fast.mixer_reference",
-    "mix_targets_reference": "mixnn_fast.mixer_reference",
-    "clean_probability": "mixnn_fast.gmm",
-    "GMM1D": "mixnn_fast.gmm",
-    "nearest_neighbours": "mixnn_fast.neighbours",
-    "NeighbourIndex": "mixnn_fast.neighbours",
-    "recall_at_k": "mixnn_fast.neighbours",
-    "mixing_weights": "mixnn_fast.weights",
-    "SoftTargets": "mixnn_fast.targets",
+    "mix_images": "mixnn_fast.mix.mixer",
+    "mix_targets": "mixnn_fast.mix.mixer",
+    "mix_images_reference": "mixnn_fast.mix.reference",
+    "mix_targets_reference": "mixnn_fast.mix.reference",
+    "clean_probability": "mixnn_fast.refresh.gmm",
+    "GMM1D": "mixnn_fast.refresh.gmm",
+    "nearest_neighbours": "mixnn_fast.refresh.neighbours",
+    "NeighbourIndex": "mixnn_fast.refresh.neighbours",
+    "recall_at_k": "mixnn_fast.refresh.neighbours",
+    "mixing_weights": "mixnn_fast.refresh.weights",
+    "SoftTargets": "mixnn_fast.refresh.targets",
 }
-_SUBMODULES = {"data", "noise", "pipeline", "train"}
+_SUBMODULES = {"data", "refresh", "pipeline", "mix", "train", "app"}
 
 __all__ = sorted(_LAZY) + ["build_info", "__version__"]
 

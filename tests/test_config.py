@@ -109,7 +109,7 @@ def test_yaml_round_trip(tmp_path):
 
 
 def test_cli_refuses_a_bad_config_file_before_writing(tmp_path, capsys):
-    from mixnn_fast.cli import main
+    from mixnn_fast.app.cli import main
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("epochs: ten\nmethod: mixnn\n")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from mixnn_fast.data import fashion_mnist
-from mixnn_fast.train.demo import DEMO_EPOCHS, DEMO_SUBSET, demo_cells, run_demo
-from mixnn_fast.train.experiments import table_cells
+from mixnn_fast.app.demo import DEMO_EPOCHS, DEMO_SUBSET, demo_cells, run_demo
+from mixnn_fast.app.experiments import table_cells
 
 
 def _fashion_mnist_installed() -> bool:

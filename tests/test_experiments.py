@@ -6,9 +6,9 @@ import shlex
 
 import pytest
 
-from mixnn_fast.cli import _config_from_args, build_parser
-from mixnn_fast.train import experiments
-from mixnn_fast.train.experiments import run_table, scaled_schedule, table_cells, train_command
+from mixnn_fast.app.cli import _config_from_args, build_parser
+from mixnn_fast.app import experiments
+from mixnn_fast.app.experiments import run_table, scaled_schedule, table_cells, train_command
 
 
 def _cells(tmp_path, **overrides):
@@ -78,7 +78,7 @@ def test_a_folder_with_another_config_is_refused(tmp_path):
 
 @pytest.mark.parametrize("shard", ["0/2", "3/2", "a/b", "1"])
 def test_a_bad_shard_is_refused(shard, capsys):
-    from mixnn_fast.cli import main
+    from mixnn_fast.app.cli import main
 
     assert main(["table", "--shard", shard, "--out-dir", "/nonexistent/never-written"]) == 2
     assert "--shard" in capsys.readouterr().err

@@ -22,11 +22,11 @@ import torch
 from hypothesis import assume, given, note, strategies as st
 
 from mixnn_fast import mix_images, mix_images_reference, mix_targets
-from mixnn_fast.gmm import GMM1D, LossHistory, clean_probability
-from mixnn_fast.neighbours import NeighbourIndex, nearest_neighbours
-from mixnn_fast.noise import KINDS, corrupt, transition_matrix
-from mixnn_fast.targets import SoftTargets
-from mixnn_fast.weights import mixing_weights, random_partners
+from mixnn_fast.refresh.gmm import GMM1D, LossHistory, clean_probability
+from mixnn_fast.refresh.neighbours import NeighbourIndex, nearest_neighbours
+from mixnn_fast.data.noise import KINDS, corrupt, transition_matrix
+from mixnn_fast.refresh.targets import SoftTargets
+from mixnn_fast.refresh.weights import mixing_weights, random_partners
 
 
 def expect_error(names, fn, *args, **kwargs):
@@ -1432,7 +1432,7 @@ def test_regression_out_may_not_overlap_any_input():
 
 def test_regression_reference_mixer_takes_an_empty_batch():
     # reshape(0, -1) cannot infer K: RuntimeError from torch
-    from mixnn_fast.mixer_reference import mix_targets_reference
+    from mixnn_fast.mix.reference import mix_targets_reference
 
     out = mix_images_reference(torch.zeros(3, 2, 2, 1, dtype=torch.uint8), torch.empty(0, dtype=torch.int64),
                                torch.empty(0, 1, dtype=torch.int64), torch.empty(0, 2))
@@ -1552,7 +1552,7 @@ def test_regression_partners_redrawn_entry_by_entry_are_uniform():
     # distinct offsets must stay equally likely
     from scipy import stats
 
-    from mixnn_fast.weights import _distinct_by_redrawing_repeats
+    from mixnn_fast.refresh.weights import _distinct_by_redrawing_repeats
 
     generator = torch.Generator().manual_seed(1)
     draws = torch.cat([_distinct_by_redrawing_repeats(7, 3, generator, torch.device("cpu")) for _ in range(4000)])

@@ -12,7 +12,7 @@ from hypothesis import given, strategies as st
 from sklearn.cluster import KMeans
 from sklearn.mixture import GaussianMixture
 
-from mixnn_fast.gmm import (GMM1D, CollapsedComponentWarning, DegenerateLossesWarning, LossHistory,
+from mixnn_fast.refresh.gmm import (GMM1D, CollapsedComponentWarning, DegenerateLossesWarning, LossHistory,
                             clean_probability)
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
@@ -293,7 +293,7 @@ def test_partial_init_takes_the_rest_from_kmeans(rng):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_lloyd_matches_sklearn_from_the_same_centres(rng, dtype):
     """Overlapping modes, where scikit-learn's tol (not stable labels) ends k-means: same stopping point."""
-    from mixnn_fast.gmm import _Standardised
+    from mixnn_fast.refresh.gmm_numerics import Standardised as _Standardised
 
     for n in (999, 30011):
         x = bimodal(rng, n)

@@ -11,7 +11,7 @@ from fixtures import HAVE_FASHION_MNIST, fashion_mnist_samples, make_jpeg_folder
 from PIL import Image
 
 from mixnn_fast.data.description import DatasetDescription
-from mixnn_fast.mixer_reference import mix_images_reference, mix_targets_reference
+from mixnn_fast.mix.reference import mix_images_reference, mix_targets_reference
 from mixnn_fast.pipeline import EvalLoader, ImageDecodeError, MixNNLoader
 
 MEAN = (123.675, 116.28, 103.53)

@@ -12,7 +12,7 @@ import torch
 
 from mixnn_fast import mix_images, mix_images_reference, mix_targets, mix_targets_reference
 from mixnn_fast._native import allowed_cpu_isas, configured_cpu_isa, native
-from mixnn_fast.mixer import cuda_launch_config, mix_images_cuda_emulated
+from mixnn_fast.mix.mixer import cuda_launch_config, mix_images_cuda_emulated
 
 IN_DTYPES = [torch.uint8, torch.float32, torch.float16, torch.bfloat16]
 OUT_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.uint8]

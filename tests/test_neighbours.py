@@ -18,8 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mixnn_fast import NeighbourIndex, nearest_neighbours, recall_at_k
-from mixnn_fast.neighbours import recall_against
-from mixnn_fast.neighbours.exact import ExactSearcher
+from mixnn_fast.refresh.neighbours import recall_against
+from mixnn_fast.refresh.neighbours.exact import ExactSearcher
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 E32, E64 = torch.finfo(torch.float32).eps, torch.finfo(torch.float64).eps

@@ -8,8 +8,8 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 from scipy import stats
 
-from mixnn_fast.noise import KINDS, NoisyLabels, corrupt, transition_matrix
-from mixnn_fast.noise import _systematic_counts
+from mixnn_fast.data.noise import KINDS, NoisyLabels, corrupt, transition_matrix
+from mixnn_fast.data.noise import _systematic_counts
 
 CLASSES_OF = {"asymmetric_cifar10": 10, "asymmetric_fashion_mnist": 10, "asymmetric_cifar100": 100}
 BUILT_IN = [k for k in KINDS if k != "custom"]

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mixnn_fast.cli import main as mixnn_main
+from mixnn_fast.app.cli import main as mixnn_main
 from mixnn_fast.train.checkpoint import CHECKPOINT, PREVIOUS, CheckpointError, load_checkpoint
 from mixnn_fast.train.metrics import read_metrics
 
@@ -38,7 +38,7 @@ TINY = ["--dataset", "digits", "--noise-rate", "0.4", "--model-widths", "8", "16
 
 def _cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     """``mixnn ARGS`` in a fresh process, as a user runs it."""
-    result = subprocess.run([sys.executable, "-m", "mixnn_fast.cli", *args], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "mixnn_fast.app.cli", *args], capture_output=True, text=True,
                             cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if check and result.returncode != 0:
         raise AssertionError(f"mixnn {' '.join(args)} failed ({result.returncode}):\n{result.stderr[-3000:]}")
@@ -101,7 +101,7 @@ def _checkpoint_inside_epoch(epoch: int):
 def test_sigkill_and_resume_gives_the_uninterrupted_metrics(tmp_path, request, method, kill_in_epoch):
     uninterrupted = request.getfixturevalue("uninterrupted" if method == "mixnn" else "uninterrupted_mixup")
     out = tmp_path / "killed"
-    command = [sys.executable, "-m", "mixnn_fast.cli", "train", *TINY, "--method", method, "--out-dir", str(out),
+    command = [sys.executable, "-m", "mixnn_fast.app.cli", "train", *TINY, "--method", method, "--out-dir", str(out),
                "--checkpoint-every-steps", "5"]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -122,7 +122,7 @@ def test_sigkill_between_epochs_and_resume_with_more_epochs(tmp_path, uninterrup
     """Killed right after an epoch's checkpoint, resumed asking for more epochs: the first five
     epochs equal the uninterrupted run's."""
     out = tmp_path / "extended"
-    command = [sys.executable, "-m", "mixnn_fast.cli", "train", *TINY, "--out-dir", str(out)]
+    command = [sys.executable, "-m", "mixnn_fast.app.cli", "train", *TINY, "--out-dir", str(out)]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "OMP_NUM_THREADS": "1"})
 
@@ -250,7 +250,7 @@ def test_resume_needs_a_run(tmp_path, capsys):
 
 
 def test_bench_accepts_only_listed_benchmarks(capsys):
-    from mixnn_fast.cli import BENCHMARKS
+    from mixnn_fast.app.cli import BENCHMARKS
 
     assert sorted(BENCHMARKS) == sorted(p.stem for p in (REPO / "bench").glob("*.py") if p.stem != "common")
     assert mixnn_main(["bench", "../setup"]) == 2

@@ -6,7 +6,7 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from mixnn_fast.targets import SoftTargets
+from mixnn_fast.refresh.targets import SoftTargets
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 STORAGE = [torch.float32, torch.float16, torch.bfloat16, torch.float64]

@@ -10,12 +10,13 @@ import torch
 from hypothesis import given, strategies as st
 from sklearn.metrics import roc_auc_score
 
-from mixnn_fast.targets import SoftTargets
+from mixnn_fast.refresh.targets import SoftTargets
 from mixnn_fast.train.config import TrainConfig
 from mixnn_fast.train.datasets import stratified_subset
-from mixnn_fast.train.metrics import auroc
-from mixnn_fast.train.refresh import ForwardPass, in_batch_partners, refresh
-from mixnn_fast.train.report import write_label_issues
+from mixnn_fast.audit.scores import auroc
+from mixnn_fast.refresh.forward import ForwardPass
+from mixnn_fast.refresh.refresh import in_batch_partners, refresh
+from mixnn_fast.app.report import write_label_issues
 
 E32, E64 = torch.finfo(torch.float32).eps, torch.finfo(torch.float64).eps
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from fixtures import make_clothing1m
 
-from mixnn_fast.cli import main as mixnn_main
+from mixnn_fast.app.cli import main as mixnn_main
 from mixnn_fast.train.config import TrainConfig
-from mixnn_fast.train.report import write_run_report
+from mixnn_fast.app.report import write_run_report
 from mixnn_fast.train.trainer import CHECKPOINT, Trainer
 
 

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, strategies as st
 from scipy import stats
 
-from mixnn_fast.weights import MODES, mixing_weights, random_partners
+from mixnn_fast.refresh.weights import MODES, mixing_weights, random_partners
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 E32, E64 = torch.finfo(torch.float32).eps, torch.finfo(torch.float64).eps

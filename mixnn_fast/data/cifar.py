@@ -295,7 +295,7 @@ def cifar(root: str | os.PathLike, which: str, split: str = "train") -> DatasetD
 
     Returns ``images`` (N, 32, 32, 3) uint8 (HWC, RGB), ``labels`` (N,) int64 (CIFAR-100: the
     fine labels), ``classes`` from the meta file, ``clean_labels`` None (the labels as
-    published; simulate noise with :func:`mixnn_fast.noise.corrupt` and ``with_labels``).
+    published; simulate noise with :func:`mixnn_fast.data.noise.corrupt` and ``with_labels``).
     CIFAR-100 adds ``extra['coarse_labels']`` (N,) int64 and ``extra['coarse_classes']``.
     Raises FileNotFoundError for a missing file and ValueError naming the file for anything
     malformed (wrong shapes, labels out of range, a pickle naming a forbidden global).

@@ -162,7 +162,7 @@ class LoaderBatch:
         Returns:
             (images (B, C, H, W) for "NCHW", mixed targets (B, C) or None).
         """
-        from mixnn_fast.mixer import mix_images, mix_targets
+        from mixnn_fast.mix.mixer import mix_images, mix_targets
 
         device = self.images.device
         weights = torch.as_tensor(weights, dtype=torch.float32)
@@ -662,7 +662,7 @@ class _DaliLoader:
             return images
         # what DALI's crop_mirror_normalize would do: normalise and/or transpose, here with the
         # fused mixer (K = 0, weight 1: one pass, exact for uint8)
-        from mixnn_fast.mixer import mix_images
+        from mixnn_fast.mix.mixer import mix_images
 
         normalise = self.normalize_in_pipeline and (self.mean is not None or self.std is not None)
         dtype = torch.float32 if normalise else torch.uint8

@@ -24,7 +24,7 @@ GMM_LOSS_TARGETS = ("soft_targets", "argmax_targets", "given")
 DATASETS = ("fashion_mnist", "digits", "cifar10", "cifar100", "clothing1m", "webvision", "image_folder", "file_list")
 NEIGHBOUR_BACKENDS = ("hnsw", "exact", "faiss")
 NOISE_KINDS = ("none", "symmetric_uniform", "symmetric_flip", "asymmetric_cifar10", "asymmetric_cifar100",
-               "pairflip", "asymmetric_fashion_mnist")  # mixnn_fast.noise.KINDS minus "custom" (needs a matrix)
+               "pairflip", "asymmetric_fashion_mnist")  # mixnn_fast.data.noise.KINDS minus "custom" (needs a matrix)
 MODELS = ("small_cnn", "preact_resnet18", "resnet34", "resnet50")  # or torchvision:<name> / timm:<name>
 ON_ERROR = ("raise", "skip")
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
@@ -44,7 +44,7 @@ class TrainConfig:
     data_root: str | None = None          # None: the dataset's default location (Fashion-MNIST: Debian's)
     test_root: str | None = None          # image_folder / file_list: the test set
     train_subset: int | None = None       # a class-stratified subset of this many training samples
-    noise: str = "symmetric_uniform"      # a mixnn_fast.noise kind, or "none" to train on the given labels
+    noise: str = "symmetric_uniform"      # a mixnn_fast.data.noise kind, or "none" to train on the given labels
     noise_rate: float = 0.4
     noise_seed: int = 0
     num_batches: int | None = None        # Clothing1M: class-balanced batches per epoch (paper: 2000)

@@ -10,7 +10,7 @@ import numpy as np
 
 from mixnn_fast import data as sources
 from mixnn_fast.data.description import DatasetDescription
-from mixnn_fast.noise import NoisyLabels, corrupt
+from mixnn_fast.data.noise import NoisyLabels, corrupt
 from mixnn_fast.train.config import TrainConfig
 
 log = logging.getLogger(__name__)

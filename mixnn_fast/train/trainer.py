@@ -35,10 +35,10 @@ import numpy as np
 import torch
 
 from mixnn_fast.data.clothing1m import balanced_subset
-from mixnn_fast.gmm import LossHistory
-from mixnn_fast.mixer import mix_images
+from mixnn_fast.refresh.loss_history import LossHistory
+from mixnn_fast.mix.mixer import mix_images
 from mixnn_fast.pipeline import EvalLoader, MixNNLoader
-from mixnn_fast.targets import SoftTargets
+from mixnn_fast.refresh.targets import SoftTargets
 from mixnn_fast.train.checkpoint import (CHECKPOINT, PREVIOUS, CheckpointError, capture_rng, load_checkpoint,
                                          restore_rng, save_checkpoint)
 from mixnn_fast.train.config import TrainConfig
@@ -47,8 +47,9 @@ from mixnn_fast.train.losses import (generalized_cross_entropy, one_hot, soft_cr
                                      symmetric_cross_entropy)
 from mixnn_fast.train.metrics import MetricsLog
 from mixnn_fast.train.models import build_model, inference_copy
-from mixnn_fast.train.refresh import RefreshResult, forward_pass, in_batch_partners, refresh
-from mixnn_fast.weights import mixing_weights
+from mixnn_fast.refresh.forward import forward_pass
+from mixnn_fast.refresh.refresh import RefreshResult, in_batch_partners, refresh
+from mixnn_fast.refresh.weights import mixing_weights
 
 log = logging.getLogger(__name__)
 

@@ -41,7 +41,7 @@ import warnings
 import numpy as np
 import torch
 
-from mixnn_fast.neighbours._validation import (
+from mixnn_fast.refresh.neighbours._validation import (
     as_feature_matrix,
     check_k,
     check_metric,
@@ -50,8 +50,8 @@ from mixnn_fast.neighbours._validation import (
     squared_to_metric,
     times_power_of_two,
 )
-from mixnn_fast.neighbours.distances import sort_by_distance_then_id, squared_distances_to_candidates
-from mixnn_fast.neighbours.exact import ExactSearcher
+from mixnn_fast.refresh.neighbours.distances import sort_by_distance_then_id, squared_distances_to_candidates
+from mixnn_fast.refresh.neighbours.exact import ExactSearcher
 
 BACKENDS = ("hnsw", "exact", "faiss")
 
@@ -142,13 +142,13 @@ class NeighbourIndex:
         if backend == "exact":
             self._searcher = ExactSearcher(self._base, num_threads=self.num_threads)
         elif backend == "hnsw":
-            from mixnn_fast.neighbours.hnsw import HnswSearcher
+            from mixnn_fast.refresh.neighbours.hnsw import HnswSearcher
 
             self._graph_vectors = self._graph_space(pca_min_variance, pca_sample, seed)
             self._searcher = HnswSearcher(self._graph_vectors, M=M, ef_construction=ef_construction, ef=ef,
                                           num_threads=self.num_threads, seed=seed)
         else:
-            from mixnn_fast.neighbours.faiss_backend import FaissFlatSearcher
+            from mixnn_fast.refresh.neighbours.faiss_backend import FaissFlatSearcher
 
             self._graph_vectors = self._base.to(device="cpu", dtype=torch.float32)
             self._searcher = FaissFlatSearcher(self._graph_vectors, num_threads=self.num_threads)
@@ -156,7 +156,7 @@ class NeighbourIndex:
     def _graph_space(self, pca_min_variance: float, pca_sample: int, seed: int) -> torch.Tensor:
         """The float32 CPU vectors the hnsw graph is built on: PCA projection or the features."""
         if self.pca_dim is not None and self.pca_dim < self.dim:
-            from mixnn_fast.neighbours.reduction import PCAProjection
+            from mixnn_fast.refresh.neighbours.reduction import PCAProjection
 
             pca = PCAProjection(self._base, self.pca_dim, sample=pca_sample, seed=seed)
             self.explained_variance_ratio = pca.explained_variance_ratio

@@ -155,7 +155,7 @@ def _exclusive(out: Path):
 def _run_cell_locked(cell: Cell, out: Path, log) -> dict:
     import yaml
 
-    from mixnn_fast.train.report import write_run_report
+    from mixnn_fast.app.report import write_run_report
     from mixnn_fast.train.trainer import CHECKPOINT, PREVIOUS, Trainer
 
     summary_path, config_path = out / "summary.json", out / "config.yaml"
@@ -229,7 +229,7 @@ def format_table(cells: list[Cell], summaries: list[dict]) -> str:
 def plot_table(cells: list[Cell], out_dir: str | Path) -> list[Path]:
     """One PNG per noise setting: test accuracy per epoch of every method (first seed)."""
     from mixnn_fast.train.metrics import read_metrics
-    from mixnn_fast.train.report import accuracy_curve, plot_accuracy
+    from mixnn_fast.app.report import accuracy_curve, plot_accuracy
 
     paths = []
     by_noise: dict[str, dict[str, list]] = {}

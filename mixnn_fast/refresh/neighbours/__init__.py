@@ -12,7 +12,7 @@ One module per concern: ``index`` (the pipeline), ``exact``, ``hnsw``, ``faiss_b
 """
 from __future__ import annotations
 
-from mixnn_fast.neighbours.index import BACKENDS, NeighbourIndex, nearest_neighbours
-from mixnn_fast.neighbours.recall import recall_against, recall_at_k
+from mixnn_fast.refresh.neighbours.index import BACKENDS, NeighbourIndex, nearest_neighbours
+from mixnn_fast.refresh.neighbours.recall import recall_against, recall_at_k
 
 __all__ = ["BACKENDS", "NeighbourIndex", "nearest_neighbours", "recall_against", "recall_at_k"]

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 
-BENCH_DIR = Path(__file__).resolve().parent.parent / "bench"
+BENCH_DIR = Path(__file__).resolve().parents[2] / "bench"
 #: bench/<name>.py of a source checkout that ``mixnn bench NAME`` runs (nothing else is run)
 BENCHMARKS = ("mixer", "loader", "eval_loader", "epoch", "refresh", "refresh_gmm", "refresh_neighbours")
 
@@ -102,7 +102,7 @@ def _resume_config(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from mixnn_fast.train.report import write_run_report
+    from mixnn_fast.app.report import write_run_report
     from mixnn_fast.train.trainer import Trainer
 
     cfg = _config_from_args(args)
@@ -134,7 +134,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from mixnn_fast.train.demo import run_demo
+    from mixnn_fast.app.demo import run_demo
 
     run_demo(quick=args.quick, epochs=args.epochs, subset=args.subset, out_dir=args.out_dir, seed=args.seed,
              progress=not args.no_progress)
@@ -142,7 +142,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_table(args: argparse.Namespace) -> int:
-    from mixnn_fast.train.experiments import TABLE_NOISE, run_table, table_cells
+    from mixnn_fast.app.experiments import TABLE_NOISE, run_table, table_cells
 
     noises = [n for n in TABLE_NOISE if args.noise is None or n[2] in args.noise]
     if args.noise is not None and len(noises) != len(args.noise):
@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mixnn {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except RuntimeError as exc:
-        from mixnn_fast.train.experiments import RunLocked
+        from mixnn_fast.app.experiments import RunLocked
         from mixnn_fast.train.trainer import TrainingDiverged
 
         if not isinstance(exc, (TrainingDiverged, RunLocked)):

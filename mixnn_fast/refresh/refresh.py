@@ -1,7 +1,7 @@
-"""MixNN's per-epoch refresh (DESIGN.md §1.2): one forward pass over the training pool without
-augmentation gives each sample's loss, feature and prediction; from them the clean probability
-(GMM), the partners (nearest neighbours or random), the mixing weights (eq. 10-11) and the
-corrected soft targets (eq. 12)."""
+"""MixNN's per-epoch refresh (docs/design.md): from one forward pass over the training pool
+without augmentation (forward.py) -- each sample's loss, feature and prediction -- the clean
+probability (GMM), the partners (nearest neighbours or random), the mixing weights (eq. 10-11)
+and the corrected soft targets (eq. 12)."""
 from __future__ import annotations
 
 import time
@@ -10,22 +10,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from mixnn_fast.gmm import GMM1D, LossHistory, clean_probability
-from mixnn_fast.neighbours import nearest_neighbours
-from mixnn_fast.targets import SoftTargets
-from mixnn_fast.train.metrics import auroc
-from mixnn_fast.weights import mixing_weights, random_partners
-
-
-@dataclass
-class ForwardPass:
-    """Per-sample outputs of the model: logits (P, C) float32 and features (P, D) float32, on the
-    CPU, for the samples ``ids`` (P,) int64 sorted (the pool asked for, minus samples that could
-    not be read when that is allowed)."""
-
-    logits: torch.Tensor
-    features: torch.Tensor
-    ids: torch.Tensor | None = None  # None: every sample, in order
+from mixnn_fast.audit.scores import auroc
+from mixnn_fast.refresh.forward import ForwardPass
+from mixnn_fast.refresh.gmm import GMM1D, clean_probability
+from mixnn_fast.refresh.loss_history import LossHistory
+from mixnn_fast.refresh.neighbours import nearest_neighbours
+from mixnn_fast.refresh.targets import SoftTargets
+from mixnn_fast.refresh.weights import mixing_weights, random_partners
 
 
 @dataclass
@@ -40,46 +31,6 @@ class RefreshResult:
     gmm: GMM1D
     seconds: dict[str, float] = field(default_factory=dict)
     stats: dict[str, float] = field(default_factory=dict)
-
-
-@torch.no_grad()
-def forward_pass(model: torch.nn.Module, loader, ids: torch.Tensor, device: torch.device, *,
-                 autocast_dtype: torch.dtype | None = None, memory_format: torch.memory_format = torch.contiguous_format,
-                 progress=None, allow_missing: bool = False) -> ForwardPass:
-    """Run ``model`` in eval mode over every batch of ``loader`` (an EvalLoader over the samples
-    ``ids``, (P,) int64 sorted) and gather logits and penultimate features in the order of ``ids``.
-    ``model`` may be :func:`mixnn_fast.train.models.inference_copy` of the training model, with
-    ``memory_format`` the format its weights are in.  Samples the loader skipped (unreadable
-    images with ``on_error="skip"``) are left out of the result when ``allow_missing``, else
-    they are a RuntimeError."""
-    was_training = model.training
-    model.eval()
-    logits_all: torch.Tensor | None = None
-    features_all: torch.Tensor | None = None
-    seen = torch.zeros(len(ids), dtype=torch.bool)
-    for batch in loader:
-        x, _ = batch.mix(torch.ones(len(batch), 1))
-        with torch.inference_mode(), \
-                torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            logits, features = model(x.to(device, non_blocking=True).contiguous(memory_format=memory_format),
-                                     return_features=True)
-        rows = torch.searchsorted(ids, batch.anchor_ids.cpu())
-        if logits_all is None:
-            logits_all = torch.zeros(len(ids), logits.shape[1])
-            features_all = torch.zeros(len(ids), features.shape[1])
-        logits_all[rows] = logits.float().cpu()
-        features_all[rows] = features.float().cpu()
-        seen[rows] = True
-        if progress is not None:
-            progress.update(len(rows))
-    model.train(was_training)
-    if logits_all is None or (not allow_missing and not bool(seen.all())):
-        missing = int((~seen).sum())
-        raise RuntimeError(f"refresh: the evaluation pass did not cover {missing} of {len(ids)} samples "
-                           "(skipped images?); the refresh needs every sample of the pool")
-    if bool(seen.all()):
-        return ForwardPass(logits=logits_all, features=features_all, ids=ids)
-    return ForwardPass(logits=logits_all[seen], features=features_all[seen], ids=ids[seen])
 
 
 def refresh(outputs: ForwardPass, targets: SoftTargets, given_labels: torch.Tensor, epoch: int, *,
@@ -101,7 +52,7 @@ def refresh(outputs: ForwardPass, targets: SoftTargets, given_labels: torch.Tens
         epoch: the current epoch (label correction starts at ``targets.start_epoch``).
         partners: "neighbours" (K nearest in feature space), "random", or "in_batch" (the
             partners are found per batch by the caller; no neighbours here).
-        weights_mode: "gmm" (eq. 10-11), "avg" or "rdm" (mixnn_fast.weights).
+        weights_mode: "gmm" (eq. 10-11), "avg" or "rdm" (mixnn_fast.refresh.weights).
         gmm_loss: fit the GMM on the cross-entropy against the current soft targets
             ("soft_targets"), against their argmax ("argmax_targets", as the authors' code does),
             or against the given labels ("given").  Against soft targets the loss of a sample is

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import torch
 
-from mixnn_fast.neighbours._validation import (
+from mixnn_fast.refresh.neighbours._validation import (
     as_feature_matrix,
     check_metric,
     check_positive_int,
     prepare_for_metric,
 )
-from mixnn_fast.neighbours.distances import squared_distances_to_candidates
-from mixnn_fast.neighbours.exact import ExactSearcher
+from mixnn_fast.refresh.neighbours.distances import squared_distances_to_candidates
+from mixnn_fast.refresh.neighbours.exact import ExactSearcher
 
 # Relative slack when comparing two float64 distances computed along different paths.
 _TIE_RTOL = 1e-9

@@ -129,8 +129,8 @@ def write_run_report(trainer, summary: dict) -> dict:
     last refresh's.  For the baselines, which correct nothing, the corrected label is the model's
     prediction and the clean probability comes from the same GMM fitted on the final losses
     against the given labels — so every method gets a comparable clean-detection AUROC."""
-    from mixnn_fast.gmm import clean_probability
-    from mixnn_fast.train.metrics import auroc
+    from mixnn_fast.refresh.gmm import clean_probability
+    from mixnn_fast.audit.scores import auroc
 
     out = trainer.out_dir
     data = trainer.data.train

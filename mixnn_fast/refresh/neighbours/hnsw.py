@@ -28,7 +28,7 @@ class HnswSearcher:
 
     def __init__(self, vectors: torch.Tensor, *, M: int, ef_construction: int, ef: int,
                  num_threads: int, seed: int):
-        import hnswlib  # imported here so `import mixnn_fast.neighbours` works without it
+        import hnswlib  # imported here so `import mixnn_fast.refresh.neighbours` works without it
 
         n, p = vectors.shape
         self.ef = ef

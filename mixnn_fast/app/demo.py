@@ -2,7 +2,7 @@
 40% symmetric label noise (uniform over all classes, the paper's convention), side by side,
 on a budget that fits a 2-core machine in about ten minutes.
 
-The budget is the results table's (mixnn_fast.train.experiments): 2,000 training images, 60
+The budget is the results table's (mixnn_fast.app.experiments): 2,000 training images, 60
 epochs, no augmentation, the small CNN — where plain CE visibly memorises the noisy labels (its
 test accuracy falls from an early peak), the regime MixNN is meant for.  The paper's 300-epoch
 schedule (warm-up 10, label correction from 60, warm restarts every 10) is scaled by
@@ -13,9 +13,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mixnn_fast.train.experiments import Cell, run_cell, table_cells
+from mixnn_fast.app.experiments import Cell, run_cell, table_cells
 from mixnn_fast.train.metrics import read_metrics
-from mixnn_fast.train.report import accuracy_curve, plot_accuracy
+from mixnn_fast.app.report import accuracy_curve, plot_accuracy
 
 DEMO_EPOCHS = 60
 DEMO_SUBSET = 2000

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from mixnn_fast.neighbours.distances import sort_by_distance_then_id, squared_distances_to_candidates
+from mixnn_fast.refresh.neighbours.distances import sort_by_distance_then_id, squared_distances_to_candidates
 
 # Unit roundoff of the float32 products by matmul precision setting: "highest" is IEEE
 # float32; "high" may use TF32 (10-bit mantissa) and "medium" bfloat16 (7-bit) on CUDA,
