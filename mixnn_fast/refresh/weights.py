@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from mixnn_fast._checks import check_device, check_in_range
@@ -197,10 +198,14 @@ def _dirichlet(rows: int, size: int, alpha: float, generator: torch.Generator | 
     """Tensor[rows, size] float64, each row ~ Dirichlet(alpha, ..., alpha).
 
     Normalised Gamma(alpha) draws, taken in log space as log Gamma(alpha + 1) + log(U) / alpha
-    (Marsaglia and Tsang's boost) so that small alpha cannot underflow a whole row to 0/0."""
-    gammas = torch._standard_gamma(torch.full((rows, size), alpha + 1.0, dtype=torch.float64, device=device),
-                                   generator=generator)
-    uniforms = 1.0 - torch.rand((rows, size), generator=generator, dtype=torch.float64, device=device)  # (0, 1]
+    (Marsaglia and Tsang's boost) so that small alpha cannot underflow a whole row to 0/0.
+
+    The Gamma variates come from NumPy (torch's own sampler is not public API), seeded by one
+    draw from ``generator``: the weights stay a function of the generator's state."""
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device if generator else None))
+    rng = np.random.default_rng(seed)
+    gammas = torch.from_numpy(rng.standard_gamma(alpha + 1.0, size=(rows, size))).to(device)
+    uniforms = torch.from_numpy(1.0 - rng.random((rows, size))).to(device)  # (0, 1]
     log_gammas = gammas.log() + uniforms.log() / alpha
     lost = ~torch.isfinite(log_gammas.amax(dim=1))
     if bool(lost.any()):
