@@ -31,6 +31,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu/host_buffers.h"
 #include "cpu/mix_images_cpu.h"
 #include "cuda/grid_emulator.h"
 #include "cuda/mix_images_kernel.h"
@@ -397,6 +398,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_compiled", []() { return false; });
   m.def("cuda_device_count", []() { return 0; });
 #endif
+
+  mixnn::host::bind(m);  // pooled host outputs for mix_images without out= (cpu/host_buffers.h)
 
   m.def("build_info", []() {
     py::dict info;
