@@ -8,307 +8,47 @@ For each anchor row ``b`` with terms ``idx_b0 = anchors[b]`` and
 gather, convex combination, normalisation, layout change (NHWC → NCHW by default)
 and dtype cast are fused.  CPU tensors run the C++/OpenMP kernel (the GIL is
 released), CUDA tensors the CUDA kernel on the current torch stream.  NumPy arrays
-and any DLPack producer (CuPy, DALI outputs, JAX, ...) are accepted and converted
-without a copy.
+and any DLPack producer (CuPy, DALI outputs, JAX, ...) are accepted and viewed
+without a copy (``inputs.py``).
 
-Validation happens here, before any kernel runs; every failure is a ``ValueError``
-or ``TypeError`` naming the argument.  Inputs that are not contiguous in their
-declared layout are copied once (a full extra pass: pass contiguous batches);
-integer indices are converted to int64 and weights to float32 (both are small).
+:func:`mix_images` and :func:`mix_targets` are the user-facing entry points: they convert
+the inputs, check the options, and call the registered torch operators
+``mixnn_fast::mix_images`` / ``mixnn_fast::mix_targets`` (``op.py``), whose implementation
+validates the values and runs the kernel (``core.py``).  So ``torch.compile(fullgraph=True)``
+traces a function calling them without a graph break, and compiled code keeps every check.
+Every failure is a ``ValueError`` or ``TypeError`` naming the argument.  Inputs that are not
+contiguous in their declared layout are copied once (a full extra pass: pass contiguous
+batches); integer indices are converted to int64 and weights to float32 (both are small).
 """
 from __future__ import annotations
 
-import math
-import numbers
-from dataclasses import dataclass
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 
 from mixnn_fast._native import native
+from mixnn_fast.mix import op
+# Re-exported: trusted.py, the tests and older imports use these names from here.
+from mixnn_fast.mix.core import (  # noqa: F401
+    MAX_NUM_THREADS, SINGLE_THREAD_ELEMENTS, WEIGHT_SUM_TOLERANCE, _channel_vector, _check_num_threads, _MixCall,
+    _params, _prepare, _run, check_options,
+)
+from mixnn_fast.mix.inputs import as_channel_values, as_tensor  # noqa: F401
+from mixnn_fast.mix.outputs import configure_output_pool, output_pool_stats, release_output_pool  # noqa: F401
 
-# dtype codes shared with csrc/mix_math.h (enum DType)
-_DTYPE_CODES = {torch.uint8: 0, torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
-_LAYOUT_CODES = {"NHWC": 0, "NCHW": 1}
-_INDEX_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-#: Default tolerance on |Σ_j w_ij − 1| per row.
-WEIGHT_SUM_TOLERANCE = 1e-3
-#: Outputs smaller than this run on one CPU thread: waking an OpenMP team costs more than the
-#: work (measured: a (64, 10) target mix took 11 ms of CPU on 2 threads, 0.13 ms on one).
-SINGLE_THREAD_ELEMENTS = 1 << 16
-#: Most OpenMP threads one call may ask for: libgomp aborts ("Out of memory allocating ...")
-#: or segfaults when asked for 10^5 or more, and no CPU this runs on has more cores.
-MAX_NUM_THREADS = 1024
+__all__ = ["mix_images", "mix_targets", "mix_images_cuda_emulated", "cuda_launch_config", "configure_output_pool",
+           "output_pool_stats", "release_output_pool"]
 
 
-def as_tensor(value: Any, name: str) -> torch.Tensor:
-    """A torch view of ``value`` (Tensor, NumPy array, or any ``__dlpack__`` producer), without a copy
-    (NumPy arrays with negative strides or a non-native byte order, which torch cannot view, are copied)."""
-    if isinstance(value, torch.Tensor):
-        tensor = value
-    elif isinstance(value, np.ndarray):
-        if value.dtype.kind == "f" and value.dtype.itemsize == 8 and name == "images":
-            raise TypeError(f"{name}: float64 images are not supported; use uint8, float32, float16 or bfloat16")
-        if not value.dtype.isnative or any(step < 0 for step in value.strides):
-            value = np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("="))
-        elif not value.flags.writeable:  # torch.from_numpy warns on read-only arrays; we never write inputs
-            value = value.copy()
-        try:
-            tensor = torch.from_numpy(value)
-        except TypeError as exc:  # a dtype torch has no equivalent of (object, str, datetime, ...)
-            raise TypeError(f"{name}: NumPy dtype {value.dtype} is not supported ({exc})") from exc
-    elif hasattr(value, "__dlpack__"):
-        try:
-            tensor = torch.from_dlpack(value)
-        except (RuntimeError, TypeError, BufferError) as exc:
-            raise TypeError(f"{name}: could not be imported through DLPack: {exc}") from exc
-    elif isinstance(value, (list, tuple)) and name not in ("images", "targets"):
-        try:
-            tensor = torch.as_tensor(value)
-        except (TypeError, ValueError, RuntimeError, OverflowError) as exc:  # ragged, None, str, > int64
-            raise TypeError(f"{name}: could not be read as a tensor of numbers ({exc})") from exc
-        if tensor.numel() == 0 and name in ("anchors", "partners"):
-            tensor = tensor.long()  # an empty list carries no dtype; torch's default would be float32
-    else:
-        raise TypeError(
-            f"{name}: expected a torch.Tensor, a NumPy array or a DLPack producer, got {type(value).__name__}"
-        )
-    if tensor.layout != torch.strided:  # sparse and other layouts have no data pointer for the kernels
-        raise TypeError(f"{name}: expected a dense (strided) tensor, got layout {tensor.layout}")
-    return tensor
-
-
-def _check_index_tensor(index: torch.Tensor, name: str, shape: tuple, num_images: int, device) -> torch.Tensor:
-    if index.dtype not in _INDEX_DTYPES:
-        raise TypeError(f"{name}: expected an integer tensor, got dtype {index.dtype}")
-    if tuple(index.shape) != shape:
-        raise ValueError(f"{name}: expected shape {shape}, got {tuple(index.shape)}")
-    if index.device != device:
-        raise ValueError(f"{name}: is on {index.device} but images are on {device}; move it with .to({str(device)!r})")
-    if index.numel():
-        low, high = int(index.min()), int(index.max())
-        if low < 0 or high >= num_images:
-            raise ValueError(
-                f"{name}: indices must lie in [0, {num_images}) (the number of images), got [{low}, {high}]"
-            )
-    return index.to(torch.int64).contiguous()
-
-
-def _check_weights(weights: torch.Tensor, shape: tuple, device, normalize: bool, tol: float) -> torch.Tensor:
-    if weights.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"weights: expected a floating tensor, got dtype {weights.dtype}")
-    if tuple(weights.shape) != shape:
-        raise ValueError(f"weights: expected shape {shape} (batch, 1 + num_partners), got {tuple(weights.shape)}")
-    if weights.device != device:
-        raise ValueError(f"weights: is on {weights.device} but images are on {device}")
-    given = weights
-    weights = weights.to(torch.float32).contiguous()
-    if weights.numel() == 0:
-        return weights
-    if not bool(torch.isfinite(given).all()):
-        raise ValueError("weights: contain NaN or infinity")
-    if bool((given < 0).any()):
-        raise ValueError("weights: must be non-negative (MixNN mixes convexly)")
-    sums = weights.sum(dim=1)
-    if normalize:
-        if bool(torch.isfinite(sums).all()) and bool((sums > 0).all()):
-            return (weights / sums.unsqueeze(1)).contiguous()
-        # The float32 sums overflowed (weights near float32's maximum) or a row vanished in the cast
-        # (float64 weights below float32's range): normalise in float64, each row first divided by
-        # its largest entry so that its sum cannot overflow either.
-        exact = given.to(torch.float64)
-        largest = exact.amax(dim=1, keepdim=True)
-        if bool((largest <= 0).any()):
-            raise ValueError("weights: a row sums to 0 and cannot be normalised")
-        exact = exact / largest
-        return (exact / exact.sum(dim=1, keepdim=True)).to(torch.float32).contiguous()
-    worst = float((sums - 1).abs().max())
-    if worst > tol:
-        raise ValueError(
-            f"weights: each row must sum to 1 (largest deviation {worst:.3g} > tolerance {tol:g}); "
-            "pass normalize_weights=True to rescale them"
-        )
-    return weights
-
-
-def _channel_vector(value, channels: int, name: str, default: float, is_std: bool = False) -> torch.Tensor:
-    if value is None:
-        return torch.full((channels,), default, dtype=torch.float32)
-    if isinstance(value, torch.Tensor) and (value.is_complex() or value.layout != torch.strided):
-        raise TypeError(f"{name}: expected real numbers, got a {value.dtype} tensor with layout {value.layout}")
-    try:
-        vec = torch.as_tensor(value.detach().cpu() if isinstance(value, torch.Tensor) else value,
-                              dtype=torch.float64)
-    except (TypeError, ValueError, RuntimeError, OverflowError) as exc:  # str, None, complex, ragged lists
-        raise TypeError(f"{name}: expected a number or {channels} numbers (one per channel), got {value!r}") from exc
-    # The values are checked before a scalar is broadcast: a bad value is bad even for zero channels.
-    if not bool(torch.isfinite(vec).all()):
-        raise ValueError(f"{name}: contains NaN or infinity")
-    single = vec.to(torch.float32)  # the kernels compute in float32
-    if is_std and bool((single <= 0).any()):  # also what is positive in float64 but rounds to 0 in float32
-        raise ValueError(f"{name}: every channel's std must be > 0 (at least float32's smallest number)")
-    if single.numel() == 1:
-        single = single.reshape(1).expand(channels)
-    if single.ndim != 1 or single.numel() != channels:
-        raise ValueError(f"{name}: expected {channels} values (one per channel), got shape {tuple(vec.shape)}")
-    return single.contiguous()  # the kernels read C values from the data pointer
-
-
-def _check_num_threads(num_threads) -> int | None:
-    if num_threads is None:
-        return None
-    if isinstance(num_threads, bool) or not isinstance(num_threads, numbers.Integral):
-        raise TypeError(f"num_threads: expected an int or None, got {type(num_threads).__name__}")
-    if not 1 <= num_threads <= MAX_NUM_THREADS:
-        raise ValueError(f"num_threads: must be in [1, {MAX_NUM_THREADS}], got {num_threads}")
-    return int(num_threads)
-
-
-def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.device != b.device or a.numel() == 0 or b.numel() == 0:
-        return False
-    a0, b0 = a.data_ptr(), b.data_ptr()
-    a1 = a0 + a.numel() * a.element_size()
-    b1 = b0 + b.numel() * b.element_size()
-    return a0 < b1 and b0 < a1
-
-
-@dataclass
-class _MixCall:
-    """A validated call: contiguous tensors on one device, plus the sizes the kernel needs."""
-
-    images: torch.Tensor
-    anchors: torch.Tensor
-    partners: torch.Tensor
-    weights: torch.Tensor
-    mean: torch.Tensor
-    inv_std: torch.Tensor
-    out: torch.Tensor
-    in_layout: str
-    out_layout: str
-    height: int
-    width: int
-    channels: int
-
-
-def _prepare(images, anchors, partners, weights, *, in_layout="NHWC", mean=None, std=None, out_layout="NCHW",
-             out_dtype=torch.float32, out=None, normalize_weights=False, weight_tolerance=WEIGHT_SUM_TOLERANCE,
-             check_finite=False) -> _MixCall:
-    images = as_tensor(images, "images")
-    # isinstance first: an unhashable value would make the dict lookup raise a TypeError naming nothing
-    if not isinstance(in_layout, str) or in_layout not in _LAYOUT_CODES:
-        raise ValueError(f"in_layout: must be 'NHWC' or 'NCHW', got {in_layout!r}")
-    if not isinstance(out_layout, str) or out_layout not in _LAYOUT_CODES:
-        raise ValueError(f"out_layout: must be 'NHWC' or 'NCHW', got {out_layout!r}")
-    if images.dtype not in _DTYPE_CODES:
-        raise TypeError(f"images: dtype must be uint8, float32, float16 or bfloat16, got {images.dtype}")
-    if not isinstance(out_dtype, torch.dtype) or out_dtype not in _DTYPE_CODES:
-        raise TypeError(f"out_dtype: must be torch.float32, float16, bfloat16 or uint8, got {out_dtype}")
-    if isinstance(weight_tolerance, bool) or not isinstance(weight_tolerance, numbers.Real) \
-            or not 0 <= weight_tolerance < math.inf:
-        raise ValueError(f"weight_tolerance: must be a finite number >= 0, got {weight_tolerance!r}")
-    if images.ndim != 4:
-        raise ValueError(f"images: expected a 4-D batch ({in_layout}), got shape {tuple(images.shape)}")
-    device = images.device
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"images: device {device} is not supported (cpu or cuda)")
-    if in_layout == "NHWC":
-        num_images, height, width, channels = images.shape
-    else:
-        num_images, channels, height, width = images.shape
-
-    anchors = as_tensor(anchors, "anchors")
-    if anchors.ndim != 1:
-        raise ValueError(f"anchors: expected shape (B,), got {tuple(anchors.shape)}")
-    batch = anchors.shape[0]
-    partners = as_tensor(partners, "partners")
-    if partners.ndim != 2:
-        raise ValueError(f"partners: expected shape (B, K), got {tuple(partners.shape)}")
-    num_partners = partners.shape[1]
-    anchors = _check_index_tensor(anchors, "anchors", (batch,), num_images, device)
-    partners = _check_index_tensor(partners, "partners", (batch, num_partners), num_images, device)
-    weights = _check_weights(as_tensor(weights, "weights"), (batch, num_partners + 1), device,
-                             normalize_weights, weight_tolerance)
-
-    mean_vec = _channel_vector(mean, channels, "mean", 0.0)
-    std_vec = _channel_vector(std, channels, "std", 1.0, is_std=True)
-    inv_std = (1.0 / std_vec.double()).float()
-
-    if check_finite and images.dtype != torch.uint8 and not bool(torch.isfinite(images).all()):
-        raise ValueError("images: contain NaN or infinity")
-
-    out_shape = (batch, channels, height, width) if out_layout == "NCHW" else (batch, height, width, channels)
-    if out is None:
-        out = torch.empty(out_shape, dtype=out_dtype, device=device)
-    else:
-        if not isinstance(out, torch.Tensor):
-            raise TypeError(f"out: expected a torch.Tensor, got {type(out).__name__}")
-        if tuple(out.shape) != out_shape or out.dtype != out_dtype or out.device != device:
-            raise ValueError(
-                f"out: expected {out_dtype} of shape {out_shape} on {device}, "
-                f"got {out.dtype} of shape {tuple(out.shape)} on {out.device}"
-            )
-        if not out.is_contiguous():
-            raise ValueError("out: must be contiguous")
-    images = images.contiguous()
-    # Checked on what the kernel reads (contiguous copies of strided inputs are not shared): the
-    # kernel reads each input while it writes out, so a shared byte gives a silently wrong result.
-    for name, tensor in (("images", images), ("anchors", anchors), ("partners", partners), ("weights", weights)):
-        if _overlap(out, tensor):
-            raise ValueError(f"out: overlaps {name} in memory; the mixer cannot write in place")
-
-    return _MixCall(
-        images=images, anchors=anchors, partners=partners, weights=weights,
-        mean=mean_vec.to(device), inv_std=inv_std.to(device), out=out,
-        in_layout=in_layout, out_layout=out_layout, height=height, width=width, channels=channels,
-    )
-
-
-def _params(call: _MixCall):
-    p = native().MixImagesParams()
-    p.images = call.images.data_ptr()
-    p.in_dtype = _DTYPE_CODES[call.images.dtype]
-    p.in_layout = _LAYOUT_CODES[call.in_layout]
-    p.num_images = call.images.shape[0]
-    p.height, p.width, p.channels = call.height, call.width, call.channels
-    p.anchors = call.anchors.data_ptr()
-    p.partners = call.partners.data_ptr()
-    p.weights = call.weights.data_ptr()
-    p.batch, p.num_partners = call.partners.shape
-    p.mean = call.mean.data_ptr()
-    p.inv_std = call.inv_std.data_ptr()
-    p.out = call.out.data_ptr()
-    p.out_dtype = _DTYPE_CODES[call.out.dtype]
-    p.out_layout = _LAYOUT_CODES[call.out_layout]
-    # Declare every buffer's size, so the binding checks each against the call's shapes
-    # (a raw address carries none): the kernel can then never read or write past a buffer.
-    for name in ("images", "anchors", "partners", "weights", "mean", "inv_std", "out"):
-        tensor = getattr(call, name)
-        setattr(p, f"{name}_nbytes", tensor.numel() * tensor.element_size())
-    return p
-
-
-def _run(call: _MixCall, num_threads: int | None) -> torch.Tensor:
-    num_threads = _check_num_threads(num_threads)
-    if call.out.numel() == 0:
-        return call.out
-    params = _params(call)
-    if call.images.device.type == "cpu":
-        if num_threads is None:
-            num_threads = 1 if call.out.numel() < SINGLE_THREAD_ELEMENTS else torch.get_num_threads()
-        native().mix_images_cpu(params, num_threads)
-    else:
-        if not native().cuda_compiled():
-            raise RuntimeError(
-                "images: CUDA tensors need the CUDA kernel, but mixnn_fast was built without nvcc; "
-                "rebuild with nvcc on PATH (CMAKE_ARGS=-DMIXNN_CUDA=ON)"
-            )
-        with torch.cuda.device(call.images.device):
-            native().mix_images_cuda(params, torch.cuda.current_stream(call.images.device).cuda_stream)
-    return call.out
+def _refuse_grad(function: str, **tensors) -> None:
+    """ValueError naming the first tensor that requires grad while grad mode is on: the mixer has
+    no backward, and a graph through it would only fail later, at ``backward()``."""
+    if not torch.is_grad_enabled():
+        return
+    for name, tensor in tensors.items():
+        if isinstance(tensor, torch.Tensor) and tensor.requires_grad:
+            raise ValueError(f"{name}: requires grad, but {function} is not differentiable; pass "
+                             f"{name}.detach() or call it under torch.no_grad()")
 
 
 def mix_images(
@@ -332,7 +72,9 @@ def mix_images(
 
     Args:
         images: the decoded batch of M images, (M, H, W, C) for ``in_layout="NHWC"`` (as decoders
-            produce it) or (M, C, H, W) for "NCHW"; uint8, float32, float16 or bfloat16; CPU or CUDA.
+            produce it) or (M, C, H, W) for "NCHW"; uint8, float32, float16 or bfloat16; CPU or
+            CUDA.  A torch tensor, a NumPy array or any DLPack producer (CuPy, DALI TensorCPU /
+            TensorGPU or a dense TensorList, ...), viewed without a copy.
         anchors: (B,) integer indices into ``images`` (any integer dtype), on the images' device.
         partners: (B, K) integer indices into ``images``; K may be 0.
         weights: (B, K+1) floating; column 0 is the anchor's λ, columns 1..K the partners' β.
@@ -344,24 +86,52 @@ def mix_images(
         out_layout: "NCHW" (default, what convolutions want) or "NHWC".
         out_dtype: torch.float32 (default), float16, bfloat16, or uint8 (rounded half to even,
             saturated to [0, 255]).
-        out: optional preallocated contiguous output of the right shape, dtype and device.
+        out: optional preallocated contiguous output of the right shape, dtype and device.  It is
+            written as by a torch in-place op (its version counter is bumped; an inference
+            tensor can be written only inside ``torch.inference_mode``).
         check_finite: scan float images for NaN/inf first (an extra pass over the input).
         num_threads: OpenMP threads on the CPU, 1 to ``MAX_NUM_THREADS`` (default:
             ``torch.get_num_threads()``, or one thread for outputs under ``SINGLE_THREAD_ELEMENTS``
             elements).
 
     Returns:
-        (B, C, H, W) for ``out_layout="NCHW"`` or (B, H, W, C) for "NHWC", in ``out_dtype``.
+        (B, C, H, W) for ``out_layout="NCHW"`` or (B, H, W, C) for "NHWC", in ``out_dtype``:
+        ``out`` itself, or a new tensor the caller owns.  A new CPU output of 1 MiB or more comes
+        from a pool of huge-page buffers (:mod:`mixnn_fast.mix.outputs`): the default call then
+        costs about what a call with a reused ``out=`` does.  A buffer re-enters the pool only
+        once torch has released every tensor and view of it, so a result is never overwritten
+        by a later call; its storage cannot be resized (``configure_output_pool(enabled=False)``
+        returns to plain ``torch.empty`` outputs).
 
     Raises:
         TypeError / ValueError naming the argument for a wrong type, dtype, shape, device, an
-        index out of range, or weights that are not finite, negative or do not sum to 1.
-        Index validation reads the indices, which synchronises with a CUDA device.
+        index out of range, or weights that are not finite, negative or do not sum to 1; a
+        ValueError too for inputs that require grad while grad mode is on (the mixer is not
+        differentiable).  Index and weight validation reads the tensors, which synchronises
+        with a CUDA device.
+
+    Under ``torch.compile`` this function traces into the operator ``mixnn_fast::mix_images``
+    (``op.py``) with no graph break: the trace runs the structural checks on fake tensors, and
+    the value checks run inside the operator whenever the compiled code calls it.
     """
-    call = _prepare(images, anchors, partners, weights, in_layout=in_layout, mean=mean, std=std,
-                    out_layout=out_layout, out_dtype=out_dtype, out=out, normalize_weights=normalize_weights,
-                    weight_tolerance=weight_tolerance, check_finite=check_finite)
-    return _run(call, num_threads)
+    images = as_tensor(images, "images")
+    anchors = as_tensor(anchors, "anchors")
+    partners = as_tensor(partners, "partners")
+    weights = as_tensor(weights, "weights")
+    check_options(in_layout, out_layout, out_dtype, weight_tolerance)
+    num_threads = _check_num_threads(num_threads)
+    mean = as_channel_values(mean, "mean")
+    std = as_channel_values(std, "std")
+    _refuse_grad("mix_images", images=images, weights=weights, mean=mean, std=std, out=out)
+    options = dict(in_layout=in_layout, out_layout=out_layout, out_dtype=out_dtype,
+                   normalize_weights=bool(normalize_weights), weight_tolerance=float(weight_tolerance),
+                   check_finite=bool(check_finite), num_threads=num_threads)
+    if out is None:
+        return op.mix_images_op(images, anchors, partners, weights, mean, std, **options)
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out: expected a torch.Tensor, got {type(out).__name__}")
+    op.mix_images_out(images, anchors, partners, weights, out, mean, std, **options)
+    return out
 
 
 def mix_targets(
@@ -379,41 +149,33 @@ def mix_targets(
     """Mix soft targets the way :func:`mix_images` mixes images: ``out[b] = Σ_j w_bj · targets[idx_bj]``.
 
     Args:
-        targets: (N, C) float32, float16 or bfloat16 soft targets (e.g. ``SoftTargets.targets``).
+        targets: (N, C) float32, float16 or bfloat16 soft targets (e.g. ``SoftTargets.targets``),
+            a tensor, NumPy array or DLPack producer.
         anchors, partners, weights: as in :func:`mix_images`, indexing rows of ``targets``.
+        out: optional contiguous (B, C) output.
 
     Returns:
         (B, C) in ``out_dtype`` (float32 by default).
 
-    Runs the same kernel as the images, viewing targets as (N, 1, 1, C) NHWC "images".
+    Runs the same kernel as the images, viewing targets as (N, 1, 1, C) NHWC "images", through
+    the operator ``mixnn_fast::mix_targets``.  Rows this batch reads must be finite (the (B, C)
+    result is checked).  Not differentiable, like :func:`mix_images`.
     """
     targets = as_tensor(targets, "targets")
-    if targets.ndim != 2:
-        raise ValueError(f"targets: expected shape (N, C), got {tuple(targets.shape)}")
-    if targets.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"targets: dtype must be float32, float16 or bfloat16, got {targets.dtype}")
-    if out_dtype == torch.uint8:
-        raise TypeError("out_dtype: soft targets are probabilities; use a floating dtype")
-    num_rows, classes = targets.shape
-    out_view = None
-    if out is not None:
-        if not isinstance(out, torch.Tensor):
-            raise TypeError(f"out: expected a torch.Tensor, got {type(out).__name__}")
-        if out.ndim != 2:
-            raise ValueError(f"out: expected a (B, C) tensor, got shape {tuple(out.shape)}")
-        if not out.is_contiguous():
-            raise ValueError("out: must be contiguous")
-        out_view = out.view(out.shape[0], 1, 1, out.shape[1])
-    mixed = mix_images(targets.reshape(num_rows, 1, 1, classes), anchors, partners, weights,
-                       in_layout="NHWC", out_layout="NHWC", out_dtype=out_dtype, out=out_view,
-                       normalize_weights=normalize_weights, weight_tolerance=weight_tolerance,
-                       num_threads=num_threads)
-    # Callers pass the whole (N, C) table every batch; scanning it for NaN/inf would cost
-    # N·C per call.  A non-finite value in any row this batch reads reaches its output row
-    # (0·NaN and 0·inf are NaN too), so checking the (B, C) result catches exactly those.
-    if not bool(torch.isfinite(mixed).all()):
-        raise ValueError("targets: rows used by this batch contain NaN or infinity")
-    return mixed.view(mixed.shape[0], classes)
+    anchors = as_tensor(anchors, "anchors")
+    partners = as_tensor(partners, "partners")
+    weights = as_tensor(weights, "weights")
+    check_options("NHWC", "NHWC", out_dtype, weight_tolerance)
+    num_threads = _check_num_threads(num_threads)
+    _refuse_grad("mix_targets", targets=targets, weights=weights, out=out)
+    options = dict(out_dtype=out_dtype, normalize_weights=bool(normalize_weights),
+                   weight_tolerance=float(weight_tolerance), num_threads=num_threads)
+    if out is None:
+        return op.mix_targets_op(targets, anchors, partners, weights, **options)
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out: expected a torch.Tensor, got {type(out).__name__}")
+    op.mix_targets_out(targets, anchors, partners, weights, out, **options)
+    return out
 
 
 def mix_images_cuda_emulated(images, anchors, partners, weights, *, grid: tuple[int, int] = (0, 0), **kwargs):
