@@ -515,11 +515,11 @@ def test_bad_arguments_name_themselves(jpeg_set):
         MixNNLoader(jpeg_set, 4, neighbours=nbrs, resize_backend="pil", device="cpu")
     with pytest.raises(ValueError, match="area"):
         MixNNLoader(jpeg_set, 4, neighbours=nbrs, area=(0.5, 1.5), device="cpu")
-    with pytest.raises(ValueError, match="neighbours.*None"):
+    with pytest.raises(ValueError, match="partners.*None"):
         collect(MixNNLoader(jpeg_set, 4, neighbours=None, mode="coherent", device="cpu"))
     bad = nbrs.copy()
     bad[3, 0] = 99
-    with pytest.raises(ValueError, match=r"neighbours\[3, 0\] = 99"):
+    with pytest.raises(ValueError, match=r"partners\[3, 0\] = 99"):
         collect(MixNNLoader(jpeg_set, 4, neighbours=bad, device="cpu"))
 
 

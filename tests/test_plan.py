@@ -1,5 +1,6 @@
 """Epoch plans: invariants on random neighbour graphs of odd sizes, the 1-NN forest
-against brute-force references, sharding, and input validation."""
+against brute-force references, sharding, partner tables (weights that follow their anchors,
+in-batch partners attached afterwards), and input validation."""
 from __future__ import annotations
 
 import time
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 
 from mixnn_fast.pipeline import MODES, plan_epoch
 from mixnn_fast.pipeline.forest import forest, functional_graph_components, preorder
+from mixnn_fast.refresh.partners import PartnerTable, mixup_table
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,6 +289,110 @@ def test_shards_partition_the_batches(graph, batch_size, num_shards, mode):
 
 
 # ---------------------------------------------------------------------------------------------
+# partner tables
+
+
+PLAN_FIELDS = ("ids", "id_offsets", "anchor_slots", "anchor_offsets", "partner_slots", "batch_indices")
+
+
+def table_for(anchors: np.ndarray, nbrs: np.ndarray, seed: int) -> tuple[PartnerTable, np.ndarray]:
+    """A table over ``anchors`` with their rows of ``nbrs`` and random weights; and (N, K+1)
+    the weights by sample id (rows of non-anchors unused)."""
+    n, k = nbrs.shape
+    by_id = np.random.default_rng(seed).dirichlet(np.ones(k + 1), size=n).astype(np.float32)
+    return PartnerTable.build(anchors, nbrs[anchors], by_id[anchors], n), by_id
+
+
+@given(graph=graphs(), batch_size=st.integers(1, 30), mode=st.sampled_from(["coherent", "naive"]),
+       seed=st.integers(0, 2**31), num_shards=st.integers(1, 4), drop_last=st.booleans())
+@settings(max_examples=60)
+def test_weights_follow_their_anchors_through_shuffling_and_sharding(graph, batch_size, mode, seed, num_shards,
+                                                                     drop_last):
+    """A PartnerTable plans exactly the batches its partner array does, and every batch carries
+    (B, K+1) float32 weights: the table's rows of its anchors, in the anchors' (shuffled) order,
+    on every shard, padding batches included."""
+    nbrs, anchors = graph
+    table, by_id = table_for(anchors, nbrs, seed)
+    kwargs = dict(mode=mode, seed=seed, epoch=seed % 7, drop_last=drop_last)
+    plain = plan_epoch(anchors, nbrs, batch_size, **kwargs)
+    plan = plan_epoch(anchors, table, batch_size, **kwargs)
+    assert plain.weights is None and plan.weights.dtype == np.float32
+    for field in PLAN_FIELDS:
+        np.testing.assert_array_equal(getattr(plan, field), getattr(plain, field))
+    assert plan.stats == plain.stats
+    check_plan(plan, anchors, nbrs, batch_size, mode, drop_last)
+    for batch in plan:
+        assert batch.weights.shape == (len(batch), nbrs.shape[1] + 1)
+        np.testing.assert_array_equal(batch.weights, by_id[batch.anchor_ids])
+    for shard_id in range(num_shards):
+        for pad in (True, False):
+            for batch in plan.shard(shard_id, num_shards, pad=pad):
+                np.testing.assert_array_equal(batch.weights, by_id[batch.anchor_ids])
+                np.testing.assert_array_equal(batch.partner_ids, nbrs[batch.anchor_ids])
+
+
+@pytest.mark.parametrize("mode", ["plain", "in_batch"])
+def test_with_partners_attaches_in_batch_partners(mode):
+    """A producer that draws partners inside the plan's batches (plain mixup here): the plan
+    with its table points every partner at its slot in the anchor's own batch, carries the
+    weights, and shards with them."""
+    n = 101
+    anchors = np.random.default_rng(0).permutation(n)[:77]
+    plan = plan_epoch(anchors, None, 10, mode=mode, seed=4, epoch=2, num_samples=n)
+    table = mixup_table(plan, n, alpha=0.4, seed=4, epoch=2)
+    mixed = plan.with_partners(table)
+    assert mixed.num_partners == 1 and mixed.stats.partners_in_batch_fraction == 1.0
+    for field in ("ids", "id_offsets", "anchor_slots", "anchor_offsets", "batch_indices"):
+        np.testing.assert_array_equal(getattr(mixed, field), getattr(plan, field))
+    rows = table.rows(mixed.anchor_ids())
+    np.testing.assert_array_equal(mixed.weights, table.weights.numpy()[rows])
+    for batch in mixed:
+        np.testing.assert_array_equal(batch.partner_ids, table.partners.numpy()[table.rows(batch.anchor_ids)])
+        assert np.isin(batch.partner_slots, batch.anchor_slots).all()  # in the batch, among its anchors
+    for batch in mixed.shard(1, 3):
+        np.testing.assert_array_equal(batch.weights, table.weights.numpy()[table.rows(batch.anchor_ids)])
+    assert plan.weights is None and plan.num_partners == 0  # the plan itself is unchanged
+
+
+def test_with_partners_refuses_partners_outside_the_batch():
+    n = 20
+    plan = plan_epoch(np.arange(n), None, 5, mode="plain", seed=1, num_samples=n)
+    first = plan[0].anchor_ids
+    outsider = int(plan[1].anchor_ids[0])
+    order = np.concatenate([b.anchor_ids for b in plan])
+    partners = np.concatenate([np.roll(b.anchor_ids, 1) for b in plan])[:, None]  # a cycle inside each batch
+    fine = PartnerTable.build(order, partners, np.full((n, 2), 0.5), n)
+    assert plan.with_partners(fine).stats.partners_in_batch_fraction == 1.0
+    partners[2, 0] = outsider  # anchor first[2] now partners a sample of batch 1
+    stray = PartnerTable.build(order, partners, np.full((n, 2), 0.5), n)
+    with pytest.raises(ValueError, match=f"table: partner {outsider} of anchor {int(first[2])} is not in the "
+                                         "anchor's batch 0"):
+        plan.with_partners(stray)
+    short = PartnerTable.build(order[1:], partners[1:], np.full((n - 1, 2), 0.5), n)
+    with pytest.raises(ValueError, match=f"table: anchor {int(order[0])} \\(batch 0\\) has no row"):
+        plan.with_partners(short)
+    with pytest.raises(TypeError, match="table"):
+        plan.with_partners(partners)
+
+
+def test_tables_that_do_not_fit_the_plan_are_named():
+    n = 8
+    nbrs = ((np.arange(n) + 1) % n)[:, None]
+    with pytest.raises(ValueError, match="partners.*K >= 1"):
+        plan_epoch(np.arange(n), PartnerTable.alone(np.arange(n), n), 4)
+    with pytest.raises(ValueError, match="partners.*mode 'plain'.*K = 1.*with_partners"):
+        plan_epoch(np.arange(n), PartnerTable.build(np.arange(n), nbrs, np.full((n, 2), 0.5), n), 4, mode="plain")
+    half = PartnerTable.build(np.arange(4), nbrs[:4], np.full((4, 2), 0.5), n)
+    with pytest.raises(ValueError, match=r"anchor_order: samples \[4, 5, 6, 7\] have no row"):
+        plan_epoch(np.arange(n), half, 4)
+    assert len(plan_epoch(np.arange(4), half, 4)) == 1  # anchors the table covers: fine
+    with pytest.raises(ValueError, match="num_samples.*8"):
+        plan_epoch(np.arange(4), half, 4, num_samples=9)
+    alone = plan_epoch(np.arange(n), PartnerTable.alone(np.arange(n), n), 3, mode="plain")
+    assert alone.num_partners == 0 and (alone.weights == 1).all() and alone.weights.shape == (n, 1)
+
+
+# ---------------------------------------------------------------------------------------------
 # the 1-NN forest against brute force
 
 
@@ -356,21 +462,21 @@ def test_batch_size_rejected(bad):
 
 def test_bad_inputs_name_the_argument():
     nbrs = np.zeros((4, 1), dtype=np.int64)
-    with pytest.raises(ValueError, match=r"neighbours.*\[0, 4\).*neighbours\[2, 0\] = 7"):
+    with pytest.raises(ValueError, match=r"partners.*\[0, 4\).*partners\[2, 0\] = 7"):
         plan_epoch(np.arange(4), np.array([[1], [0], [7], [0]]), 2)
-    with pytest.raises(ValueError, match="neighbours.*-1"):
+    with pytest.raises(ValueError, match="partners.*-1"):
         plan_epoch(np.arange(4), np.array([[1], [0], [-1], [0]]), 2, mode="naive")
     with pytest.raises(ValueError, match="anchor_order.*4"):
         plan_epoch(np.array([0, 4]), nbrs, 2)
     with pytest.raises(ValueError, match="anchor_order.*sample 1 appears 2 times"):
         plan_epoch(np.array([1, 0, 1]), nbrs, 2)
-    with pytest.raises(ValueError, match="neighbours.*None"):
+    with pytest.raises(ValueError, match="partners.*None"):
         plan_epoch(np.arange(4), None, 2, mode="coherent")
     with pytest.raises(ValueError, match="mode"):
         plan_epoch(np.arange(4), nbrs, 2, mode="greedy")
-    with pytest.raises(ValueError, match="neighbours.*integer"):
+    with pytest.raises(ValueError, match="partners.*integer"):
         plan_epoch(np.arange(4), nbrs.astype(np.float32), 2)
-    with pytest.raises(ValueError, match="neighbours.*shape"):
+    with pytest.raises(ValueError, match="partners.*shape"):
         plan_epoch(np.arange(4), np.zeros(4, dtype=np.int64), 2)
     with pytest.raises(ValueError, match="K >= 1"):
         plan_epoch(np.arange(4), np.zeros((4, 0), dtype=np.int64), 2)

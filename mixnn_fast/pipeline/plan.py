@@ -12,11 +12,19 @@ So ``ids[anchor_slots]`` are the anchors' sample ids and ``ids[partner_slots]`` 
 partners' ids; the decoded batch ``images`` (M_b, H, W, C) feeds the mixer directly as
 ``mix_images(images, anchor_slots, partner_slots, weights)``.
 
+Partners come from a :class:`~mixnn_fast.refresh.partners.PartnerTable` (partner ids and mixing
+weights per anchor, validated once when it was built) or from a plain (N, K) id array.  With a
+table, every batch also carries ``weights`` (B_b, K+1) float32, the table's rows of its anchors:
+the weights travel with their anchors through the shuffling, the sharding and the skipping of
+unreadable images, so the mixer can use them without checking them again.  Producers that pick
+partners inside each batch (``mixup_table``, ``in_batch_table``) need the batches first: plan
+without partners, then attach the table with :meth:`EpochPlan.with_partners`.
+
 Modes
 -----
 ``"coherent"`` (MixNN, the default)
     Anchors are grouped by the components of the **1-NN forest**: the graph with one
-    edge ``i -> neighbours[i, 0]`` per anchor.  A component is a tree hanging off a
+    edge ``i -> partners[i, 0]`` per anchor.  A component is a tree hanging off a
     cycle (a mutual pair when distances are distinct), or off a partner that is not an
     anchor this epoch.  Components are shuffled and laid end to end, and the sequence
     is cut every ``batch_size`` anchors, so most anchors find their partner already in
@@ -35,7 +43,8 @@ Modes
 ``"in_batch"``
     The authors' code: plain shuffled batches of anchors (K = 0 partner slots).  The
     trainer searches each anchor's partner among the batch's own samples on the fly;
-    the plan supplies only the batches (``neighbours`` is ignored).
+    the plan supplies only the batches (a partner array is ignored; an in-batch
+    partner table is attached afterwards with :meth:`EpochPlan.with_partners`).
 
 Batch policy
 ------------
@@ -54,15 +63,19 @@ anchors in their given order within a component).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterator
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
-from mixnn_fast.pipeline.forest import forest, preorder
+from mixnn_fast.pipeline.plan_inputs import MODES, NEEDS_PARTNERS, check_batch_size, rows_of, table_arrays, validate
+from mixnn_fast.pipeline.plan_layout import (coherent_order, dedup_layout, in_batch_slots, offsets, ranges,
+                                             stacked_layout)
 
-MODES = ("coherent", "naive", "plain", "in_batch")
-_NEEDS_NEIGHBOURS = ("coherent", "naive")
+if TYPE_CHECKING:  # the table lives in refresh/, which imports torch: only for annotations here
+    from mixnn_fast.refresh.partners import PartnerTable
+
+__all__ = ["MODES", "EpochPlan", "PlanBatch", "PlanStats", "plan_epoch"]
 
 
 @dataclass(frozen=True)
@@ -74,12 +87,15 @@ class PlanBatch:
         ids: (M_b,) int64 sample ids to decode.
         anchor_slots: (B_b,) int64 positions in ``ids`` of the anchors.
         partner_slots: (B_b, K) int64 positions in ``ids`` of each anchor's partners.
+        weights: (B_b, K+1) float32 mixing weights of each anchor (λ, then one β per
+            partner), the partner table's rows; None when the plan was made without a table.
     """
 
     index: int
     ids: np.ndarray
     anchor_slots: np.ndarray
     partner_slots: np.ndarray
+    weights: np.ndarray | None = None
 
     @property
     def anchor_ids(self) -> np.ndarray:
@@ -125,7 +141,7 @@ class EpochPlan:
 
     Batch ``b`` is ``ids[id_offsets[b]:id_offsets[b+1]]`` with anchors
     ``anchor_offsets[b]:anchor_offsets[b+1]`` of ``anchor_slots`` (slots relative to the
-    batch's own ``ids``) and the same rows of ``partner_slots`` (A, K).
+    batch's own ``ids``) and the same rows of ``partner_slots`` (A, K) and ``weights`` (A, K+1).
     """
 
     mode: str
@@ -140,6 +156,7 @@ class EpochPlan:
     partner_slots: np.ndarray  # (A, K) int64
     batch_indices: np.ndarray  # (num_batches,) int64: index of each batch in the unsharded plan
     stats: PlanStats
+    weights: np.ndarray | None = None  # (A, K+1) float32 from a PartnerTable, else None
 
     def __len__(self) -> int:
         return len(self.id_offsets) - 1
@@ -151,7 +168,7 @@ class EpochPlan:
         i0, i1 = self.id_offsets[b], self.id_offsets[b + 1]
         a0, a1 = self.anchor_offsets[b], self.anchor_offsets[b + 1]
         return PlanBatch(int(self.batch_indices[b]), self.ids[i0:i1], self.anchor_slots[a0:a1],
-                         self.partner_slots[a0:a1])
+                         self.partner_slots[a0:a1], None if self.weights is None else self.weights[a0:a1])
 
     def __iter__(self) -> Iterator[PlanBatch]:
         for b in range(len(self)):
@@ -197,90 +214,61 @@ class EpochPlan:
     def _select(self, chosen: np.ndarray) -> "EpochPlan":
         id_len = np.diff(self.id_offsets)[chosen]
         a_len = np.diff(self.anchor_offsets)[chosen]
-        id_take = _ranges(self.id_offsets[chosen], id_len)
-        a_take = _ranges(self.anchor_offsets[chosen], a_len)
-        ids = self.ids[id_take]
+        id_take = ranges(self.id_offsets[chosen], id_len)
+        a_take = ranges(self.anchor_offsets[chosen], a_len)
+        id_offsets, anchor_offsets = offsets(id_len), offsets(a_len)
         anchor_slots = self.anchor_slots[a_take]
         partner_slots = self.partner_slots[a_take]
-        return EpochPlan(
-            mode=self.mode, batch_size=self.batch_size, num_partners=self.num_partners, seed=self.seed,
-            epoch=self.epoch, ids=ids, id_offsets=_offsets(id_len), anchor_slots=anchor_slots,
-            anchor_offsets=_offsets(a_len), partner_slots=partner_slots,
-            batch_indices=self.batch_indices[chosen],
-            stats=_stats(len(anchor_slots), len(ids), len(chosen), anchor_slots, partner_slots, _offsets(id_len),
-                         _offsets(a_len), self.stats.components, self.stats.largest_component),
-        )
+        return replace(self, ids=self.ids[id_take], id_offsets=id_offsets, anchor_slots=anchor_slots,
+                       anchor_offsets=anchor_offsets, partner_slots=partner_slots,
+                       batch_indices=self.batch_indices[chosen],
+                       weights=None if self.weights is None else self.weights[a_take],
+                       stats=_stats(anchor_slots, partner_slots, id_offsets, anchor_offsets, self.stats.components,
+                                    self.stats.largest_component))
 
+    def with_partners(self, table: "PartnerTable") -> "EpochPlan":
+        """This plan with the partners and weights of ``table``, for partners chosen inside
+        each batch (plain and in-batch plans, and producers such as
+        :func:`~mixnn_fast.refresh.partners.mixup_table` that take this plan's batches).
 
-# ---------------------------------------------------------------------------------------------
-# validation
+        Every anchor of the plan must have a row in ``table``, and each of its partners must
+        be decoded in the anchor's own batch: the partner slots point there, nothing is added
+        to the batches.  Returns a new plan whose ``partner_slots`` (A, K) and ``weights``
+        (A, K+1) are the table's, K being the table's; ``stats`` follow.
 
-
-def _check_batch_size(batch_size) -> int:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
-        raise ValueError(f"batch_size: must be an integer >= 1, got {batch_size!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
-    return int(batch_size)
-
-
-def _as_index_array(value, name: str, ndim: int) -> np.ndarray:
-    arr = np.asarray(value)
-    if arr.dtype.kind not in "iu":
-        if arr.size == 0 and arr.ndim == ndim:  # an empty list comes in as float64
-            return arr.astype(np.int64)
-        raise ValueError(f"{name}: must be an integer array, got dtype {arr.dtype}")
-    if arr.ndim != ndim:
-        shape = "(N_anchor,)" if ndim == 1 else "(N, K)"
-        raise ValueError(f"{name}: expected shape {shape}, got {arr.shape}")
-    return arr.astype(np.int64, copy=False)
-
-
-def _check_range(arr: np.ndarray, name: str, n: int, what: str) -> None:
-    if arr.size == 0:
-        return
-    low, high = int(arr.min()), int(arr.max())
-    if low < 0 or high >= n:
-        bad = np.flatnonzero(((arr < 0) | (arr >= n)).ravel())[0]
-        pos = np.unravel_index(bad, arr.shape)
-        raise ValueError(f"{name}: entries must lie in [0, {n}) ({what}); "
-                         f"{name}[{', '.join(map(str, pos))}] = {arr[pos]}")
-
-
-def _validate(anchor_order, neighbours, mode: str, num_samples) -> tuple[np.ndarray, np.ndarray | None, int]:
-    if mode not in MODES:
-        raise ValueError(f"mode: must be one of {MODES}, got {mode!r}")
-    anchors = _as_index_array(anchor_order, "anchor_order", 1)
-    nbrs = None
-    if mode in _NEEDS_NEIGHBOURS:
-        if neighbours is None:
-            raise ValueError(f"neighbours: mode {mode!r} needs an (N, K) neighbour array, got None")
-        nbrs = _as_index_array(neighbours, "neighbours", 2)
-        if nbrs.shape[1] < 1:
-            raise ValueError(f"neighbours: needs at least one column (K >= 1), got shape {nbrs.shape}")
-    if nbrs is not None:
-        n = nbrs.shape[0]
-        if num_samples is not None and num_samples != n:
-            raise ValueError(f"num_samples: {num_samples} disagrees with neighbours' {n} rows")
-        _check_range(nbrs, "neighbours", n, "sample ids of the dataset")
-    elif num_samples is not None:
-        n = int(num_samples)
-    else:
-        n = int(anchors.max()) + 1 if anchors.size else 0
-    _check_range(anchors, "anchor_order", n, "sample ids of the dataset")
-    if anchors.size:
-        counts = np.bincount(anchors, minlength=n)
-        if counts.max() > 1:
-            dup = int(np.argmax(counts))
-            raise ValueError(f"anchor_order: every anchor must appear once; sample {dup} appears {counts[dup]} times")
-    return anchors, nbrs, n
+        Raises:
+            ValueError: naming ``table`` and the anchor, for an anchor without a row or a
+                partner outside its anchor's batch; TypeError for something else than a table.
+        """
+        anchors, partners, weights, n = table_arrays(table, "table")
+        a_counts = np.diff(self.anchor_offsets)
+        batch_of_anchor = np.repeat(np.arange(len(self), dtype=np.int64), a_counts)
+        anchor_ids = self.anchor_ids()
+        if anchor_ids.size and int(anchor_ids.max()) >= n:
+            raise ValueError(f"table: it covers {n} samples, but the plan has anchor {int(anchor_ids.max())}")
+        rows = rows_of(anchors, n)[anchor_ids] if anchor_ids.size else np.zeros(0, dtype=np.int64)
+        if (rows < 0).any():
+            bad = int(np.flatnonzero(rows < 0)[0])
+            batch = int(self.batch_indices[batch_of_anchor[bad]])
+            raise ValueError(f"table: anchor {int(anchor_ids[bad])} (batch {batch}) has no row in the partner table")
+        k = partners.shape[1]
+        wanted = partners[rows]  # (A, K) partner ids
+        partner_slots, found = in_batch_slots(self.ids, self.id_offsets, batch_of_anchor, wanted, n)
+        if not found.all():
+            a, j = (int(x[0]) for x in np.nonzero(~found))
+            raise ValueError(f"table: partner {int(wanted[a, j])} of anchor {int(anchor_ids[a])} is not in the "
+                             f"anchor's batch {int(self.batch_indices[batch_of_anchor[a]])}; with_partners attaches "
+                             "in-batch partners only (plan_epoch places other partners)")
+        return replace(self, num_partners=k, partner_slots=partner_slots, weights=weights[rows],
+                       stats=_stats(self.anchor_slots, partner_slots, self.id_offsets, self.anchor_offsets,
+                                    self.stats.components, self.stats.largest_component))
 
 
 # ---------------------------------------------------------------------------------------------
 # the plan
 
 
-def plan_epoch(anchor_order, neighbours, batch_size: int, *, mode: str = "coherent", seed: int = 0,
+def plan_epoch(anchor_order, partners, batch_size: int, *, mode: str = "coherent", seed: int = 0,
                epoch: int = 0, num_samples: int | None = None, shuffle: bool = True,
                drop_last: bool = False) -> EpochPlan:
     """Plan one epoch's batches.
@@ -289,24 +277,30 @@ def plan_epoch(anchor_order, neighbours, batch_size: int, *, mode: str = "cohere
         anchor_order: (N_anchor,) int64 distinct sample ids to visit as anchors this epoch
             (all ids, or a subset such as Clothing1M's class-balanced draw).  With
             ``shuffle=True`` its order does not matter.
-        neighbours: (N, K) int64, row i = sample i's partners (ids in [0, N)); partners need
-            not be anchors.  Required for "coherent" and "naive"; ignored otherwise.
+        partners: a :class:`~mixnn_fast.refresh.partners.PartnerTable` holding a row for every
+            anchor (then each batch carries its anchors' ``weights``), or an (N, K) int64 array,
+            row i = sample i's partners (ids in [0, N); no weights), or None.  Partners need not
+            be anchors.  Required for "coherent" and "naive"; for "plain" and "in_batch" an
+            array is ignored and a table must have K = 0 (attach in-batch partners with
+            :meth:`EpochPlan.with_partners`).
         batch_size: anchors per batch (>= 1).
         mode: "coherent" | "naive" | "plain" | "in_batch" (see the module docstring).
         seed, epoch: the plan's randomness is ``default_rng([seed, epoch])``.
-        num_samples: N, the dataset size, when ``neighbours`` is None (for range checks).
+        num_samples: N, the dataset size, when ``partners`` does not give it (for range checks).
         shuffle: randomise order (components, anchors); False keeps the given order.
         drop_last: drop the final batch if it has fewer than ``batch_size`` anchors.
 
     Returns:
-        An :class:`EpochPlan`; ``plan.stats.extra_decode_fraction`` reports its cost.
+        An :class:`EpochPlan`; ``plan.stats.extra_decode_fraction`` reports its cost.  The same
+        arguments give the same plan whether the partners come as a table or as its array.
 
     Raises:
         ValueError: naming the argument, for a batch size < 1, an unknown mode, missing
-            neighbours, ids out of range, repeated anchors, non-integer arrays.
+            partners, ids out of range, repeated anchors, non-integer arrays, anchors without a
+            row in the table.
     """
-    batch_size = _check_batch_size(batch_size)
-    anchors, nbrs, n = _validate(anchor_order, neighbours, mode, num_samples)
+    batch_size = check_batch_size(batch_size)
+    anchors, nbrs, rows, n = validate(anchor_order, partners, mode, num_samples)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed: must be a non-negative integer, got {seed!r}")
     if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
@@ -315,7 +309,7 @@ def plan_epoch(anchor_order, neighbours, batch_size: int, *, mode: str = "cohere
 
     components = largest = 0
     if mode == "coherent":
-        seq, components, largest = _coherent_order(anchors, nbrs[:, 0], rng, shuffle)
+        seq, components, largest = coherent_order(anchors, nbrs[:, 0], rng, shuffle)
     elif shuffle:
         seq = rng.permutation(anchors)
     else:
@@ -333,99 +327,26 @@ def plan_epoch(anchor_order, neighbours, batch_size: int, *, mode: str = "cohere
         seq = np.concatenate([rng.permuted(seq[:full].reshape(-1, batch_size), axis=1).ravel(),
                               rng.permutation(seq[full:])])
 
-    k = nbrs.shape[1] if mode in _NEEDS_NEIGHBOURS else 0
-    partners = nbrs[seq] if k else np.empty((num_anchors, 0), dtype=np.int64)
+    k = nbrs.shape[1] if mode in NEEDS_PARTNERS else 0
+    anchor_partners = nbrs[seq] if k else np.empty((num_anchors, 0), dtype=np.int64)
     a_counts = np.bincount(batch_of, minlength=num_batches)
     if mode == "coherent":
-        ids, id_offsets, anchor_slots, partner_slots = _dedup_layout(seq, partners, batch_of, num_batches, n)
+        ids, id_offsets, anchor_slots, partner_slots = dedup_layout(seq, anchor_partners, batch_of, num_batches, n)
     else:
-        ids, id_offsets, anchor_slots, partner_slots = _stacked_layout(seq, partners, batch_of, a_counts,
+        ids, id_offsets, anchor_slots, partner_slots = stacked_layout(seq, anchor_partners, batch_of, a_counts,
                                                                        batch_size)
-    anchor_offsets = _offsets(a_counts)
-    stats = _stats(num_anchors, len(ids), num_batches, anchor_slots, partner_slots, id_offsets, anchor_offsets,
-                   components, largest)
+    anchor_offsets = offsets(a_counts)
+    stats = _stats(anchor_slots, partner_slots, id_offsets, anchor_offsets, components, largest)
+    # the table's rows in plan order: each anchor's weights sit beside its slots from here on
+    weights = None if rows is None else partners.weights.numpy()[rows[seq]]
     return EpochPlan(mode=mode, batch_size=batch_size, num_partners=k, seed=int(seed), epoch=int(epoch), ids=ids,
                      id_offsets=id_offsets, anchor_slots=anchor_slots, anchor_offsets=anchor_offsets,
-                     partner_slots=partner_slots, batch_indices=np.arange(num_batches, dtype=np.int64), stats=stats)
+                     partner_slots=partner_slots, batch_indices=np.arange(num_batches, dtype=np.int64), stats=stats,
+                     weights=weights)
 
 
-def _coherent_order(anchors: np.ndarray, first: np.ndarray, rng: np.random.Generator,
-                    shuffle: bool) -> tuple[np.ndarray, int, int]:
-    """Anchors in a depth-first order of the 1-NN forest, components in random order.
-
-    Returns (anchor sequence, number of components, anchors in the largest component).
-    """
-    num = len(anchors)
-    if num == 0:
-        return anchors.copy(), 0, 0
-    partner = first[anchors]
-    # Work on the nodes that matter (anchors and their first partners), renumbered
-    # 0..n_local-1 in id order.  A partner that is not an anchor this epoch has no
-    # out-edge of its own and becomes a root (a self-loop): its anchors gather round it.
-    present = np.zeros(len(first), dtype=bool)
-    present[anchors] = True
-    present[partner] = True
-    nodes = np.flatnonzero(present)
-    n_local = len(nodes)
-    local = np.cumsum(present, dtype=np.int64) - 1  # id -> local index (valid where present)
-    loc_a = local[anchors]
-    loc_p = local[partner]
-    f = np.arange(n_local, dtype=np.int64)
-    f[loc_a] = loc_p
-    parent, root, depth = forest(f)
-
-    if shuffle:
-        sibling_key = rng.permutation(n_local) + 1
-        root_rank = rng.permutation(n_local)
-    else:  # siblings and trees in order of (first) appearance in anchor_order
-        sibling_key = np.full(n_local, num + 1, dtype=np.int64)
-        sibling_key[loc_a] = np.arange(1, num + 1)
-        root_rank = np.full(n_local, num, dtype=np.int64)
-        np.minimum.at(root_rank, root[loc_a], np.arange(num))
-    # A cut cycle's root mixes with its own partner, which is now one of its
-    # descendants: put that child first (key 0) so the two sit side by side.
-    roots = np.flatnonzero(parent == np.arange(n_local))
-    sibling_key[f[roots]] = 0
-    pos = preorder(parent, root, depth, sibling_key, root_rank)
-
-    node_at = np.empty(n_local, dtype=np.int64)
-    node_at[pos] = np.arange(n_local)
-    is_anchor = np.zeros(n_local, dtype=bool)
-    is_anchor[loc_a] = True
-    seq = nodes[node_at[is_anchor[node_at]]]
-    sizes = np.bincount(root[loc_a])
-    return seq, int(np.count_nonzero(sizes)), int(sizes.max())
-
-
-def _dedup_layout(seq, partners, batch_of, num_batches, n):
-    """Per batch, the distinct ids among its anchors and partners (sorted by id)."""
-    num, k = partners.shape
-    item_ids = np.concatenate([seq, partners.ravel()])
-    item_batch = np.concatenate([batch_of, np.repeat(batch_of, k)])
-    keys, inverse = np.unique(item_batch * np.int64(max(n, 1)) + item_ids, return_inverse=True)
-    ids = keys % max(n, 1)
-    id_offsets = _offsets(np.bincount(keys // max(n, 1), minlength=num_batches))
-    slots = inverse.ravel() - id_offsets[item_batch]
-    return ids, id_offsets, slots[:num], slots[num:].reshape(num, k)
-
-
-def _stacked_layout(seq, partners, batch_of, a_counts, batch_size):
-    """Per batch, its anchors followed by every partner row by row: nothing shared."""
-    num, k = partners.shape
-    per_batch = a_counts * (1 + k)
-    id_offsets = _offsets(per_batch)
-    pos = np.arange(num, dtype=np.int64) - batch_of * batch_size  # anchor's position in its batch
-    anchor_slots = pos
-    partner_slots = (a_counts[batch_of] + pos * k)[:, None] + np.arange(k, dtype=np.int64)
-    ids = np.empty(int(per_batch.sum()), dtype=np.int64)
-    base = id_offsets[batch_of]
-    ids[base + anchor_slots] = seq
-    ids[(base[:, None] + partner_slots).ravel()] = partners.ravel()
-    return ids, id_offsets, anchor_slots, partner_slots
-
-
-def _stats(num_anchors, num_decoded, num_batches, anchor_slots, partner_slots, id_offsets, anchor_offsets,
-           components=0, largest=0) -> PlanStats:
+def _stats(anchor_slots, partner_slots, id_offsets, anchor_offsets, components=0, largest=0) -> PlanStats:
+    num_anchors, num_decoded, num_batches = len(anchor_slots), int(id_offsets[-1]), len(id_offsets) - 1
     if partner_slots.size:
         # a partner is "in batch" when its slot is also some anchor's slot in the same batch
         base = np.repeat(id_offsets[:-1], np.diff(anchor_offsets))
@@ -437,15 +358,3 @@ def _stats(num_anchors, num_decoded, num_batches, anchor_slots, partner_slots, i
     extra = (num_decoded - num_anchors) / num_anchors if num_anchors else 0.0
     return PlanStats(anchors=num_anchors, decoded=num_decoded, batches=num_batches, extra_decode_fraction=extra,
                      partners_in_batch_fraction=in_batch, components=components, largest_component=largest)
-
-
-def _offsets(counts: np.ndarray) -> np.ndarray:
-    out = np.zeros(len(counts) + 1, dtype=np.int64)
-    np.cumsum(counts, out=out[1:])
-    return out
-
-
-def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Concatenated ``arange(s, s + l)`` for each (s, l), vectorised."""
-    offsets = _offsets(lengths)
-    return np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1], dtype=np.int64)
