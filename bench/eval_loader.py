@@ -36,7 +36,7 @@ from common import interleaved_rounds, paired_median, report  # noqa: E402
 from loader import IMAGENET_MEAN, IMAGENET_STD, make_web_like_jpegs, worker_cpu_seconds  # noqa: E402
 
 from mixnn_fast.data.description import DatasetDescription  # noqa: E402
-from mixnn_fast.pipeline import EvalLoader  # noqa: E402
+from mixnn_fast.pipeline import EvalLoader, LoaderOptions  # noqa: E402
 
 A = "(a) torchvision ImageFolder + DataLoader (PIL), 2 workers"
 B = "(b) EvalLoader, DALI resize"
@@ -64,9 +64,10 @@ def pass_torchvision(loader) -> int:
 def pass_ours(loader) -> int:
     n = 0
     for batch in loader:
-        x, _ = batch.mix(torch.ones(len(batch), 1))  # what the refresh's forward pass does
+        x, _ = batch.mix()  # what the refresh's forward pass does: K = 0, weight 1
         assert x.shape[1:] == (3, 224, 224) and x.dtype == torch.float32
         n += len(batch)
+        batch.release()  # once the forward pass is done: the pool reuses its buffers
     return n
 
 
@@ -91,12 +92,13 @@ def main(argv=None) -> None:
         order = sorted(range(len(paths)), key=lambda i: paths[i])
         desc = DatasetDescription("web", [f"class_{k:02d}" for k in range(10)], labels[order],
                                   paths=[paths[i] for i in order])
-        common = dict(crop=224, resize=256, mean=IMAGENET_MEAN, std=IMAGENET_STD, num_threads=args.threads,
-                      device="cpu", copy=False)
+        common = LoaderOptions(mean=IMAGENET_MEAN, std=IMAGENET_STD, num_threads=args.threads, device="cpu",
+                               copy=False)
+        view = dict(crop=224, resize=256)
         variants = {
             A: (torchvision_eval_loader(root, args.batch, args.threads), pass_torchvision),
-            B: (EvalLoader(desc, args.batch, resize_backend="dali", **common), pass_ours),
-            C: (EvalLoader(desc, args.batch, resize_backend="torch", **common), pass_ours),
+            B: (EvalLoader(desc, args.batch, common.replace(resize_backend="dali"), **view), pass_ours),
+            C: (EvalLoader(desc, args.batch, common.replace(resize_backend="torch"), **view), pass_ours),
         }
         rates, cpu_ms = interleaved_rounds(
             {name: (lambda ld=loader, run=run: run(ld)) for name, (loader, run) in variants.items()},

@@ -8,8 +8,10 @@ Every variant yields what a model consumes: float32 NCHW batches of 64 normalise
 
     (a) torchvision ImageFolder + DataLoader (PIL), 2 workers
     (b) our plain plan through the loader (DALI decodes on 2 threads; normalised float NCHW)
-    (c) our MixNN neighbour-coherent plan, K = 1, + the fused mixer (mix_images, mix_targets):
-        anchors/s, mixing included
+    (c) our MixNN neighbour-coherent plan, K = 1, + the fused mixer: anchors/s, mixing included.
+        The partners and weights come from one PartnerTable, carried by the plan into each
+        batch; ``batch.mix(targets)`` mixes them through the trusted path (no per-batch
+        validation), and each batch is released after use, as the trainer does
     (d) the naive MixNN plan (every partner decoded again) + the same mixer: anchors/s
 
 The loader's CPU default (``resize_backend="torch"``): DALI decodes each random window
@@ -22,9 +24,11 @@ mixer at K = 0.  (b-dali) and (c-dali) are (b) and (c) with everything in DALI
 (b), (c), (d) use ``copy=False`` (each batch is consumed before the next is asked for:
 the loader reuses its output buffers, or hands out views of DALI's) and (c), (d) mix into
 one reused output buffer (a fresh 38 MB float tensor per batch costs page faults on the
-CPU).  Three more rows show the defaults and the ceiling: (b-copy) and (c-copy) allocate
-every batch afresh and (c-copy) a fresh mixer output too, as a user gets without tuning;
-(b-u8) is the loader's uint8 NHWC output alone, not normalised (not model-ready).
+CPU).  Three more rows show the defaults and the ceiling: (b-copy) and (c-copy) use the
+defaults (``copy=True``: every batch copied into a buffer of the loader's pool, and for
+(c-copy) the mixer output taken from the pool too), each batch released after use, as the
+trainer does, so the next batches reuse the buffers; (b-u8) is the loader's uint8 NHWC
+output alone, not normalised (not model-ready).
 
 A last table splits (c) and (c-dali) into CPU time per anchor (load-independent, unlike
 wall time): the training thread's share (reading the files for DALI's external source,
@@ -66,14 +70,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import format_table, interleaved_rounds, paired_median, report  # noqa: E402
 
 from mixnn_fast.data.description import DatasetDescription  # noqa: E402
-from mixnn_fast.pipeline import MixNNLoader, plan_epoch  # noqa: E402
+from mixnn_fast.pipeline import LoaderOptions, MixNNLoader, plan_epoch  # noqa: E402
+from mixnn_fast.refresh.partners import PartnerTable  # noqa: E402
 
 A = "(a) torchvision ImageFolder + DataLoader (PIL), 2 workers"
 B = "(b) plain plan, normalised float NCHW"
 C = "(c) MixNN coherent plan K=1 + fused mixer"
 D = "(d) MixNN naive plan K=1 + fused mixer"
-B_COPY = "(b-copy) plain plan, fresh batch buffers (default copy=True)"
-C_COPY = "(c-copy) coherent + mixer, fresh buffers and mixer output (defaults)"
+B_COPY = "(b-copy) plain plan, pooled batch buffers, released (default copy=True)"
+C_COPY = "(c-copy) coherent + mixer, pooled buffers and mixer output, released (defaults)"
 IMAGENET_MEAN = [123.675, 116.28, 103.53]
 IMAGENET_STD = [58.395, 57.12, 57.375]
 
@@ -153,26 +158,31 @@ def epoch_dali(loader) -> int:
     n = 0
     for b in loader:
         n += len(b)
+        b.release()  # as the trainer does after its step: the buffers serve the next batches
     return n
 
 
-def epoch_mixnn(loader, weights: torch.Tensor, targets: torch.Tensor, threads: int, out: torch.Tensor | None) -> int:
+def epoch_mixnn(loader, targets: torch.Tensor, threads: int, out: torch.Tensor | None) -> int:
+    """One epoch of ``batch.mix(targets)`` (the plan's weights, the trusted path), each batch
+    released after use."""
     n = 0
     for b in loader:
         reuse = {"out": out} if out is not None and len(b) == len(out) else {}
-        x, y = b.mix(weights[b.anchor_ids], targets, num_threads=threads, **reuse)
+        x, y = b.mix(targets, num_threads=threads, **reuse)
         n += len(x)
+        b.release()
     return n
 
 
-def cpu_breakdown(name: str, loader, weights, targets, threads: int, out, epochs: int) -> dict:
+def cpu_breakdown(name: str, loader, targets, threads: int, out, epochs: int) -> dict:
     """CPU milliseconds per anchor of a MixNN loader + mixer epoch (median over ``epochs``
     after a warm-up): the training thread's parts and DALI's threads (process - training thread)."""
-    import mixnn_fast.pipeline.loader as loader_module
+    import mixnn_fast.pipeline.feeder as feeder_module
+    import mixnn_fast.pipeline.host_resize as host_resize
 
     parts: dict[str, float] = {}
-    resize = loader_module.resize_windows
-    feeder_call = loader_module._Feeder.__call__
+    resize = host_resize.resize_windows
+    feeder_call = feeder_module.Feeder.__call__
 
     def timed_resize(*args, **kwargs):
         start = time.thread_time()
@@ -188,7 +198,7 @@ def cpu_breakdown(name: str, loader, weights, targets, threads: int, out, epochs
         finally:
             parts["read"] = parts.get("read", 0.0) + time.thread_time() - start
 
-    loader_module.resize_windows, loader_module._Feeder.__call__ = timed_resize, timed_feeder
+    host_resize.resize_windows, feeder_module.Feeder.__call__ = timed_resize, timed_feeder
     rows = []
     try:
         for epoch in range(epochs + 1):
@@ -205,7 +215,8 @@ def cpu_breakdown(name: str, loader, weights, targets, threads: int, out, epochs
                 nxt += time.thread_time() - start
                 start = time.thread_time()
                 reuse = {"out": out} if len(b) == len(out) else {}
-                b.mix(weights[b.anchor_ids], targets, num_threads=threads, **reuse)
+                b.mix(targets, num_threads=threads, **reuse)
+                b.release()
                 mix += time.thread_time() - start
                 n += len(b)
             main = time.thread_time() - main
@@ -218,7 +229,7 @@ def cpu_breakdown(name: str, loader, weights, targets, threads: int, out, epochs
                          "mixer": mix * ms, "training thread": main * ms, "DALI threads": (proc - main) * ms,
                          "process": proc * ms, "wall": wall * ms})
     finally:
-        loader_module.resize_windows, loader_module._Feeder.__call__ = resize, feeder_call
+        host_resize.resize_windows, feeder_module.Feeder.__call__ = resize, feeder_call
     return {k: (v if k == "variant" else statistics.median(r[k] for r in rows[1:])) for k, v in rows[0].items()}
 
 
@@ -269,30 +280,32 @@ def main(argv=None) -> None:
         rng = np.random.default_rng(1)
         lam = rng.uniform(0.5, 1.0, n).astype(np.float32)
         weights = torch.from_numpy(np.stack([lam, 1 - lam], axis=1))  # (N, 2): λ, β
+        table = PartnerTable.build(torch.arange(n), torch.from_numpy(nbrs), weights, n)  # checked once, here
         targets = torch.nn.functional.one_hot(torch.from_numpy(labels), 10).float()
 
-        common = dict(batch_size=args.batch, size=224, num_threads=args.threads, device="cpu", mean=IMAGENET_MEAN,
-                      std=IMAGENET_STD, seed=0)
+        common = LoaderOptions(size=224, num_threads=args.threads, device="cpu", mean=IMAGENET_MEAN,
+                               std=IMAGENET_STD, seed=0)
+        views = common.replace(copy=False)
         out = torch.empty(args.batch, 3, 224, 224)  # the reused mixer output
-        mix = lambda ld, buf: epoch_mixnn(ld, weights, targets, args.mix_threads, buf)  # noqa: E731
-        dali_resize = dict(common, resize_backend="dali")
+        mix = lambda ld, buf: epoch_mixnn(ld, targets, args.mix_threads, buf)  # noqa: E731
+        in_dali = dict(normalize_in_pipeline=True, layout="NCHW")
+
+        def loader(options: LoaderOptions, mode: str) -> MixNNLoader:
+            return MixNNLoader(desc, args.batch, options, mode=mode, partners=None if mode == "plain" else table)
+
         variants = {
             A: (torchvision_loader(root, args.batch, args.threads), epoch_torchvision),
-            B: (MixNNLoader(desc, mode="plain", normalize_in_pipeline=True, layout="NCHW", copy=False, **common),
-                epoch_dali),
-            C: (MixNNLoader(desc, neighbours=nbrs, mode="coherent", copy=False, **common), lambda ld: mix(ld, out)),
-            D: (MixNNLoader(desc, neighbours=nbrs, mode="naive", copy=False, **common), lambda ld: mix(ld, out)),
-            B_COPY: (MixNNLoader(desc, mode="plain", normalize_in_pipeline=True, layout="NCHW", **common), epoch_dali),
-            C_COPY:
-                (MixNNLoader(desc, neighbours=nbrs, mode="coherent", **common), lambda ld: mix(ld, None)),
+            B: (loader(views.replace(**in_dali), "plain"), epoch_dali),
+            C: (loader(views, "coherent"), lambda ld: mix(ld, out)),
+            D: (loader(views, "naive"), lambda ld: mix(ld, out)),
+            B_COPY: (loader(common.replace(**in_dali), "plain"), epoch_dali),
+            C_COPY: (loader(common, "coherent"), lambda ld: mix(ld, None)),
             "(b-u8) plain plan, uint8 NHWC, not normalised":
-                (MixNNLoader(desc, mode="plain", copy=False, **{**common, "mean": None, "std": None}), epoch_dali),
+                (loader(views.replace(mean=None, std=None), "plain"), epoch_dali),
             "(b-dali) plain plan, resize + normalise in DALI":
-                (MixNNLoader(desc, mode="plain", normalize_in_pipeline=True, layout="NCHW", copy=False, **dali_resize),
-                 epoch_dali),
+                (loader(views.replace(resize_backend="dali", **in_dali), "plain"), epoch_dali),
             "(c-dali) coherent + mixer, resize in DALI":
-                (MixNNLoader(desc, neighbours=nbrs, mode="coherent", copy=False, **dali_resize),
-                 lambda ld: mix(ld, out)),
+                (loader(views.replace(resize_backend="dali"), "coherent"), lambda ld: mix(ld, out)),
         }
         rates, cpu_ms = interleaved_rounds(
             {name: (lambda ld=loader, run=run: run(ld)) for name, (loader, run) in variants.items()},
@@ -300,7 +313,7 @@ def main(argv=None) -> None:
             cpu_seconds=lambda name: time.process_time() + worker_cpu_seconds(variants[name][0]))
         coherent_plan = variants[C][0].plan
         stats = coherent_plan.stats
-        cpu_rows = [cpu_breakdown(name, variants[name][0], weights, targets, args.mix_threads, out,
+        cpu_rows = [cpu_breakdown(name, variants[name][0], targets, args.mix_threads, out,
                                   max(2, args.repeats // 2))
                     for name in (C, "(c-dali) coherent + mixer, resize in DALI")]
         for loader, _ in variants.values():
@@ -323,7 +336,7 @@ def main(argv=None) -> None:
                              "CPU ms/img", "(a) CPU / own CPU"],
            extra={"images": n, "batch": args.batch, "threads": args.threads, "mix_threads": args.mix_threads,
                   "repeats": args.repeats,
-                  "coherent_plan": stats.as_dict(), "mixer": "mixnn_fast.mix_images (fused)",
+                  "coherent_plan": stats.as_dict(), "mixer": "LoaderBatch.mix: trusted path (mix.trusted), fused",
                   "cpu_ms_per_anchor": cpu_rows, "loadavg_before": load_before, "loadavg_after": os.getloadavg()})
     print("load average (1, 5, 15 min) before: " + ", ".join(f"{x:.2f}" for x in load_before)
           + "; after: " + ", ".join(f"{x:.2f}" for x in os.getloadavg()))

@@ -16,9 +16,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageOps
 
-import mixnn_fast.pipeline.loader as loader_module
+from mixnn_fast.refresh.partners import PartnerTable
+
+import mixnn_fast.pipeline.host_resize as host_resize
 from mixnn_fast.data.description import DatasetDescription
-from mixnn_fast.pipeline import MixNNLoader
+from mixnn_fast.pipeline import ImageDecodeError, LoaderOptions, MixNNLoader
 from mixnn_fast.pipeline.augment_params import (CROP_ATTEMPTS, CropFlip, ShiftFlip, crop_windows, encoded_image_size,
                                                 flips_from_uniforms, shifts_from_uniforms, slot_uniforms)
 
@@ -47,14 +49,18 @@ def jpeg_set(tmp_path_factory):
     return DatasetDescription("jpegs", ["a", "b"], np.arange(len(paths)) % 2, paths=paths)
 
 
-def ring(n: int, shift: int = 3) -> np.ndarray:
-    return ((np.arange(n) + shift) % n)[:, None]
+def ring(n: int, shift: int = 3) -> PartnerTable:
+    """Sample i mixes with i + shift, half and half."""
+    return PartnerTable.build(np.arange(n), ((np.arange(n) + shift) % n)[:, None], np.full((n, 2), 0.5), n)
 
 
-def train_loader(desc, **kwargs) -> MixNNLoader:
-    options = dict(batch_size=4, neighbours=ring(len(desc)), size=40, device="cpu", num_threads=1, seed=3)
-    options.update(kwargs)
-    return MixNNLoader(desc, **options)
+def train_loader(desc, *, batch_size: int = 4, mode: str = "coherent", partners=None, **options) -> MixNNLoader:
+    """A CPU training loader; ``options`` are LoaderOptions fields over these defaults."""
+    settings = dict(size=40, device="cpu", num_threads=1, seed=3)
+    settings.update(options)
+    if partners is None and mode in ("coherent", "naive"):
+        partners = ring(len(desc))
+    return MixNNLoader(desc, batch_size, LoaderOptions(**settings), mode=mode, partners=partners)
 
 
 def record(loader) -> list[tuple[int, int, list[int], torch.Tensor]]:
@@ -247,7 +253,7 @@ def test_arrays_are_shifted_and_flipped_exactly_as_drawn(array_set):
     """Every in-memory image equals NumPy's pad, crop and flip with the host parameters of
     its (epoch, batch index, slot)."""
     pad = 5
-    loader = train_loader(array_set, pad=pad, mode="naive", neighbours=ring(len(array_set), 1))
+    loader = train_loader(array_set, pad=pad, mode="naive", partners=ring(len(array_set), 1))
     loader.set_epoch(6)
     spec = ShiftFlip(pad)
     shifts_seen, flips = set(), []
@@ -290,14 +296,14 @@ def test_jpeg_windows_are_decoded_as_drawn(jpeg_set, monkeypatch):
     decode, cropped there; JPEG decoders agree to a few grey levels); the flips reach the
     resize.  With the DALI resize, the result is the torch path's within rounding."""
     windows, mirrors = [], []
-    resize = loader_module.resize_windows
+    resize = host_resize.resize_windows
 
     def spy(wins, mirror, size, out):
         windows.extend(np.array(wins[i]) for i in range(len(wins)))
         mirrors.extend(np.asarray(mirror).tolist())
         return resize(wins, mirror, size, out)
 
-    monkeypatch.setattr(loader_module, "resize_windows", spy)
+    monkeypatch.setattr(host_resize, "resize_windows", spy)
     loader = train_loader(jpeg_set, mode="plain", resize_backend="torch")
     loader.set_epoch(2)
     batches = record(loader)
@@ -321,7 +327,7 @@ def test_jpeg_windows_are_decoded_as_drawn(jpeg_set, monkeypatch):
             kinds.add((int(h), int(w)))
             k += 1
     assert k == len(jpeg_set) and len(kinds) > len(jpeg_set) // 2  # windows vary
-    monkeypatch.setattr(loader_module, "resize_windows", resize)
+    monkeypatch.setattr(host_resize, "resize_windows", resize)
     dali = train_loader(jpeg_set, mode="plain", resize_backend="dali")
     dali.set_epoch(2)
     for (_, _, ids, a), (_, _, ids_b, b) in zip(batches, record(dali), strict=True):
@@ -342,8 +348,8 @@ def test_exif_rotated_jpegs_get_windows_in_the_rotated_frame(tmp_path):
         paths.append(str(path))
     desc = DatasetDescription("rotated", ["a"], np.zeros(6, dtype=np.int64), paths=paths)
     for backend in ("torch", "dali"):
-        loader = MixNNLoader(desc, 3, mode="plain", size=30, area=(1.0, 1.0), aspect_ratio=(0.3, 3.0), flip=False,
-                             device="cpu", resize_backend=backend)
+        loader = MixNNLoader(desc, 3, LoaderOptions(size=30, area=(1.0, 1.0), aspect_ratio=(0.3, 3.0), flip=False,
+                                                    device="cpu", resize_backend=backend), mode="plain")
         for batch in loader:
             for img, sample in zip(batch.images.numpy().astype(np.float32), batch.ids.tolist()):
                 with Image.open(paths[sample]) as im:
@@ -582,7 +588,7 @@ def test_a_file_without_a_readable_header_is_named(tmp_path, jpeg_set):
     cut.write_bytes(Path(paths[2]).read_bytes()[:40])
     paths[2] = str(cut)
     desc = DatasetDescription("cut", ["a", "b"], np.arange(8) % 2, paths=paths)
-    with pytest.raises(loader_module.ImageDecodeError, match="cut.jpg.*header") as info:
+    with pytest.raises(ImageDecodeError, match="cut.jpg.*header") as info:
         record(train_loader(desc, mode="plain"))
     assert info.value.paths == [str(cut)]
     loader = train_loader(desc, mode="plain", on_error="skip")

@@ -608,12 +608,15 @@ def corrupt_jpegs(draw, original: bytes) -> bytes:
 
 
 def _loader(paths, on_error: str):
-    from mixnn_fast.pipeline import MixNNLoader
+    from mixnn_fast.pipeline import LoaderOptions, MixNNLoader
+    from mixnn_fast.refresh.partners import PartnerTable
 
-    description = DatasetDescription("fuzz", ["a", "b"], np.arange(len(paths)) % 2, paths=paths)
-    neighbours = (np.arange(len(paths))[:, None] + 1) % len(paths)  # anchor i mixes with i + 1
-    return MixNNLoader(description, batch_size=3, neighbours=neighbours, size=16, device="cpu", num_threads=1,
-                       on_error=on_error, seed=1)
+    n = len(paths)
+    description = DatasetDescription("fuzz", ["a", "b"], np.arange(n) % 2, paths=paths)
+    neighbours = (np.arange(n)[:, None] + 1) % n  # anchor i mixes with i + 1
+    partners = PartnerTable.build(np.arange(n), neighbours, np.full((n, 2), 0.5), n)
+    return MixNNLoader(description, 3, LoaderOptions(size=16, device="cpu", num_threads=1, on_error=on_error, seed=1),
+                       partners=partners)
 
 
 def _anchors_of(loader) -> list[int]:

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mixnn_fast.pipeline import MODES, plan_epoch
+from mixnn_fast.pipeline.feeder import drop_samples
 from mixnn_fast.pipeline.forest import forest, functional_graph_components, preorder
 from mixnn_fast.refresh.partners import PartnerTable, mixup_table
 
@@ -329,6 +330,25 @@ def test_weights_follow_their_anchors_through_shuffling_and_sharding(graph, batc
             for batch in plan.shard(shard_id, num_shards, pad=pad):
                 np.testing.assert_array_equal(batch.weights, by_id[batch.anchor_ids])
                 np.testing.assert_array_equal(batch.partner_ids, nbrs[batch.anchor_ids])
+
+
+@given(graph=graphs(max_n=60), batch_size=st.integers(1, 20), seed=st.integers(0, 2**31), data=st.data())
+@settings(max_examples=60)
+def test_weights_survive_skipping(graph, batch_size, seed, data):
+    """Unreadable samples dropped from a batch: dropped anchors lose their weights rows, every
+    other anchor keeps its own row, also when its partner is lost (it then mixes with itself)."""
+    nbrs, anchors = graph
+    table, by_id = table_for(anchors, nbrs, seed)
+    plan = plan_epoch(anchors, table, batch_size, seed=seed)
+    for batch in plan:
+        bad = np.array(data.draw(st.lists(st.sampled_from(batch.ids.tolist()), max_size=3)), dtype=np.int64)
+        kept, dropped, slots = drop_samples(batch, bad)
+        assert dropped == int(np.isin(batch.anchor_ids, bad).sum()) and len(kept) == len(batch) - dropped
+        assert not np.isin(kept.ids, bad).any()
+        np.testing.assert_array_equal(kept.ids, batch.ids[slots])
+        np.testing.assert_array_equal(kept.weights, by_id[kept.anchor_ids])
+        lost = np.isin(nbrs[kept.anchor_ids], bad)
+        np.testing.assert_array_equal(kept.partner_ids, np.where(lost, kept.anchor_ids[:, None], nbrs[kept.anchor_ids]))
 
 
 @pytest.mark.parametrize("mode", ["plain", "in_batch"])

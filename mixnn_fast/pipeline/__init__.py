@@ -1,8 +1,18 @@
-"""Epoch plans and the DALI loader.
+"""Epoch plans and the DALI loaders.
 
-``plan_epoch`` (pure NumPy) decides which images each batch decodes and where anchors
-and partners sit; the loader feeds those plans through DALI and yields batches ready
-for :func:`mixnn_fast.mix_images`.  DALI is imported only when a loader is built.
+``plan_epoch`` (pure NumPy) decides which images each batch decodes, where anchors and
+partners sit and, from a :class:`~mixnn_fast.refresh.partners.PartnerTable`, which weights
+each anchor mixes with; the loaders feed those plans through DALI and yield batches that
+:meth:`LoaderBatch.mix` turns into the model's input.  DALI is imported only when a loader is
+built.
+
+Modules, one job each: ``plan`` (what a plan is, ``plan_epoch``), ``plan_inputs`` (its
+argument checks), ``plan_layout`` (its arithmetic), ``forest`` (the 1-NN forest),
+``augment_params`` (augmentations drawn on the host), ``dali_pipelines`` (the DALI graphs),
+``options`` (:class:`LoaderOptions`), ``feeder`` (serving plans to DALI, the error policy),
+``host_resize`` (resizing crops with torch on the CPU), ``buffers`` (:class:`BufferPool`),
+``batch`` (:class:`LoaderBatch`), ``loader_base`` (the loaders' shared machinery),
+``mixnn_loader`` (:class:`MixNNLoader`), ``eval_loader`` (:class:`EvalLoader`).
 """
 from __future__ import annotations
 
@@ -13,10 +23,12 @@ from mixnn_fast.pipeline.forest import functional_graph_components
 from mixnn_fast.pipeline.plan import MODES, EpochPlan, PlanBatch, PlanStats, plan_epoch
 
 _LAZY = {
-    "MixNNLoader": "mixnn_fast.pipeline.loader",
-    "EvalLoader": "mixnn_fast.pipeline.loader",
-    "LoaderBatch": "mixnn_fast.pipeline.loader",
-    "ImageDecodeError": "mixnn_fast.pipeline.loader",
+    "MixNNLoader": "mixnn_fast.pipeline.mixnn_loader",
+    "EvalLoader": "mixnn_fast.pipeline.eval_loader",
+    "LoaderBatch": "mixnn_fast.pipeline.batch",
+    "ImageDecodeError": "mixnn_fast.pipeline.feeder",
+    "LoaderOptions": "mixnn_fast.pipeline.options",
+    "BufferPool": "mixnn_fast.pipeline.buffers",
 }
 
 __all__ = ["MODES", "EpochPlan", "PlanBatch", "PlanStats", "functional_graph_components", "plan_epoch", *_LAZY]

@@ -13,6 +13,9 @@ Processing functions take and return DALI data nodes and work inside any
   :func:`decode_center_window` -- the same view's window decoded, not resized;
 - :func:`flip_horizontal`, :func:`normalise` -- flips for arrays; the last step of every pipeline.
 
+The pipelines take what they do to each image as small frozen objects: :class:`TrainView`
+or :class:`EvalView`, and :class:`OutputFormat` (normalisation and layout).
+
 Where the training randomness comes from: not from DALI.  Windows, shifts and flips are
 drawn on the host (:mod:`mixnn_fast.pipeline.augment_params`), per image, from (seed,
 epoch, batch index, slot), and arrive with the images through the external source
@@ -37,6 +40,7 @@ Images leave every pipeline as HWC (or CHW with ``layout="CHW"``): uint8 unless
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import nvidia.dali.fn as fn
@@ -227,72 +231,109 @@ def train_source(source: Callable[[], tuple], *, encoded: bool, device: str, shi
 
 
 # ---------------------------------------------------------------------------------------------
+# what a pipeline does to each image: small frozen objects, so that the pipelines' own
+# parameter lists stay short and a loader builds its views once
+
+
+@dataclass(frozen=True)
+class OutputFormat:
+    """The last step of every pipeline (:func:`normalise`): float32 ``(x - mean) / std`` when
+    statistics are given (0-255 units), else uint8; ``layout`` "HWC" or "CHW"."""
+
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    layout: str = "HWC"
+
+    def __post_init__(self) -> None:
+        if self.layout not in ("HWC", "CHW"):
+            raise ValueError(f"layout: must be 'HWC' or 'CHW', got {self.layout!r}")
+
+
+@dataclass(frozen=True)
+class TrainView:
+    """The training view: for encoded images the random-resized crop to ``size`` (the window
+    and the flip come from the source); for arrays of ``image_shape`` (H, W, C) the shift by
+    up to ``pad`` pixels (none when 0) and the flip.  ``flip=False``: no flips drawn or read.
+    ``resize_outside`` (encoded images): stop before the resize and return the decoded
+    windows and the flip flags; the caller resizes, mirrors and normalises them."""
+
+    size: int | None = None
+    image_shape: tuple[int, ...] | None = None
+    pad: int = 4
+    flip: bool = True
+    resize_outside: bool = False
+
+
+@dataclass(frozen=True)
+class EvalView:
+    """The evaluation view: shorter side resized to ``resize``, central (crop, crop) window
+    (encoded images); the central window alone, or the image unchanged when ``crop`` is None
+    (arrays).  ``resize_outside`` (encoded images): return the central windows decoded but not
+    resized (:func:`decode_center_window`); the caller resizes them to (crop, crop)."""
+
+    resize: int | None = 256
+    crop: int | None = 224
+    resize_outside: bool = False
+
+
+# ---------------------------------------------------------------------------------------------
 # pipelines (batch_size, num_threads, device_id, seed, prefetch_queue_depth are given where
-# they are built: ``train_pipeline(source, ..., batch_size=..., num_threads=..., device_id=None)``)
+# they are built: ``train_pipeline(source, view, ..., batch_size=..., num_threads=..., device_id=None)``)
 
 
 @pipeline_def
-def train_pipeline(source, *, encoded: bool, device: str = "cpu", size: int | None = None,
-                   image_shape: Sequence[int] | None = None, pad: int = 4, flip: bool = True,
-                   mean: Sequence[float] | None = None, std: Sequence[float] | None = None, layout: str = "HWC",
-                   resize_outside: bool = False):
-    """Training views, one augmentation per decoded image, its parameters from ``source``
-    (:func:`train_source`; drawn by :mod:`mixnn_fast.pipeline.augment_params`).
+def train_pipeline(source, view: TrainView, output: OutputFormat = OutputFormat(), *, encoded: bool,
+                   device: str = "cpu"):
+    """Training views (:class:`TrainView`), one augmentation per decoded image, its parameters
+    from ``source`` (:func:`train_source`; drawn by :mod:`mixnn_fast.pipeline.augment_params`),
+    finished by ``output``.
 
-    Encoded sources: the given window, resized to ``size``, + flip.  Arrays of
-    ``image_shape`` (H, W, C): the given shift (zero fill; none when ``pad`` is 0) + flip.
-
-    ``resize_outside`` (encoded sources): the pipeline stops before the resize and returns
-    the decoded windows and the flip flags (:func:`decode_window`; ``(windows,)`` alone
-    without ``flip``); the caller resizes, mirrors and normalises them.
+    With ``view.resize_outside`` (encoded sources) the pipeline returns ``(windows, flips)``
+    (``(windows,)`` without ``view.flip``), not resized, not normalised.
     """
     if encoded:
-        data, anchor, shape, mirror = train_source(source, encoded=True, device=device, flip=flip)
-        if resize_outside:
+        data, anchor, shape, mirror = train_source(source, encoded=True, device=device, flip=view.flip)
+        if view.resize_outside:
             windows = decode_window(data, anchor, shape, device=device)
-            return (windows, mirror) if flip else (windows,)
-        images = decode_resized_window(data, anchor, shape, mirror, size=size, device=device)
+            return (windows, mirror) if view.flip else (windows,)
+        images = decode_resized_window(data, anchor, shape, mirror, size=view.size, device=device)
     else:
-        images, shift, mirror = train_source(source, encoded=False, device=device, shift=pad > 0, flip=flip)
-        if pad:
-            images = pad_and_crop(images, shift, height=image_shape[0], width=image_shape[1])
-        images = flip_horizontal(images, mirror) if flip else images
-    return normalise(images, mean=mean, std=std, layout=layout)
+        images, shift, mirror = train_source(source, encoded=False, device=device, shift=view.pad > 0,
+                                             flip=view.flip)
+        if view.pad:
+            images = pad_and_crop(images, shift, height=view.image_shape[0], width=view.image_shape[1])
+        images = flip_horizontal(images, mirror) if view.flip else images
+    return normalise(images, mean=output.mean, std=output.std, layout=output.layout)
 
 
 @pipeline_def
-def eval_pipeline(source, *, encoded: bool, device: str = "cpu", resize: int | None = None,
-                  crop: int | None = None, mean: Sequence[float] | None = None,
-                  std: Sequence[float] | None = None, layout: str = "HWC", resize_outside: bool = False):
-    """Evaluation views, no randomness: resize + centre crop (encoded) or an optional
-    centre crop (arrays).
+def eval_pipeline(source, view: EvalView, output: OutputFormat = OutputFormat(), *, encoded: bool,
+                  device: str = "cpu"):
+    """Evaluation views (:class:`EvalView`), no randomness, finished by ``output``.
 
-    ``resize_outside`` (encoded sources): the pipeline returns ``(windows,)``, the central
-    windows decoded but not resized (:func:`decode_center_window`); the caller resizes
-    them to (crop, crop) and normalises them.
+    With ``view.resize_outside`` (encoded sources) the pipeline returns ``(windows,)``, the
+    central windows decoded but not resized, not normalised.
     """
     data = plan_source(source, encoded=encoded, device=device)
-    if encoded and resize_outside:
-        return (decode_center_window(data, resize=resize, crop=crop, device=device),)
+    if encoded and view.resize_outside:
+        return (decode_center_window(data, resize=view.resize, crop=view.crop, device=device),)
     if encoded:
-        images = decode_resize_center_crop(data, resize=resize, crop=crop, device=device)
+        images = decode_resize_center_crop(data, resize=view.resize, crop=view.crop, device=device)
     else:
-        images = center_crop(data, crop=crop)
-    return normalise(images, mean=mean, std=std, layout=layout)
+        images = center_crop(data, crop=view.crop)
+    return normalise(images, mean=output.mean, std=output.std, layout=output.layout)
 
 
 @pipeline_def
-def file_reader_eval_pipeline(files: Sequence[str], labels: Sequence[int], *, device: str = "cpu",
-                              resize: int = 256, crop: int = 224, shard_id: int = 0, num_shards: int = 1,
-                              mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                              layout: str = "HWC"):
+def file_reader_eval_pipeline(files: Sequence[str], labels: Sequence[int], view: EvalView = EvalView(),
+                              output: OutputFormat = OutputFormat(), *, device: str = "cpu", shard_id: int = 0,
+                              num_shards: int = 1):
     """Evaluation over a file list with DALI's own named reader (e.g. a clean test set);
-    same processing as :func:`eval_pipeline`.  Pair it with
-    ``DALIGenericIterator(pipe, ["images", "labels"], reader_name=READER_NAME,
-    last_batch_policy=LastBatchPolicy.PARTIAL)``."""
+    same processing as :func:`eval_pipeline`.  Pair it with ``DALIGenericIterator(pipe,
+    ["images", "labels"], reader_name=READER_NAME, last_batch_policy=LastBatchPolicy.PARTIAL)``."""
     encoded, label = fn.readers.file(files=list(files), labels=list(labels), name=READER_NAME,
                                      random_shuffle=False, shard_id=shard_id, num_shards=num_shards,
                                      pad_last_batch=True)
-    images = decode_resize_center_crop(encoded, resize=resize, crop=crop, device=device)
-    images = normalise(images, mean=mean, std=std, layout=layout)
+    images = decode_resize_center_crop(encoded, resize=view.resize, crop=view.crop, device=device)
+    images = normalise(images, mean=output.mean, std=output.std, layout=output.layout)
     return images, (label.gpu() if device == "gpu" else label)
