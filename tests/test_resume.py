@@ -204,7 +204,7 @@ def test_flipped_bit_inside_a_tensor_is_detected(tmp_path, uninterrupted):
     data = bytearray((run / CHECKPOINT).read_bytes())
     state = load_checkpoint(run)
     # find the bytes of the largest tensor (the soft targets or a weight) and flip one bit in it
-    weights = state["targets"]["targets"].numpy().tobytes()
+    weights = state["modules"]["targets"]["targets"].numpy().tobytes()
     at = bytes(data).find(weights[:64])
     assert at > 0
     data[at + 17] ^= 0x04
@@ -215,7 +215,7 @@ def test_flipped_bit_inside_a_tensor_is_detected(tmp_path, uninterrupted):
 
 def test_checkpoints_open_with_weights_only(uninterrupted):
     state = torch.load(uninterrupted / CHECKPOINT, weights_only=True)  # refuses arbitrary objects
-    assert state["format"] == 2 and state["state"]["position"] == {"epoch": 5, "batch": 0}
+    assert state["format"] == 3 and state["state"]["position"] == {"epoch": 5, "batch": 0}
 
 
 def test_no_checkpoint_is_ever_loaded_with_weights_only_false():
@@ -237,7 +237,7 @@ def test_a_foreign_pickle_is_refused_without_running_it(tmp_path):
 
     run = tmp_path / "run"
     run.mkdir()
-    torch.save({"format": 2, "sha256": "", "state": Evil()}, run / CHECKPOINT, pickle_module=pickle)
+    torch.save({"format": 3, "sha256": "", "state": Evil()}, run / CHECKPOINT, pickle_module=pickle)
     with pytest.raises(CheckpointError, match=str(run / CHECKPOINT)):
         load_checkpoint(run)
     assert not (tmp_path / "pwned").exists()

@@ -15,7 +15,7 @@ from mixnn_fast.train.config import TrainConfig
 from mixnn_fast.train.datasets import stratified_subset
 from mixnn_fast.audit.scores import auroc
 from mixnn_fast.refresh.forward import ForwardPass
-from mixnn_fast.refresh.refresh import in_batch_partners, refresh
+from mixnn_fast.refresh.refresh import RefreshOptions, in_batch_partners, refresh
 from mixnn_fast.app.report import write_label_issues
 
 E32, E64 = torch.finfo(torch.float32).eps, torch.finfo(torch.float64).eps
@@ -63,15 +63,17 @@ def test_refresh_over_a_pool_stays_in_the_pool(rng):
     targets = SoftTargets(labels, c, start_epoch=0)
     pool = torch.from_numpy(np.sort(rng.choice(n, 25, replace=False)))
     outputs = ForwardPass(logits=torch.from_numpy(rng.normal(size=(25, c))).float(),
-                          features=torch.from_numpy(rng.normal(size=(25, 8))).float())
+                          features=torch.from_numpy(rng.normal(size=(25, 8))).float(), ids=pool)
     before = targets.targets.clone()
-    result = refresh(outputs, targets, labels, epoch=3, ids=pool, neighbour_backend="exact",
+    result = refresh(outputs, targets, labels, epoch=3, options=RefreshOptions(neighbour_backend="exact"),
                      true_labels=labels)
-    assert set(result.neighbours.flatten().tolist()) <= set(pool.tolist())
-    assert (result.neighbours[:, 0] != pool).all()
-    assert result.weights.shape == (25, 2)
+    table = result.table
+    assert torch.equal(table.anchors, pool)  # one row per pool sample, in id order
+    assert set(table.partners.flatten().tolist()) <= set(pool.tolist())
+    assert (table.partners[:, 0] != pool).all()
+    assert table.weights.shape == (25, 2)
     # two float32 weights, each the float64 ratio rounded once (eps / 2), and one float32 addition
-    torch.testing.assert_close(result.weights.sum(1), torch.ones(25), rtol=0, atol=2 * E32)
+    torch.testing.assert_close(table.weights.sum(1), torch.ones(25), rtol=0, atol=2 * E32)
     outside = torch.ones(n, dtype=torch.bool)
     outside[pool] = False
     assert torch.equal(targets.targets[outside], before[outside])  # only the pool's targets moved
@@ -79,12 +81,12 @@ def test_refresh_over_a_pool_stays_in_the_pool(rng):
     # eq. 10: λ_i = w_i / (w_i + w_n)
     w = result.clean_prob
     position = {int(s): i for i, s in enumerate(pool)}
-    partner = torch.tensor([position[int(s)] for s in result.neighbours[:, 0]])
+    partner = torch.tensor([position[int(s)] for s in table.partners[:, 0]])
     expected = w / (w + w[partner])  # float32: an addition and a division, eps / 2 each
     ok = (w + w[partner]) > 0
     # + ours' one rounding of a float64 ratio; below float32's smallest normal number the rounding
     # is absolute (clean probabilities can underflow that far)
-    torch.testing.assert_close(result.weights[ok, 0], expected[ok].float(), rtol=2 * E32,
+    torch.testing.assert_close(table.weights[ok, 0], expected[ok].float(), rtol=2 * E32,
                                atol=torch.finfo(torch.float32).tiny)
 
 
@@ -156,8 +158,8 @@ def test_refresh_gmm_losses_follow_the_chosen_labels(gmm_loss, rng):
     targets.targets.copy_(soft.to(targets.targets.dtype))
     logits = torch.from_numpy(rng.normal(size=(n, c))).float()
     result = refresh(ForwardPass(logits=logits, features=torch.from_numpy(rng.normal(size=(n, 4))).float()),
-                     targets, given, epoch=0, gmm_loss=gmm_loss, label_correction=False,
-                     neighbour_backend="exact", true_labels=true)
+                     targets, given, epoch=0, options=RefreshOptions(gmm_loss=gmm_loss, label_correction=False,
+                                                                     neighbour_backend="exact"), true_labels=true)
     log_p = torch.log_softmax(logits.double(), 1)
     stored = targets.targets.double()
     expected = {"soft_targets": -(stored * log_p).sum(1),

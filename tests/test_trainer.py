@@ -50,7 +50,8 @@ def test_every_method_trains_and_logs(tmp_path, method):
 def test_mixnn_ablations_run(tmp_path, options):
     trainer = Trainer(tiny_config(tmp_path, method="mixnn", epochs=2, **options))
     trainer.fit()
-    assert trainer.metrics.rows[-1]["phase"] == "mixnn"
+    # the authors' schedule trains plain mixup until label correction starts (epoch 2 here)
+    assert trainer.metrics.rows[-1]["phase"] == ("mixup" if options.get("authors_schedule") else "mixnn")
     if options.get("plan") == "naive":
         assert trainer.metrics.rows[-1]["extra_decode_fraction"] == pytest.approx(options.get("num_neighbours", 1))
 
@@ -72,7 +73,8 @@ def test_resume_continues_from_the_checkpoint(tmp_path):
 
 def test_report_files(tmp_path):
     trainer = Trainer(tiny_config(tmp_path, method="mixnn"))
-    summary = write_run_report(trainer, trainer.fit())
+    summary = trainer.fit()
+    summary = write_run_report(trainer.out_dir, trainer.label_record(), summary)
     for key in ("label_issues", "accuracy_plot", "clean_probability_plot", "confusion_plot"):
         assert (tmp_path / "run").joinpath(summary["files"][key].split("/")[-1]).exists(), key
     assert 0 <= summary["label_accuracy_after_correction"] <= 1
@@ -93,12 +95,12 @@ def test_cli_train_and_evaluate(tmp_path, capsys):
 
 def test_no_augmentation_gives_the_same_images_every_epoch(tmp_path):
     trainer = Trainer(tiny_config(tmp_path, method="ce", augment=False))
-    assert trainer.plain_loader.pad == 0 and not trainer.plain_loader.flip
+    assert trainer.loaders.plain.options.pad == 0 and not trainer.loaders.plain.options.flip
     seen = []
     for epoch in (0, 1):
-        trainer.plain_loader.set_epoch(epoch)
-        batch = next(iter(trainer.plain_loader))
-        x, _ = batch.mix(torch.ones(len(batch), 1))
+        trainer.loaders.plain.set_epoch(epoch)
+        batch = next(iter(trainer.loaders.plain))
+        x, _ = batch.mix()
         seen.append({int(i): x[j] for j, i in enumerate(batch.anchor_ids)})
     common = sorted(set(seen[0]) & set(seen[1]))
     assert common and all(torch.equal(seen[0][i], seen[1][i]) for i in common)
@@ -110,17 +112,17 @@ def test_no_augmentation_is_refused_for_image_files(tmp_path):
 
 
 def test_clothing1m_balanced_draw_is_made_once_per_epoch_and_covers_loader_and_refresh(tmp_path, monkeypatch):
-    import mixnn_fast.train.trainer as trainer_module
+    import mixnn_fast.train.loaders as loaders_module
 
     fixture = make_clothing1m(tmp_path / "clothing1m", n_noisy_train=42, size=32)
     seeds: list[int] = []
-    original = trainer_module.balanced_subset
+    original = loaders_module.balanced_subset
 
     def counted(description, num_batches, batch_size, seed):
         seeds.append(seed)
         return original(description, num_batches, batch_size, seed)
 
-    monkeypatch.setattr(trainer_module, "balanced_subset", counted)
+    monkeypatch.setattr(loaders_module, "balanced_subset", counted)
     cfg = tiny_config(tmp_path, dataset="clothing1m", data_root=str(fixture.root), noise="none", method="mixnn",
                       epochs=2, warmup_epochs=1, correction_start=1, num_batches=2, batch_size=8, seed=5)
     trainer = Trainer(cfg)
@@ -128,7 +130,7 @@ def test_clothing1m_balanced_draw_is_made_once_per_epoch_and_covers_loader_and_r
     assert seeds == [5, 6]  # one draw per epoch although the loader and the refresh both use it
     drawn = original(trainer.data.train, 2, 8, 6)
     assert torch.equal(trainer.last_refresh.ids, torch.from_numpy(np.sort(drawn)))
-    assert trainer.mix_loader.make_plan(1).stats.anchors == len(drawn)
+    assert trainer.loaders.mix.make_plan(1).stats.anchors == len(drawn)
 
 
 def _folder_with_a_corrupt_image(tmp_path):
@@ -187,3 +189,89 @@ def test_a_list_file_leaving_the_dataset_root_is_refused_by_line(tmp_path, capsy
     assert f"{data.list_path}, line 3" in err and "outside" in err
     assert not (tmp_path / "run").exists()
     assert mixnn_main(run + ["--allow-outside-root"]) == 0
+
+
+# ---- behaviour fixed with the partner table (each of these failed before it) ---------------------
+
+
+def _epoch_batches(trainer, epoch: int):
+    """The batches of ``epoch`` as the trainer sets them up (partners and weights attached)."""
+    loader, _ = trainer._start_epoch(epoch, trainer.phase(epoch))
+    return list(loader)
+
+
+def test_mixup_never_pairs_a_sample_with_itself_and_draws_one_lambda_per_batch(tmp_path, monkeypatch):
+    import mixnn_fast.refresh.partners as partners_module
+
+    modes = []
+    original = partners_module.mixing_weights
+
+    def spy(*args, **kwargs):
+        modes.append(kwargs.get("mode"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(partners_module, "mixing_weights", spy)
+    trainer = Trainer(tiny_config(tmp_path, method="mixup"))
+    batches = _epoch_batches(trainer, 0)
+    assert modes and set(modes) == {"mixup"}  # the weights come from weights.py's own mixup mode
+    lambdas = []
+    for batch in batches:
+        assert batch.partner_ids.shape == (len(batch), 1)
+        assert bool((batch.partner_ids[:, 0] != batch.anchor_ids).all())  # a derangement within the batch
+        assert set(batch.partner_ids[:, 0].tolist()) <= set(batch.anchor_ids.tolist())  # partners in the batch
+        assert torch.all(batch.weights == batch.weights[0])  # one λ per batch
+        lambdas.append(float(batch.weights[0, 0]))
+    assert len(set(lambdas)) == len(lambdas) > 3  # a new λ every batch
+
+
+def test_authors_schedule_draws_one_lambda_per_mini_batch(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, method="mixnn", authors_schedule=True, warmup_epochs=1,
+                                  correction_start=3, epochs=4))
+    assert [trainer.phase(e) for e in range(4)] == ["plain", "mixup", "mixup", "mixnn"]
+    lambdas = [float(b.weights[0, 0]) for b in _epoch_batches(trainer, 1)]
+    assert len(set(lambdas)) == len(lambdas) > 3
+
+
+def test_report_uses_the_runs_gmm_settings_and_no_extra_pass_for_mixnn(tmp_path, monkeypatch):
+    import mixnn_fast.train.trainer as trainer_module
+
+    calls = []
+    original = trainer_module.clean_probability
+
+    def spy(losses, **kwargs):
+        calls.append(kwargs)
+        return original(losses, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "clean_probability", spy)
+    baseline = Trainer(tiny_config(tmp_path / "ce", method="ce", epochs=1, gmm_max_iter=3, gmm_reg_covar=1e-2,
+                                   gmm_tol=0.5))
+    baseline.fit()
+    baseline.label_record()
+    assert calls == [dict(max_iter=3, tol=0.5, reg_covar=1e-2, seed=0)]
+
+    mixnn = Trainer(tiny_config(tmp_path / "mixnn", method="mixnn", epochs=2))
+    mixnn.fit()
+    passes = []
+    monkeypatch.setattr(mixnn, "predict", lambda *a, **k: passes.append(1))
+    record = mixnn.label_record()
+    assert passes == []  # the last refresh already scored every sample
+    assert np.array_equal(record.corrected, mixnn.targets.corrected_labels().numpy())
+
+
+def test_mix_given_labels_mixes_the_targets_once(tmp_path, monkeypatch):
+    trainer = Trainer(tiny_config(tmp_path, method="mixnn", mix_given_labels=True, epochs=2))
+    batch = _epoch_batches(trainer, 1)[0]
+    asked = []
+    original = type(batch).mix
+
+    def spy(self, targets=None, **kwargs):
+        asked.append(targets)
+        return original(self, targets, **kwargs)
+
+    monkeypatch.setattr(type(batch), "mix", spy)
+    x, y = trainer._inputs(batch, "mixnn")
+    assert asked == [None]  # the images only: the targets are not mixed by the kernel and then again
+    w = batch.weights.double()
+    expected = w[:, :1] * trainer.targets.targets[batch.anchor_ids].double() + \
+        (w[:, 1:, None] * torch.nn.functional.one_hot(trainer.given_labels[batch.partner_ids], 10).double()).sum(1)
+    torch.testing.assert_close(y.double(), expected, rtol=0, atol=4 * torch.finfo(torch.float32).eps)

@@ -110,7 +110,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                       overwrite=args.overwrite)
     if trainer.data.note:
         print(f"NOTE: {trainer.data.note}")
-    summary = write_run_report(trainer, trainer.fit())
+    summary = trainer.fit()
+    summary = write_run_report(trainer.out_dir, trainer.label_record(), summary)
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -176,7 +176,7 @@ def _run_cell_locked(cell: Cell, out: Path, log) -> dict:
         log(f"[table] NOTE: {trainer.data.note}")
     summary = trainer.fit()
     summary["wall_seconds"] = time.perf_counter() - start
-    summary = write_run_report(trainer, summary)
+    summary = write_run_report(trainer.out_dir, trainer.label_record(), summary)
     log(f"[table] {cell.noise} {cell.label} seed {cell.seed}: final {100 * summary['final_test_accuracy']:.2f}%, "
         f"best {100 * summary['best_test_accuracy']:.2f}% ({summary['wall_seconds'] / 60:.1f} min)")
     return summary

@@ -11,7 +11,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from mixnn_fast.audit.scores import auroc
 from mixnn_fast.train.atomic import write_atomic
+from mixnn_fast.train.outcome import LabelRecord
 
 
 def _pyplot():
@@ -121,43 +123,28 @@ def accuracy_curve(rows: Sequence[dict]) -> list[tuple[int, float]]:
     return [(r["epoch"], r["test_accuracy"]) for r in rows if "test_accuracy" in r]
 
 
-def write_run_report(trainer, summary: dict) -> dict:
-    """After ``trainer.fit()``: a final pass over the training set, then ``label_issues.csv``,
-    ``summary.json`` and the plots in the run's folder.  Returns the summary with the file paths.
+def write_run_report(out_dir: str | Path, record: LabelRecord, summary: dict) -> dict:
+    """``label_issues.csv``, ``summary.json`` and the plots of a finished run in ``out_dir``, from
+    what the run concluded about its labels (``Trainer.label_record()``).  Returns the summary
+    with the file paths, and the label accuracy and clean-detection AUROC where true labels are
+    known.
 
     For MixNN the corrected labels are the soft targets' argmax and the clean probability is the
     last refresh's.  For the baselines, which correct nothing, the corrected label is the model's
-    prediction and the clean probability comes from the same GMM fitted on the final losses
+    prediction and the clean probability comes from the run's GMM fitted on the final losses
     against the given labels — so every method gets a comparable clean-detection AUROC."""
-    from mixnn_fast.refresh.gmm import clean_probability
-    from mixnn_fast.audit.scores import auroc
-
-    out = trainer.out_dir
-    data = trainer.data.train
-    given = data.labels
-    logits = trainer.predict(trainer.pool_loader, len(data))
-    readable = torch.isfinite(logits).all(1)  # unreadable images (on_error="skip") have NaN rows
-    clean_prob = np.full(len(data), np.nan)  # NaN: not scored (sorted last)
-    refreshed = trainer.last_refresh
-    if trainer.cfg.method == "mixnn" and refreshed is not None and len(refreshed.ids) == int(readable.sum()):
-        corrected = trainer.targets.corrected_labels().cpu().numpy()
-        clean_prob[refreshed.ids.numpy()] = refreshed.clean_prob.numpy()
-    else:
-        corrected = logits.argmax(1).numpy()
-        losses = torch.nn.functional.cross_entropy(logits[readable], torch.from_numpy(given)[readable],
-                                                   reduction="none")
-        clean_prob[readable.numpy()] = clean_probability(losses).numpy()
-    true = data.clean_labels
+    out = Path(out_dir)
+    data = record.train
+    given, true, corrected, clean_prob = data.labels, data.clean_labels, record.corrected, record.clean_prob
     files = {"label_issues": str(write_label_issues(out / "label_issues.csv", given=given, corrected=corrected,
                                                     clean_prob=clean_prob, paths=data.paths, true=true,
                                                     classes=list(data.classes)))}
-    files["accuracy_plot"] = str(plot_accuracy({trainer.cfg.method: accuracy_curve(trainer.metrics.rows)},
-                                               out / "accuracy.png"))
+    files["accuracy_plot"] = str(plot_accuracy({record.method: accuracy_curve(record.rows)}, out / "accuracy.png"))
     scored = ~np.isnan(clean_prob)
     clean_mask = None if true is None else (true == given)[scored]
     files["clean_probability_plot"] = str(plot_clean_probability(clean_prob[scored], clean_mask,
                                                                  out / "clean_probability.png",
-                                                                 title=f"{trainer.cfg.method}: clean probability"))
+                                                                 title=f"{record.method}: clean probability"))
     if true is not None:
         summary["label_accuracy_after_correction"] = float((corrected == true).mean())
         summary["final_clean_auroc"] = auroc(clean_prob[scored], clean_mask)

@@ -34,7 +34,7 @@ def forward_pass(model: torch.nn.Module, loader, ids: torch.Tensor, device: torc
     features_all: torch.Tensor | None = None
     seen = torch.zeros(len(ids), dtype=torch.bool)
     for batch in loader:
-        x, _ = batch.mix(torch.ones(len(batch), 1))
+        x, _ = batch.mix()
         with torch.inference_mode(), \
                 torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             logits, features = model(x.to(device, non_blocking=True).contiguous(memory_format=memory_format),
@@ -46,6 +46,7 @@ def forward_pass(model: torch.nn.Module, loader, ids: torch.Tensor, device: torc
         logits_all[rows] = logits.float().cpu()
         features_all[rows] = features.float().cpu()
         seen[rows] = True
+        batch.release()  # its buffers serve the next batches
         if progress is not None:
             progress.update(len(rows))
     model.train(was_training)

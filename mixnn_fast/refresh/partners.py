@@ -103,6 +103,15 @@ class PartnerTable:
         return PartnerTable.build(anchors, torch.empty(len(anchors), 0, dtype=torch.int64),
                                   torch.ones(len(anchors), 1), num_samples)
 
+    @staticmethod
+    def itself(anchors, num_samples: int, k: int) -> "PartnerTable":
+        """Anchors mixed with nothing but themselves: K partner slots holding the anchor, λ = 1
+        (the rows a plan needs for anchors the refresh did not score, e.g. unreadable images)."""
+        anchors = _as_ids(anchors, "anchors", 1)
+        weights = torch.zeros(len(anchors), k + 1)
+        weights[:, 0] = 1.0
+        return PartnerTable.build(anchors, anchors.unsqueeze(1).repeat(1, k), weights, num_samples)
+
     @property
     def num_partners(self) -> int:
         """K."""

@@ -15,8 +15,35 @@ from mixnn_fast.refresh.forward import ForwardPass
 from mixnn_fast.refresh.gmm import GMM1D, clean_probability
 from mixnn_fast.refresh.loss_history import LossHistory
 from mixnn_fast.refresh.neighbours import nearest_neighbours
+from mixnn_fast.refresh.partners import PartnerTable
 from mixnn_fast.refresh.targets import SoftTargets
 from mixnn_fast.refresh.weights import mixing_weights, random_partners
+
+
+@dataclass(frozen=True)
+class RefreshOptions:
+    """How a refresh is computed (the MixNN settings of a :class:`~mixnn_fast.train.config.TrainConfig`).
+
+    partners: "neighbours" (the K nearest in feature space), "random", or "in_batch" (chosen per
+    batch later, from the features: no table here).  weights_mode: "gmm" (eq. 10-11), "avg" or
+    "rdm" (mixnn_fast.refresh.weights).  gmm_loss: fit the GMM on the cross-entropy against the
+    soft targets' argmax ("argmax_targets", as the authors' code does), the soft targets
+    themselves ("soft_targets": a sample's loss is then at least its target's entropy, so once
+    labels are corrected the GMM separates confident targets from uncertain ones rather than
+    samples the model agrees with from those it does not), or the given labels ("given").
+    gmm: keyword settings of :func:`~mixnn_fast.refresh.gmm.clean_probability`
+    (max_iter, tol, reg_covar, seed).
+    """
+
+    num_neighbours: int = 1
+    partners: str = "neighbours"
+    weights_mode: str = "gmm"
+    label_correction: bool = True
+    gmm_loss: str = "argmax_targets"
+    gmm: dict = field(default_factory=dict)
+    neighbour_backend: str = "hnsw"
+    rdm_alpha: float = 1.0
+    num_threads: int | None = None
 
 
 @dataclass
@@ -25,40 +52,30 @@ class RefreshResult:
     probabilities: torch.Tensor         # (P, C) float32 softmax of the model
     clean_prob: torch.Tensor            # (P,) float32 posterior of the low-loss component
     ids: torch.Tensor                   # (P,) int64 the pool's sample ids; rows below follow them
-    neighbours: torch.Tensor | None     # (P, K) int64 partners' sample ids (None for in-batch partners)
-    weights: torch.Tensor | None        # (P, K+1) float32 (λ, β_1..β_K) per anchor
+    table: PartnerTable | None          # partners (sample ids) and λ/β per anchor (None: in-batch partners)
     features: torch.Tensor              # (P, D) float32
     gmm: GMM1D
     seconds: dict[str, float] = field(default_factory=dict)
     stats: dict[str, float] = field(default_factory=dict)
 
 
-def refresh(outputs: ForwardPass, targets: SoftTargets, given_labels: torch.Tensor, epoch: int, *,
-            ids: torch.Tensor | None = None,
-            num_neighbours: int = 1, partners: str = "neighbours", weights_mode: str = "gmm",
-            label_correction: bool = True, gmm_loss: str = "argmax_targets", loss_history: LossHistory | None = None,
-            gmm_settings: dict | None = None, neighbour_backend: str = "hnsw", rdm_alpha: float = 1.0,
-            generator: torch.Generator | None = None, true_labels: torch.Tensor | None = None,
-            num_threads: int | None = None) -> RefreshResult:
+def refresh(outputs: ForwardPass, targets: SoftTargets, given_labels: torch.Tensor, epoch: int,
+            options: RefreshOptions = RefreshOptions(), *, loss_history: LossHistory | None = None,
+            generator: torch.Generator | None = None, true_labels: torch.Tensor | None = None) -> RefreshResult:
     """Everything MixNN recomputes from one forward pass.
 
     Args:
-        outputs: the forward pass over the pool (logits, features), in the order of ``ids``.
+        outputs: the forward pass over the pool (logits, features) for the samples
+            ``outputs.ids`` (None: all N samples, in order).  Everything is computed within
+            the pool: neighbours are other pool samples, returned as sample ids.
         targets: the soft-target store of all N samples; the pool's rows are updated in place
-            (eq. 12) when ``label_correction``.
+            (eq. 12) when ``options.label_correction``.
         given_labels: (N,) int64 the given (noisy) labels of all samples.
-        ids: (P,) int64 the pool's sample ids (None: all N samples, in order).  Everything is
-            computed within the pool: neighbours are other pool samples, returned as sample ids.
         epoch: the current epoch (label correction starts at ``targets.start_epoch``).
-        partners: "neighbours" (K nearest in feature space), "random", or "in_batch" (the
-            partners are found per batch by the caller; no neighbours here).
-        weights_mode: "gmm" (eq. 10-11), "avg" or "rdm" (mixnn_fast.refresh.weights).
-        gmm_loss: fit the GMM on the cross-entropy against the current soft targets
-            ("soft_targets"), against their argmax ("argmax_targets", as the authors' code does),
-            or against the given labels ("given").  Against soft targets the loss of a sample is
-            at least its target's entropy, so once label correction has softened the targets
-            the GMM separates confident targets from uncertain ones rather than samples the model
-            agrees with from those it does not; the argmax has no such floor.
+        options: see :class:`RefreshOptions`.
+        loss_history: when given, the GMM is fitted on each sample's losses averaged over its
+            last refreshes.
+        generator: draws random partners and RDM weights.
         true_labels: (N,) int64 true labels when known: adds the clean-detection AUROC, the mean
             clean probability of clean and noisy samples, and the fraction of samples whose
             first partner has the same true label, to ``stats``.
@@ -66,16 +83,15 @@ def refresh(outputs: ForwardPass, targets: SoftTargets, given_labels: torch.Tens
     seconds: dict[str, float] = {}
     stats: dict[str, float] = {}
     start = time.perf_counter()
-    if ids is None:
-        ids = torch.arange(len(given_labels))
+    ids = outputs.ids if outputs.ids is not None else torch.arange(len(given_labels))
     pool_labels = given_labels[ids]
     log_probs = F.log_softmax(outputs.logits, dim=1)
     probabilities = log_probs.exp()
     pool_targets = targets.targets[ids].float().cpu()  # (P, C) before this refresh's correction
     current_labels = pool_targets.argmax(1)
-    if gmm_loss == "given":
+    if options.gmm_loss == "given":
         losses = F.nll_loss(log_probs, pool_labels, reduction="none")
-    elif gmm_loss == "argmax_targets":
+    elif options.gmm_loss == "argmax_targets":
         losses = F.nll_loss(log_probs, current_labels, reduction="none")
     else:
         losses = -(pool_targets * log_probs).sum(dim=1)
@@ -84,27 +100,27 @@ def refresh(outputs: ForwardPass, targets: SoftTargets, given_labels: torch.Tens
         losses_for_gmm = loss_history.mean(ids)
     else:
         losses_for_gmm = losses
-    clean_prob, gmm = clean_probability(losses_for_gmm, return_model=True, **(gmm_settings or {}))
+    clean_prob, gmm = clean_probability(losses_for_gmm, return_model=True, **options.gmm)
     seconds["gmm"] = time.perf_counter() - start
 
     start = time.perf_counter()
     n = len(ids)
     neighbours = None  # positions within the pool
-    if partners == "neighbours":
-        neighbours = nearest_neighbours(outputs.features, num_neighbours, backend=neighbour_backend,
-                                        num_threads=num_threads)
-    elif partners == "random":
-        neighbours = random_partners(n, num_neighbours, generator)
+    if options.partners == "neighbours":
+        neighbours = nearest_neighbours(outputs.features, options.num_neighbours, backend=options.neighbour_backend,
+                                        num_threads=options.num_threads)
+    elif options.partners == "random":
+        neighbours = random_partners(n, options.num_neighbours, generator)
     seconds["neighbours"] = time.perf_counter() - start
 
-    weights = None
+    table = None
     if neighbours is not None:
-        weights = mixing_weights(clean_prob, neighbours, mode=weights_mode, generator=generator, alpha=rdm_alpha)
-        stats["lambda_mean"] = float(weights[:, 0].mean())
-        stats["lambda_q10"], stats["lambda_q50"], stats["lambda_q90"] = (
-            float(q) for q in torch.quantile(weights[:, 0], torch.tensor([0.1, 0.5, 0.9])))
+        weights = mixing_weights(clean_prob, neighbours, mode=options.weights_mode, generator=generator,
+                                 alpha=options.rdm_alpha)
+        table = PartnerTable.build(ids, ids[neighbours], weights, len(given_labels))
+        stats.update(lambda_statistics(weights))
 
-    if label_correction:
+    if options.label_correction:
         corrected = targets.update(ids, probabilities, epoch)
         stats["targets_updated"] = float(corrected)
 
@@ -122,9 +138,15 @@ def refresh(outputs: ForwardPass, targets: SoftTargets, given_labels: torch.Tens
         if neighbours is not None:
             stats["partner_same_true_label"] = float((true_labels[neighbours[:, 0]] == true_labels).float().mean())
     stats["gmm_iterations"] = float(gmm.n_iter_)
-    return RefreshResult(losses=losses_for_gmm, probabilities=probabilities, clean_prob=clean_prob,
-                         neighbours=None if neighbours is None else ids[neighbours], ids=ids, weights=weights, features=outputs.features, gmm=gmm,
-                         seconds=seconds, stats=stats)
+    return RefreshResult(losses=losses_for_gmm, probabilities=probabilities, clean_prob=clean_prob, ids=ids,
+                         table=table, features=outputs.features, gmm=gmm, seconds=seconds, stats=stats)
+
+
+def lambda_statistics(weights: torch.Tensor) -> dict[str, float]:
+    """Mean and 10/50/90th percentiles of the anchors' own weight λ (column 0 of (P, K+1))."""
+    lam = weights[:, 0].float()
+    q10, q50, q90 = (float(q) for q in torch.quantile(lam, torch.tensor([0.1, 0.5, 0.9])))
+    return {"lambda_mean": float(lam.mean()), "lambda_q10": q10, "lambda_q50": q50, "lambda_q90": q90}
 
 
 def in_batch_partners(batch_features: torch.Tensor, k: int = 1) -> torch.Tensor:

@@ -30,7 +30,7 @@ from mixnn_fast.train.atomic import write_atomic
 CHECKPOINT = "checkpoint.pt"
 PREVIOUS = "checkpoint.prev.pt"
 #: Bumped when the layout of the state changes; older files are refused with a clear message.
-FORMAT = 2
+FORMAT = 3
 
 
 class CheckpointError(ValueError):

@@ -3,7 +3,7 @@
 One epoch of MixNN after warm-up::
 
     refresh   forward pass over the pool → losses, features, predictions
-              → clean probability (GMM) → partners (neighbours) → λ/β → soft targets (EMA)
+              → clean probability (GMM) → partners + λ/β (a PartnerTable) → soft targets (EMA)
     plan      neighbour-coherent batches: partners decoded in their anchor's batch
     load      DALI decodes and augments each image once
     mix       fused kernel: x̃ = λ x_i + Σ β x_n (normalised, NCHW), ỹ = λ t_i + Σ β t_n
@@ -11,45 +11,42 @@ One epoch of MixNN after warm-up::
 
 Every epoch appends a row to ``metrics.jsonl``/``metrics.csv`` and saves ``checkpoint.pt``
 (atomically; also every ``checkpoint_every_steps`` steps inside an epoch); ``Trainer(cfg,
-resume=True)`` continues from it exactly: every piece of state is in the checkpoint (model,
-optimiser, schedule, soft targets, loss history, the refresh's partners and weights, the
-position in the epoch plan, the loss accumulated so far this epoch, and every random state),
-and the loaders' augmentations are a pure function of (seed, epoch, batch), so a run killed
-at any moment and resumed writes the same ``metrics.jsonl`` as an uninterrupted one, timings
-aside (on the CPU with the same thread count; see docs/resume.md for GPUs).
+resume=True)`` continues from it exactly: every piece of state is in the checkpoint
+(train/state.py), and the loaders' augmentations and in-batch partners are a pure function of
+(seed, epoch, batch), so a run killed at any moment and resumed writes the same
+``metrics.jsonl`` as an uninterrupted one, timings aside (docs/resume.md).
 
 Constructing a :class:`Trainer` validates everything (settings, data, checkpoint) and writes
 nothing; :meth:`Trainer.fit` writes the run folder.
 """
 from __future__ import annotations
 
-import dataclasses
-import functools
 import logging
 import math
 import random
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from mixnn_fast.data.clothing1m import balanced_subset
+from mixnn_fast.refresh.forward import forward_pass
+from mixnn_fast.refresh.gmm import clean_probability
 from mixnn_fast.refresh.loss_history import LossHistory
-from mixnn_fast.mix.mixer import mix_images
-from mixnn_fast.pipeline import EvalLoader, MixNNLoader
+from mixnn_fast.refresh.partners import PartnerTable, in_batch_table, mixup_table
+from mixnn_fast.refresh.refresh import RefreshOptions, RefreshResult, refresh
 from mixnn_fast.refresh.targets import SoftTargets
-from mixnn_fast.train.checkpoint import (CHECKPOINT, PREVIOUS, CheckpointError, capture_rng, load_checkpoint,
-                                         restore_rng, save_checkpoint)
+from mixnn_fast.train.checkpoint import CHECKPOINT, PREVIOUS, CheckpointError, save_checkpoint
 from mixnn_fast.train.config import TrainConfig
 from mixnn_fast.train.datasets import RunData, prepare_data
-from mixnn_fast.train.losses import (generalized_cross_entropy, one_hot, soft_cross_entropy,
-                                     symmetric_cross_entropy)
+from mixnn_fast.train.losses import generalized_cross_entropy, one_hot, soft_cross_entropy, symmetric_cross_entropy
+from mixnn_fast.train.loaders import build_loaders
 from mixnn_fast.train.metrics import MetricsLog
 from mixnn_fast.train.models import build_model, inference_copy
-from mixnn_fast.refresh.forward import forward_pass
-from mixnn_fast.refresh.refresh import RefreshResult, in_batch_partners, refresh
-from mixnn_fast.refresh.weights import mixing_weights
+from mixnn_fast.train.outcome import LabelRecord
+from mixnn_fast.train.progress import epoch_line, progress_bar, progress_on_terminal
+from mixnn_fast.train.state import RunState, checkpoint_state, read_resume_checkpoint, restore_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +57,6 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
 
 
-EVAL_BATCH = 256  # forward passes without gradients (refresh, test set)
-
-
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -70,12 +64,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device: {name} requested but torch sees no CUDA device")
     return device
-
-
-def _progress(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="img", disable=not enabled, leave=False, dynamic_ncols=True)
 
 
 class Trainer:
@@ -100,7 +88,7 @@ class Trainer:
         self.cfg = cfg
         self.out_dir = Path(cfg.out_dir)
         self.resume = bool(resume or resume_from_previous)
-        state = self._read_checkpoint(previous=resume_from_previous) if self.resume else None
+        state = read_resume_checkpoint(cfg, previous=resume_from_previous) if self.resume else None
         if not self.resume and not overwrite and self._holds_run():
             raise ValueError(f"out_dir: {self.out_dir} already holds a run; continue it with --resume (or "
                              "resume=True), or start again with --overwrite (overwrite=True), or choose another "
@@ -108,7 +96,9 @@ class Trainer:
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         self.threads = cfg.num_threads or torch.get_num_threads()
-        self._seed_everything(cfg.seed)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
         self.device = resolve_device(cfg.device)
         self.autocast_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) \
             if (cfg.amp and self.device.type == "cuda") else None
@@ -120,9 +110,8 @@ class Trainer:
         self.given_labels = torch.from_numpy(train.labels)
         self.true_labels = None if train.clean_labels is None else torch.from_numpy(train.clean_labels)
 
-        geometry = self.data.geometry
-        self.model = build_model(cfg.model, self.num_classes, geometry.in_channels, weights_path=cfg.weights_path,
-                                 widths=cfg.model_widths).to(self.device)
+        self.model = build_model(cfg.model, self.num_classes, self.data.geometry.in_channels,
+                                 weights_path=cfg.weights_path, widths=cfg.model_widths).to(self.device)
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.model = self.model.to(memory_format=self.memory_format)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
@@ -133,77 +122,33 @@ class Trainer:
                                    start_epoch=cfg.correction_start, update_every=cfg.correction_every)
         self.loss_history = LossHistory(self.num_samples, window=cfg.gmm_history) if cfg.gmm_history > 1 else None
         self.generator = torch.Generator().manual_seed(cfg.seed)
-
-        loader_options = dict(mean=geometry.mean, std=geometry.std, num_threads=self.threads, seed=cfg.seed,
-                              device="gpu" if self.device.type == "cuda" else "cpu", on_error=cfg.on_error)
-        if train.in_memory:
-            loader_options.update(size=geometry.size, pad=geometry.pad if cfg.augment else 0, flip=cfg.augment)
-        else:  # files: always a random-resized crop (TrainConfig refuses augment=False)
-            loader_options.update(size=geometry.size)
-        self.anchor_ids = None
-        if cfg.dataset == "clothing1m" and cfg.num_batches:
-            @functools.lru_cache(maxsize=2)  # the loader and the refresh both ask for each epoch's draw
-            def balanced_draw(epoch: int) -> np.ndarray:
-                ids = balanced_subset(train, cfg.num_batches, cfg.batch_size, cfg.seed + epoch)
-                ids.setflags(write=False)  # shared by its callers
-                return ids
-            self.anchor_ids = balanced_draw
-        self.plain_loader = MixNNLoader(train, cfg.batch_size, mode="plain", anchor_ids=self.anchor_ids,
-                                        **loader_options)
-        mix_mode = "in_batch" if cfg.partners == "in_batch" else cfg.plan
-        self.mix_loader = MixNNLoader(train, cfg.batch_size, mode=mix_mode, anchor_ids=self.anchor_ids,
-                                      **loader_options) if cfg.method == "mixnn" else None
-        eval_options = dict(mean=geometry.mean, std=geometry.std, num_threads=self.threads,
-                            device=loader_options["device"], on_error=cfg.on_error)
-        if not train.in_memory:
-            eval_options.update(crop=geometry.size, resize=geometry.eval_resize)
-        self.eval_options = eval_options
-        # 256: oneDNN's channels-last convolutions were ~20% slower per image at 512 here
-        self.pool_loader = EvalLoader(train, EVAL_BATCH, **eval_options)
-        self.test_loader = EvalLoader(self.data.test, EVAL_BATCH, **eval_options) if self.data.test is not None else None
+        self.loaders = build_loaders(cfg, self.data, threads=self.threads, on_gpu=self.device.type == "cuda")
+        self.refresh_options = RefreshOptions(
+            num_neighbours=cfg.num_neighbours, partners=cfg.partners, weights_mode=cfg.weights,
+            label_correction=cfg.label_correction, gmm_loss=cfg.gmm_loss,
+            gmm=dict(max_iter=cfg.gmm_max_iter, tol=cfg.gmm_tol, reg_covar=cfg.gmm_reg_covar, seed=cfg.seed),
+            neighbour_backend=cfg.neighbour_backend, rdm_alpha=cfg.rdm_alpha, num_threads=self.threads)
 
         self.metrics: MetricsLog | None = None  # opened by fit(): construction writes nothing
         self.last_refresh: RefreshResult | None = None
-        self.weight_table: torch.Tensor | None = None   # (N, K+1) λ/β per anchor
-        self.partner_table: torch.Tensor | None = None  # (N, K) partners per anchor
-        self.start_epoch = 0
-        self.start_batch = 0      # > 0: the checkpoint was taken inside epoch start_epoch
-        self._partial: dict | None = None  # that epoch's row and sums so far
-        self._skipped_before: dict[int, str] = {}  # unreadable samples found before a resume
-        self.best_test_accuracy = float("nan")
+        self.run = RunState()
         if state is not None:
-            self._restore(state)
+            self.run = restore_checkpoint(state, self._modules(), self.generator, self.out_dir / CHECKPOINT)
+            log.info("resuming %s at epoch %d, batch %d", self.out_dir, self.run.epoch, self.run.batch)
+
+    @property
+    def start_epoch(self) -> int:
+        """The epoch the next step belongs to (the number of epochs finished, between epochs)."""
+        return self.run.epoch
 
     # ---- the run folder --------------------------------------------------------------------
 
+    def _modules(self) -> dict:
+        return {"model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler,
+                "targets": self.targets, "loss_history": self.loss_history}
+
     def _holds_run(self) -> bool:
         return any((self.out_dir / name).exists() for name in (CHECKPOINT, PREVIOUS, "metrics.jsonl"))
-
-    def _read_checkpoint(self, *, previous: bool) -> dict | None:
-        """The checkpoint to resume from, its settings checked against ``cfg`` (None: nothing saved
-        yet, the run starts at epoch 0)."""
-        try:
-            state = load_checkpoint(self.out_dir, previous=previous)
-        except FileNotFoundError:
-            if previous or (self.out_dir / PREVIOUS).exists():
-                raise
-            log.info("no checkpoint in %s: starting from epoch 0", self.out_dir)
-            return None
-        try:
-            saved = TrainConfig.from_dict(state["config"], source="the checkpoint's settings")
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"checkpoint: {self.out_dir / CHECKPOINT} holds unusable settings ({exc})") from None
-        changed = self.cfg.experiment_differences(saved)
-        if changed:
-            detail = ", ".join(f"{k}: {getattr(saved, k)!r} -> {getattr(self.cfg, k)!r}" for k in changed)
-            raise ValueError(f"resume: {self.out_dir} was trained with other settings ({detail}); only "
-                             "epochs, progress, tensorboard, eval_every, checkpoint_every(_steps) and num_threads "
-                             "may change when resuming; use another --out-dir to train these settings")
-        done = int(state["position"]["epoch"])
-        if self.cfg.epochs < done:
-            raise ValueError(f"epochs: {self.out_dir} has already trained {done} epochs; ask for at least that many "
-                             f"(got {self.cfg.epochs})")
-        return state
 
     def _open_outputs(self) -> None:
         """Create the run folder, write ``config.yaml`` and open the metrics (first call of fit)."""
@@ -212,17 +157,28 @@ class Trainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.cfg.save_yaml(self.out_dir / "config.yaml")
         self.metrics = MetricsLog(self.out_dir, tensorboard=self.cfg.tensorboard, resume=self.resume)
-        self.metrics.truncate(self.start_epoch)
+        self.metrics.truncate(self.run.epoch)
+
+    def save_checkpoint(self) -> Path:
+        """Everything needed to continue exactly (train/state.py), written atomically; the
+        checkpoint it replaces is kept as ``checkpoint.prev.pt``."""
+        self.run.skipped = self.skipped()
+        return save_checkpoint(self.out_dir, checkpoint_state(self.cfg.to_dict(), self.run, self._modules(),
+                                                              self.generator))
 
     # ---- the schedule ----------------------------------------------------------------------
 
     def phase(self, epoch: int) -> str:
-        """What epoch ``epoch`` trains with: "plain" (one-hot given labels), "mixup" or "mixnn"."""
-        if self.cfg.method == "mixup":
+        """What epoch ``epoch`` trains with: "plain" (one-hot given labels), "mixup" (in-batch
+        random partners, one λ per batch) or "mixnn"."""
+        cfg = self.cfg
+        if cfg.method == "mixup":
             return "mixup"
-        if self.cfg.method == "mixnn" and epoch >= self.cfg.warmup_epochs:
-            return "mixnn"
-        return "plain"
+        if cfg.method != "mixnn" or epoch < cfg.warmup_epochs:
+            return "plain"
+        if cfg.authors_schedule and epoch < cfg.correction_start:
+            return "mixup"  # the authors' code: plain mixup between warm-up and label correction
+        return "mixnn"
 
     def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
@@ -236,62 +192,51 @@ class Trainer:
 
     def skipped(self) -> dict[int, str]:
         """Every sample found unreadable so far (``on_error="skip"``): sample id -> reason."""
-        found = dict(self._skipped_before)
-        for loader in (self.plain_loader, self.mix_loader, self.pool_loader):
-            if loader is not None:
-                found.update(loader.skipped)
+        found = dict(self.run.skipped)
+        for loader in self.loaders.all():
+            found.update(loader.skipped)
         return found
 
     def _pool_ids(self, epoch: int) -> torch.Tensor:
         """(P,) sorted sample ids the refresh covers: the epoch's anchors (Clothing1M's balanced
         draw) or every sample, minus samples already found unreadable."""
-        if self.anchor_ids is None:
+        if self.loaders.anchor_ids is None:
             pool = torch.arange(self.num_samples)
         else:
-            pool = torch.from_numpy(np.sort(np.asarray(self.anchor_ids(epoch), dtype=np.int64)))
+            pool = torch.from_numpy(np.sort(np.asarray(self.loaders.anchor_ids(epoch), dtype=np.int64)))
         skipped = self.skipped()
         if skipped:
             pool = pool[~torch.isin(pool, torch.tensor(sorted(skipped), dtype=torch.int64))]
         return pool
 
     def run_refresh(self, epoch: int) -> dict:
-        """The refresh before a MixNN epoch; returns its metrics."""
+        """The refresh before a MixNN epoch: sets the epoch's partner table; returns its metrics."""
         cfg = self.cfg
         start = time.perf_counter()
         pool = self._pool_ids(epoch)
-        loader = self.pool_loader if len(pool) == self.num_samples else \
-            EvalLoader(self.data.train, EVAL_BATCH, ids=pool.numpy(), **self.eval_options)
-        with _progress(len(pool), f"refresh {epoch}", cfg.progress) as bar:
+        loader = self.loaders.pool_loader(self.data, pool.numpy())
+        with progress_bar(len(pool), f"refresh {epoch}", cfg.progress) as bar:
             outputs = forward_pass(self.inference_model(), loader, pool, self.device,
                                    autocast_dtype=self.autocast_dtype, memory_format=self.memory_format, progress=bar,
                                    allow_missing=cfg.on_error == "skip")
-        if loader is not self.pool_loader:
-            self._skipped_before.update(loader.skipped)
-        pool = outputs.ids  # minus samples that could not be read just now
+        self.run.skipped.update(loader.skipped)
         forward_seconds = time.perf_counter() - start
-        authors_mixup = cfg.authors_schedule and epoch < cfg.correction_start
-        result = refresh(
-            outputs, self.targets, self.given_labels, epoch, ids=pool,
-            num_neighbours=cfg.num_neighbours,
-            partners="random" if authors_mixup else cfg.partners,
-            weights_mode="mixup" if authors_mixup else cfg.weights,
-            label_correction=cfg.label_correction, gmm_loss=cfg.gmm_loss, loss_history=self.loss_history,
-            gmm_settings=dict(max_iter=cfg.gmm_max_iter, tol=cfg.gmm_tol, reg_covar=cfg.gmm_reg_covar,
-                              seed=cfg.seed),
-            neighbour_backend=cfg.neighbour_backend, rdm_alpha=cfg.rdm_alpha, generator=self.generator,
-            true_labels=self.true_labels, num_threads=self.threads)
+        result = refresh(outputs, self.targets, self.given_labels, epoch, self.refresh_options,
+                         loss_history=self.loss_history, generator=self.generator, true_labels=self.true_labels)
         self.last_refresh = result
-        if result.neighbours is not None:
-            # Tables over all N samples; rows outside the pool are never anchors this epoch
-            # (they keep their previous values, or point at themselves with λ = 1).
-            if self.partner_table is None or self.partner_table.shape[1] != result.neighbours.shape[1]:
-                k = result.neighbours.shape[1]
-                self.partner_table = torch.arange(self.num_samples).unsqueeze(1).repeat(1, k)
-                self.weight_table = torch.cat([torch.ones(self.num_samples, 1),
-                                               torch.zeros(self.num_samples, k)], dim=1)
-            self.partner_table[pool] = result.neighbours
-            self.weight_table[pool] = result.weights
-            self.mix_loader.set_neighbours(self.partner_table.numpy())
+        if result.table is not None:
+            # samples outside this epoch's pool keep their last partners (per-epoch pools); those
+            # never scored (unreadable) mix with themselves
+            previous = self.run.table
+            if previous is None or previous.num_partners != result.table.num_partners:
+                previous = PartnerTable.itself(torch.arange(self.num_samples), self.num_samples,
+                                               result.table.num_partners)
+            self.run.table = result.table.merged_into(previous)
+        else:  # in-batch partners: nearest anchors of the same batch, on this refresh's features
+            self.loaders.mix.set_partners(None)  # the epoch's plain plan, before partners are attached
+            self.run.table = in_batch_table(self.loaders.mix.make_plan(epoch), self.num_samples, result.features,
+                                            result.ids, result.clean_prob, k=cfg.num_neighbours, mode=cfg.weights,
+                                            alpha=cfg.rdm_alpha, seed=cfg.seed, epoch=epoch)
         row = {"refresh_seconds": time.perf_counter() - start, "refresh_forward_seconds": forward_seconds,
                "refresh_gmm_seconds": result.seconds.get("gmm"),
                "refresh_neighbour_seconds": result.seconds.get("neighbours"), **result.stats}
@@ -299,64 +244,65 @@ class Trainer:
             row["correction_accuracy"] = self.targets.correction_accuracy(self.true_labels)
         return row
 
-    def _inputs(self, batch, phase: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(model input (B, C, H, W) float32, targets (B, classes)) for one loaded batch."""
-        cfg = self.cfg
-        b = len(batch)
-        if phase == "plain":
-            x, _ = batch.mix(torch.ones(b, 1), num_threads=self.threads)
-            return x, one_hot(batch.labels, self.num_classes)
-        if phase == "mixup":
-            order = torch.randperm(b, generator=self.generator)
-            lam = float(np.random.default_rng(int(torch.randint(2**31, (1,), generator=self.generator))).beta(
-                cfg.mixup_alpha, cfg.mixup_alpha))
-            weights = torch.tensor([[lam, 1 - lam]]).expand(b, 2).contiguous()
-            x = mix_images(batch.images, batch.anchor_slots, batch.anchor_slots[order].unsqueeze(1), weights,
-                           in_layout=batch.layout, mean=batch.mean, std=batch.std, num_threads=self.threads)
-            labels = one_hot(batch.labels, self.num_classes)
-            return x, lam * labels + (1 - lam) * labels[order]
-        # MixNN
-        anchor_ids = batch.anchor_ids
-        if cfg.partners == "in_batch":
-            rows = torch.searchsorted(self.last_refresh.ids, anchor_ids)
-            local = in_batch_partners(self.last_refresh.features[rows], cfg.num_neighbours)
-            weights = mixing_weights(self.last_refresh.clean_prob[rows], local, mode=cfg.weights,
-                                     generator=self.generator, alpha=cfg.rdm_alpha)
-            batch = dataclasses.replace(batch, partner_slots=batch.anchor_slots[local])
-        else:
-            weights = self.weight_table[anchor_ids]
-        x, y = batch.mix(weights, self.targets.targets, num_threads=self.threads)
-        if cfg.mix_given_labels:  # eq. 5 literally: the partners bring their given labels
-            partner_labels = one_hot(self.given_labels[batch.partner_ids], self.num_classes)  # (B, K, C)
-            y = weights[:, :1] * self.targets.targets[anchor_ids].float() + \
-                (weights[:, 1:, None] * partner_labels).sum(1)
-        return x, y
-
-    def train_epoch(self, epoch: int) -> dict:
-        """Train epoch ``epoch`` (from batch ``start_batch`` when resuming inside it); returns its
-        metrics row.  Saves a checkpoint every ``cfg.checkpoint_every_steps`` steps."""
-        cfg = self.cfg
-        phase = self.phase(epoch)
-        if self._partial is not None and self._partial["row"]["epoch"] == epoch:
-            partial, start_batch = self._partial, self.start_batch  # the refresh of this epoch is done
+    def _start_epoch(self, epoch: int, phase: str):
+        """The loader of ``epoch`` with its partners set, and the epoch's partial state (a fresh one,
+        or the checkpoint's when resuming inside the epoch)."""
+        loader = self.loaders.mix if phase == "mixnn" else self.loaders.plain
+        if self.run.partial is not None and self.run.partial["row"]["epoch"] == epoch:
+            partial, start_batch = self.run.partial, self.run.batch  # refresh and table come from the checkpoint
         else:
             row = {"epoch": epoch, "phase": phase}
             if phase == "mixnn":
                 row.update(self.run_refresh(epoch))
-            partial = {"row": row, "loss_sum": 0.0, "seen": 0, "seconds": {"train": 0.0, "loader_wait": 0.0,
-                                                                         "mix": 0.0, "step": 0.0}}
+            elif phase == "mixup":
+                loader.set_partners(None)  # the epoch's plain plan, before partners are attached
+                self.run.table = mixup_table(loader.make_plan(epoch), self.num_samples, alpha=self.cfg.mixup_alpha,
+                                             seed=self.cfg.seed, epoch=epoch)
+            else:
+                self.run.table = None
+            partial = {"row": row, "loss_sum": 0.0, "seen": 0,
+                       "seconds": {"train": 0.0, "loader_wait": 0.0, "mix": 0.0, "step": 0.0}}
             start_batch = 0
-        self._partial, self.start_batch = None, 0
-        row = dict(partial["row"])
-        loader = self.mix_loader if phase == "mixnn" else self.plain_loader
+        table = self.run.table if phase != "plain" else None
+        if table is not None and loader.mode in ("plain", "in_batch"):
+            # partners chosen inside this epoch's batches: handed over as the plan's producer
+            loader.set_partners(lambda plan, chosen=table: chosen)
+        else:
+            loader.set_partners(table)
         loader.set_epoch(epoch, start_batch=start_batch)
+        self.run.partial, self.run.batch = None, 0
+        return loader, partial
+
+    def _inputs(self, batch, phase: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(model input (B, C, H, W) float32, targets (B, classes)) for one loaded batch, mixed
+        with the batch's own partners and weights (from the epoch's partner table)."""
+        if phase == "plain":
+            x, _ = batch.mix(num_threads=self.threads)
+            return x, one_hot(batch.labels, self.num_classes)
+        if phase == "mixnn" and self.cfg.mix_given_labels:
+            # eq. 5 literally: the anchor brings its soft target, the partners their given labels
+            x, _ = batch.mix(num_threads=self.threads)
+            weights = batch.weights
+            partner_labels = one_hot(self.given_labels[batch.partner_ids], self.num_classes)  # (B, K, C)
+            y = weights[:, :1] * self.targets.targets[batch.anchor_ids].float() + \
+                (weights[:, 1:, None] * partner_labels).sum(1)
+            return x, y
+        # mixup before label correction mixes one-hot given labels: the soft targets are still those
+        return batch.mix(self.targets.targets, num_threads=self.threads)
+
+    def train_epoch(self, epoch: int) -> dict:
+        """Train epoch ``epoch`` (from the checkpoint's batch when resuming inside it); returns its
+        metrics row.  Saves a checkpoint every ``cfg.checkpoint_every_steps`` steps."""
+        cfg = self.cfg
+        phase = self.phase(epoch)
+        loader, partial = self._start_epoch(epoch, phase)
+        row = dict(partial["row"])
         iterations = len(loader)
         self.model.train()
         loss_sum, seen, seconds = partial["loss_sum"], partial["seen"], dict(partial["seconds"])
-        bar_total = int(loader.make_plan(epoch).stats.anchors)
-        with _progress(bar_total, f"epoch {epoch} {phase}", cfg.progress) as bar:
-            start = time.perf_counter()
-            wait_from = start
+        with progress_bar(int(loader.make_plan(epoch).stats.anchors), f"epoch {epoch} {phase}", cfg.progress,
+                          initial=seen) as bar:
+            start = wait_from = time.perf_counter()
             for batch in loader:
                 i = batch.position  # this batch's place in the plan (batches can be skipped whole)
                 got = time.perf_counter()
@@ -364,30 +310,21 @@ class Trainer:
                 x, y = self._inputs(batch, phase)
                 mixed = time.perf_counter()
                 seconds["mix"] += mixed - got
-                with torch.autocast(self.device.type, dtype=self.autocast_dtype,
-                                    enabled=self.autocast_dtype is not None):
-                    logits = self.model(x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format))
-                loss = self._loss(logits, y.to(self.device))
-                if not torch.isfinite(loss.detach()):
-                    raise TrainingDiverged(f"epoch {epoch}, batch {i}: the loss is {float(loss.detach())}; lower lr "
-                                           f"(now {self.optimizer.param_groups[0]['lr']:.3g}) or check the data")
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.optimizer.step()
-                self.scheduler.step(epoch + (i + 1) / iterations)
-                loss_sum += float(loss.detach()) * len(batch)
+                loss = self._step(x, y, epoch, i, iterations)
+                batch.release()  # its buffers go back to the loader's pool
+                loss_sum += loss * len(batch)
                 seen += len(batch)
-                bar.update(len(batch))
-                bar.set_postfix(loss=f"{loss_sum / seen:.3f}")
                 wait_from = time.perf_counter()
                 seconds["step"] += wait_from - mixed
+                bar.update(len(batch), loss=loss_sum / seen, wait=seconds["loader_wait"] / (wait_from - start
+                                                                                            + seconds["train"]))
                 if cfg.checkpoint_every_steps and (i + 1) % cfg.checkpoint_every_steps == 0 and i + 1 < iterations:
                     seconds["train"] += wait_from - start
-                    self.start_epoch, self.start_batch = epoch, i + 1
-                    self._partial = {"row": partial["row"], "loss_sum": loss_sum, "seen": seen,
-                                     "seconds": dict(seconds)}
+                    self.run.epoch, self.run.batch = epoch, i + 1
+                    self.run.partial = {"row": partial["row"], "loss_sum": loss_sum, "seen": seen,
+                                        "seconds": dict(seconds)}
                     self.save_checkpoint()
-                    self._partial, self.start_batch = None, 0
+                    self.run.partial, self.run.batch = None, 0
                     start = wait_from = time.perf_counter()  # the save is not training time
             seconds["train"] += time.perf_counter() - start
         row.update(train_loss=loss_sum / max(seen, 1), train_seconds=seconds["train"],
@@ -402,6 +339,21 @@ class Trainer:
             row["skipped_images"] = len(self.skipped())
         return row
 
+    def _step(self, x: torch.Tensor, y: torch.Tensor, epoch: int, i: int, iterations: int) -> float:
+        """One optimiser step on the mixed batch; returns its loss."""
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            logits = self.model(x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format))
+        loss = self._loss(logits, y.to(self.device))
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise TrainingDiverged(f"epoch {epoch}, batch {i}: the loss is {value}; lower lr "
+                                   f"(now {self.optimizer.param_groups[0]['lr']:.3g}) or check the data")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step(epoch + (i + 1) / iterations)
+        return value
+
     # ---- evaluation ------------------------------------------------------------------------
 
     def inference_model(self) -> torch.nn.Module:
@@ -413,7 +365,7 @@ class Trainer:
     def predict(self, loader, num_samples: int) -> torch.Tensor:
         """(N, C) float32 logits of every sample of ``loader``'s data set, in data-set order
         (rows of samples that could not be read, with ``on_error="skip"``, are NaN)."""
-        with _progress(num_samples, "evaluate", self.cfg.progress) as bar:
+        with progress_bar(num_samples, "evaluate", self.cfg.progress) as bar:
             outputs = forward_pass(self.inference_model(), loader, torch.arange(num_samples), self.device,
                                    autocast_dtype=self.autocast_dtype, memory_format=self.memory_format,
                                    progress=bar, allow_missing=self.cfg.on_error == "skip")
@@ -425,10 +377,31 @@ class Trainer:
 
     def test_accuracy(self) -> float:
         """Accuracy on the test set (NaN without one); unreadable test images count as wrong."""
-        if self.test_loader is None:
+        if self.loaders.test is None:
             return float("nan")
-        logits = self.predict(self.test_loader, len(self.data.test))
+        logits = self.predict(self.loaders.test, len(self.data.test))
         return float((logits.argmax(1) == torch.from_numpy(self.data.test.labels)).float().mean())
+
+    def label_record(self) -> LabelRecord:
+        """What the run concluded about each training label, for the report: the corrected
+        label and the clean probability per sample.  MixNN's come from its soft targets and its
+        last refresh, when that covered every readable sample (no extra pass); otherwise (the
+        baselines, per-epoch pools) a final forward pass gives the predictions, and the same GMM
+        as the refresh's (``cfg.gmm_*``) is fitted on the losses against the given labels."""
+        refreshed = self.last_refresh
+        readable = self.num_samples - len(self.skipped())
+        clean_prob = np.full(self.num_samples, np.nan)  # NaN: not scored
+        if self.cfg.method == "mixnn" and refreshed is not None and len(refreshed.ids) == readable:
+            clean_prob[refreshed.ids.numpy()] = refreshed.clean_prob.numpy()
+            corrected = self.targets.corrected_labels().cpu().numpy()
+        else:
+            logits = self.predict(self.loaders.pool, self.num_samples)
+            scored = torch.isfinite(logits).all(1)
+            losses = torch.nn.functional.cross_entropy(logits[scored], self.given_labels[scored], reduction="none")
+            clean_prob[scored.numpy()] = clean_probability(losses, **self.refresh_options.gmm).numpy()
+            corrected = logits.argmax(1).numpy()
+        return LabelRecord(method=self.cfg.method, train=self.data.train, rows=list(self.metrics.rows),
+                           corrected=corrected, clean_prob=clean_prob)
 
     # ---- the whole run ---------------------------------------------------------------------
 
@@ -436,17 +409,20 @@ class Trainer:
         """Train from where the run stands to ``cfg.epochs``; returns :meth:`summary`."""
         cfg = self.cfg
         self._open_outputs()
-        for epoch in range(self.start_epoch, cfg.epochs):
+        for epoch in range(self.run.epoch, cfg.epochs):
             row = self.train_epoch(epoch)
             if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
                 row["test_accuracy"] = self.test_accuracy()
                 if not math.isnan(row["test_accuracy"]):
-                    self.best_test_accuracy = max(row["test_accuracy"], self.best_test_accuracy) \
-                        if not math.isnan(self.best_test_accuracy) else row["test_accuracy"]
+                    best = self.run.best_test_accuracy
+                    self.run.best_test_accuracy = row["test_accuracy"] if math.isnan(best) else \
+                        max(best, row["test_accuracy"])
             self.metrics.log(row)
             log.info("epoch %d %s: loss %.4f, test accuracy %s", epoch, row["phase"], row["train_loss"],
                      f"{row.get('test_accuracy', float('nan')):.4f}")
-            self.start_epoch = epoch + 1
+            if cfg.progress and not progress_on_terminal():
+                print(epoch_line(row, cfg.epochs), file=sys.stderr, flush=True)
+            self.run.epoch = epoch + 1
             if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs:
                 self.save_checkpoint()
         self.metrics.close()
@@ -457,13 +433,16 @@ class Trainer:
         AUROC where true labels are known, realised noise rate, unreadable images skipped."""
         rows = self.metrics.rows if self.metrics is not None else []
         tested = [r["test_accuracy"] for r in rows if "test_accuracy" in r]
+        wait = sum(r.get("loader_wait_seconds", 0) for r in rows)
+        train_seconds = float(sum(r.get("train_seconds", 0) for r in rows))
         summary = {
             "method": self.cfg.method,
-            "epochs": self.start_epoch,
+            "epochs": self.run.epoch,
             "final_test_accuracy": tested[-1] if tested else float("nan"),
             "best_test_accuracy": max(tested) if tested else float("nan"),
             "noise_rate_realised": None if self.data.noise is None else float(self.data.noise.rate),
-            "train_seconds": float(sum(r.get("train_seconds", 0) + (r.get("refresh_seconds") or 0) for r in rows)),
+            "train_seconds": train_seconds + float(sum(r.get("refresh_seconds") or 0 for r in rows)),
+            "loader_wait_fraction": wait / train_seconds if train_seconds else float("nan"),
         }
         if self.cfg.method == "mixnn" and self.true_labels is not None:
             summary["correction_accuracy"] = self.targets.correction_accuracy(self.true_labels)
@@ -479,68 +458,3 @@ class Trainer:
                                         for i, reason in sorted(skipped.items())}
         return summary
 
-    # ---- checkpoints -----------------------------------------------------------------------
-
-    def save_checkpoint(self) -> Path:
-        """Everything needed to continue exactly (see the module docstring), written atomically;
-        the checkpoint it replaces is kept as ``checkpoint.prev.pt``."""
-        refresh_state = None
-        if self.last_refresh is not None and self.cfg.partners == "in_batch":
-            # in-batch partners are searched per batch on the refresh's features: a resume inside
-            # the epoch needs them (other modes keep everything in the partner/weight tables)
-            refresh_state = {"ids": self.last_refresh.ids, "clean_prob": self.last_refresh.clean_prob,
-                             "features": self.last_refresh.features}
-        state = {
-            "config": self.cfg.to_dict(),
-            "position": {"epoch": self.start_epoch, "batch": self.start_batch},
-            "partial_epoch": self._partial,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "targets": self.targets.state_dict(),
-            "loss_history": None if self.loss_history is None else self.loss_history.state_dict(),
-            "weight_table": self.weight_table,
-            "partner_table": self.partner_table,
-            "last_refresh": refresh_state,
-            "best_test_accuracy": self.best_test_accuracy,
-            "skipped": {int(k): v for k, v in self.skipped().items()},
-            "rng": capture_rng(self.generator),
-        }
-        return save_checkpoint(self.out_dir, state)
-
-    def _restore(self, state: dict) -> None:
-        """Put a checkpoint's state into this trainer (its settings were checked on reading)."""
-        path = self.out_dir / CHECKPOINT
-        try:
-            self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
-            self.targets.load_state_dict(state["targets"])
-            if self.loss_history is not None and state["loss_history"] is not None:
-                self.loss_history.load_state_dict(state["loss_history"])
-            self.weight_table = state["weight_table"]
-            self.partner_table = state["partner_table"]
-            if self.partner_table is not None and self.mix_loader is not None:
-                self.mix_loader.set_neighbours(self.partner_table.numpy())
-            if state["last_refresh"] is not None:
-                saved_refresh = state["last_refresh"]
-                self.last_refresh = RefreshResult(
-                    losses=torch.empty(0), probabilities=torch.empty(0), clean_prob=saved_refresh["clean_prob"],
-                    ids=saved_refresh["ids"], neighbours=None, weights=None, features=saved_refresh["features"],
-                    gmm=None)
-            self.best_test_accuracy = float(state["best_test_accuracy"])
-            self._skipped_before = {int(k): str(v) for k, v in state["skipped"].items()}
-            restore_rng(state["rng"], self.generator)
-            self.start_epoch = int(state["position"]["epoch"])
-            self.start_batch = int(state["position"]["batch"])
-            self._partial = state["partial_epoch"]
-        except (KeyError, RuntimeError, ValueError, TypeError) as exc:
-            raise CheckpointError(f"checkpoint: {path} does not fit this run ({type(exc).__name__}: "
-                                  f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
-        log.info("resuming %s at epoch %d, batch %d", self.out_dir, self.start_epoch, self.start_batch)
-
-    @staticmethod
-    def _seed_everything(seed: int) -> None:
-        random.seed(seed)
-        np.random.seed(seed)
-        torch.manual_seed(seed)
