@@ -3,6 +3,7 @@ consumes it equals the validated one bit for bit."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -122,7 +123,8 @@ def test_in_batch_table_matches_brute_force(rng):
     features = torch.from_numpy(rng.normal(size=(n, d)))
     clean = torch.from_numpy(rng.uniform(size=n))
     batches = batches_of(ids, 10)  # (a batch of fewer than k + 1 anchors repeats its nearest: not here)
-    table = in_batch_table(batches, n, features, torch.arange(n), clean, k=2)
+    pool = SimpleNamespace(ids=torch.arange(n), features=features, clean_prob=clean)
+    table = in_batch_table(batches, pool, n, k=2)
     for batch in batches:
         a = batch.anchor_ids
         distance = torch.cdist(features[a].double(), features[a].double())

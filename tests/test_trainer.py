@@ -252,7 +252,7 @@ def test_report_uses_the_runs_gmm_settings_and_no_extra_pass_for_mixnn(tmp_path,
     mixnn = Trainer(tiny_config(tmp_path / "mixnn", method="mixnn", epochs=2))
     mixnn.fit()
     passes = []
-    monkeypatch.setattr(mixnn, "predict", lambda *a, **k: passes.append(1))
+    monkeypatch.setattr(mixnn.inference, "logits", lambda *a, **k: passes.append(1))
     record = mixnn.label_record()
     assert passes == []  # the last refresh already scored every sample
     assert np.array_equal(record.corrected, mixnn.targets.corrected_labels().numpy())

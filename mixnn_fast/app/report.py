@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import torch
 
 from mixnn_fast.audit.scores import auroc
 from mixnn_fast.train.atomic import write_atomic

@@ -196,19 +196,18 @@ def mixup_table(batches: Iterable, num_samples: int, *, alpha: float = 1.0, seed
     return _concatenate(anchors, partners, weights, num_samples, k=1)
 
 
-def in_batch_table(batches: Iterable, num_samples: int, features: torch.Tensor, feature_ids: torch.Tensor,
-                   clean_prob: torch.Tensor, *, k: int = 1, mode: str = "gmm", alpha: float = 1.0, seed: int = 0,
-                   epoch: int = 0) -> PartnerTable:
+def in_batch_table(batches: Iterable, refreshed, num_samples: int, *, k: int = 1, mode: str = "gmm",
+                   alpha: float = 1.0, seed: int = 0, epoch: int = 0) -> PartnerTable:
     """The authors' code's partners: each anchor's k nearest other anchors of the same batch, by
     exact Euclidean distance on the refresh's features, weighted by ``mode`` (eq. 10-11 for
     "gmm").
 
     Args:
         batches: the epoch plan's batches (``anchor_ids``, ``index``).
+        refreshed: the refresh's scores of the pool (a
+            :class:`~mixnn_fast.refresh.refresh.RefreshResult`): ``ids`` (P,) int64 sorted sample
+            ids (every anchor among them), ``features`` (P, D) and ``clean_prob`` (P,) in that order.
         num_samples: N.
-        features: (P, D) floating features of the pool, rows in the order of ``feature_ids``.
-        feature_ids: (P,) int64 sorted sample ids of those rows (every anchor among them).
-        clean_prob: (P,) clean probability of the same rows.
         k, mode, alpha: partners per anchor, weight mode ("gmm", "avg", "rdm"), RDM's alpha.
         seed, epoch: seed the "rdm" draws per batch.
     """
@@ -219,12 +218,12 @@ def in_batch_table(batches: Iterable, num_samples: int, features: torch.Tensor, 
         ids = torch.as_tensor(np.asarray(batch.anchor_ids, dtype=np.int64))
         if len(ids) == 0:
             continue
-        rows = torch.searchsorted(feature_ids, ids)
-        local = in_batch_partners(features[rows], k)  # (B, k) positions in the batch
+        rows = torch.searchsorted(refreshed.ids, ids)
+        local = in_batch_partners(refreshed.features[rows], k)  # (B, k) positions in the batch
         rng = _batch_rng(seed, epoch, int(batch.index))
         anchors.append(ids)
         partners.append(ids[local])
-        weights.append(mixing_weights(clean_prob[rows].float(), local, mode=mode, alpha=alpha,
+        weights.append(mixing_weights(refreshed.clean_prob[rows].float(), local, mode=mode, alpha=alpha,
                                       generator=_torch_generator(rng)))
     return _concatenate(anchors, partners, weights, num_samples, k=k)
 

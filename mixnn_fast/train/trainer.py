@@ -31,7 +31,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mixnn_fast.refresh.forward import forward_pass
 from mixnn_fast.refresh.gmm import clean_probability
 from mixnn_fast.refresh.loss_history import LossHistory
 from mixnn_fast.refresh.partners import PartnerTable, in_batch_table, mixup_table
@@ -43,7 +42,8 @@ from mixnn_fast.train.datasets import RunData, prepare_data
 from mixnn_fast.train.losses import generalized_cross_entropy, one_hot, soft_cross_entropy, symmetric_cross_entropy
 from mixnn_fast.train.loaders import build_loaders
 from mixnn_fast.train.metrics import MetricsLog
-from mixnn_fast.train.models import build_model, inference_copy
+from mixnn_fast.train.inference import Inference
+from mixnn_fast.train.models import build_model
 from mixnn_fast.train.outcome import LabelRecord
 from mixnn_fast.train.progress import epoch_line, progress_bar, progress_on_terminal
 from mixnn_fast.train.state import RunState, checkpoint_state, read_resume_checkpoint, restore_checkpoint
@@ -123,6 +123,9 @@ class Trainer:
         self.loss_history = LossHistory(self.num_samples, window=cfg.gmm_history) if cfg.gmm_history > 1 else None
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.loaders = build_loaders(cfg, self.data, threads=self.threads, on_gpu=self.device.type == "cuda")
+        self.inference = Inference(self.model, self.device, autocast_dtype=self.autocast_dtype,
+                                   memory_format=self.memory_format, progress=cfg.progress,
+                                   allow_missing=cfg.on_error == "skip")
         self.refresh_options = RefreshOptions(
             num_neighbours=cfg.num_neighbours, partners=cfg.partners, weights_mode=cfg.weights,
             label_correction=cfg.label_correction, gmm_loss=cfg.gmm_loss,
@@ -215,10 +218,7 @@ class Trainer:
         start = time.perf_counter()
         pool = self._pool_ids(epoch)
         loader = self.loaders.pool_loader(self.data, pool.numpy())
-        with progress_bar(len(pool), f"refresh {epoch}", cfg.progress) as bar:
-            outputs = forward_pass(self.inference_model(), loader, pool, self.device,
-                                   autocast_dtype=self.autocast_dtype, memory_format=self.memory_format, progress=bar,
-                                   allow_missing=cfg.on_error == "skip")
+        outputs = self.inference.pass_over(loader, pool, f"refresh {epoch}")
         self.run.skipped.update(loader.skipped)
         forward_seconds = time.perf_counter() - start
         result = refresh(outputs, self.targets, self.given_labels, epoch, self.refresh_options,
@@ -234,9 +234,9 @@ class Trainer:
             self.run.table = result.table.merged_into(previous)
         else:  # in-batch partners: nearest anchors of the same batch, on this refresh's features
             self.loaders.mix.set_partners(None)  # the epoch's plain plan, before partners are attached
-            self.run.table = in_batch_table(self.loaders.mix.make_plan(epoch), self.num_samples, result.features,
-                                            result.ids, result.clean_prob, k=cfg.num_neighbours, mode=cfg.weights,
-                                            alpha=cfg.rdm_alpha, seed=cfg.seed, epoch=epoch)
+            self.run.table = in_batch_table(self.loaders.mix.make_plan(epoch), result, self.num_samples,
+                                            k=cfg.num_neighbours, mode=cfg.weights, alpha=cfg.rdm_alpha,
+                                            seed=cfg.seed, epoch=epoch)
         row = {"refresh_seconds": time.perf_counter() - start, "refresh_forward_seconds": forward_seconds,
                "refresh_gmm_seconds": result.seconds.get("gmm"),
                "refresh_neighbour_seconds": result.seconds.get("neighbours"), **result.stats}
@@ -356,30 +356,11 @@ class Trainer:
 
     # ---- evaluation ------------------------------------------------------------------------
 
-    def inference_model(self) -> torch.nn.Module:
-        """The current model for forward passes without gradients: an eval-mode copy with
-        BatchNorm folded into the convolutions (models.inference_copy)."""
-        return inference_copy(self.model, channels_last=self.cfg.channels_last)
-
-    @torch.no_grad()
-    def predict(self, loader, num_samples: int) -> torch.Tensor:
-        """(N, C) float32 logits of every sample of ``loader``'s data set, in data-set order
-        (rows of samples that could not be read, with ``on_error="skip"``, are NaN)."""
-        with progress_bar(num_samples, "evaluate", self.cfg.progress) as bar:
-            outputs = forward_pass(self.inference_model(), loader, torch.arange(num_samples), self.device,
-                                   autocast_dtype=self.autocast_dtype, memory_format=self.memory_format,
-                                   progress=bar, allow_missing=self.cfg.on_error == "skip")
-        if len(outputs.ids) == num_samples:
-            return outputs.logits
-        logits = torch.full((num_samples, outputs.logits.shape[1]), float("nan"))
-        logits[outputs.ids] = outputs.logits
-        return logits
-
     def test_accuracy(self) -> float:
         """Accuracy on the test set (NaN without one); unreadable test images count as wrong."""
         if self.loaders.test is None:
             return float("nan")
-        logits = self.predict(self.loaders.test, len(self.data.test))
+        logits = self.inference.logits(self.loaders.test, len(self.data.test))
         return float((logits.argmax(1) == torch.from_numpy(self.data.test.labels)).float().mean())
 
     def label_record(self) -> LabelRecord:
@@ -395,7 +376,7 @@ class Trainer:
             clean_prob[refreshed.ids.numpy()] = refreshed.clean_prob.numpy()
             corrected = self.targets.corrected_labels().cpu().numpy()
         else:
-            logits = self.predict(self.loaders.pool, self.num_samples)
+            logits = self.inference.logits(self.loaders.pool, self.num_samples)
             scored = torch.isfinite(logits).all(1)
             losses = torch.nn.functional.cross_entropy(logits[scored], self.given_labels[scored], reduction="none")
             clean_prob[scored.numpy()] = clean_probability(losses, **self.refresh_options.gmm).numpy()
