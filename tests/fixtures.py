@@ -492,3 +492,16 @@ def make_fashion_mnist_idx(
         write_idx(root / f"{prefix}-images-idx3-ubyte{suffix}", x, gz=gz)
         write_idx(root / f"{prefix}-labels-idx1-ubyte{suffix}", y.astype(np.uint8), gz=gz)
     return FashionMnistFixture(root, train_x, train_y, test_x, test_y)
+
+
+class DLPackOnly:
+    """A producer that is neither a tensor nor an ndarray (as CuPy, DALI or JAX arrays are to torch)."""
+
+    def __init__(self, array):
+        self._array = array
+
+    def __dlpack__(self, *args, **kwargs):
+        return self._array.__dlpack__(*args, **kwargs)
+
+    def __dlpack_device__(self):
+        return self._array.__dlpack_device__()

@@ -168,18 +168,28 @@ def _prefix_parses(reader, file: Path, raw: bytes, line: int) -> None:
         reader(file)
 
 
+def _parsed_or_refused(reader, file, raw):
+    """Write ``raw`` to ``file`` and read it with ``reader``: (entries, lines) when it parses;
+    None when it is refused -- after checking that the error is a ListFileError naming the file
+    and a line, and that the lines before that one parse."""
+    file.write_bytes(raw)
+    entries, error = attempt(reader, file)
+    lines = _lines_of(raw)
+    if error is None:
+        return entries, lines
+    check_error(error, file, list_file=file, lines=len(lines))
+    assert isinstance(error, ListFileError), repr(error)
+    _prefix_parses(reader, file, raw, int(re.search(r", line (\d+): ", str(error)).group(1)))
+    return None
+
+
 @fuzz
 @given(raw=list_file_bytes())
 def test_fuzz_read_path_label_list(tmp_path, raw):
-    file = tmp_path / "list.txt"
-    file.write_bytes(raw)
-    entries, error = attempt(read_path_label_list, file)
-    lines = _lines_of(raw)
-    if error is not None:
-        check_error(error, file, list_file=file, lines=len(lines))
-        assert isinstance(error, ListFileError), repr(error)
-        _prefix_parses(read_path_label_list, file, raw, int(re.search(r", line (\d+): ", str(error)).group(1)))
+    parsed = _parsed_or_refused(read_path_label_list, tmp_path / "list.txt", raw)
+    if parsed is None:
         return
+    entries, lines = parsed
     assert len(entries.paths) == len(entries.labels) == len(entries.line_numbers)
     assert entries.labels.dtype == np.int64 and (entries.labels >= 0).all()
     assert entries.line_numbers.tolist() == [n for n, t in enumerate(lines, 1) if t is not None and t.strip()]
@@ -194,15 +204,10 @@ def test_fuzz_read_path_label_list(tmp_path, raw):
 @fuzz
 @given(raw=list_file_bytes(labelled=False))
 def test_fuzz_read_path_list(tmp_path, raw):
-    file = tmp_path / "keys.txt"
-    file.write_bytes(raw)
-    entries, error = attempt(read_path_list, file)
-    lines = _lines_of(raw)
-    if error is not None:
-        check_error(error, file, list_file=file, lines=len(lines))
-        assert isinstance(error, ListFileError), repr(error)
-        _prefix_parses(read_path_list, file, raw, int(re.search(r", line (\d+): ", str(error)).group(1)))
+    parsed = _parsed_or_refused(read_path_list, tmp_path / "keys.txt", raw)
+    if parsed is None:
         return
+    entries, lines = parsed
     assert entries.labels is None
     kept = [(n, t.strip()) for n, t in enumerate(lines, 1) if t is not None and t.strip()]
     assert list(zip(entries.line_numbers.tolist(), entries.paths)) == kept

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from fixtures import DLPackOnly
+
 from mixnn_fast import mix_images, mix_images_reference, mix_targets, mix_targets_reference
 from mixnn_fast._native import allowed_cpu_isas, configured_cpu_isa, native
 from mixnn_fast.mix.mixer import cuda_launch_config, mix_images_cuda_emulated
@@ -189,16 +191,6 @@ def test_numpy_and_dlpack_inputs():
     want = mix_images_reference(torch.from_numpy(images), torch.from_numpy(anchors), torch.from_numpy(partners),
                                 torch.from_numpy(weights))
     torch.testing.assert_close(mix_images(images, anchors, partners, weights), want)
-
-    class DLPackOnly:  # a producer that is neither a tensor nor an ndarray, like CuPy or DALI
-        def __init__(self, array):
-            self._array = array
-
-        def __dlpack__(self, *args, **kwargs):
-            return self._array.__dlpack__(*args, **kwargs)
-
-        def __dlpack_device__(self):
-            return self._array.__dlpack_device__()
 
     torch.testing.assert_close(mix_images(DLPackOnly(images), anchors, partners, weights), want)
 

@@ -7,21 +7,12 @@ import numpy as np
 import pytest
 import torch
 
+from fixtures import DLPackOnly
+
 from mixnn_fast import mix_images, mix_images_reference, mix_targets
 from mixnn_fast.mix import core
 
 
-class DLPackOnly:
-    """A producer that is neither a tensor nor an ndarray (as CuPy, DALI or JAX arrays are to torch)."""
-
-    def __init__(self, array):
-        self._array = array
-
-    def __dlpack__(self, *args, **kwargs):
-        return self._array.__dlpack__(*args, **kwargs)
-
-    def __dlpack_device__(self):
-        return self._array.__dlpack_device__()
 
 
 @pytest.fixture
