@@ -18,9 +18,19 @@
 //     default, means undeclared: nothing can be checked for that buffer);
 //   - out does not overlap any input (a kernel writing into its own index
 //     arrays would read indices it wrote);
-//   - every anchor and partner index lies in [0, num_images) (IndexError
-//     naming the argument and the position).  O(B·K) reads, against the
-//     kernel's O(B·K·H·W·C); on CUDA the indices are copied to the host first.
+//   - on the CPU, every anchor and partner index lies in [0, num_images)
+//     (IndexError naming the argument and the position): O(B·K) reads, against
+//     the kernel's O(B·K·H·W·C).
+//
+// On CUDA the indices are in device memory, and reading them here would copy them
+// to the host and wait for the device once per batch.  So the CUDA binding checks
+// sizes and pointers only, and the kernel checks the indices itself: a row with an
+// index outside [0, num_images) is written as NaN (0 for uint8) instead of being
+// read, and counted in a per-device record (cuda/mix_images_kernel.h).  The record
+// comes back to the host behind the kernels, without waiting; the first call that
+// finds new bad rows in it raises IndexError, and cuda_take_index_errors reports
+// them after waiting for the device.  The emulated grid runs the same kernel body
+// and returns its record.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -172,15 +182,28 @@ void check_indices(const int64_t* values, int64_t count, int64_t columns, int64_
 
 bool has_work(const MixImagesParams& p) { return p.batch > 0 && p.height * p.width * p.channels > 0; }
 
-// Everything above, for host pointers.  Returns false when there is no work (nothing is read
+// Sizes and pointers, for host pointers.  Returns false when there is no work (nothing is read
 // or written then, so the pointers are not looked at).
-bool check_host_call(const BoundParams& p, const char* where) {
+bool check_host_buffers(const BoundParams& p, const char* where) {
   const std::vector<Span> spans = checked_spans(p, where);
   if (!has_work(p)) return false;
   check_pointers(spans, where);
+  return true;
+}
+
+// Everything above, for the CPU kernel: sizes, pointers and every index.
+bool check_host_call(const BoundParams& p, const char* where) {
+  if (!check_host_buffers(p, where)) return false;
   check_indices(p.anchors, p.batch, 0, p.num_images, "anchors", where);
   check_indices(p.partners, p.batch * p.num_partners, p.num_partners, p.num_images, "partners", where);
   return true;
+}
+
+py::tuple index_error_tuple(unsigned long long bad_rows, unsigned long long where) {
+  if (bad_rows == 0) return py::make_tuple(0, py::none(), py::none());
+  const unsigned long long code = where - 1;
+  return py::make_tuple(bad_rows, where == 0 ? py::object(py::none()) : py::int_(code >> mixnn::kIndexErrorTermBits),
+                        where == 0 ? py::object(py::none()) : py::int_(code & mixnn::kIndexErrorTermMask));
 }
 
 #ifdef MIXNN_WITH_CUDA
@@ -208,29 +231,33 @@ void check_device_pointer(const Span& s, int device, const char* where) {
   }
 }
 
-std::vector<int64_t> device_indices(const int64_t* values, int64_t count, cudaStream_t stream, const char* name,
-                                    const char* where) {
-  std::vector<int64_t> host(static_cast<size_t>(count));
-  if (count == 0) return host;
-  // On the call's stream: the indices may come from work queued on it.
-  check_cuda(cudaMemcpyAsync(host.data(), values, count * sizeof(int64_t), cudaMemcpyDeviceToHost, stream), where,
-             std::string(name) + ": cannot read the indices from the device");
-  check_cuda(cudaStreamSynchronize(stream), where, std::string(name) + ": cannot read the indices from the device");
-  return host;
+// "row r, term j (partners[r, j-1])" for a record's `where` (mix_params.h's encoding).
+std::string index_error_position(unsigned long long where) {
+  if (where == 0) return "position unknown";
+  const unsigned long long code = where - 1;
+  const unsigned long long row = code >> mixnn::kIndexErrorTermBits;
+  const unsigned long long term = code & mixnn::kIndexErrorTermMask;
+  const std::string r = std::to_string(row);
+  if (term == 0) return "row " + r + ": anchors[" + r + "]";
+  if (term == mixnn::kIndexErrorTermMask) return "row " + r + ": a partner past column " + std::to_string(term - 1);
+  return "row " + r + ": partners[" + r + ", " + std::to_string(term - 1) + "]";
 }
 
-bool check_cuda_call(const BoundParams& p, std::intptr_t stream_handle, const char* where) {
+bool check_cuda_call(const BoundParams& p, const char* where) {
   const std::vector<Span> spans = checked_spans(p, where);
   if (!has_work(p)) return false;
   check_pointers(spans, where);
   int device = 0;
   check_cuda(cudaGetDevice(&device), where, "no current CUDA device");
   for (const Span& s : spans) check_device_pointer(s, device, where);
-  const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
-  const auto anchors = device_indices(p.anchors, p.batch, stream, "anchors", where);
-  check_indices(anchors.data(), p.batch, 0, p.num_images, "anchors", where);
-  const auto partners = device_indices(p.partners, p.batch * p.num_partners, stream, "partners", where);
-  check_indices(partners.data(), p.batch * p.num_partners, p.num_partners, p.num_images, "partners", where);
+  // Bad rows of earlier calls whose record has come back (never waits for the device).
+  const mixnn::cuda::IndexErrorReport earlier = mixnn::cuda::poll_index_errors(device);
+  if (earlier.bad_rows > 0) {
+    throw std::out_of_range(std::string(where) + ": an earlier call on CUDA device " + std::to_string(device) +
+                            " met an index outside [0, num_images) in " + std::to_string(earlier.bad_rows) +
+                            " output row(s), written as NaN (0 for uint8) instead of read (one of them: " +
+                            index_error_position(earlier.where) + "); this call was not run");
+  }
   return true;
 }
 #endif
@@ -310,8 +337,9 @@ PYBIND11_MODULE(_C, m) {
       "Pointers, sizes and layouts of one mix_images call.\n\n"
       "A pointer is set from an int (an address) or from a C-contiguous buffer (a NumPy array...),\n"
       "which also records its size. For an address, declare the buffer's size in <name>_nbytes\n"
-      "(-1: undeclared, unchecked). The calls check sizes against the buffers, and every index\n"
-      "against num_images, before running.");
+      "(-1: undeclared, unchecked). Every call checks the sizes against the buffers before running;\n"
+      "mix_images_cpu checks every index against num_images too, while the CUDA kernel (and its\n"
+      "emulation) checks them as it runs: rows with a bad index come out NaN and are reported.");
   params.def(py::init<>());
   def_pointer(params, "images", &MixImagesParams::images, &BoundParams::images_nbytes, &BoundParams::images_owner,
               false, nullptr, nullptr);
@@ -366,12 +394,23 @@ PYBIND11_MODULE(_C, m) {
         // 0 = the launcher's grid; otherwise within what a CUDA launch allows
         if (grid_x < 0 || grid_x > INT32_MAX) fail("mix_images_cuda_emulated", "grid_x must lie in [0, 2**31 - 1]");
         if (grid_y < 0 || grid_y > 65535) fail("mix_images_cuda_emulated", "grid_y must lie in [0, 65535]");
-        if (!check_host_call(p, "mix_images_cuda_emulated")) return;
-        py::gil_scoped_release release;
-        mixnn::emulator::mix_images(p, grid_x, grid_y);
+        // Like mix_images_cuda: sizes and pointers here, the indices in the kernel body.
+        if (!check_host_buffers(p, "mix_images_cuda_emulated")) return index_error_tuple(0, 0);
+        mixnn::IndexErrors errors;
+        mixnn::MixImagesParams run = p;
+        run.index_errors = &errors;
+        {
+          py::gil_scoped_release release;
+          mixnn::emulator::mix_images(run, grid_x, grid_y);
+        }
+        return index_error_tuple(errors.bad_rows, errors.where);
       },
       py::arg("params"), py::arg("grid_x") = 0, py::arg("grid_y") = 0,
-      "Run the CUDA kernel's body on the host over its launch grid (host pointers; for tests).");
+      "Run the CUDA kernel's body on the host over its launch grid (host pointers; for tests).\n\n"
+      "Checks sizes and pointers as mix_images_cuda does, and leaves the indices to the kernel\n"
+      "body: rows with an index outside [0, num_images) are written as NaN (0 for uint8).\n"
+      "Returns (bad rows, row, term) of those rows: (0, None, None) when there were none, else\n"
+      "their number and the (row, term) of the last one met (term 0 = the anchor, j = partner j-1).");
 
   m.def(
       "cuda_launch_config",
@@ -387,11 +426,29 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "mix_images_cuda",
       [](const BoundParams& p, std::intptr_t stream) {
-        if (!check_cuda_call(p, stream, "mix_images_cuda")) return;
+        if (!check_cuda_call(p, "mix_images_cuda")) return;
         py::gil_scoped_release release;
         mixnn::cuda::mix_images(p, stream);
       },
-      py::arg("params"), py::arg("stream"), "Launch the CUDA mixer on device pointers and a cudaStream_t.");
+      py::arg("params"), py::arg("stream"),
+      "Launch the CUDA mixer on device pointers and a cudaStream_t, on the current device.\n\n"
+      "Sizes and pointers are checked here; indices by the kernel, without waiting for the\n"
+      "device: rows with an index outside [0, num_images) are written as NaN (0 for uint8),\n"
+      "and a later call raises IndexError once their record has come back to the host.");
+  m.def(
+      "cuda_take_index_errors",
+      [](int device) {
+        mixnn::cuda::IndexErrorReport report;
+        {
+          py::gil_scoped_release release;  // waits for the device
+          report = mixnn::cuda::take_index_errors(device);
+        }
+        return index_error_tuple(report.bad_rows, report.where);
+      },
+      py::arg("device"),
+      "Wait for CUDA device `device`, then report the rows with an out-of-range index that its\n"
+      "mixer launches met and no earlier report named: (bad rows, row, term) as\n"
+      "mix_images_cuda_emulated returns it.  Those rows are then reported.");
   m.def("cuda_compiled", []() { return true; });
   m.def("cuda_device_count", []() { return mixnn::cuda::device_count(); });
 #else

@@ -1,9 +1,19 @@
 """mixnn_fast._C called directly, bypassing mixer.py's validation: every buffer too small for
-the sizes it is given, every index past the image batch, every malformed pointer is a Python
-exception naming the argument, and the output, poisoned beforehand, is left untouched."""
+the sizes it is given, every malformed pointer is a Python exception naming the argument, and
+the output, poisoned beforehand, is left untouched.
+
+Indices past the image batch: the CPU binding refuses them (IndexError naming the position,
+output untouched).  The CUDA binding does not read them on the host (that would wait for the
+device every batch): the kernel checks each row's indices itself, writes a bad row as NaN (0
+for uint8) without reading any image, and records it.  The tests run that kernel body on the
+emulated grid, with the image batch between two inaccessible pages, so an out-of-bounds read
+would crash the test's subprocess."""
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
+import textwrap
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,7 +31,10 @@ def run_cpu(p):
 
 
 def run_emulated(p):
-    C_.mix_images_cuda_emulated(p, 0, 0)
+    return C_.mix_images_cuda_emulated(p, 0, 0)
+
+
+NO_INDEX_ERRORS = (0, None, None)
 
 
 RUNNERS = [pytest.param(run_cpu, id="cpu"), pytest.param(run_emulated, id="emulated")]
@@ -64,9 +77,19 @@ class Call:
         out = self.out if out is None else out
         return bool((out.view(np.uint32) == POISON).all())
 
+    def assert_rows(self, bad_rows) -> None:
+        """The kernel's bounds handling: rows in ``bad_rows`` all NaN (and not the poison's NaN,
+        so they were written), every other row the exact mix."""
+        bad = np.zeros(len(self.out), bool)
+        bad[list(bad_rows)] = True
+        assert np.isnan(self.out[bad]).all()
+        assert not (self.out[bad].view(np.uint32) == POISON).any()
+        np.testing.assert_allclose(self.out[~bad], self.expected()[~bad], rtol=1e-5, atol=1e-4)
+
     def expected(self) -> np.ndarray:
         """out[b] = Σ_j w_bj (images[idx_bj] − mean) · inv_std, in float64, NCHW."""
         idx = np.concatenate([self.anchors[:, None], self.partners], axis=1)
+        idx = idx.clip(0, len(self.images) - 1)  # rows with a bad index: see assert_rows
         x = (self.images[idx].astype(np.float64) - self.mean) * self.inv_std  # (B, K+1, H, W, C)
         mixed = np.einsum("bk,bkhwc->bhwc", self.weights.astype(np.float64), x)
         return mixed.transpose(0, 3, 1, 2)
@@ -164,29 +187,127 @@ def test_buffers_too_small_for_the_sizes(run, addresses, label, override, messag
 # indices outside the image batch
 
 
-@pytest.mark.parametrize("run", RUNNERS)
-@pytest.mark.parametrize("addresses", [False, True], ids=["buffers", "addresses"])
-@pytest.mark.parametrize("name, position, value, message", [
+INDEX_CASES = [
     ("anchors", (2,), 6, "anchors[2] = 6 is out of range [0, 6) (num_images)"),
     ("anchors", (0,), -1, "anchors[0] = -1 is out of range [0, 6)"),
     ("anchors", (3,), 2**62, f"anchors[3] = {2**62} is out of range"),
     ("partners", (1, 0), 6, "partners[1, 0] = 6 is out of range [0, 6)"),
     ("partners", (3, 1), -(2**63), f"partners[3, 1] = {-(2**63)} is out of range"),
-])
-def test_an_index_past_the_image_batch(run, addresses, name, position, value, message):
+]
+
+
+@pytest.mark.parametrize("addresses", [False, True], ids=["buffers", "addresses"])
+@pytest.mark.parametrize("name, position, value, message", INDEX_CASES)
+def test_the_cpu_binding_refuses_an_index_past_the_image_batch(addresses, name, position, value, message):
     call = make_call()
     getattr(call, name)[position] = value
     with pytest.raises(IndexError, match=re.escape(message)):
-        run(call.params(addresses=addresses))
+        run_cpu(call.params(addresses=addresses))
     assert call.untouched()
 
 
-@pytest.mark.parametrize("run", RUNNERS)
-def test_no_images_at_all(run):
+@pytest.mark.parametrize("grid", [(0, 0), (1, 1), (3, 2)], ids=["launcher", "one-block", "wrapping"])
+@pytest.mark.parametrize("name, position, value, message", INDEX_CASES)
+def test_the_cuda_kernel_skips_a_row_with_an_index_past_the_image_batch(grid, name, position, value, message):
+    """Every grid shape: the row is written NaN by the threads that own its pixels, and
+    recorded once (by the thread that owns pixel 0), whatever the grid-stride loops do."""
+    call = make_call()
+    getattr(call, name)[position] = value
+    errors = C_.mix_images_cuda_emulated(call.params(addresses=True), *grid)
+    row = position[0]
+    term = 0 if name == "anchors" else position[1] + 1
+    assert errors == (1, row, term)
+    call.assert_rows([row])
+
+
+def test_the_cuda_kernel_records_every_bad_row_and_names_its_first_bad_term():
+    call = make_call(batch=6, num_images=6)
+    call.anchors[1] = 6
+    call.partners[1, 1] = -5  # the same row: counted once, named by its first bad term
+    call.partners[4, 0] = 99
+    call.partners[5, 1] = 6
+    errors = C_.mix_images_cuda_emulated(call.params(), 2, 4)
+    assert errors == (3, 5, 2)  # the last row the grid met
+    call.assert_rows([1, 4, 5])
+    call.poison()
+    call.partners[5, 1] = 0
+    assert C_.mix_images_cuda_emulated(call.params(), 2, 4) == (2, 1, 0)
+    call.assert_rows([1, 4])
+
+
+@pytest.mark.parametrize("out_dtype, bad_value", [(1, "nan"), (2, 0x7E00), (3, 0x7FC0), (0, 0)],
+                         ids=["float32", "float16", "bfloat16", "uint8"])
+def test_a_skipped_row_is_nan_in_every_output_dtype_and_zero_in_uint8(out_dtype, bad_value):
+    call = make_call(batch=3)
+    call.partners[1, 0] = 6
+    out = np.full(call.out.shape, 0xAB, dtype={0: np.uint8, 1: np.float32, 2: np.uint16, 3: np.uint16}[out_dtype])
+    p = call.params(out=out)
+    p.out_dtype = out_dtype
+    assert C_.mix_images_cuda_emulated(p) == (1, 1, 1)
+    if bad_value == "nan":
+        assert np.isnan(out[1]).all()
+    else:
+        assert (out[1] == bad_value).all()
+    assert not (out[[0, 2]] == out[1].flat[0]).all()  # the good rows were mixed
+
+
+def test_no_images_at_all():
     call = make_call()
     with pytest.raises(IndexError, match=re.escape("anchors[0] = ") + r"\d+" + re.escape(" is out of range [0, 0)")):
-        run(call.params(num_images=0))
+        run_cpu(call.params(num_images=0))
     assert call.untouched()
+    assert run_emulated(call.params(num_images=0)) == (4, 3, 0)
+    assert np.isnan(call.out).all() and not (call.out.view(np.uint32) == POISON).any()
+
+
+GUARDED_RUN = textwrap.dedent("""
+    import ctypes, mmap, sys
+    import numpy as np
+    from mixnn_fast._native import native
+
+    C_ = native()
+    PAGE = mmap.PAGESIZE
+    # [inaccessible page][one page of images][inaccessible page]: a read of any image outside
+    # the batch lands in a guard page (or unmapped memory) and kills the process.
+    region = mmap.mmap(-1, 3 * PAGE)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(region))
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    for page in (0, 2):
+        assert libc.mprotect(base + page * PAGE, PAGE, 0) == 0, ctypes.get_errno()  # PROT_NONE
+    if sys.argv[1] == "touch-guard":  # the control: the guard pages do stop a read
+        ctypes.string_at(base + 2 * PAGE, 1)
+        sys.exit(0)
+    num_images, height, width, channels = 4, 16, PAGE // (4 * 16), 1
+    images = np.frombuffer(region, np.uint8, count=PAGE, offset=PAGE).reshape(num_images, height, width, channels)
+    images[...] = np.arange(PAGE, dtype=np.uint8).reshape(images.shape)
+    anchors = np.array([0, 4, -1, 3, 2**62, -(2**63)], np.int64)
+    partners = np.array([[1], [2], [0], [-2], [1], [3]], np.int64)
+    weights = np.full((6, 2), 0.5, np.float32)
+    out = np.zeros((6, channels, height, width), np.float32)
+    p = C_.MixImagesParams()
+    p.images, p.images_nbytes = base + PAGE, PAGE  # an address: the binding knows only the size
+    p.anchors, p.partners, p.weights = anchors, partners, weights
+    p.mean, p.inv_std = np.zeros(1, np.float32), np.ones(1, np.float32)
+    p.out = out
+    p.in_dtype, p.out_dtype, p.in_layout, p.out_layout = 0, 1, 0, 1
+    p.num_images, p.height, p.width, p.channels, p.batch, p.num_partners = num_images, height, width, channels, 6, 1
+    errors = C_.mix_images_cuda_emulated(p, 1, 1)
+    assert errors == (5, 5, 0), errors
+    assert np.isnan(out[1:]).all()
+    want = (images[0].astype(np.float32) + images[1]) / 2
+    np.testing.assert_allclose(out[0], want.transpose(2, 0, 1))
+    print("ok")
+""")
+
+
+def test_the_cuda_kernel_reads_no_image_outside_the_batch():
+    """The images sit between two PROT_NONE pages; bad anchors and partners (one past the end,
+    -1, -2, 2**62, -2**63) must not reach them.  In a subprocess: a fault is a failed test."""
+    control = subprocess.run([sys.executable, "-c", GUARDED_RUN, "touch-guard"], capture_output=True, text=True)
+    assert control.returncode != 0  # the guard pages do stop a read (SIGSEGV)
+    result = subprocess.run([sys.executable, "-c", GUARDED_RUN, "mix"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,31 +446,80 @@ def _cuda_params(call: Call, **tensors):
     return p, device
 
 
-@pytest.mark.cuda
-def test_cuda_binding_checks_indices_and_pointers():
+def _cuda_binding():
     if not C_.cuda_compiled():
         pytest.skip("built without nvcc")
-    stream = torch.cuda.current_stream().cuda_stream
+    device = torch.cuda.current_device()
+    C_.cuda_take_index_errors(device)  # start from a clean record
+    return device, torch.cuda.current_stream().cuda_stream
+
+
+@pytest.mark.cuda
+def test_cuda_binding_checks_pointers_and_sizes():
+    device, stream = _cuda_binding()
     call = make_call()
-    p, device = _cuda_params(call)
+    p, on_device = _cuda_params(call)
     C_.mix_images_cuda(p, stream)
     torch.cuda.synchronize()
-    np.testing.assert_allclose(device["out"].cpu().numpy(), call.expected(), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(on_device["out"].cpu().numpy(), call.expected(), rtol=1e-5, atol=1e-4)
 
-    call.partners[2, 1] = 6
-    p, device = _cuda_params(call)
-    device["out"].view(torch.int32).fill_(int(POISON.view(np.int32)))
-    with pytest.raises(IndexError, match=re.escape("mix_images_cuda: partners[2, 1] = 6 is out of range [0, 6)")):
-        C_.mix_images_cuda(p, stream)
-    assert bool((device["out"].view(torch.int32) == int(POISON.view(np.int32))).all())
-
-    call.partners[2, 1] = 0
-    p, device = _cuda_params(call)
+    p, on_device = _cuda_params(call)
     p.out = call.out.ctypes.data  # host memory handed to the GPU kernel
     with pytest.raises(ValueError, match="out: is not memory the GPU can read"):
         C_.mix_images_cuda(p, stream)
     assert call.untouched()
-    p, device = _cuda_params(call)
+    p, on_device = _cuda_params(call)
     p.weights_nbytes = 8
     with pytest.raises(ValueError, match="weights: buffer holds 8 bytes"):
         C_.mix_images_cuda(p, stream)
+    assert C_.cuda_take_index_errors(device) == NO_INDEX_ERRORS
+
+
+@pytest.mark.cuda
+def test_cuda_kernel_skips_bad_rows_and_a_later_call_reports_them():
+    device, stream = _cuda_binding()
+    call = make_call()
+    call.partners[2, 1] = 6
+    call.anchors[0] = -(2**63)
+    p, on_device = _cuda_params(call)
+    C_.mix_images_cuda(p, stream)  # no exception: the indices are not read on the host
+    got = on_device["out"].cpu().numpy()  # waits for the kernel and its record's copy
+    call.out[...] = got
+    call.assert_rows([0, 2])
+
+    call.partners[2, 1], call.anchors[0] = 0, 0
+    p, on_device = _cuda_params(call)
+    on_device["out"].view(torch.int32).fill_(int(POISON.view(np.int32)))
+    torch.cuda.synchronize()
+    with pytest.raises(IndexError, match=r"mix_images_cuda: an earlier call on CUDA device \d+ met an index outside "
+                                         r"\[0, num_images\) in 2 output row\(s\).*this call was not run"):
+        C_.mix_images_cuda(p, stream)
+    assert bool((on_device["out"].view(torch.int32) == int(POISON.view(np.int32))).all())
+    C_.mix_images_cuda(p, stream)  # reported once: the next good call runs
+    torch.cuda.synchronize()
+    np.testing.assert_allclose(on_device["out"].cpu().numpy(), call.expected(), rtol=1e-5, atol=1e-4)
+    assert C_.cuda_take_index_errors(device) == NO_INDEX_ERRORS
+
+    call.partners[3, 0] = 7
+    p, on_device = _cuda_params(call)
+    C_.mix_images_cuda(p, stream)
+    assert C_.cuda_take_index_errors(device) == (1, 3, 1)  # waits, reports and clears
+    C_.mix_images_cuda(_cuda_params(make_call())[0], stream)  # nothing left to report
+    assert C_.cuda_take_index_errors(device) == NO_INDEX_ERRORS
+
+
+@pytest.mark.cuda
+def test_cuda_binding_does_not_wait_for_the_device():
+    """The trusted path's call returns while earlier work is still queued on the stream."""
+    device, stream = _cuda_binding()
+    call = make_call()
+    p, on_device = _cuda_params(call)
+    C_.mix_images_cuda(p, stream)  # the record exists from here on
+    a = torch.randn(4096, 4096, device="cuda")
+    torch.cuda.synchronize()
+    for _ in range(20):  # tens of milliseconds of queued work
+        a = a @ a / 64
+    C_.mix_images_cuda(p, stream)
+    still_busy = not torch.cuda.current_stream().query()
+    torch.cuda.synchronize()
+    assert still_busy

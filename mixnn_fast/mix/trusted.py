@@ -6,8 +6,13 @@ weights come from a :class:`~mixnn_fast.refresh.partners.PartnerTable` (checked 
 and summing to 1 — reductions over the batch, which on a GPU wait for the device.  Done for
 every training batch, that is work repeated for numbers that cannot have changed, and a device
 synchronisation per step.  Here only the cheap structural facts are asserted (shapes, dtypes,
-devices); the native binding still bounds-checks the indices against the image batch on the CPU,
-so a wrong call cannot read outside the buffers.
+devices).  A wrong call still cannot read outside the buffers: the native binding checks every
+buffer's size against the call's shapes, and the indices are checked where that costs no wait —
+on the CPU by the binding before the kernel runs (IndexError naming the position), on CUDA by the
+kernel itself, which writes a row with an index outside the image batch as NaN (0 for uint8)
+instead of reading it, and records the row in device memory.  That record comes back to the host
+behind the kernels without waiting for the device: a later call raises IndexError once it has,
+and :func:`check_index_errors` waits for the device and raises for everything launched so far.
 """
 from __future__ import annotations
 
@@ -15,9 +20,10 @@ from typing import Sequence
 
 import torch
 
+from mixnn_fast._native import native
 from mixnn_fast.mix.mixer import _channel_vector, _MixCall, _run
 
-__all__ = ["mix_batch_images", "mix_batch_targets", "Normalisation"]
+__all__ = ["mix_batch_images", "mix_batch_targets", "Normalisation", "check_index_errors"]
 
 
 class Normalisation:
@@ -105,3 +111,20 @@ def _identity(channels: int, device: torch.device) -> tuple[torch.Tensor, torch.
     if key not in _IDENTITIES:
         _IDENTITIES[key] = (torch.zeros(channels, device=device), torch.ones(channels, device=device))
     return _IDENTITIES[key]
+
+
+def check_index_errors(device: torch.device | str | int) -> None:
+    """IndexError if mixer calls on CUDA ``device`` met an anchor or partner index outside their
+    image batch since the last report (those rows came out NaN, or 0 for uint8).  Waits for the
+    device: call it where a synchronisation is due anyway (an epoch's end), not per batch.  On
+    the CPU there is nothing to check: every call checked its indices before running."""
+    device = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    if device.type != "cuda" or not native().cuda_compiled():
+        return
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    rows, row, term = native().cuda_take_index_errors(index)
+    if rows:
+        position = ("position unknown" if row is None else f"anchors[{row}]" if term == 0
+                    else f"partners[{row}, {term - 1}]")
+        raise IndexError(f"mixer calls on {device} met an index outside their image batch in {rows} row(s) "
+                         f"(one of them: {position}); those rows were written as NaN (0 for uint8) instead of read")
