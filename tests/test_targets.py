@@ -1,15 +1,19 @@
-"""SoftTargets against a plain float64 reference of eq. 12."""
+"""SoftTargets against a plain float64 reference of eq. 12; the store interface (rows, mix, set_rows,
+state) and the storage factory."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
-from mixnn_fast.refresh.targets import SoftTargets
+from mixnn_fast.refresh import targets as targets_module
+from mixnn_fast.refresh.targets import (AUTO_FLOAT16_ELEMENTS, AUTO_FLOAT32_ELEMENTS, AUTO_TOP_K, SoftTargets,
+                                        choose_storage, soft_targets)
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 STORAGE = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+E32 = torch.finfo(torch.float32).eps
 
 
 def ema_tolerance(dtype: torch.dtype, momentum: float) -> float:
@@ -200,3 +204,167 @@ def test_half_precision_probabilities_are_accepted():
     store = SoftTargets(torch.tensor([0, 1]), 3, start_epoch=0, dtype=torch.float16)
     p = torch.softmax(torch.randn(2, 3, generator=torch.Generator().manual_seed(0)), dim=1).half()
     assert store.update(torch.tensor([0, 1]), p, 0)
+
+
+# ------------------------------------------------------------------- the store interface
+
+
+def trained_store(rng, n: int, classes: int, dtype: torch.dtype, device: str = "cpu") -> SoftTargets:
+    store = SoftTargets(torch.from_numpy(rng.integers(0, classes, n)).to(device), classes, start_epoch=0, dtype=dtype)
+    for epoch in range(3):
+        store.update(torch.arange(n, device=device),
+                     torch.from_numpy(random_probabilities(rng, n, classes)).float().to(device), epoch)
+    return store
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", STORAGE)
+@pytest.mark.parametrize("n,classes,batch,partners", [(1, 1, 1, 0), (7, 3, 5, 1), (101, 13, 33, 2), (300, 257, 17, 4)])
+def test_mix_matches_a_float64_einsum(rng, device, dtype, n, classes, batch, partners):
+    store = trained_store(rng, n, classes, dtype, device)
+    anchors = torch.from_numpy(rng.integers(0, n, batch)).to(device)
+    others = torch.from_numpy(rng.integers(0, n, (batch, partners))).to(device)
+    weights = torch.from_numpy(rng.dirichlet(np.ones(partners + 1), batch).astype(np.float32)).to(device)
+    out = store.mix(anchors, others, weights)
+    assert out.dtype == torch.float32 and out.shape == (batch, classes) and out.device.type == device
+    ids = torch.cat([anchors.unsqueeze(1), others], dim=1)
+    expected = torch.einsum("bj,bjc->bc", weights.double(), store.targets[ids].double())
+    # K+1 float32 products and sums of entries in [0, 1] (float64 storage: the sum in float64,
+    # rounded once to float32)
+    atol = (partners + 2) * E32 if dtype != torch.float64 else E32
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=atol)
+    if dtype != torch.float64:  # exactly the trusted mixer's call: the same bits as before
+        from mixnn_fast.mix.trusted import mix_batch_targets
+
+        assert torch.equal(out, mix_batch_targets(store.targets, anchors, others, weights))
+    rows = store.rows(anchors)
+    assert rows.dtype == torch.float32 and torch.equal(rows, store.targets[anchors].float())
+
+
+
+def test_rows_labels_bytes_and_chunks(rng, monkeypatch):
+    n, classes = 500, 11
+    labels = torch.from_numpy(rng.integers(0, classes, n))
+    p = torch.from_numpy(random_probabilities(rng, n, classes)).half()
+    whole = SoftTargets(labels, classes, start_epoch=0, dtype=torch.float16)
+    whole.update(torch.arange(n), p, 0)
+    assert whole.storage == "float16" and whole.nbytes == n * classes * 2 + n * 8
+    monkeypatch.setattr(targets_module, "_CHUNK_ELEMENTS", classes * 7)  # 7 rows per chunk
+    chunked = SoftTargets(labels, classes, start_epoch=0, dtype=torch.float16)
+    chunked.update(torch.arange(n), p, 0)
+    assert torch.equal(chunked.targets, whole.targets)  # rows are independent: chunks change nothing
+    assert torch.equal(chunked.rows(torch.arange(n)), whole.targets.float())
+    assert torch.equal(chunked.corrected_labels(), whole.targets.argmax(dim=1))
+    ids = torch.tensor([9, 3, 9, 0])
+    assert torch.equal(chunked.corrected_labels(ids), whole.targets[ids].argmax(dim=1))
+    with pytest.raises(ValueError, match="probabilities"):  # a bad row in a later chunk is found
+        bad = p.clone()
+        bad[n - 2, 1] = float("nan")
+        chunked.update(torch.arange(n), bad, 0)
+    with pytest.raises(ValueError, match=rf"row {n - 3} sums to"):
+        bad = p.float()
+        bad[n - 3] *= 2
+        chunked.update(torch.arange(n), bad, 0)
+
+
+def test_set_rows_and_state_dict_share_the_store(rng):
+    store = trained_store(rng, 40, 6, torch.float32)
+    state = store.state_dict()
+    assert state["kind"] == "dense" and state["targets"] is store.targets  # no copy of the table
+    copy = SoftTargets(torch.zeros(40, dtype=torch.int64), 6, dtype=torch.bfloat16)
+    ids = torch.arange(0, 40, 3)
+    copy.set_rows(ids, store.rows(ids))
+    assert torch.equal(copy.targets[ids], store.targets[ids].bfloat16())
+    with pytest.raises(ValueError, match="values"):
+        copy.set_rows(ids, store.rows(ids)[:-1])
+    with pytest.raises(TypeError, match="values"):
+        copy.set_rows(ids, store.rows(ids).tolist())
+    old = {key: value for key, value in state.items() if key != "kind"}  # a checkpoint from before "kind"
+    restored = SoftTargets(torch.zeros(40, dtype=torch.int64), 6)
+    restored.load_state_dict(old)
+    assert torch.equal(restored.targets, store.targets)
+    with pytest.raises(ValueError, match=r"state\['kind'\] is 'topk'"):
+        restored.load_state_dict({**state, "kind": "topk"})
+
+
+# ------------------------------------------------------------------- the factory
+
+
+def test_auto_storage_at_the_cut_offs():
+    assert AUTO_FLOAT32_ELEMENTS == 2 ** 28 and AUTO_FLOAT16_ELEMENTS == 2 ** 32 and AUTO_TOP_K == 32
+    assert choose_storage(2 ** 28 // 14, 14) == "float32"                 # below
+    assert choose_storage(2 ** 20, 2 ** 8) == "float32"                   # exactly 2**28
+    assert choose_storage(2 ** 20 + 1, 2 ** 8) == "float16"               # one row above
+    assert choose_storage(1_000_000, 14) == "float32"                     # Clothing1M
+    assert choose_storage(2_400_000, 1000) == "float16"                   # full WebVision: 4.8 GB
+    assert choose_storage(2 ** 22, 2 ** 10) == "float16"                  # exactly 2**32
+    assert choose_storage(2 ** 22 + 1, 2 ** 10) == "topk"
+    assert choose_storage(14_000_000, 21_841) == "topk"                   # ImageNet-21k
+    assert choose_storage(2 ** 27, 98) == "float16"                       # 98 = 3 k + 2: top-k is no smaller
+    assert choose_storage(2 ** 27, 99) == "topk"
+    assert choose_storage(2 ** 30, 40, top_k=8) == "topk"
+
+
+@pytest.mark.parametrize("storage,expected", [("float32", torch.float32), ("float16", torch.float16),
+                                              ("bfloat16", torch.bfloat16)])
+def test_factory_builds_the_named_store(storage, expected):
+    labels = torch.tensor([2, 0, 1, 2])
+    store = soft_targets(labels, 3, storage=storage, momentum=0.5, start_epoch=4, update_every=2)
+    assert isinstance(store, SoftTargets) and store.storage == storage and store.targets.dtype == expected
+    assert (store.momentum, store.start_epoch, store.update_every) == (0.5, 4, 2)
+    auto = soft_targets(labels, 3)
+    assert auto.storage == "float32" and torch.equal(auto.corrected_labels(), labels)
+    sparse = soft_targets(labels, 3, storage="topk", top_k=2)
+    assert sparse.storage == "topk" and sparse.k == 2 and torch.equal(sparse.corrected_labels(), labels)
+    assert soft_targets(torch.zeros(5, dtype=torch.int64), 100, storage="topk").k == 32
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    ({"storage": "float64"}, ValueError, "storage must be one of"),
+    ({"storage": "int8"}, ValueError, "storage must be one of"),
+    ({"storage": "float16", "top_k": 4}, ValueError, "top_k applies"),
+    ({"storage": "topk", "top_k": 0}, ValueError, "top_k"),
+    ({"storage": "topk", "top_k": 9}, ValueError, r"k \(top_k\)"),
+    ({"storage": "auto", "top_k": 2.5}, ValueError, "top_k"),
+    ({"labels": [0, 1]}, TypeError, "labels"),
+    ({"num_classes": "3"}, ValueError, "num_classes"),
+    ({"momentum": 2.0}, ValueError, "momentum"),
+])
+def test_factory_refuses_bad_arguments(kwargs, error, match):
+    arguments = {"labels": torch.tensor([0, 2]), "num_classes": 3}
+    arguments.update(kwargs)
+    with pytest.raises(error, match=match):
+        soft_targets(**arguments)
+
+
+@settings(max_examples=60)
+@given(batch=st.integers(1, 5), partners=st.integers(0, 3), what=st.sampled_from(
+    ["anchor_range", "partner_range", "anchor_dtype", "partner_dtype", "partner_shape", "weights_dtype",
+     "weights_shape", "anchor_list", "weights_list"]))
+def test_bad_mix_inputs_are_named(batch, partners, what):
+    store = SoftTargets(torch.zeros(6, dtype=torch.int64), 4)
+    anchors = torch.zeros(batch, dtype=torch.int64)
+    others = torch.zeros(batch, partners, dtype=torch.int64)
+    weights = torch.full((batch, partners + 1), 1.0 / (partners + 1))
+    if what == "anchor_range":
+        anchors[0] = -1
+    elif what == "partner_range":
+        others = torch.full((batch, partners + 1), 6)
+        weights = torch.full((batch, partners + 2), 1.0 / (partners + 2))
+    elif what == "anchor_dtype":
+        anchors = anchors.float()
+    elif what == "partner_dtype":
+        others = others.int()
+    elif what == "partner_shape":
+        others = others.reshape(-1)
+    elif what == "weights_dtype":
+        weights = weights.half()
+    elif what == "weights_shape":
+        weights = torch.ones(batch, partners + 2)
+    elif what == "anchor_list":
+        anchors = anchors.tolist()
+    elif what == "weights_list":
+        weights = weights.tolist()
+    error = TypeError if what.endswith("_list") else ValueError
+    with pytest.raises(error, match=what.split("_")[0]):
+        store.mix(anchors, others, weights)

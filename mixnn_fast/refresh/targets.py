@@ -1,4 +1,4 @@
-"""Label correction by exponential moving average (MixNN eq. 12): the soft-target store.
+"""Label correction by exponential moving average (MixNN eq. 12): the soft-target stores.
 
 Every sample's target starts as the one-hot of its given (possibly noisy) label.
 From ``start_epoch`` on (60 in the paper), each update moves the targets of the
@@ -7,9 +7,29 @@ samples just seen towards the network's prediction for them:
 code updates only on every 10th epoch (``update_every=10`` reproduces that:
 epochs 60, 70, ...).
 
-The store is N x C; float16 (or bfloat16) halves it for large N x C (WebVision:
-2.4M x 1000 is 9.6 GB in float32). Each update computes in float32 (float64
-for float64 storage) and rounds once on the way back to the store.
+Two stores with one interface (:class:`TargetStore`):
+
+- :class:`SoftTargets`: the dense N x C table, float32, float16, bfloat16 or float64.
+  Each update computes in float32 (float64 for float64 storage) and rounds once on the
+  way back to the store.
+- :class:`~mixnn_fast.refresh.sparse_targets.TopKSoftTargets`: the k largest classes
+  of each sample (class ids and values), for N x C too large even in float16.
+
+:func:`soft_targets` builds either from a storage name; ``storage="auto"`` decides from
+N x C alone (:func:`choose_storage`), never from the machine's free memory, so that a run
+resumed on another machine makes the same choice and can load its checkpoint:
+
+- float32 while N·C <= 2**28 (the table is at most 1 GiB): CIFAR (50k x 100: 20 MB) and
+  Clothing1M (1M x 14: 56 MB) keep full precision, which costs nothing there;
+- float16 while N·C <= 2**32 (at most 8 GiB): full WebVision, 2.4M x 1000, is 4.8 GB
+  instead of 9.6 GB. float16 rather than bfloat16: targets lie in [0, 1], where float16's
+  10-bit mantissa is 8x finer than bfloat16's 7 bits and its range (down to 6e-8) is ample;
+  the EMA's rounding error stays below (eps16 / 2) / (1 - momentum) = 0.5% per entry;
+- above that, top-k with k = 32 (int32 class ids, float16 values, a float32 rest: 196 bytes
+  per sample whatever C is), provided that is smaller than float16's 2 C bytes (C > 3 k + 2).
+
+Every operation over many rows works a chunk of rows at a time, so that no (N, C) float32
+temporary ever exists: the memory of the store is the store.
 """
 from __future__ import annotations
 
@@ -19,13 +39,30 @@ import torch
 
 from mixnn_fast._checks import check_device, check_in_range, check_sample_ids
 
-__all__ = ["SoftTargets"]
+__all__ = ["TargetStore", "SoftTargets", "soft_targets", "choose_storage", "STORAGES"]
 
 _STORAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
+                torch.float64: "float64"}
+#: storage names :func:`soft_targets` accepts
+STORAGES = ("auto", "float32", "float16", "bfloat16", "topk")
+#: the "auto" rule's cut-offs, in table elements N·C, and its k (see the module docstring)
+AUTO_FLOAT32_ELEMENTS = 1 << 28
+AUTO_FLOAT16_ELEMENTS = 1 << 32
+AUTO_TOP_K = 32
+# Rows per chunk: the (rows, C) float32 working block of an update, a mix or a check stays
+# near 32 MiB whatever N is.
+_CHUNK_ELEMENTS = 1 << 23
+_STATE_KEYS = ("labels", "num_classes", "momentum", "start_epoch", "update_every")
 
 
-class SoftTargets:
-    """N x C soft targets, initialised one-hot from the given labels and corrected by EMA.
+def chunk_rows(num_classes: int) -> int:
+    """Rows of C values per chunk (>= 1): about 2**23 elements, 32 MiB in float32."""
+    return max(1, _CHUNK_ELEMENTS // max(1, num_classes))
+
+
+class TargetStore:
+    """What every soft-target store offers; the trainer and the refresh use only this.
 
     Args:
         labels: Tensor[N] int64, the given (noisy) labels, values in [0, num_classes).
@@ -33,13 +70,17 @@ class SoftTargets:
         momentum: alpha in [0, 1]; the weight kept by the old target at each update.
         start_epoch: first epoch (>= 0) at which ``update`` changes anything.
         update_every: update only on epochs ``start_epoch + j * update_every`` (>= 1).
-        dtype: storage dtype: torch.float32 (default), float16, bfloat16 or float64.
         device: where the store lives (default: the labels' device).
+
+    Attributes: ``labels`` (Tensor[N] int64, the given labels), ``num_classes``, ``momentum``,
+    ``start_epoch``, ``update_every``, ``storage`` (the storage's name: "float32", "float16",
+    "bfloat16", "float64" or "topk").
     """
 
+    storage: str = ""
+
     def __init__(self, labels: torch.Tensor, num_classes: int, *, momentum: float = 0.9, start_epoch: int = 60,
-                 update_every: int = 1, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str | None = None) -> None:
+                 update_every: int = 1, device: torch.device | str | None = None) -> None:
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
         if not isinstance(labels, torch.Tensor):
@@ -52,8 +93,6 @@ class SoftTargets:
         for name, value, least in (("start_epoch", start_epoch, 0), ("update_every", update_every, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
-        if dtype not in _STORAGE_DTYPES:
-            raise TypeError(f"dtype must be one of {_STORAGE_DTYPES}, got {dtype}")
         device = check_device(device)
         self.num_classes = num_classes
         self.momentum = float(momentum)
@@ -61,35 +100,43 @@ class SoftTargets:
         self.update_every = update_every
         device = labels.device if device is None else device
         self.labels = labels.to(device).clone()
-        self._targets = torch.zeros((labels.numel(), num_classes), dtype=dtype, device=device)
-        self._targets[torch.arange(labels.numel(), device=device), self.labels] = 1.0
+        self._device = device
 
     # ---------------------------------------------------------------- reading
 
     @property
-    def targets(self) -> torch.Tensor:
-        """The store itself, Tensor[N, C] in the storage dtype (read it; write through ``update``)."""
-        return self._targets
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._targets.dtype
-
-    @property
     def device(self) -> torch.device:
-        return self._targets.device
+        return self._device
 
     def __len__(self) -> int:
-        return self._targets.shape[0]
+        return self.labels.shape[0]
 
     def __getitem__(self, indices: torch.Tensor) -> torch.Tensor:
-        """Rows ``indices`` (Tensor[B] int64 in [0, N)) as Tensor[B, C] float32 (for the loss)."""
-        indices = self._check_indices(indices, "indices")
-        return self._targets[indices].to(torch.float32)
+        """Same as :meth:`rows`."""
+        return self.rows(indices)
 
-    def corrected_labels(self) -> torch.Tensor:
-        """Each sample's arg-max target class, Tensor[N] int64 (ties: the lowest class)."""
-        return self._targets.argmax(dim=1)
+    def rows(self, indices: torch.Tensor) -> torch.Tensor:
+        """Rows ``indices`` (Tensor[B] int64 in [0, N), on the store's device) as dense
+        Tensor[B, C] float32: the targets a loss is computed against."""
+        indices = self._check_indices(indices, "indices")
+        out = torch.empty((indices.numel(), self.num_classes), dtype=torch.float32, device=self.device)
+        step = chunk_rows(self.num_classes)
+        for s in range(0, indices.numel(), step):
+            out[s:s + step] = self._dense_rows(indices[s:s + step])
+        return out
+
+    def corrected_labels(self, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Each sample's arg-max target class (ties: the lowest class), Tensor[N] int64, or
+        Tensor[B] for the samples ``ids`` (Tensor[B] int64)."""
+        if ids is not None:
+            ids = self._check_indices(ids, "ids")
+        count = len(self) if ids is None else ids.numel()
+        out = torch.empty(count, dtype=torch.int64, device=self.device)
+        step = chunk_rows(self.num_classes)
+        for s in range(0, count, step):
+            rows = torch.arange(s, min(s + step, count), device=self.device) if ids is None else ids[s:s + step]
+            out[s:s + step] = self._argmax_rows(rows)
+        return out
 
     def correction_accuracy(self, clean_labels: torch.Tensor) -> float:
         """Fraction of samples whose corrected label equals ``clean_labels`` (Tensor[N] int64)."""
@@ -103,6 +150,27 @@ class SoftTargets:
             raise ValueError("correction_accuracy of an empty store is undefined")
         hits = (self.corrected_labels() == clean_labels.to(self.device)).sum()
         return float(hits) / len(self)
+
+    def mix(self, anchor_ids: torch.Tensor, partner_ids: torch.Tensor, weights: torch.Tensor, *,
+            check: bool = True) -> torch.Tensor:
+        """``out[b] = weights[b, 0] t[anchor_ids[b]] + Σ_k weights[b, k+1] t[partner_ids[b, k]]``.
+
+        Args:
+            anchor_ids: Tensor[B] int64, partner_ids: Tensor[B, K] int64 (K >= 0) sample ids;
+                weights: Tensor[B, K+1] float32 (λ, then one β per partner), e.g. a
+                PartnerTable's rows. Moved to the store's device when elsewhere.
+            check: verify that the ids lie in [0, N) (one small reduction; on CUDA a device
+                synchronisation). ``False`` for batches whose ids a PartnerTable already checked.
+        Returns:
+            Tensor[B, C] float32 on the store's device.
+        """
+        anchor_ids, partner_ids, weights = self._check_mix(anchor_ids, partner_ids, weights, check)
+        return self._mix(anchor_ids, partner_ids, weights)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the store holds: its targets plus the given labels (N int64)."""
+        return self._targets_nbytes() + self.labels.numel() * self.labels.element_size()
 
     # ---------------------------------------------------------------- updating
 
@@ -119,7 +187,8 @@ class SoftTargets:
             indices: Tensor[B] int64, distinct, in [0, N), on the store's device.
             probabilities: Tensor[B, C] floating on the store's device: finite, >= 0,
                 each row summing to 1 (within 1e-3; 1e-2 for float16/bfloat16 input),
-                e.g. softmax of the network's (unmixed) logits.
+                e.g. softmax of the network's (unmixed) logits. A chunk of the pool at a time
+                is fine (a streaming refresh): rows are independent.
             epoch: the current epoch; before ``start_epoch`` (and off the ``update_every``
                 grid) nothing changes. The inputs are validated either way.
         """
@@ -129,43 +198,61 @@ class SoftTargets:
         probabilities = self._check_probabilities(probabilities, indices.numel())
         if not self.is_update_epoch(epoch):
             return False
-        work = torch.promote_types(self._targets.dtype, torch.float32)  # half storage: float32 arithmetic
-        current = self._targets[indices].to(work)
-        current.mul_(self.momentum).add_(probabilities.to(work), alpha=1.0 - self.momentum)
-        self._targets[indices] = current.to(self._targets.dtype)
+        step = chunk_rows(self.num_classes)
+        for s in range(0, indices.numel(), step):
+            self._update_rows(indices[s:s + step], probabilities[s:s + step])
         return True
+
+    def set_rows(self, indices: torch.Tensor, values: torch.Tensor) -> None:
+        """Overwrite rows ``indices`` (Tensor[B] int64) with ``values`` (Tensor[B, C] floating,
+        e.g. another process's :meth:`rows`), rounded once to the storage: how processes share
+        the rows each of them corrected."""
+        indices = self._check_indices(indices, "indices")
+        if not isinstance(values, torch.Tensor):
+            raise TypeError(f"values must be a torch.Tensor, got {type(values).__name__}")
+        if tuple(values.shape) != (indices.numel(), self.num_classes) or not values.is_floating_point():
+            raise ValueError(f"values: expected a floating tensor of shape ({indices.numel()}, {self.num_classes}), "
+                             f"got {values.dtype} of shape {tuple(values.shape)}")
+        values = values.detach().to(self.device)
+        step = chunk_rows(self.num_classes)
+        for s in range(0, indices.numel(), step):
+            self._set_rows(indices[s:s + step], values[s:s + step])
 
     # ---------------------------------------------------------------- checkpoints
 
     def state_dict(self) -> dict:
-        """Targets, labels and settings, for torch.save."""
-        return {"targets": self._targets.clone(), "labels": self.labels.clone(), "num_classes": self.num_classes,
-                "momentum": self.momentum, "start_epoch": self.start_epoch, "update_every": self.update_every}
+        """The store's state for torch.save. Like ``nn.Module.state_dict``, its tensors are the
+        store's own (no copy: a copy of a 5 GB table at every checkpoint would double the
+        memory); clone them to keep a snapshot while the store goes on updating."""
+        return {"kind": self._kind(), **self._tensors_state(), "labels": self.labels,
+                "num_classes": self.num_classes, "momentum": self.momentum, "start_epoch": self.start_epoch,
+                "update_every": self.update_every}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore from ``state_dict()``; the store keeps its own dtype and device.
+        """Restore from ``state_dict()``; the store keeps its own dtypes and device.
 
         Everything is checked before anything changes: a corrupted state raises a ValueError or
         TypeError naming it and leaves the store as it was (an ``update_every`` of 0 would
         otherwise surface later as a ZeroDivisionError, NaN targets as a silently wrong training)."""
         if not isinstance(state, dict):
-            raise TypeError(f"state must be a dict from SoftTargets.state_dict(), got {type(state).__name__}")
-        missing = {"targets", "labels", "num_classes", "momentum", "start_epoch", "update_every"} - set(state)
+            raise TypeError(f"state must be a dict from {type(self).__name__}.state_dict(), got {type(state).__name__}")
+        kind = state.get("kind", "dense")  # checkpoints from before the top-k store have no "kind"
+        if kind != self._kind():
+            raise ValueError(f"state['kind'] is {kind!r} but this store is {self._kind()!r} (storage "
+                             f"{self.storage}); build the store with the storage the checkpoint was saved with")
+        missing = (set(_STATE_KEYS) | set(self._tensor_keys())) - set(state)
         if missing:
             raise ValueError(f"state is missing {sorted(missing)}")
-        targets, labels = state["targets"], state["labels"]
-        for key, value in (("targets", targets), ("labels", labels)):
-            if not isinstance(value, torch.Tensor):
-                raise TypeError(f"state[{key!r}] must be a torch.Tensor, got {type(value).__name__}")
-        if state["num_classes"] != self.num_classes or tuple(targets.shape) != tuple(self._targets.shape):
-            raise ValueError(f"state holds targets of shape {tuple(targets.shape)} for "
-                             f"{state['num_classes']!r} classes; this store is {tuple(self._targets.shape)}")
+        for key in ("labels", *self._tensor_keys()):
+            if not isinstance(state[key], torch.Tensor):
+                raise TypeError(f"state[{key!r}] must be a torch.Tensor, got {type(state[key]).__name__}")
+        if state["num_classes"] != self.num_classes:
+            raise ValueError(f"state holds targets for {state['num_classes']!r} classes; this store has "
+                             f"{self.num_classes}")
+        labels = state["labels"]
         if tuple(labels.shape) != tuple(self.labels.shape):
             raise ValueError(f"state['labels'] has shape {tuple(labels.shape)}, expected {tuple(self.labels.shape)}")
-        if not targets.is_floating_point():
-            raise TypeError(f"state['targets'] must be floating, got {targets.dtype}")
-        if targets.numel() and not (bool(torch.isfinite(targets).all()) and float(targets.min()) >= 0):
-            raise ValueError("state['targets'] must be finite and >= 0 (soft targets are probabilities)")
+        self._check_tensors_state(state)
         if labels.dtype != torch.int64:
             raise TypeError(f"state['labels'] must be int64, got {labels.dtype}")
         check_in_range(labels, "state['labels']", self.num_classes, "num_classes")
@@ -176,21 +263,78 @@ class SoftTargets:
             value = state[key]
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ValueError(f"state[{key!r}] must be an int >= {least}, got {value!r}")
-        self._targets.copy_(targets)
+        self._load_tensors_state(state)
         self.labels.copy_(labels)
         self.momentum = float(momentum)
         self.start_epoch = int(state["start_epoch"])
         self.update_every = int(state["update_every"])
+
+    # ---------------------------------------------------------------- for the stores
+
+    def _kind(self) -> str:
+        raise NotImplementedError
+
+    def _tensor_keys(self) -> tuple[str, ...]:
+        raise NotImplementedError
+
+    def _tensors_state(self) -> dict:
+        raise NotImplementedError
+
+    def _check_tensors_state(self, state: dict) -> None:
+        raise NotImplementedError
+
+    def _load_tensors_state(self, state: dict) -> None:
+        raise NotImplementedError
+
+    def _targets_nbytes(self) -> int:
+        raise NotImplementedError
+
+    def _dense_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """(n, C) float32 of a chunk of rows."""
+        raise NotImplementedError
+
+    def _argmax_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _update_rows(self, ids: torch.Tensor, probabilities: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def _set_rows(self, ids: torch.Tensor, values: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def _mix(self, anchor_ids: torch.Tensor, partner_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     # ---------------------------------------------------------------- checks
 
     def _check_indices(self, indices: object, name: str) -> torch.Tensor:
         return check_sample_ids(indices, name, len(self), self.device, "the targets")
 
+    def _check_mix(self, anchor_ids, partner_ids, weights, check: bool):
+        for name, value in (("anchor_ids", anchor_ids), ("partner_ids", partner_ids), ("weights", weights)):
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+        if anchor_ids.ndim != 1 or anchor_ids.dtype != torch.int64:
+            raise ValueError(f"anchor_ids must be a 1-D int64 tensor (B,), got {anchor_ids.dtype} of shape "
+                             f"{tuple(anchor_ids.shape)}")
+        batch = anchor_ids.shape[0]
+        if partner_ids.ndim != 2 or partner_ids.dtype != torch.int64 or partner_ids.shape[0] != batch:
+            raise ValueError(f"partner_ids must be an int64 tensor of shape ({batch}, K), got {partner_ids.dtype} "
+                             f"of shape {tuple(partner_ids.shape)}")
+        if tuple(weights.shape) != (batch, partner_ids.shape[1] + 1) or weights.dtype != torch.float32:
+            raise ValueError(f"weights must be a float32 tensor of shape ({batch}, {partner_ids.shape[1] + 1}), "
+                             f"got {weights.dtype} of shape {tuple(weights.shape)}")
+        anchor_ids, partner_ids = anchor_ids.to(self.device), partner_ids.to(self.device)
+        weights = weights.detach().to(self.device)
+        if check:
+            check_in_range(anchor_ids, "anchor_ids", len(self))
+            check_in_range(partner_ids, "partner_ids", len(self))
+        return anchor_ids, partner_ids, weights
+
     def _check_probabilities(self, probabilities: object, rows: int) -> torch.Tensor:
-        """``probabilities`` detached, once checked: a softmax straight from the network requires
-        grad, and the store must not keep every update's graph alive (nor hand a graph-carrying
-        state_dict to torch.save)."""
+        """``probabilities`` detached, once checked (a chunk of rows at a time: no float32 copy
+        of the whole). A softmax straight from the network requires grad, and the store must not
+        keep every update's graph alive (nor hand a graph-carrying state_dict to torch.save)."""
         if not isinstance(probabilities, torch.Tensor):
             raise TypeError(f"probabilities must be a torch.Tensor, got {type(probabilities).__name__}")
         probabilities = probabilities.detach()
@@ -199,17 +343,156 @@ class SoftTargets:
                              f"got {probabilities.dtype} of shape {tuple(probabilities.shape)}")
         if probabilities.device != self.device:
             raise ValueError(f"probabilities is on {probabilities.device}, the targets on {self.device}")
-        if rows == 0:
-            return probabilities
-        lo, hi = (float(v) for v in torch.aminmax(probabilities))
-        if not (math.isfinite(lo) and math.isfinite(hi) and lo >= 0.0):
-            bad = (~(torch.isfinite(probabilities) & (probabilities >= 0))).nonzero()[0].tolist()
-            raise ValueError(f"probabilities must be finite and >= 0; probabilities[{bad[0]}, {bad[1]}] = "
-                             f"{probabilities[bad[0], bad[1]].item()}")
         tolerance = 1e-2 if probabilities.dtype in (torch.float16, torch.bfloat16) else 1e-3
-        error = (probabilities.to(torch.float32).sum(dim=1) - 1.0).abs()
-        worst = int(error.argmax())
-        if float(error[worst]) > tolerance:
-            raise ValueError(f"each row of probabilities must sum to 1 (within {tolerance}); row {worst} sums to "
-                             f"{float(probabilities[worst].double().sum()):.6g}")
+        step = chunk_rows(self.num_classes)
+        for s in range(0, rows, step):
+            block = probabilities[s:s + step]
+            lo, hi = (float(v) for v in torch.aminmax(block))
+            if not (math.isfinite(lo) and math.isfinite(hi) and lo >= 0.0):
+                bad = (~(torch.isfinite(block) & (block >= 0))).nonzero()[0].tolist()
+                raise ValueError(f"probabilities must be finite and >= 0; probabilities[{s + bad[0]}, {bad[1]}] = "
+                                 f"{block[bad[0], bad[1]].item()}")
+            error = (block.to(torch.float32).sum(dim=1) - 1.0).abs()
+            worst = int(error.argmax())
+            if float(error[worst]) > tolerance:
+                raise ValueError(f"each row of probabilities must sum to 1 (within {tolerance}); row {s + worst} "
+                                 f"sums to {float(block[worst].double().sum()):.6g}")
         return probabilities
+
+
+def check_finite_non_negative(table: torch.Tensor, name: str) -> None:
+    """ValueError naming ``name`` unless every entry of ``table`` (floating, any shape with rows
+    first) is finite and >= 0; checked a chunk of rows at a time (no table-sized bool mask)."""
+    if table.numel() == 0:
+        return
+    step = chunk_rows(table[0].numel())
+    for s in range(0, table.shape[0], step):
+        lo, hi = (float(v) for v in torch.aminmax(table[s:s + step]))
+        if not (math.isfinite(lo) and math.isfinite(hi) and lo >= 0):
+            raise ValueError(f"{name} must be finite and >= 0 (soft targets are probabilities)")
+
+
+class SoftTargets(TargetStore):
+    """Dense N x C soft targets, initialised one-hot from the given labels and corrected by EMA.
+
+    Args: as :class:`TargetStore`, plus
+        dtype: storage dtype: torch.float32 (default), float16, bfloat16 or float64.
+
+    ``targets`` is the dense table itself (dense stores only; a top-k store has none).
+    """
+
+    def __init__(self, labels: torch.Tensor, num_classes: int, *, momentum: float = 0.9, start_epoch: int = 60,
+                 update_every: int = 1, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__(labels, num_classes, momentum=momentum, start_epoch=start_epoch,
+                         update_every=update_every, device=device)
+        if dtype not in _STORAGE_DTYPES:
+            raise TypeError(f"dtype must be one of {_STORAGE_DTYPES}, got {dtype}")
+        self.storage = _DTYPE_NAMES[dtype]
+        n = self.labels.numel()
+        self._targets = torch.zeros((n, num_classes), dtype=dtype, device=self.device)
+        self._targets[torch.arange(n, device=self.device), self.labels] = 1.0
+
+    @property
+    def targets(self) -> torch.Tensor:
+        """The store itself, Tensor[N, C] in the storage dtype (read it; write through ``update``)."""
+        return self._targets
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._targets.dtype
+
+    def _kind(self) -> str:
+        return "dense"
+
+    def _tensor_keys(self) -> tuple[str, ...]:
+        return ("targets",)
+
+    def _tensors_state(self) -> dict:
+        return {"targets": self._targets}
+
+    def _check_tensors_state(self, state: dict) -> None:
+        targets = state["targets"]
+        if tuple(targets.shape) != tuple(self._targets.shape):
+            raise ValueError(f"state holds targets of shape {tuple(targets.shape)}; this store is "
+                             f"{tuple(self._targets.shape)}")
+        if not targets.is_floating_point():
+            raise TypeError(f"state['targets'] must be floating, got {targets.dtype}")
+        check_finite_non_negative(targets, "state['targets']")
+
+    def _load_tensors_state(self, state: dict) -> None:
+        self._targets.copy_(state["targets"])
+
+    def _targets_nbytes(self) -> int:
+        return self._targets.numel() * self._targets.element_size()
+
+    def _dense_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        return self._targets[ids].to(torch.float32)
+
+    def _argmax_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        return self._targets[ids].argmax(dim=1)
+
+    def _update_rows(self, ids: torch.Tensor, probabilities: torch.Tensor) -> None:
+        work = torch.promote_types(self._targets.dtype, torch.float32)  # half storage: float32 arithmetic
+        current = self._targets[ids].to(work)
+        current.mul_(self.momentum).add_(probabilities.to(work), alpha=1.0 - self.momentum)
+        self._targets[ids] = current.to(self._targets.dtype)
+
+    def _set_rows(self, ids: torch.Tensor, values: torch.Tensor) -> None:
+        self._targets[ids] = values.to(self._targets.dtype)
+
+    def _mix(self, anchor_ids: torch.Tensor, partner_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if self._targets.dtype == torch.float64:  # the kernel reads float32/16/bf16 tables only
+            ids = torch.cat([anchor_ids.unsqueeze(1), partner_ids], dim=1)
+            return torch.einsum("bj,bjc->bc", weights.to(torch.float64), self._targets[ids]).to(torch.float32)
+        from mixnn_fast.mix.trusted import mix_batch_targets  # here: importing the store needs no native code
+
+        return mix_batch_targets(self._targets, anchor_ids, partner_ids, weights)
+
+
+def choose_storage(num_samples: int, num_classes: int, top_k: int = AUTO_TOP_K) -> str:
+    """The storage ``"auto"`` picks for N = ``num_samples`` x C = ``num_classes`` (module docstring):
+    "float32" while N·C <= 2**28, "float16" while N·C <= 2**32 (or while top-k's 6 top_k + 4 bytes
+    per sample would not be smaller than float16's 2 C: C <= 3 top_k + 2), else "topk"."""
+    elements = num_samples * num_classes
+    if elements <= AUTO_FLOAT32_ELEMENTS:
+        return "float32"
+    if elements <= AUTO_FLOAT16_ELEMENTS or num_classes <= 3 * top_k + 2:
+        return "float16"
+    return "topk"
+
+
+def soft_targets(labels: torch.Tensor, num_classes: int, *, storage: str = "auto", top_k: int | None = None,
+                 momentum: float = 0.9, start_epoch: int = 60, update_every: int = 1,
+                 device: torch.device | str | None = None) -> TargetStore:
+    """A soft-target store for ``labels`` (Tensor[N] int64) in ``storage``.
+
+    Args:
+        storage: "auto" (:func:`choose_storage`: from N·C alone, the same on every machine),
+            "float32", "float16", "bfloat16" (dense :class:`SoftTargets`) or "topk"
+            (:class:`~mixnn_fast.refresh.sparse_targets.TopKSoftTargets`).
+        top_k: k of a top-k store (default 32); with "auto", the k used if top-k is picked.
+            Refused with a dense storage, where it would mean nothing.
+        momentum, start_epoch, update_every, device: as :class:`TargetStore`.
+    Returns:
+        The store; its ``storage`` attribute says which one was chosen.
+    """
+    if storage not in STORAGES:
+        raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
+    if top_k is not None:
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"top_k must be an int >= 1 or None, got {top_k!r}")
+        if storage not in ("auto", "topk"):
+            raise ValueError(f"top_k applies to storage 'topk' (or 'auto'), not to storage {storage!r}")
+    k = AUTO_TOP_K if top_k is None else top_k
+    if storage == "auto":
+        decidable = isinstance(labels, torch.Tensor) and labels.ndim == 1 and isinstance(num_classes, int) \
+            and not isinstance(num_classes, bool)
+        # undecidable: bad arguments, which the store's own checks then name
+        storage = choose_storage(labels.numel(), num_classes, k) if decidable else "float32"
+    options = dict(momentum=momentum, start_epoch=start_epoch, update_every=update_every, device=device)
+    if storage == "topk":
+        from mixnn_fast.refresh.sparse_targets import TopKSoftTargets  # it imports this module
+
+        return TopKSoftTargets(labels, num_classes, k=k, **options)
+    return SoftTargets(labels, num_classes, dtype=getattr(torch, storage), **options)
