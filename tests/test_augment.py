@@ -80,13 +80,14 @@ def per_sample(batches) -> dict[int, torch.Tensor]:
     return {sample: images[slot] for _, _, ids, images in batches for slot, sample in enumerate(ids)}
 
 
-SOURCES = [pytest.param(dict(), id="arrays"),
+SOURCES = [pytest.param(dict(), id="arrays"),  # the host path (the CPU default for arrays)
+           pytest.param(dict(backend="dali"), id="arrays-dali"),
            pytest.param(dict(resize_backend="torch"), id="jpeg-torch"),
            pytest.param(dict(resize_backend="dali"), id="jpeg-dali")]
 
 
 def source_for(kwargs, array_set, jpeg_set):
-    return array_set if not kwargs else jpeg_set
+    return jpeg_set if "resize_backend" in kwargs else array_set
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,13 +178,13 @@ def test_batches_before_start_batch_are_not_read(jpeg_set):
 # shards, skipped files, decoding failures
 
 
-@pytest.mark.parametrize("kwargs", SOURCES[:2])
+@pytest.mark.parametrize("kwargs", SOURCES[:3])
 def test_a_batch_looks_the_same_on_every_shard(array_set, jpeg_set, kwargs):
     """Each batch's augmentation depends on its plan index only: the batches of shard 0 and
     shard 1 of a 2-shard loader are the single-process batches of the same index (the
     padding batch of the short shard repeats batch 0, pixel for pixel)."""
     desc = source_for(kwargs, array_set, jpeg_set)
-    kwargs = dict(kwargs, batch_size=5 if kwargs else 6)  # an odd number of batches: 5 or 7
+    kwargs = dict(kwargs, batch_size=5 if "resize_backend" in kwargs else 6)  # an odd number of batches: 5 or 7
     whole = train_loader(desc, **kwargs)
     whole.set_epoch(1)
     by_index = {b[0]: b for b in record(whole)}
@@ -249,11 +250,12 @@ def test_skipped_files_and_replays_leave_the_other_augmentations_alone(damaged, 
 # the graph applies exactly the drawn parameters
 
 
-def test_arrays_are_shifted_and_flipped_exactly_as_drawn(array_set):
+@pytest.mark.parametrize("backend", ["host", "dali"])
+def test_arrays_are_shifted_and_flipped_exactly_as_drawn(array_set, backend):
     """Every in-memory image equals NumPy's pad, crop and flip with the host parameters of
-    its (epoch, batch index, slot)."""
+    its (epoch, batch index, slot), on either path."""
     pad = 5
-    loader = train_loader(array_set, pad=pad, mode="naive", partners=ring(len(array_set), 1))
+    loader = train_loader(array_set, pad=pad, mode="naive", partners=ring(len(array_set), 1), backend=backend)
     loader.set_epoch(6)
     spec = ShiftFlip(pad)
     shifts_seen, flips = set(), []
@@ -272,12 +274,13 @@ def test_arrays_are_shifted_and_flipped_exactly_as_drawn(array_set):
     assert len(shifts_seen) > 20 and 0 < sum(flips) < len(flips)
 
 
+@pytest.mark.parametrize("backend", ["host", "dali"])
 @pytest.mark.parametrize("pad,flip", [(0, False), (0, True), (3, False)])
-def test_arrays_without_shifts_or_flips(array_set, pad, flip, recwarn):
+def test_arrays_without_shifts_or_flips(array_set, pad, flip, backend, recwarn):
     """pad=0 and/or flip=False: the pipeline reads only the parameters it uses (DALI warns
     about unused source outputs otherwise), and the images are the originals, mirrored
-    and/or shifted as drawn."""
-    loader = train_loader(array_set, pad=pad, flip=flip, mode="plain")
+    and/or shifted as drawn, on either path."""
+    loader = train_loader(array_set, pad=pad, flip=flip, mode="plain", backend=backend)
     loader.set_epoch(1)
     for batch in loader:
         params = ShiftFlip(pad, flip).params(3, 1, batch.index, len(batch.ids), np.arange(len(batch.ids)))
@@ -376,7 +379,7 @@ def test_gpu_resume_is_exact_and_draws_the_cpu_augmentation(array_set, jpeg_set,
     cpu_loader.set_epoch(2)
     for (_, _, ids, gpu), (_, _, cpu_ids, cpu) in zip(full, record(cpu_loader), strict=True):
         assert ids == cpu_ids
-        if not kwargs:
+        if "resize_backend" not in kwargs:
             assert torch.equal(gpu.cpu(), cpu)
         else:
             per_image = (gpu.cpu().float() - cpu.float()).abs().mean(dim=(1, 2, 3))

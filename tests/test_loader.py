@@ -286,14 +286,13 @@ def test_in_memory_eval_is_exact(garments):
 def test_in_memory_eval_host_path_equals_the_dali_path(garments, ids, rng):
     """In-memory eval batches are slices of the array (no DALI); they must be exactly what the
     DALI pipeline gives: the same images, ids, labels and normalisation, batch by batch."""
-    from mixnn_fast.pipeline.loader_base import DaliLoader
-
     if ids == "subset":
         ids = np.sort(rng.choice(len(garments), len(garments) // 2 + 1, replace=False))
-    loader = EvalLoader(garments, 6, cpu(mean=[120.0], std=[60.0], num_threads=1), ids=ids)
-    assert loader._host_path()
+    options = cpu(mean=[120.0], std=[60.0], num_threads=1)
+    loader = EvalLoader(garments, 6, options, ids=ids)
+    assert loader.backend == "host"  # "auto" on the CPU
     host = list(loader)
-    dali = list(DaliLoader.__iter__(loader))
+    dali = list(EvalLoader(garments, 6, options.replace(backend="dali"), ids=ids))
     assert len(host) == len(dali) == len(loader)
     for h, d in zip(host, dali):
         assert torch.equal(h.images, d.images) and torch.equal(h.ids, d.ids) and torch.equal(h.labels, d.labels)
@@ -871,6 +870,7 @@ _BAD_OPTIONS = {
     "mean": [[], ["a"], 3.0, [float("nan")], "abc"], "std": [[0.0], [-1.0], [float("inf")], "s", [1.0, None]],
     "layout": ["CHW", None, 3], "device": ["tpu", None, 0], "device_id": [-1, 1.5, "0"],
     "num_threads": [0, 1.0, None], "prefetch_queue_depth": [0, None], "resize_backend": ["pil", None],
+    "backend": ["numpy", "gpu", None, 1],
     "shard_id": [-1, 1, 0.5], "num_shards": [0, -2, None], "on_error": ["ignore", None], "seed": [-1, 0.5, None],
 }
 

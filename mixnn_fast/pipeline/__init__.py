@@ -1,18 +1,22 @@
-"""Epoch plans and the DALI loaders.
+"""Epoch plans and the loaders.
 
 ``plan_epoch`` (pure NumPy) decides which images each batch decodes, where anchors and
 partners sit and, from a :class:`~mixnn_fast.refresh.partners.PartnerTable`, which weights
-each anchor mixes with; the loaders feed those plans through DALI and yield batches that
-:meth:`LoaderBatch.mix` turns into the model's input.  DALI is imported only when a loader is
-built.
+each anchor mixes with; the loaders feed those plans through DALI (image files; in-memory
+arrays on a GPU with DALI installed) or through the host path (in-memory arrays on the CPU,
+or wherever DALI is missing: ``LoaderOptions.backend``, see ``host_batches``) and yield
+batches that :meth:`LoaderBatch.mix` turns into the model's input.  DALI is imported only
+when a loader first runs a DALI pipeline: importing this package, building a loader, or
+iterating one on the host path never imports it.
 
 Modules, one job each: ``plan`` (what a plan is, ``plan_epoch``), ``plan_inputs`` (its
 argument checks), ``plan_layout`` (its arithmetic), ``forest`` (the 1-NN forest),
 ``augment_params`` (augmentations drawn on the host), ``dali_pipelines`` (the DALI graphs),
-``options`` (:class:`LoaderOptions`), ``feeder`` (serving plans to DALI, the error policy),
-``host_resize`` (resizing crops with torch on the CPU), ``buffers`` (:class:`BufferPool`),
-``batch`` (:class:`LoaderBatch`), ``loader_base`` (the loaders' shared machinery),
-``mixnn_loader`` (:class:`MixNNLoader`), ``eval_loader`` (:class:`EvalLoader`).
+``host_batches`` (the same augmentations applied with NumPy, for in-memory arrays),
+``options`` (:class:`LoaderOptions`), ``feeder`` (serving plans to DALI or the host path,
+the error policy), ``host_resize`` (resizing crops with torch on the CPU), ``buffers``
+(:class:`BufferPool`), ``batch`` (:class:`LoaderBatch`), ``loader_base`` (the loaders'
+shared machinery), ``mixnn_loader`` (:class:`MixNNLoader`), ``eval_loader`` (:class:`EvalLoader`).
 """
 from __future__ import annotations
 

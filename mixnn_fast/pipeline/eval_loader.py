@@ -2,21 +2,22 @@
 refresh's forward pass, the test set).
 
 Its batches are plain (K = 0, no weights): ``batch.mix()`` normalises them and changes their
-layout in one pass.  In-memory arrays evaluated on the CPU skip DALI altogether (see
-:meth:`EvalLoader._host_path`).
+layout in one pass.  In-memory arrays skip DALI altogether on the host path
+(``LoaderOptions.backend``; "auto": on the CPU, and on a GPU without DALI): the evaluation
+view is then a slice of the array (its central window with ``crop``), the batch a view of the
+array when its ids are consecutive and nothing is to be cut or formatted.  Why: on 28×28
+images the pipeline round trip cost as much as the model's forward pass (bench/epoch.py).
 """
 from __future__ import annotations
-
-from typing import Iterator
 
 import numpy as np
 import torch
 
 from mixnn_fast.data.description import DatasetDescription
-from mixnn_fast.pipeline.batch import LoaderBatch
+from mixnn_fast.pipeline.host_batches import center_window
 from mixnn_fast.pipeline.loader_base import DaliLoader
 from mixnn_fast.pipeline.options import LoaderOptions, check_int
-from mixnn_fast.pipeline.plan import EpochPlan, plan_epoch
+from mixnn_fast.pipeline.plan import EpochPlan, PlanBatch, plan_epoch
 
 __all__ = ["EvalLoader"]
 
@@ -86,30 +87,20 @@ class EvalLoader(DaliLoader):
 
         return eval_pipeline, EvalView(resize=self.resize, crop=self.crop, resize_outside=self._resize_outside())
 
-    def _host_path(self) -> bool:
-        """In-memory uint8 images read whole on the CPU: the evaluation transform is only the
-        normalisation, which :meth:`LoaderBatch.mix` fuses with the layout change, so the
-        batches are slices of the array and DALI is not involved.  Why: on 28×28 images the
-        pipeline round trip cost as much as the model's forward pass (bench/epoch.py)."""
+    def _host_images(self, batch: PlanBatch, params: tuple[np.ndarray, ...]):
+        """The batch's view of the in-memory array: ``images[batch.ids]``, its central ``crop``
+        window (where DALI's ``fn.crop`` puts it), on the loader's device, formatted."""
         images = self.description.images
-        o = self.options
-        return (images is not None and self.device == "cpu" and not o.normalize_in_pipeline
-                and o.layout == "NHWC" and (self.crop is None or self.crop == min(images.shape[1:3])
-                                           and images.shape[1] == images.shape[2]))
-
-    def __iter__(self) -> Iterator[LoaderBatch]:
-        if not self._host_path():
-            yield from super().__iter__()
-            return
-        images = self.description.images
-        plan, _ = self._epoch_plan()
-        for b in range(len(plan)):
-            batch = plan[b]
-            ids = batch.ids
-            if len(ids) and ids[-1] - ids[0] == len(ids) - 1 and bool(np.all(np.diff(ids) == 1)):
-                block = images[ids[0]:ids[-1] + 1]  # consecutive ids (the usual in-order pass): a view
-            else:
-                block = images[ids]
-            if not block.flags.writeable:  # torch.from_numpy wants a writeable array
-                block = block.copy()
-            yield self._make_batch(torch.from_numpy(np.ascontiguousarray(block)), batch, b)
+        ids = batch.ids
+        if ids[-1] - ids[0] == len(ids) - 1 and bool(np.all(np.diff(ids) == 1)):
+            block = images[ids[0]:ids[-1] + 1]  # consecutive ids (the usual in-order pass): a view
+        else:
+            block = images[ids]
+        if self.crop is not None:
+            top, left = (center_window(size, self.crop) for size in images.shape[1:3])
+            block = block[:, top:top + self.crop, left:left + self.crop]
+        if self.device == "cpu" and not self._formats() and block.flags.c_contiguous and block.flags.writeable:
+            return torch.from_numpy(block), None  # the batch is the array's own memory (or a fresh gather)
+        buffer, owned = self._host_buffer(block.shape)
+        buffer.numpy()[...] = block
+        return self._deliver(buffer, owned)

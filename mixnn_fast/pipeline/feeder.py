@@ -8,7 +8,9 @@ A batch's augmentation parameters are further outputs of the same feeder call as
 so they travel through DALI together and need no queue of their own.  The feeder never
 raises an error itself (it would surface on an earlier, prefetching ``run()`` and misalign
 the queue): a file it cannot read ends the feeding there, the batches before it are
-delivered, and then the error is raised.
+delivered, and then the error is raised.  The host path (in-memory arrays,
+:mod:`mixnn_fast.pipeline.host_batches`) calls :meth:`Feeder.serve` itself, one batch at a
+time, so both paths see the same batches, skipped samples and augmentation parameters.
 
 Bad images (``LoaderOptions.on_error``): "raise" (default) raises an error naming the file
 when its batch is reached; "skip" loses that image only and counts it (``loader.skipped``:
@@ -143,9 +145,27 @@ class Feeder:
                 self.skipped[sample] = reason
 
     def __call__(self):
+        served = self.serve()
+        if served is None:
+            raise StopIteration
+        data, params = served
+        return data if self.augment is None else (data, *params)
+
+    def serve(self, gather: bool = True) -> tuple[object, tuple[np.ndarray, ...]] | None:
+        """The next batch of the plan: appended to ``served`` and returned as (its data, its
+        augmentation parameters), or None at the end of the plan (or after an error, which is
+        then in ``error``).
+
+        Args:
+            gather: False (in-memory images only): the data is not gathered (None); the
+                caller reads ``images[batch.ids]`` itself (the host path writes them
+                straight into its batch buffer).
+
+        The data: file bytes (a list of 1-D uint8 arrays) or ``images[batch.ids]`` (M, H, W, C)
+        uint8; the parameters: ``augment.params(...)`` (empty without ``augment``)."""
         while True:
             if self.plan is None or self.error is not None or self.cursor >= len(self.plan):
-                raise StopIteration
+                return None
             position = self.cursor
             self.cursor += 1
             planned = self.plan[position]
@@ -155,21 +175,21 @@ class Feeder:
                 batch, _, slots = drop_samples(batch, np.fromiter(self.skipped, dtype=np.int64))
             sizes = None
             if self.description.in_memory:
-                data = self.description.images[batch.ids] if len(batch) else None
+                data = self.description.images[batch.ids] if gather and len(batch) else None
             else:
                 data, batch, kept, sizes = self._read(batch, with_sizes=self.augment is not None)
                 slots = slots[kept]
             if self.error is None:
                 self._dropped[position] = len(planned) - len(batch)
-            if data is None or not len(batch):
+            if self.error is not None or not len(batch):
                 continue  # every anchor skipped, or an error ends the epoch here
             self.served.append((position, batch))
             if self.augment is None:
-                return data
+                return data, ()
             # Slots of the *planned* batch: an image keeps its augmentation when others
             # of its batch are skipped.
-            return (data, *self.augment.params(self.seed, self.plan.epoch, planned.index, len(planned.ids), slots,
-                                               sizes))
+            return data, self.augment.params(self.seed, self.plan.epoch, planned.index, len(planned.ids), slots,
+                                             sizes)
 
     def _read(self, batch: PlanBatch, with_sizes: bool = False
               ) -> tuple[list[np.ndarray] | None, PlanBatch, np.ndarray, np.ndarray | None]:

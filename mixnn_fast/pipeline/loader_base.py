@@ -1,6 +1,11 @@
-"""What the training and evaluation loaders share: an epoch plan through a DALI pipeline into
-a plain torch loop -- the pipeline's life cycle, the output conversion, the buffers, the
-decoding failures.
+"""What the training and evaluation loaders share: an epoch plan through a DALI pipeline, or
+through the host path, into a plain torch loop -- the pipeline's life cycle, the output
+conversion, the buffers, the decoding failures.
+
+Which path a loader runs (``loader.backend``, from ``LoaderOptions.backend``): image files
+always go through DALI; in-memory arrays go through the host path on the CPU, and on a GPU
+when DALI is not installed (:mod:`mixnn_fast.pipeline.host_batches`: NumPy, no DALI import,
+the same batches bit for bit, several times faster on the CPU).
 
 ::
 
@@ -25,8 +30,9 @@ hands them to the fused mixer.
 Exact resume: an epoch's batches are a pure function of (seed, epoch, partners, anchors)
 (the plan), and each decoded image's augmentation a pure function of (seed, epoch, the
 batch's plan index, its slot in the batch): the windows, shifts and flips are drawn on the
-host (:mod:`mixnn_fast.pipeline.augment_params`) and handed to DALI with the images, never by
-DALI's own random operators, whose state would depend on the pipeline's history.  So
+host (:mod:`mixnn_fast.pipeline.augment_params`) and handed to DALI (or the host path) with
+the images, never by DALI's own random operators, whose state would depend on the
+pipeline's history.  So
 ``set_epoch(e, start_batch=s)`` on a new loader yields exactly batches ``s, s+1, ...`` of an
 uninterrupted epoch ``e``, pixel for pixel, without reading or decoding the batches before
 ``s``; and rebuilding the pipeline (after a decoding failure or an abandoned epoch) changes
@@ -50,8 +56,8 @@ from mixnn_fast.pipeline import host_resize
 from mixnn_fast.pipeline.batch import BatchContext, LoaderBatch
 from mixnn_fast.pipeline.buffers import BufferPool
 from mixnn_fast.pipeline.feeder import Feeder, ImageDecodeError, dali_reason, name_culprits
-from mixnn_fast.pipeline.options import (LoaderOptions, check_channels, check_int, resolve_device,
-                                         resolve_resize_backend)
+from mixnn_fast.pipeline.options import (LoaderOptions, check_channels, check_int, resolve_backend,
+                                         resolve_device, resolve_resize_backend)
 from mixnn_fast.pipeline.plan import EpochPlan, PlanBatch
 
 __all__ = ["DaliLoader"]
@@ -78,6 +84,8 @@ class DaliLoader:
         self.options = options
         self.device, self.device_id = resolve_device(options)
         self.resize_backend = resolve_resize_backend(options.resize_backend, self.device)
+        #: "host" or "dali": who augments and formats the batches (``LoaderOptions.backend``)
+        self.backend = resolve_backend(options.backend, description.in_memory, self.device)
         channels = 3 if not description.in_memory else description.images.shape[3]
         check_channels(options, channels)
         in_pipe = options.normalize_in_pipeline
@@ -87,7 +95,7 @@ class DaliLoader:
         mean, std = (None, None) if in_pipe else (options.mean, options.std)
         self._context = BatchContext(options.layout, mean, std, Normalisation(channels, mean, std), self._pool)
         self._pipe_norm = Normalisation(channels, options.mean, options.std) if in_pipe else None
-        self._identity_norm = Normalisation(3, None, None)  # the host path's transposition alone
+        self._identity_norm = Normalisation(channels, None, None)  # the host paths' transposition alone
         self._feeder = Feeder(description, options.on_error)
         self._pipe = None
         self._pipe_batch = 0
@@ -197,26 +205,77 @@ class DaliLoader:
         """The pipeline's outputs -> (the batch's images tensor, its pool buffer or None)."""
         if not self._resize_outside():
             return self._to_torch(outputs[0])
-        o = self.options
         windows = outputs[0]
         mirror = outputs[1].as_array() if len(outputs) > 1 else None
         m, size = len(windows), self._view_size
-        final = not o.normalize_in_pipeline and o.layout == "NHWC"  # the resized images are the batch
-        resized, owned = self._buffer("resized", (m, size, size, 3), torch.uint8, handed_out=final)
+        resized, owned = self._buffer("resized", (m, size, size, 3), torch.uint8, handed_out=not self._formats())
         host_resize.resize_windows(windows, mirror, size, resized)
-        if final:
-            return resized, owned
-        # what DALI's crop_mirror_normalize would do: normalise and/or transpose, here with the
-        # fused mixer (K = 0, weight 1: one pass, exact for uint8)
+        return self._format(resized, owned)
+
+    def _formats(self) -> bool:
+        """True when uint8 NHWC images are not the batch yet: normalised in the "pipeline",
+        or transposed to NCHW (what DALI's crop_mirror_normalize does on the DALI path)."""
+        return self.options.normalize_in_pipeline or self.options.layout == "NCHW"
+
+    def _format(self, images: torch.Tensor, owned: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Host-made uint8 NHWC images -> the batch's images, as DALI's last step would give
+        them: normalised and/or transposed by the fused mixer (K = 0, weight 1: one pass, exact
+        for uint8), into a new buffer on the images' device; unchanged when nothing is to do."""
+        if not self._formats():
+            return images, owned
+        o = self.options
+        m, h, w, c = images.shape
         normalise = o.normalize_in_pipeline and (o.mean is not None or o.std is not None)
         dtype = torch.float32 if normalise else torch.uint8
-        shape = (m, 3, size, size) if o.layout == "NCHW" else (m, size, size, 3)
-        out, owned = self._buffer("final", shape, dtype)
-        slots = torch.arange(m)
-        mix_batch_images(resized, slots, slots[:, None][:, :0], torch.ones(m, 1),
+        shape = (m, c, h, w) if o.layout == "NCHW" else (m, h, w, c)
+        if images.is_cuda:
+            out, owned = torch.empty(shape, dtype=dtype, device=images.device), None
+        else:
+            out, owned = self._buffer("final", shape, dtype)
+        slots = torch.arange(m, device=images.device)
+        mix_batch_images(images, slots, slots[:, None][:, :0], torch.ones(m, 1, device=images.device),
                          self._pipe_norm if normalise else self._identity_norm, in_layout="NHWC", out_layout=o.layout,
                          out_dtype=dtype, out=out, num_threads=host_resize.HOST_RESIZE_THREADS)
         return out, owned
+
+    # --- the host path (in-memory images, no DALI: see mixnn_fast.pipeline.host_batches) ------
+
+    def _host_images(self, batch: PlanBatch, params: tuple[np.ndarray, ...]
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The batch's images made on the host: (the batch's images tensor, its pool buffer or None)."""
+        raise NotImplementedError
+
+    def _host_buffer(self, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Where the host path writes a batch's uint8 NHWC images: pinned memory on a GPU (the
+        copy to the device then does not wait), else a pool buffer when it is the batch
+        (``copy=True``) or one reused buffer (an intermediate, or ``copy=False``)."""
+        if self.device == "gpu":
+            # torch's pinned-memory allocator keeps the block until the non-blocking copy
+            # that reads it has finished, so dropping it after the copy is safe
+            return torch.empty(shape, dtype=torch.uint8, pin_memory=True), None
+        return self._buffer("host", shape, torch.uint8, handed_out=not self._formats())
+
+    def _deliver(self, images: torch.Tensor, owned: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Host-made uint8 NHWC images -> the batch's images on the loader's device, formatted."""
+        if self.device == "gpu":
+            images = images.to(f"cuda:{self.device_id}", non_blocking=True)  # once, uint8: 1/4 of float32
+            owned = None
+        return self._format(images, owned)
+
+    def _host_iter(self, plan: EpochPlan, start: int) -> Iterator[LoaderBatch]:
+        """The plan's batches from ``start``, made on the host.  The feeder serves them as it
+        serves DALI (the same skipped samples, the same augmentation parameters), one at a
+        time: no prefetching, so an abandoned epoch leaves nothing behind."""
+        feeder = self._feeder
+        feeder.start(plan, start)
+        self._pipe_batch = self._max_batch(plan)  # the buffers' rows: every batch of the epoch fits
+        while True:
+            served = feeder.serve(gather=False)
+            if served is None:
+                return
+            position, batch = feeder.served.popleft()
+            images, owned = self._host_images(batch, served[1])
+            yield self._make_batch(images, batch, position, owned)
 
     def _make_batch(self, images: torch.Tensor, batch: PlanBatch, position: int,
                     owned: torch.Tensor | None = None) -> LoaderBatch:
@@ -255,6 +314,9 @@ class DaliLoader:
         plan, start = self._epoch_plan()
         if start >= len(plan):
             return  # resumed at the end of the epoch (or an empty plan): nothing to decode
+        if self.backend == "host":
+            yield from self._host_iter(plan, start)
+            return
         self._feeder.start(plan, start)
         pipe = self._pipeline_for(plan)
         finished = False

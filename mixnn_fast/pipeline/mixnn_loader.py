@@ -1,5 +1,10 @@
-"""The training loader: each epoch's plan decoded and augmented by DALI, every batch carrying
-its anchors' partners and mixing weights from one :class:`~mixnn_fast.refresh.partners.PartnerTable`.
+"""The training loader: each epoch's plan decoded and augmented by DALI (image files), or
+augmented on the host (in-memory arrays), every batch carrying its anchors' partners and
+mixing weights from one :class:`~mixnn_fast.refresh.partners.PartnerTable`.
+
+Which path: ``LoaderOptions.backend`` ("auto": in-memory arrays on the host on the CPU, and on
+a GPU when DALI is not installed; see :mod:`mixnn_fast.pipeline.host_batches`).  Both paths
+apply the same host-drawn shifts and flips and give the same batches, bit for bit.
 
 Where the table's weights go: the plan reads the table once per epoch and puts each anchor's
 row beside its slots (:func:`~mixnn_fast.pipeline.plan.plan_epoch`); the rows follow their
@@ -17,9 +22,10 @@ import numpy as np
 
 from mixnn_fast.data.description import DatasetDescription
 from mixnn_fast.pipeline.augment_params import CropFlip, ShiftFlip
+from mixnn_fast.pipeline.host_batches import ShiftFlipKernel
 from mixnn_fast.pipeline.loader_base import DaliLoader
 from mixnn_fast.pipeline.options import LoaderOptions, check_int
-from mixnn_fast.pipeline.plan import MODES, EpochPlan, plan_epoch
+from mixnn_fast.pipeline.plan import MODES, EpochPlan, PlanBatch, plan_epoch
 
 __all__ = ["MixNNLoader"]
 
@@ -27,7 +33,8 @@ _NEEDS_PARTNERS = ("coherent", "naive")
 
 
 class MixNNLoader(DaliLoader):
-    """Training batches of an epoch plan, decoded and augmented by DALI.
+    """Training batches of an epoch plan, decoded and augmented by DALI or (in-memory
+    arrays) augmented on the host.
 
     Args:
         description: the data set (``paths`` of JPEG/PNG files, or ``images`` in memory).
@@ -57,6 +64,7 @@ class MixNNLoader(DaliLoader):
         self._feeder.augment = (ShiftFlip(o.pad, o.flip) if description.in_memory
                                 else CropFlip(o.area, o.aspect_ratio, o.flip))
         self._feeder.seed = o.seed
+        self._kernel = ShiftFlipKernel(o.pad) if self.backend == "host" else None
         self._anchor_ids = anchor_ids
         self._partners = None
         self._cached: tuple[int, EpochPlan] | None = None
@@ -189,3 +197,16 @@ class MixNNLoader(DaliLoader):
         shape = tuple(self.description.images.shape[1:]) if self.description.in_memory else None
         return train_pipeline, TrainView(size=o.size, image_shape=shape, pad=o.pad, flip=o.flip,
                                          resize_outside=self._resize_outside())
+
+    def _host_images(self, batch: PlanBatch, params: tuple[np.ndarray, ...]):
+        """``images[batch.ids]`` shifted and flipped as DALI's graph would (``params``: the
+        feeder's ShiftFlip draw: shifts (M, 2) if pad, flips (M,) if flip), into a host buffer,
+        then on the loader's device, formatted."""
+        o = self.options
+        params = list(params)
+        shifts = params.pop(0) if o.pad else None
+        flips = params.pop(0) if o.flip else None
+        images = self.description.images
+        buffer, owned = self._host_buffer((len(batch.ids),) + images.shape[1:])
+        self._kernel(images, batch.ids, shifts, flips, buffer.numpy())
+        return self._deliver(buffer, owned)
