@@ -49,8 +49,22 @@ variant with more busy threads gets more of the cores; CPU time per image does n
 on that, and on an idle 2-core machine where both fill the cores, throughput follows it.
 A second table times ``plan_epoch`` alone for 1,000,000 anchors.
 
+In-memory arrays (``--in-memory`` runs this part alone; writes bench/results/loader_in_memory.json):
+the host path (``LoaderOptions(backend="host")``, the CPU default: NumPy shift + flip, no
+DALI) against the DALI path (``backend="dali"``: the same host-drawn shifts and flips applied
+by ``fn.slice`` + ``fn.flip``; the same batches, bit for bit), on Fashion-MNIST-sized
+(28×28×1) and CIFAR-sized (32×32×3) arrays, batches of 128, pad 4 + flips, DALI on
+``--threads`` threads.  Two variants of each: the loader alone (uint8 NHWC batches, released
+after use), and what the trainer does (coherent plan, K = 1, ``batch.mix(targets)`` into a
+pooled float32 NCHW output, released).  The arrays are random bytes (the work does not depend
+on the pixel values), ``--array-images`` of each shape.  Same round-robin timing as above;
+"vs DALI path, paired" is the median over rounds of the ratio of a variant's rate to its DALI
+twin's in the same round, "DALI CPU / own CPU" the same for CPU time per image (this process,
+DALI's threads included).
+
     .venv/bin/python -m bench.loader            # 640 images, 10 rounds; writes bench/results/loader.json
     .venv/bin/python -m bench.loader --quick    # 192 images, 2 rounds, for a smoke run
+    .venv/bin/python -m bench.loader --in-memory  # the in-memory table alone
 """
 from __future__ import annotations
 
@@ -233,6 +247,45 @@ def cpu_breakdown(name: str, loader, targets, threads: int, out, epochs: int) ->
     return {k: (v if k == "variant" else statistics.median(r[k] for r in rows[1:])) for k, v in rows[0].items()}
 
 
+def in_memory_rounds(args) -> list[dict]:
+    """The host path against the DALI path on in-memory arrays (module docstring); returns the rows."""
+    rng = np.random.default_rng(0)
+    n, batch = args.array_images, 128
+    runs, loaders, pairs = {}, [], []
+    for shape, name, tag in (((28, 28, 1), "28x28x1", "f"), ((32, 32, 3), "32x32x3", "c")):
+        images = rng.integers(0, 256, (n,) + shape, dtype=np.uint8)
+        labels = rng.integers(0, 10, n)
+        desc = DatasetDescription(f"arrays {name}", [str(k) for k in range(10)], labels, images=images)
+        nbrs = (np.arange(n)[:, None] + rng.integers(1, n, (n, 1))) % n
+        lam = rng.uniform(0.5, 1.0, n).astype(np.float32)
+        table = PartnerTable.build(np.arange(n), nbrs, np.stack([lam, 1 - lam], axis=1), n)
+        targets = torch.nn.functional.one_hot(torch.from_numpy(labels), 10).float()
+        options = LoaderOptions(device="cpu", pad=4, num_threads=args.threads, mean=[128.0] * shape[2],
+                                std=[64.0] * shape[2], seed=0)
+        names = {}
+        for backend, suffix in (("host", ""), ("dali", "-dali")):
+            plain = MixNNLoader(desc, batch, options.replace(backend=backend), mode="plain")
+            mixing = MixNNLoader(desc, batch, options.replace(backend=backend), mode="coherent", partners=table)
+            loaders += [plain, mixing]
+            names[backend] = (f"({tag}1{suffix}) {name}, {backend} path, uint8 batches",
+                              f"({tag}2{suffix}) {name}, {backend} path, coherent K=1 + mix")
+            runs[names[backend][0]] = lambda ld=plain: epoch_dali(ld)
+            runs[names[backend][1]] = lambda ld=mixing, t=targets: epoch_mixnn(ld, t, args.mix_threads, None)
+        pairs += list(zip(names["host"], names["dali"]))
+    rates, cpu_ms = interleaved_rounds(runs, repeats=args.repeats, expected=n, cpu_seconds=lambda _: time.process_time())
+    for loader in loaders:
+        loader.close()
+    rows = []
+    for host, dali in pairs:
+        for name in (host, dali):
+            rows.append({"variant": name, "img/s (median)": statistics.median(rates[name]),
+                         "ms/batch (median)": 1e3 * batch / statistics.median(rates[name]),
+                         "CPU ms/batch": statistics.median(cpu_ms[name]) * batch,
+                         "vs DALI path, paired": paired_median(rates[name], rates[dali]),
+                         "DALI CPU / own CPU": paired_median(cpu_ms[dali], cpu_ms[name])})
+    return rows
+
+
 def plan_timing(n: int, repeats: int) -> list[dict]:
     """plan_epoch on n anchors: a shallow 1-NN-like forest (mutual pairs, 40 % of nodes hung off them)."""
     rng = np.random.default_rng(0)
@@ -262,10 +315,15 @@ def main(argv=None) -> None:
     parser.add_argument("--plan-size", type=int, default=1_000_000)
     parser.add_argument("--quick", action="store_true", help="192 images, 2 rounds, 100k-anchor plan")
     parser.add_argument("--name", default="loader")
+    parser.add_argument("--in-memory", action="store_true", help="only the in-memory table (host path vs DALI)")
+    parser.add_argument("--array-images", type=int, default=10_240, help="images of each in-memory array")
     args = parser.parse_args(argv)
     if args.quick:
-        args.images, args.repeats, args.plan_size = 192, 2, 100_000
+        args.images, args.repeats, args.plan_size, args.array_images = 192, 2, 100_000, 2_560
     torch.set_num_threads(args.threads)
+    if args.in_memory:
+        in_memory_main(args)
+        return
     load_before = os.getloadavg()
 
     with tempfile.TemporaryDirectory(prefix="mixnn_bench_loader_") as tmp:
@@ -356,6 +414,20 @@ def main(argv=None) -> None:
     plan_rows = plan_timing(args.plan_size, 3)
     print(f"\n## plan_epoch alone, {args.plan_size:,} anchors, batch 64, K=1 (median of 3 after a warm-up)\n")
     print(format_table(plan_rows, ["mode", "anchors", "median s", "extra decode"]))
+    in_memory_main(args)
+
+
+def in_memory_main(args) -> None:
+    load_before = os.getloadavg()
+    print(f"\n## in-memory arrays: host path vs DALI path ({args.array_images} images of each shape, batch 128)\n")
+    rows = in_memory_rounds(args)
+    report(f"{args.name}_in_memory", rows, ["variant", "img/s (median)", "ms/batch (median)", "CPU ms/batch",
+                                            "vs DALI path, paired", "DALI CPU / own CPU"],
+           extra={"images": args.array_images, "batch": 128, "pad": 4, "flip": True, "threads": args.threads,
+                  "mix_threads": args.mix_threads, "repeats": args.repeats, "loadavg_before": load_before,
+                  "loadavg_after": os.getloadavg()})
+    print("load average (1, 5, 15 min) before: " + ", ".join(f"{x:.2f}" for x in load_before)
+          + "; after: " + ", ".join(f"{x:.2f}" for x in os.getloadavg()))
 
 
 if __name__ == "__main__":

@@ -11,9 +11,10 @@ Which path runs when (``LoaderOptions.backend``, resolved by
 Why on the host, for arrays: there is nothing to decode, and the training view is a shift by
 up to ``pad`` pixels and a flip.  On a 2-core CPU a batch of 128 takes the host path about
 0.3 ms of CPU (28×28×1) and 0.5 ms (32×32×3), the DALI round trip about 1.5 and 2.3 ms
-(bench/README.md, loader section: 4.7-5× the batches per second).  And a machine without
-DALI (a GPU test machine where nothing can be installed) can still train on in-memory
-data: nothing on this path imports DALI.
+(bench/README.md, loader section: a fifth of the CPU time, 3-5× the batches per second
+depending on the machine's load).  And a machine without DALI (a GPU test machine where
+nothing can be installed) can still train on in-memory data: nothing on this path imports
+DALI.
 
 Why "auto" keeps DALI on a GPU when it is installed: there DALI applies the shifts on the
 device and its threads prepare the next batches while the model runs; the host path's

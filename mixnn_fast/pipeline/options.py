@@ -62,8 +62,8 @@ class LoaderOptions:
         backend: who augments and formats in-memory images (``description.images``): "host"
             (NumPy on the CPU, :mod:`mixnn_fast.pipeline.host_batches`; DALI is never
             imported; on a GPU the uint8 batch is then copied to the device once), "dali"
-            (a DALI pipeline), or "auto" (default): "host" on the CPU (about 5× the batches
-            per second of the DALI path for 28×28 and 32×32 images, a fifth of the CPU time:
+            (a DALI pipeline), or "auto" (default): "host" on the CPU (a fifth of the DALI
+            path's CPU time for 28×28 and 32×32 batches, 3-5× the batches per second:
             bench/README.md), and on a GPU "dali" when DALI is installed, else "host".  Both
             give the same images, bit for bit.  Files are always decoded by DALI ("host" is
             then refused when the loader is built).
