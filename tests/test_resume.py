@@ -255,3 +255,30 @@ def test_bench_accepts_only_listed_benchmarks(capsys):
     assert sorted(BENCHMARKS) == sorted(p.stem for p in (REPO / "bench").glob("*.py") if p.stem != "common")
     assert mixnn_main(["bench", "../setup"]) == 2
     assert "no benchmark" in capsys.readouterr().err
+
+
+def test_a_save_interrupted_at_any_step_leaves_a_complete_checkpoint(tmp_path, monkeypatch):
+    """write_atomic's steps (temporary file, keeping the previous one, the final rename) fail one
+    at a time: checkpoint.pt is always there, whole, with the old or the new content."""
+    from mixnn_fast.train import atomic
+
+    target, previous = tmp_path / "checkpoint.pt", tmp_path / "checkpoint.prev.pt"
+    atomic.write_atomic(target, b"old", keep_previous=previous)
+    real_replace = os.replace
+    for failing_call in (1, 2):
+        calls = []
+
+        def replace(src, dst, calls=calls, failing_call=failing_call):
+            calls.append(dst)
+            if len(calls) == failing_call:
+                raise OSError("power cut")
+            return real_replace(src, dst)
+
+        monkeypatch.setattr(atomic.os, "replace", replace)
+        with pytest.raises(OSError, match="power cut"):
+            atomic.write_atomic(target, b"new", keep_previous=previous)
+        monkeypatch.setattr(atomic.os, "replace", real_replace)
+        assert target.read_bytes() == b"old"
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left behind
+    atomic.write_atomic(target, b"new", keep_previous=previous)
+    assert target.read_bytes() == b"new" and previous.read_bytes() == b"old"

@@ -14,7 +14,7 @@ from mixnn_fast.refresh.targets import SoftTargets
 from mixnn_fast.train.config import TrainConfig
 from mixnn_fast.train.datasets import stratified_subset
 from mixnn_fast.audit.scores import auroc
-from mixnn_fast.refresh.forward import ForwardPass
+from mixnn_fast.refresh.pool_scores import PoolScores
 from mixnn_fast.refresh.refresh import RefreshOptions, in_batch_partners, refresh
 from mixnn_fast.app.report import write_label_issues
 
@@ -57,16 +57,47 @@ def test_in_batch_partners_are_nearest_other_anchors(b, k, rng):
         torch.testing.assert_close(sq[i, got[i, :kk]], want, rtol=0, atol=float(slack))
 
 
+def stream(ids, targets, given, *, epoch, logits, features, batch=7, **options) -> PoolScores:
+    """The pool's logits and features fed to PoolScores in shuffled batches of ``batch``, as
+    the refresh's forward pass streams them."""
+    scores = PoolScores(ids, targets, given, epoch, **options)
+    order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(len(ids)))
+    for start in range(0, len(ids), batch):
+        rows = order[start:start + batch]
+        scores.add(ids[rows], logits[rows], features[rows])
+    return scores
+
+
+def test_streaming_the_pool_equals_scoring_it_at_once(rng):
+    """Batch by batch (in any order) equals all at once: losses, predictions, features, and the
+    label correction of the soft targets."""
+    n, c = 50, 6
+    given = torch.from_numpy(rng.integers(0, c, n))
+    logits = torch.from_numpy(rng.normal(size=(n, c)) * 3).float()
+    features = torch.from_numpy(rng.normal(size=(n, 5))).float()
+    at_once, batched = SoftTargets(given, c, start_epoch=0), SoftTargets(given, c, start_epoch=0)
+    whole = stream(torch.arange(n), at_once, given, epoch=0, logits=logits, features=features, batch=n)
+    parts = stream(torch.arange(n), batched, given, epoch=0, logits=logits, features=features, batch=3)
+    for name in ("losses", "current_labels", "prob_given", "predicted", "confidence", "features"):
+        assert torch.equal(getattr(whole, name), getattr(parts, name)), name
+    assert torch.equal(at_once.targets, batched.targets) and whole.corrected and parts.corrected
+    p = torch.softmax(logits.double(), 1)
+    torch.testing.assert_close(parts.prob_given.double(), p[torch.arange(n), given], rtol=0, atol=4 * E32)
+    assert torch.equal(parts.predicted, logits.argmax(1))
+    # the EMA with α = 0.9 from the one-hot given labels, in float64
+    expected = 0.9 * torch.nn.functional.one_hot(given, c).double() + 0.1 * p
+    torch.testing.assert_close(batched.targets.double(), expected, rtol=0, atol=8 * E32)
+
+
 def test_refresh_over_a_pool_stays_in_the_pool(rng):
     n, c = 60, 4
     labels = torch.from_numpy(rng.integers(0, c, n))
     targets = SoftTargets(labels, c, start_epoch=0)
     pool = torch.from_numpy(np.sort(rng.choice(n, 25, replace=False)))
-    outputs = ForwardPass(logits=torch.from_numpy(rng.normal(size=(25, c))).float(),
-                          features=torch.from_numpy(rng.normal(size=(25, 8))).float(), ids=pool)
     before = targets.targets.clone()
-    result = refresh(outputs, targets, labels, epoch=3, options=RefreshOptions(neighbour_backend="exact"),
-                     true_labels=labels)
+    scores = stream(pool, targets, labels, epoch=3, logits=torch.from_numpy(rng.normal(size=(25, c))).float(),
+                    features=torch.from_numpy(rng.normal(size=(25, 8))).float())
+    result = refresh(scores, RefreshOptions(neighbour_backend="exact"), true_labels=labels)
     table = result.table
     assert torch.equal(table.anchors, pool)  # one row per pool sample, in id order
     assert set(table.partners.flatten().tolist()) <= set(pool.tolist())
@@ -157,9 +188,9 @@ def test_refresh_gmm_losses_follow_the_chosen_labels(gmm_loss, rng):
     soft = torch.from_numpy(rng.dirichlet(np.ones(c), n)).float()
     targets.targets.copy_(soft.to(targets.targets.dtype))
     logits = torch.from_numpy(rng.normal(size=(n, c))).float()
-    result = refresh(ForwardPass(logits=logits, features=torch.from_numpy(rng.normal(size=(n, 4))).float()),
-                     targets, given, epoch=0, options=RefreshOptions(gmm_loss=gmm_loss, label_correction=False,
-                                                                     neighbour_backend="exact"), true_labels=true)
+    scores = stream(torch.arange(n), targets, given, epoch=0, logits=logits,
+                    features=torch.from_numpy(rng.normal(size=(n, 4))).float(), gmm_loss=gmm_loss, correct=False)
+    result = refresh(scores, RefreshOptions(neighbour_backend="exact"), true_labels=true)
     log_p = torch.log_softmax(logits.double(), 1)
     stored = targets.targets.double()
     expected = {"soft_targets": -(stored * log_p).sum(1),

@@ -108,11 +108,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = _config_from_args(args)
     trainer = Trainer(cfg, resume=args.resume, resume_from_previous=args.resume_from_previous,
                       overwrite=args.overwrite)
-    if trainer.data.note:
+    main = trainer.dist.is_main  # under torchrun, rank 0 alone writes and prints
+    if trainer.data.note and main:
         print(f"NOTE: {trainer.data.note}")
-    summary = trainer.fit()
-    summary = write_run_report(trainer.out_dir, trainer.label_record(), summary)
-    print(json.dumps(summary, indent=2))
+    try:
+        summary = trainer.fit()
+        record = trainer.label_record()  # every process takes part in its pass
+        if main:
+            summary = write_run_report(trainer.out_dir, record, summary)
+            print(json.dumps(summary, indent=2))
+    finally:
+        trainer.dist.close()
     return 0
 
 

@@ -18,42 +18,57 @@ class ForwardPass:
     ids: torch.Tensor | None = None  # None: every sample, in order
 
 
+def model_outputs(model: torch.nn.Module, loader, device: torch.device, *,
+                  autocast_dtype: torch.dtype | None = None,
+                  memory_format: torch.memory_format = torch.contiguous_format, progress=None):
+    """Run ``model`` in eval mode over every batch of ``loader`` (an EvalLoader); yield each
+    batch's ``(sample ids (B,) int64, logits (B, C) float32, features (B, D))`` on the CPU.
+
+    ``model`` may be :func:`mixnn_fast.train.models.inference_copy` of the training model, with
+    ``memory_format`` the format its weights are in."""
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in loader:
+            x, _ = batch.mix()
+            with torch.inference_mode(), \
+                    torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                logits, features = model(x.to(device, non_blocking=True).contiguous(memory_format=memory_format),
+                                         return_features=True)
+            ids = batch.anchor_ids.cpu()
+            batch.release()  # its buffers serve the next batches
+            if progress is not None:
+                progress.update(len(ids))
+            yield ids, logits.float().cpu(), features.cpu()
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def forward_pass(model: torch.nn.Module, loader, ids: torch.Tensor, device: torch.device, *,
                  autocast_dtype: torch.dtype | None = None, memory_format: torch.memory_format = torch.contiguous_format,
                  progress=None, allow_missing: bool = False) -> ForwardPass:
-    """Run ``model`` in eval mode over every batch of ``loader`` (an EvalLoader over the samples
-    ``ids``, (P,) int64 sorted) and gather logits and penultimate features in the order of ``ids``.
-    ``model`` may be :func:`mixnn_fast.train.models.inference_copy` of the training model, with
-    ``memory_format`` the format its weights are in.  Samples the loader skipped (unreadable
-    images with ``on_error="skip"``) are left out of the result when ``allow_missing``, else
-    they are a RuntimeError."""
-    was_training = model.training
-    model.eval()
+    """Logits and penultimate features of the samples ``ids`` ((P,) int64 sorted) that ``loader``
+    serves, gathered in the order of ``ids`` (see :func:`model_outputs`).  Samples the loader
+    skipped (unreadable images with ``on_error="skip"``) are left out of the result when
+    ``allow_missing``, else they are a RuntimeError.  (The refresh streams instead:
+    :class:`~mixnn_fast.refresh.pool_scores.PoolScores`.)"""
     logits_all: torch.Tensor | None = None
     features_all: torch.Tensor | None = None
     seen = torch.zeros(len(ids), dtype=torch.bool)
-    for batch in loader:
-        x, _ = batch.mix()
-        with torch.inference_mode(), \
-                torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            logits, features = model(x.to(device, non_blocking=True).contiguous(memory_format=memory_format),
-                                     return_features=True)
-        rows = torch.searchsorted(ids, batch.anchor_ids.cpu())
+    for sample_ids, logits, features in model_outputs(model, loader, device, autocast_dtype=autocast_dtype,
+                                                      memory_format=memory_format, progress=progress):
+        rows = torch.searchsorted(ids, sample_ids)
         if logits_all is None:
             logits_all = torch.zeros(len(ids), logits.shape[1])
             features_all = torch.zeros(len(ids), features.shape[1])
-        logits_all[rows] = logits.float().cpu()
-        features_all[rows] = features.float().cpu()
+        logits_all[rows] = logits
+        features_all[rows] = features.float()
         seen[rows] = True
-        batch.release()  # its buffers serve the next batches
-        if progress is not None:
-            progress.update(len(rows))
-    model.train(was_training)
     if logits_all is None or (not allow_missing and not bool(seen.all())):
         missing = int((~seen).sum())
-        raise RuntimeError(f"refresh: the evaluation pass did not cover {missing} of {len(ids)} samples "
-                           "(skipped images?); the refresh needs every sample of the pool")
+        raise RuntimeError(f"forward pass: the loader did not cover {missing} of {len(ids)} samples "
+                           "(skipped images?)")
     if bool(seen.all()):
         return ForwardPass(logits=logits_all, features=features_all, ids=ids)
     return ForwardPass(logits=logits_all[seen], features=features_all[seen], ids=ids[seen])

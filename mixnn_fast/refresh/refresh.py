@@ -1,22 +1,21 @@
-"""MixNN's per-epoch refresh (docs/design.md): from one forward pass over the training pool
-without augmentation (forward.py) -- each sample's loss, feature and prediction -- the clean
-probability (GMM), the partners (nearest neighbours or random), the mixing weights (eq. 10-11)
-and the corrected soft targets (eq. 12)."""
+"""MixNN's per-epoch refresh (docs/design.md).  The forward pass over the training pool, without
+augmentation, is streamed into :class:`~mixnn_fast.refresh.pool_scores.PoolScores` (each
+sample's loss, feature and prediction; the soft targets corrected by EMA, eq. 12, on the way);
+from those, :func:`refresh` computes the clean probability (GMM), the partners (nearest
+neighbours or random) and the mixing weights (eq. 10-11), as a PartnerTable."""
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from mixnn_fast.audit.scores import auroc
-from mixnn_fast.refresh.forward import ForwardPass
 from mixnn_fast.refresh.gmm import GMM1D, clean_probability
 from mixnn_fast.refresh.loss_history import LossHistory
 from mixnn_fast.refresh.neighbours import nearest_neighbours
 from mixnn_fast.refresh.partners import PartnerTable
-from mixnn_fast.refresh.targets import SoftTargets
+from mixnn_fast.refresh.pool_scores import PoolScores
 from mixnn_fast.refresh.weights import mixing_weights, random_partners
 
 
@@ -49,29 +48,25 @@ class RefreshOptions:
 @dataclass
 class RefreshResult:
     losses: torch.Tensor                # (P,) float32, the losses the GMM was fitted on
-    probabilities: torch.Tensor         # (P, C) float32 softmax of the model
     clean_prob: torch.Tensor            # (P,) float32 posterior of the low-loss component
     ids: torch.Tensor                   # (P,) int64 the pool's sample ids; rows below follow them
     table: PartnerTable | None          # partners (sample ids) and λ/β per anchor (None: in-batch partners)
-    features: torch.Tensor              # (P, D) float32
+    features: torch.Tensor              # (P, D) the pool's features (float32 or float16)
     gmm: GMM1D
+    scores: PoolScores | None = None    # what the forward pass left per sample (for the audit)
     seconds: dict[str, float] = field(default_factory=dict)
     stats: dict[str, float] = field(default_factory=dict)
 
 
-def refresh(outputs: ForwardPass, targets: SoftTargets, given_labels: torch.Tensor, epoch: int,
-            options: RefreshOptions = RefreshOptions(), *, loss_history: LossHistory | None = None,
-            generator: torch.Generator | None = None, true_labels: torch.Tensor | None = None) -> RefreshResult:
-    """Everything MixNN recomputes from one forward pass.
+def refresh(scores: PoolScores, options: RefreshOptions = RefreshOptions(), *,
+            loss_history: LossHistory | None = None, generator: torch.Generator | None = None,
+            true_labels: torch.Tensor | None = None, num_samples: int | None = None) -> RefreshResult:
+    """Everything MixNN recomputes after the forward pass over the pool.
 
     Args:
-        outputs: the forward pass over the pool (logits, features) for the samples
-            ``outputs.ids`` (None: all N samples, in order).  Everything is computed within
-            the pool: neighbours are other pool samples, returned as sample ids.
-        targets: the soft-target store of all N samples; the pool's rows are updated in place
-            (eq. 12) when ``options.label_correction``.
-        given_labels: (N,) int64 the given (noisy) labels of all samples.
-        epoch: the current epoch (label correction starts at ``targets.start_epoch``).
+        scores: the pass's per-sample results (:class:`PoolScores`, losses measured and label
+            correction applied while streaming), for the samples ``scores.ids``.  Everything is
+            computed within the pool: neighbours are other pool samples, returned as sample ids.
         options: see :class:`RefreshOptions`.
         loss_history: when given, the GMM is fitted on each sample's losses averaged over its
             last refreshes.
@@ -79,22 +74,13 @@ def refresh(outputs: ForwardPass, targets: SoftTargets, given_labels: torch.Tens
         true_labels: (N,) int64 true labels when known: adds the clean-detection AUROC, the mean
             clean probability of clean and noisy samples, and the fraction of samples whose
             first partner has the same true label, to ``stats``.
+        num_samples: N (default: the number of given labels the scores were made with).
     """
     seconds: dict[str, float] = {}
     stats: dict[str, float] = {}
     start = time.perf_counter()
-    ids = outputs.ids if outputs.ids is not None else torch.arange(len(given_labels))
-    pool_labels = given_labels[ids]
-    log_probs = F.log_softmax(outputs.logits, dim=1)
-    probabilities = log_probs.exp()
-    pool_targets = targets.targets[ids].float().cpu()  # (P, C) before this refresh's correction
-    current_labels = pool_targets.argmax(1)
-    if options.gmm_loss == "given":
-        losses = F.nll_loss(log_probs, pool_labels, reduction="none")
-    elif options.gmm_loss == "argmax_targets":
-        losses = F.nll_loss(log_probs, current_labels, reduction="none")
-    else:
-        losses = -(pool_targets * log_probs).sum(dim=1)
+    ids, losses = scores.ids, scores.losses
+    num_samples = len(scores.given_labels) if num_samples is None else num_samples
     if loss_history is not None:
         loss_history.update(ids, losses)
         losses_for_gmm = loss_history.mean(ids)
@@ -107,7 +93,7 @@ def refresh(outputs: ForwardPass, targets: SoftTargets, given_labels: torch.Tens
     n = len(ids)
     neighbours = None  # positions within the pool
     if options.partners == "neighbours":
-        neighbours = nearest_neighbours(outputs.features, options.num_neighbours, backend=options.neighbour_backend,
+        neighbours = nearest_neighbours(scores.features, options.num_neighbours, backend=options.neighbour_backend,
                                         num_threads=options.num_threads)
     elif options.partners == "random":
         neighbours = random_partners(n, options.num_neighbours, generator)
@@ -117,20 +103,18 @@ def refresh(outputs: ForwardPass, targets: SoftTargets, given_labels: torch.Tens
     if neighbours is not None:
         weights = mixing_weights(clean_prob, neighbours, mode=options.weights_mode, generator=generator,
                                  alpha=options.rdm_alpha)
-        table = PartnerTable.build(ids, ids[neighbours], weights, len(given_labels))
+        table = PartnerTable.build(ids, ids[neighbours], weights, num_samples)
         stats.update(lambda_statistics(weights))
-
-    if options.label_correction:
-        corrected = targets.update(ids, probabilities, epoch)
-        stats["targets_updated"] = float(corrected)
+    if scores.correct:
+        stats["targets_updated"] = float(scores.corrected)
 
     if true_labels is not None:
         true_labels = true_labels[ids]
-        clean_mask = true_labels == pool_labels
+        clean_mask = true_labels == scores.given_labels[ids]
         stats["clean_auroc"] = auroc(clean_prob, clean_mask)
         # once labels are corrected, "clean" means "the current label is right": the AUROC that
         # measures what the GMM is asked to detect from then on
-        stats["clean_auroc_current_labels"] = auroc(clean_prob, current_labels == true_labels)
+        stats["clean_auroc_current_labels"] = auroc(clean_prob, scores.current_labels == true_labels)
         if clean_mask.any():
             stats["clean_prob_mean_clean"] = float(clean_prob[clean_mask].mean())
         if (~clean_mask).any():
@@ -138,8 +122,8 @@ def refresh(outputs: ForwardPass, targets: SoftTargets, given_labels: torch.Tens
         if neighbours is not None:
             stats["partner_same_true_label"] = float((true_labels[neighbours[:, 0]] == true_labels).float().mean())
     stats["gmm_iterations"] = float(gmm.n_iter_)
-    return RefreshResult(losses=losses_for_gmm, probabilities=probabilities, clean_prob=clean_prob, ids=ids,
-                         table=table, features=outputs.features, gmm=gmm, seconds=seconds, stats=stats)
+    return RefreshResult(losses=losses_for_gmm, clean_prob=clean_prob, ids=ids, table=table,
+                         features=scores.features, gmm=gmm, scores=scores, seconds=seconds, stats=stats)
 
 
 def lambda_statistics(weights: torch.Tensor) -> dict[str, float]:

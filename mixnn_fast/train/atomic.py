@@ -22,13 +22,33 @@ def fsync_directory(folder: str | Path) -> None:
         os.close(fd)
 
 
+def _keep_copy(path: Path, previous: Path) -> None:
+    """Make ``previous`` hold what ``path`` holds now, without ever removing ``path``: a second
+    name for the same file (a hard link), renamed over ``previous``; a copy where the file
+    system has no hard links."""
+    staging = previous.with_name(f".{previous.name}.tmp-{os.getpid()}")
+    if staging.exists():
+        staging.unlink()
+    try:
+        try:
+            os.link(path, staging)
+        except OSError:
+            import shutil
+
+            shutil.copyfile(path, staging)
+        os.replace(staging, previous)
+    finally:
+        if staging.exists():
+            staging.unlink()
+
+
 def write_atomic(path: str | Path, data: bytes | Callable[[IO[bytes]], None], *,
                  keep_previous: str | Path | None = None) -> Path:
     """Replace ``path`` with ``data`` (bytes, or a function writing to a binary file object).
 
-    ``keep_previous``: where the file being replaced is kept (renamed there only once the new
-    file is complete on disk), so that a reader who finds the new file unusable can go back one
-    step.  Returns ``path``.
+    ``keep_previous``: where the file being replaced is kept (linked there once the new file is
+    complete on disk, before it takes the old one's place), so that a reader who finds the new
+    file unusable can go back one step.  ``path`` itself is never missing.  Returns ``path``.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -41,8 +61,8 @@ def write_atomic(path: str | Path, data: bytes | Callable[[IO[bytes]], None], *,
             handle.flush()
             os.fsync(handle.fileno())
         if keep_previous is not None and path.exists():
-            os.replace(path, keep_previous)
-        os.replace(tmp, path)
+            _keep_copy(path, Path(keep_previous))
+        os.replace(tmp, path)  # ``path`` always exists: the old file until this instant, then the new
     finally:
         if tmp.exists():
             tmp.unlink()

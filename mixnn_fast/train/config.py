@@ -27,6 +27,9 @@ NOISE_KINDS = ("none", "symmetric_uniform", "symmetric_flip", "asymmetric_cifar1
                "pairflip", "asymmetric_fashion_mnist")  # mixnn_fast.data.noise.KINDS minus "custom" (needs a matrix)
 MODELS = ("small_cnn", "preact_resnet18", "resnet34", "resnet50")  # or torchvision:<name> / timm:<name>
 ON_ERROR = ("raise", "skip")
+TARGET_STORAGES = ("auto", "float32", "float16", "bfloat16", "topk")
+FEATURE_DTYPES = ("auto", "float32", "float16")
+AMP_DTYPES = ("auto", "bfloat16", "float16")
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 #: Fields that change how a run is watched or where it stops, never what an epoch computes: a
@@ -82,13 +85,16 @@ class TrainConfig:
     gmm_tol: float = 1e-2
     gmm_reg_covar: float = 5e-4
     neighbour_backend: str = "hnsw"       # hnsw | exact | faiss
+    targets_storage: str = "auto"         # soft targets: auto (by N x C) | float32 | float16 | bfloat16 | topk
+    features_dtype: str = "auto"          # the refresh's pool features: auto (float16 for large pools) | float32 | float16
     mixup_alpha: float = 1.0
     gce_q: float = 0.7
     sce_alpha: float = 0.1
     sce_beta: float = 1.0
     # ---- engine ----------------------------------------------------------------------------
     device: str = "auto"                  # auto | cpu | cuda | cuda:N
-    amp: bool = True                      # bfloat16/float16 autocast where the device supports it
+    amp: bool = True                      # mixed precision (autocast) on CUDA devices
+    amp_dtype: str = "auto"               # auto (bfloat16 where supported) | bfloat16 | float16 (with loss scaling)
     channels_last: bool = True            # NHWC activations: ~1.4x faster training, 2x faster refresh on CPU (oneDNN)
     num_threads: int | None = None        # torch / DALI / mixer threads (None: torch's default)
     seed: int = 0
@@ -110,7 +116,8 @@ class TrainConfig:
         self._check_types()
         choices = {"method": METHODS, "weights": WEIGHT_MODES, "partners": PARTNER_MODES, "plan": PLAN_MODES,
                    "gmm_loss": GMM_LOSS_TARGETS, "dataset": DATASETS, "neighbour_backend": NEIGHBOUR_BACKENDS,
-                   "noise": NOISE_KINDS, "on_error": ON_ERROR}
+                   "noise": NOISE_KINDS, "on_error": ON_ERROR, "targets_storage": TARGET_STORAGES,
+                   "features_dtype": FEATURE_DTYPES, "amp_dtype": AMP_DTYPES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}: must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")

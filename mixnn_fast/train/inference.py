@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from mixnn_fast.refresh.forward import ForwardPass, forward_pass
+from mixnn_fast.refresh.forward import ForwardPass, forward_pass, model_outputs
+from mixnn_fast.refresh.pool_scores import PoolScores
 from mixnn_fast.train.models import inference_copy
 from mixnn_fast.train.progress import progress_bar
 
@@ -34,6 +35,16 @@ class Inference:
         with progress_bar(len(ids), desc, self.progress) as bar:
             return forward_pass(model, loader, ids, self.device, autocast_dtype=self.autocast_dtype,
                                 memory_format=self.memory_format, progress=bar, allow_missing=self.allow_missing)
+
+    @torch.no_grad()
+    def score_pool(self, loader, scores: PoolScores, desc: str) -> None:
+        """Stream the model's outputs over ``loader`` (the refresh's pass over ``scores.ids``)
+        into ``scores``: no (P, C) array is ever held."""
+        model = inference_copy(self.model, channels_last=self.memory_format == torch.channels_last)
+        with progress_bar(len(scores.ids), desc, self.progress) as bar:
+            for ids, logits, features in model_outputs(model, loader, self.device, autocast_dtype=self.autocast_dtype,
+                                                       memory_format=self.memory_format, progress=bar):
+                scores.add(ids, logits, features)
 
     @torch.no_grad()
     def logits(self, loader, num_samples: int) -> torch.Tensor:

@@ -43,11 +43,14 @@ class TrainingLoaders:
         return [loader for loader in (self.plain, self.mix, self.pool, self.test) if loader is not None]
 
 
-def build_loaders(cfg: TrainConfig, data: RunData, *, threads: int, on_gpu: bool) -> TrainingLoaders:
-    """Every loader of a run (nothing is decoded until one is iterated)."""
+def build_loaders(cfg: TrainConfig, data: RunData, *, threads: int, on_gpu: bool,
+                  shard: tuple[int, int] = (0, 1)) -> TrainingLoaders:
+    """Every loader of a run (nothing is decoded until one is iterated).  ``shard``: (this
+    process's rank, the number of processes): each loader serves that share of every epoch's
+    batches (training batches kept whole: a neighbour-coherent batch never straddles two)."""
     train, geometry = data.train, data.geometry
     common = dict(mean=geometry.mean, std=geometry.std, num_threads=threads, device="gpu" if on_gpu else "cpu",
-                  on_error=cfg.on_error)
+                  on_error=cfg.on_error, shard_id=shard[0], num_shards=shard[1])
     if train.in_memory:
         augment = dict(size=geometry.size, pad=geometry.pad if cfg.augment else 0, flip=cfg.augment)
     else:  # files: always a random-resized crop (TrainConfig refuses augment=False)

@@ -40,6 +40,7 @@ class RunState:
     table: PartnerTable | None = None
     best_test_accuracy: float = float("nan")
     skipped: dict[int, str] = field(default_factory=dict)
+    rank_rng: list = field(default_factory=list)  # every process's random states at the last epoch boundary
 
 
 def _table_state(table: PartnerTable | None) -> dict | None:
@@ -63,13 +64,17 @@ def checkpoint_state(config: dict, run: RunState, modules: dict, generator: torc
         "skipped": {int(k): v for k, v in run.skipped.items()},
         "modules": {name: (None if module is None else module.state_dict()) for name, module in modules.items()},
         "rng": capture_rng(generator),
+        "rank_rng": run.rank_rng,
         "extra": extra or {},
     }
 
 
-def restore_checkpoint(state: dict, modules: dict, generator: torch.Generator, path: Path) -> RunState:
-    """Load ``state`` into ``modules`` and ``generator``; returns the run's bookkeeping.  A state
-    that does not fit (missing keys, other shapes) is a CheckpointError naming ``path``."""
+def restore_checkpoint(state: dict, modules: dict, generator: torch.Generator, path: Path, *, rank: int = 0,
+                       world_size: int = 1) -> RunState:
+    """Load ``state`` into ``modules`` and ``generator``; returns the run's bookkeeping.  Process
+    ``rank`` of ``world_size`` gets its own random states back when the checkpoint was written
+    by as many processes (else rank 0's).  A state that does not fit (missing keys, other
+    shapes) is a CheckpointError naming ``path``."""
     try:
         for name, module in modules.items():
             saved = state["modules"][name]
@@ -81,8 +86,11 @@ def restore_checkpoint(state: dict, modules: dict, generator: torch.Generator, p
         run = RunState(epoch=int(state["position"]["epoch"]), batch=int(state["position"]["batch"]),
                        partial=state["partial_epoch"], table=table,
                        best_test_accuracy=float(state["best_test_accuracy"]),
-                       skipped={int(k): str(v) for k, v in state["skipped"].items()})
+                       skipped={int(k): str(v) for k, v in state["skipped"].items()},
+                       rank_rng=list(state.get("rank_rng", [])))
         restore_rng(state["rng"], generator)
+        if rank and len(run.rank_rng) == world_size:
+            restore_rng(run.rank_rng[rank])  # this process's global generators; the trainer's own is rank 0's
     except (KeyError, RuntimeError, ValueError, TypeError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else ""
         raise CheckpointError(f"checkpoint: {path} does not fit this run ({type(exc).__name__}: {reason})") from None

@@ -30,22 +30,27 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from mixnn_fast.refresh.gmm import clean_probability
 from mixnn_fast.refresh.loss_history import LossHistory
 from mixnn_fast.refresh.partners import PartnerTable, in_batch_table, mixup_table
+from mixnn_fast.refresh.pool_scores import PoolScores, features_dtype
 from mixnn_fast.refresh.refresh import RefreshOptions, RefreshResult, refresh
 from mixnn_fast.refresh.targets import SoftTargets
-from mixnn_fast.train.checkpoint import CHECKPOINT, PREVIOUS, CheckpointError, save_checkpoint
+from mixnn_fast.train.checkpoint import CHECKPOINT, PREVIOUS, CheckpointError, capture_rng, save_checkpoint
 from mixnn_fast.train.config import TrainConfig
 from mixnn_fast.train.datasets import RunData, prepare_data
-from mixnn_fast.train.losses import generalized_cross_entropy, one_hot, soft_cross_entropy, symmetric_cross_entropy
+from mixnn_fast.train.distributed import init_distributed, share_pool_scores, share_refresh
+from mixnn_fast.train.losses import one_hot
+from mixnn_fast.train.methods import loss_function, phase_of
 from mixnn_fast.train.loaders import build_loaders
 from mixnn_fast.train.metrics import MetricsLog
 from mixnn_fast.train.inference import Inference
 from mixnn_fast.train.models import build_model
-from mixnn_fast.train.outcome import LabelRecord
+from mixnn_fast.train.outcome import LabelRecord, summarise
 from mixnn_fast.train.progress import epoch_line, progress_bar, progress_on_terminal
+from mixnn_fast.train.tally import EpochTally
 from mixnn_fast.train.state import RunState, checkpoint_state, read_resume_checkpoint, restore_checkpoint
 
 log = logging.getLogger(__name__)
@@ -55,6 +60,16 @@ __all__ = ["Trainer", "TrainingDiverged", "CHECKPOINT", "PREVIOUS", "CheckpointE
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
+
+
+def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The mixed-precision dtype of a run: none on the CPU or with ``amp=False``; else
+    ``amp_dtype`` ("auto": bfloat16 where the GPU has it, float16 otherwise)."""
+    if not cfg.amp or device.type != "cuda":
+        return None
+    if cfg.amp_dtype == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.amp_dtype]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -99,9 +114,11 @@ class Trainer:
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
-        self.device = resolve_device(cfg.device)
-        self.autocast_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) \
-            if (cfg.amp and self.device.type == "cuda") else None
+        self.dist = init_distributed(resolve_device(cfg.device))
+        self.device = self.dist.device(resolve_device(cfg.device))
+        self.autocast_dtype = autocast_dtype(cfg, self.device)
+        # float16 gradients underflow without loss scaling; bfloat16 has float32's range
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.autocast_dtype == torch.float16)
 
         self.data = data or prepare_data(cfg)
         train = self.data.train
@@ -122,10 +139,16 @@ class Trainer:
                                    start_epoch=cfg.correction_start, update_every=cfg.correction_every)
         self.loss_history = LossHistory(self.num_samples, window=cfg.gmm_history) if cfg.gmm_history > 1 else None
         self.generator = torch.Generator().manual_seed(cfg.seed)
-        self.loaders = build_loaders(cfg, self.data, threads=self.threads, on_gpu=self.device.type == "cuda")
+        self.loss_function = loss_function(cfg)
+        self.loaders = build_loaders(cfg, self.data, threads=self.threads, on_gpu=self.device.type == "cuda",
+                                     shard=(self.dist.rank, self.dist.world_size))
+        # gradients averaged over the processes; forward passes without gradients use the module
+        self.trained = DistributedDataParallel(self.model, device_ids=[self.device.index]
+                                               if self.device.type == "cuda" else None) \
+            if self.dist.enabled else self.model
         self.inference = Inference(self.model, self.device, autocast_dtype=self.autocast_dtype,
-                                   memory_format=self.memory_format, progress=cfg.progress,
-                                   allow_missing=cfg.on_error == "skip")
+                                   memory_format=self.memory_format, progress=cfg.progress and self.dist.is_main,
+                                   allow_missing=cfg.on_error == "skip" or self.dist.enabled)
         self.refresh_options = RefreshOptions(
             num_neighbours=cfg.num_neighbours, partners=cfg.partners, weights_mode=cfg.weights,
             label_correction=cfg.label_correction, gmm_loss=cfg.gmm_loss,
@@ -136,7 +159,8 @@ class Trainer:
         self.last_refresh: RefreshResult | None = None
         self.run = RunState()
         if state is not None:
-            self.run = restore_checkpoint(state, self._modules(), self.generator, self.out_dir / CHECKPOINT)
+            self.run = restore_checkpoint(state, self._modules(), self.generator, self.out_dir / CHECKPOINT,
+                                          rank=self.dist.rank, world_size=self.dist.world_size)
             log.info("resuming %s at epoch %d, batch %d", self.out_dir, self.run.epoch, self.run.batch)
 
     @property
@@ -155,41 +179,36 @@ class Trainer:
 
     def _open_outputs(self) -> None:
         """Create the run folder, write ``config.yaml`` and open the metrics (first call of fit)."""
-        if self.metrics is not None:
+        if self.metrics is not None or not self.dist.is_main:  # rank 0 alone writes
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.cfg.save_yaml(self.out_dir / "config.yaml")
         self.metrics = MetricsLog(self.out_dir, tensorboard=self.cfg.tensorboard, resume=self.resume)
         self.metrics.truncate(self.run.epoch)
 
-    def save_checkpoint(self) -> Path:
-        """Everything needed to continue exactly (train/state.py), written atomically; the
-        checkpoint it replaces is kept as ``checkpoint.prev.pt``."""
+    def save_checkpoint(self) -> Path | None:
+        """Everything needed to continue exactly (train/state.py), written atomically by rank 0;
+        the checkpoint it replaces is kept as ``checkpoint.prev.pt``."""
+        if not self.dist.is_main:
+            return None
         self.run.skipped = self.skipped()
         return save_checkpoint(self.out_dir, checkpoint_state(self.cfg.to_dict(), self.run, self._modules(),
                                                               self.generator))
 
+    def _align_ranks(self) -> None:
+        """At a point every process reaches together (an epoch's start or end): share the
+        unreadable images found, and keep every rank's random states for the checkpoints."""
+        if not self.dist.enabled:
+            return
+        for found in self.dist.gather_objects(self.skipped()):
+            self.run.skipped.update(found)
+        self.run.rank_rng = self.dist.gather_objects(capture_rng(self.generator))
+
     # ---- the schedule ----------------------------------------------------------------------
 
     def phase(self, epoch: int) -> str:
-        """What epoch ``epoch`` trains with: "plain" (one-hot given labels), "mixup" (in-batch
-        random partners, one λ per batch) or "mixnn"."""
-        cfg = self.cfg
-        if cfg.method == "mixup":
-            return "mixup"
-        if cfg.method != "mixnn" or epoch < cfg.warmup_epochs:
-            return "plain"
-        if cfg.authors_schedule and epoch < cfg.correction_start:
-            return "mixup"  # the authors' code: plain mixup between warm-up and label correction
-        return "mixnn"
-
-    def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        cfg = self.cfg
-        if cfg.method == "gce":
-            return generalized_cross_entropy(logits, targets, q=cfg.gce_q)
-        if cfg.method == "sce":
-            return symmetric_cross_entropy(logits, targets, alpha=cfg.sce_alpha, beta=cfg.sce_beta)
-        return soft_cross_entropy(logits, targets)
+        """What epoch ``epoch`` trains with (:func:`~mixnn_fast.train.methods.phase_of`)."""
+        return phase_of(self.cfg, epoch)
 
     # ---- one epoch -------------------------------------------------------------------------
 
@@ -218,11 +237,18 @@ class Trainer:
         start = time.perf_counter()
         pool = self._pool_ids(epoch)
         loader = self.loaders.pool_loader(self.data, pool.numpy())
-        outputs = self.inference.pass_over(loader, pool, f"refresh {epoch}")
+        scores = PoolScores(pool, self.targets, self.given_labels, epoch, gmm_loss=cfg.gmm_loss,
+                            correct=cfg.label_correction, features_dtype=features_dtype(cfg.features_dtype, len(pool)))
+        self.inference.score_pool(loader, scores, f"refresh {epoch}")
+        share_pool_scores(self.dist, scores, self.targets, self.model.feature_dim)  # every rank: every row
         self.run.skipped.update(loader.skipped)
         forward_seconds = time.perf_counter() - start
-        result = refresh(outputs, self.targets, self.given_labels, epoch, self.refresh_options,
-                         loss_history=self.loss_history, generator=self.generator, true_labels=self.true_labels)
+        scores = scores.covered(allow_missing=cfg.on_error == "skip")
+        result = None
+        if self.dist.is_main:  # rank 0 computes, the others receive (train/distributed.py says why)
+            result = refresh(scores, self.refresh_options, loss_history=self.loss_history, generator=self.generator,
+                             true_labels=self.true_labels)
+        result = share_refresh(self.dist, result, scores)
         self.last_refresh = result
         if result.table is not None:
             # samples outside this epoch's pool keep their last partners (per-epoch pools); those
@@ -260,8 +286,7 @@ class Trainer:
                                              seed=self.cfg.seed, epoch=epoch)
             else:
                 self.run.table = None
-            partial = {"row": row, "loss_sum": 0.0, "seen": 0,
-                       "seconds": {"train": 0.0, "loader_wait": 0.0, "mix": 0.0, "step": 0.0}}
+            partial = {"row": row}
             start_batch = 0
         table = self.run.table if phase != "plain" else None
         if table is not None and loader.mode in ("plain", "in_batch"):
@@ -284,11 +309,11 @@ class Trainer:
             x, _ = batch.mix(num_threads=self.threads)
             weights = batch.weights
             partner_labels = one_hot(self.given_labels[batch.partner_ids], self.num_classes)  # (B, K, C)
-            y = weights[:, :1] * self.targets.targets[batch.anchor_ids].float() + \
-                (weights[:, 1:, None] * partner_labels).sum(1)
+            y = weights[:, :1] * self.targets.rows(batch.anchor_ids) + (weights[:, 1:, None] * partner_labels).sum(1)
             return x, y
         # mixup before label correction mixes one-hot given labels: the soft targets are still those
-        return batch.mix(self.targets.targets, num_threads=self.threads)
+        x, _ = batch.mix(num_threads=self.threads)
+        return x, self.targets.mix(batch.anchor_ids, batch.partner_ids, batch.weights)
 
     def train_epoch(self, epoch: int) -> dict:
         """Train epoch ``epoch`` (from the checkpoint's batch when resuming inside it); returns its
@@ -299,60 +324,56 @@ class Trainer:
         row = dict(partial["row"])
         iterations = len(loader)
         self.model.train()
-        loss_sum, seen, seconds = partial["loss_sum"], partial["seen"], dict(partial["seconds"])
-        with progress_bar(int(loader.make_plan(epoch).stats.anchors), f"epoch {epoch} {phase}", cfg.progress,
-                          initial=seen) as bar:
+        tally = EpochTally(self.device, self.dist, partial if partial.get("seen") else None)
+        with progress_bar(int(loader.make_plan(epoch).stats.anchors), f"epoch {epoch} {phase}",
+                          cfg.progress and self.dist.is_main, initial=int(partial.get("seen", 0))) as bar:
             start = wait_from = time.perf_counter()
             for batch in loader:
                 i = batch.position  # this batch's place in the plan (batches can be skipped whole)
-                got = time.perf_counter()
-                seconds["loader_wait"] += got - wait_from
+                tally.seconds["loader_wait"] += time.perf_counter() - wait_from
+                before_mix = tally.mark()
                 x, y = self._inputs(batch, phase)
-                mixed = time.perf_counter()
-                seconds["mix"] += mixed - got
+                after_mix = tally.mark()
                 loss = self._step(x, y, epoch, i, iterations)
+                tally.add_batch(before_mix, after_mix, tally.mark(), loss, len(batch))
                 batch.release()  # its buffers go back to the loader's pool
-                loss_sum += loss * len(batch)
-                seen += len(batch)
+                if tally.due(last=i + 1 == iterations):
+                    running = tally.local_loss()
+                    if not math.isfinite(running):
+                        raise TrainingDiverged(f"epoch {epoch}, by batch {i}: the loss is {running}; lower lr (now "
+                                               f"{self.optimizer.param_groups[0]['lr']:.3g}) or check the data")
+                    bar.update(0, loss=running, wait=tally.seconds["loader_wait"] /
+                               max(time.perf_counter() - start + tally.seconds["train"], 1e-9))
+                bar.update(len(batch))
                 wait_from = time.perf_counter()
-                seconds["step"] += wait_from - mixed
-                bar.update(len(batch), loss=loss_sum / seen, wait=seconds["loader_wait"] / (wait_from - start
-                                                                                            + seconds["train"]))
                 if cfg.checkpoint_every_steps and (i + 1) % cfg.checkpoint_every_steps == 0 and i + 1 < iterations:
-                    seconds["train"] += wait_from - start
+                    tally.seconds["train"] += wait_from - start
                     self.run.epoch, self.run.batch = epoch, i + 1
-                    self.run.partial = {"row": partial["row"], "loss_sum": loss_sum, "seen": seen,
-                                        "seconds": dict(seconds)}
+                    self.run.partial = {"row": partial["row"], **tally.partial()}
                     self.save_checkpoint()
                     self.run.partial, self.run.batch = None, 0
                     start = wait_from = time.perf_counter()  # the save is not training time
-            seconds["train"] += time.perf_counter() - start
-        row.update(train_loss=loss_sum / max(seen, 1), train_seconds=seconds["train"],
-                   images_per_second=seen / max(seconds["train"], 1e-9),
-                   loader_wait_seconds=seconds["loader_wait"], mix_seconds=seconds["mix"],
-                   step_seconds=seconds["step"],
-                   loader_wait_fraction=seconds["loader_wait"] / max(seconds["train"], 1e-9),
-                   lr=self.optimizer.param_groups[0]["lr"])
+            tally.seconds["train"] += time.perf_counter() - start
+        row.update(tally.row(), lr=self.optimizer.param_groups[0]["lr"])
         if loader.plan is not None:
             row["extra_decode_fraction"] = loader.plan.stats.extra_decode_fraction
+        self._align_ranks()
         if cfg.on_error == "skip":
             row["skipped_images"] = len(self.skipped())
         return row
 
-    def _step(self, x: torch.Tensor, y: torch.Tensor, epoch: int, i: int, iterations: int) -> float:
-        """One optimiser step on the mixed batch; returns its loss."""
+    def _step(self, x: torch.Tensor, y: torch.Tensor, epoch: int, i: int, iterations: int) -> torch.Tensor:
+        """One optimiser step on the mixed batch; returns its loss (0-d, on the device: reading it
+        would wait for the device)."""
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            logits = self.model(x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format))
-        loss = self._loss(logits, y.to(self.device))
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise TrainingDiverged(f"epoch {epoch}, batch {i}: the loss is {value}; lower lr "
-                                   f"(now {self.optimizer.param_groups[0]['lr']:.3g}) or check the data")
+            logits = self.trained(x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format))
+        loss = self.loss_function(logits.float(), y.to(self.device))
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)  # a plain optimizer.step() when the scaler is disabled
+        self.scaler.update()
         self.scheduler.step(epoch + (i + 1) / iterations)
-        return value
+        return loss.detach()
 
     # ---- evaluation ------------------------------------------------------------------------
 
@@ -360,15 +381,20 @@ class Trainer:
         """Accuracy on the test set (NaN without one); unreadable test images count as wrong."""
         if self.loaders.test is None:
             return float("nan")
-        logits = self.inference.logits(self.loaders.test, len(self.data.test))
-        return float((logits.argmax(1) == torch.from_numpy(self.data.test.labels)).float().mean())
+        n = len(self.data.test)
+        logits = self.inference.logits(self.loaders.test, n)  # this process's shard; NaN rows elsewhere
+        scored = torch.isfinite(logits).all(1)
+        correct = int((logits[scored].argmax(1) == torch.from_numpy(self.data.test.labels)[scored]).sum())
+        (correct,) = self.dist.sum(correct)
+        return correct / n
 
     def label_record(self) -> LabelRecord:
         """What the run concluded about each training label, for the report: the corrected
         label and the clean probability per sample.  MixNN's come from its soft targets and its
         last refresh, when that covered every readable sample (no extra pass); otherwise (the
-        baselines, per-epoch pools) a final forward pass gives the predictions, and the same GMM
-        as the refresh's (``cfg.gmm_*``) is fitted on the losses against the given labels."""
+        baselines, per-epoch pools) a final pass gives the predictions, and the same GMM as the
+        refresh's (``cfg.gmm_*``) is fitted on the losses against the given labels.  Every
+        process calls it (the pass is shared); rank 0 writes the report."""
         refreshed = self.last_refresh
         readable = self.num_samples - len(self.skipped())
         clean_prob = np.full(self.num_samples, np.nan)  # NaN: not scored
@@ -376,12 +402,16 @@ class Trainer:
             clean_prob[refreshed.ids.numpy()] = refreshed.clean_prob.numpy()
             corrected = self.targets.corrected_labels().cpu().numpy()
         else:
-            logits = self.inference.logits(self.loaders.pool, self.num_samples)
-            scored = torch.isfinite(logits).all(1)
-            losses = torch.nn.functional.cross_entropy(logits[scored], self.given_labels[scored], reduction="none")
-            clean_prob[scored.numpy()] = clean_probability(losses, **self.refresh_options.gmm).numpy()
-            corrected = logits.argmax(1).numpy()
-        return LabelRecord(method=self.cfg.method, train=self.data.train, rows=list(self.metrics.rows),
+            scores = PoolScores(torch.arange(self.num_samples), self.targets, self.given_labels, self.run.epoch,
+                                gmm_loss="given", correct=False, features_dtype=None)
+            self.inference.score_pool(self.loaders.pool, scores, "evaluate")
+            share_pool_scores(self.dist, scores, None, self.model.feature_dim)
+            scores = scores.covered(allow_missing=True)
+            clean_prob[scores.ids.numpy()] = clean_probability(scores.losses, **self.refresh_options.gmm).numpy()
+            corrected = self.given_labels.numpy().copy()  # unreadable samples keep their given label
+            corrected[scores.ids.numpy()] = scores.predicted.numpy()
+        return LabelRecord(method=self.cfg.method, train=self.data.train,
+                           rows=list(self.metrics.rows) if self.metrics is not None else [],
                            corrected=corrected, clean_prob=clean_prob)
 
     # ---- the whole run ---------------------------------------------------------------------
@@ -398,44 +428,28 @@ class Trainer:
                     best = self.run.best_test_accuracy
                     self.run.best_test_accuracy = row["test_accuracy"] if math.isnan(best) else \
                         max(best, row["test_accuracy"])
-            self.metrics.log(row)
-            log.info("epoch %d %s: loss %.4f, test accuracy %s", epoch, row["phase"], row["train_loss"],
-                     f"{row.get('test_accuracy', float('nan')):.4f}")
-            if cfg.progress and not progress_on_terminal():
-                print(epoch_line(row, cfg.epochs), file=sys.stderr, flush=True)
+            if self.dist.is_main:  # every process holds the same row; rank 0 writes it
+                self.metrics.log(row)
+                log.info("epoch %d %s: loss %.4f, test accuracy %s", epoch, row["phase"], row["train_loss"],
+                         f"{row.get('test_accuracy', float('nan')):.4f}")
+                if cfg.progress and not progress_on_terminal():
+                    print(epoch_line(row, cfg.epochs), file=sys.stderr, flush=True)
             self.run.epoch = epoch + 1
             if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs:
                 self.save_checkpoint()
-        self.metrics.close()
+        if self.metrics is not None:
+            self.metrics.close()
         return self.summary()
 
     def summary(self) -> dict:
         """Final numbers: test accuracy (last, best), label-correction accuracy and clean-detection
-        AUROC where true labels are known, realised noise rate, unreadable images skipped."""
-        rows = self.metrics.rows if self.metrics is not None else []
-        tested = [r["test_accuracy"] for r in rows if "test_accuracy" in r]
-        wait = sum(r.get("loader_wait_seconds", 0) for r in rows)
-        train_seconds = float(sum(r.get("train_seconds", 0) for r in rows))
-        summary = {
-            "method": self.cfg.method,
-            "epochs": self.run.epoch,
-            "final_test_accuracy": tested[-1] if tested else float("nan"),
-            "best_test_accuracy": max(tested) if tested else float("nan"),
-            "noise_rate_realised": None if self.data.noise is None else float(self.data.noise.rate),
-            "train_seconds": train_seconds + float(sum(r.get("refresh_seconds") or 0 for r in rows)),
-            "loader_wait_fraction": wait / train_seconds if train_seconds else float("nan"),
-        }
-        if self.cfg.method == "mixnn" and self.true_labels is not None:
-            summary["correction_accuracy"] = self.targets.correction_accuracy(self.true_labels)
-        for key in ("clean_auroc", "clean_auroc_current_labels"):  # the last refresh's
-            values = [r[key] for r in rows if key in r]
-            if values:
-                summary[key] = values[-1]
+        AUROC where true labels are known, realised noise rate, loader-wait share, unreadable
+        images skipped (see :func:`~mixnn_fast.train.outcome.summarise`)."""
+        paths = self.data.train.paths
         skipped = self.skipped()
-        if self.cfg.on_error == "skip" or skipped:
-            paths = self.data.train.paths
-            summary["skipped_images"] = len(skipped)
-            summary["skipped_files"] = {(paths[i] if paths is not None else str(i)): reason
-                                        for i, reason in sorted(skipped.items())}
-        return summary
-
+        return summarise(self.cfg.method, self.metrics.rows if self.metrics is not None else [], self.run.epoch,
+                         noise_rate=None if self.data.noise is None else float(self.data.noise.rate),
+                         correction_accuracy=self.targets.correction_accuracy(self.true_labels)
+                         if self.cfg.method == "mixnn" and self.true_labels is not None else None,
+                         skipped_files=None if self.cfg.on_error != "skip" and not skipped else
+                         {(paths[i] if paths is not None else str(i)): reason for i, reason in sorted(skipped.items())})

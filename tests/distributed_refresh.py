@@ -1,0 +1,43 @@
+"""One refresh of a fixed model state, in as many processes as torchrun starts (or one): rank 0
+saves what every process ends up holding, for tests/test_distributed.py.
+
+    python tests/distributed_refresh.py OUT_FILE                     # one process
+    torchrun --nproc-per-node 2 tests/distributed_refresh.py OUT_FILE
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from mixnn_fast.train.config import TrainConfig
+from mixnn_fast.train.trainer import Trainer
+
+
+def main(out_file: str) -> None:
+    torch.set_num_threads(1)  # the same arithmetic in every process and in the single-process run
+    out = Path(out_file)
+    cfg = TrainConfig(dataset="digits", noise="symmetric_uniform", noise_rate=0.4, model="small_cnn",
+                      model_widths=[8, 16, 16, 16], epochs=3, warmup_epochs=1, correction_start=0, batch_size=64,
+                      progress=False, tensorboard=False, out_dir=str(out.parent / f"run-{out.stem}"), num_threads=1,
+                      neighbour_backend="exact")
+    trainer = Trainer(cfg, overwrite=True)
+    row = trainer.run_refresh(epoch=1)
+    result, table = trainer.last_refresh, trainer.run.table
+    held = {"clean_prob": result.clean_prob, "losses": result.losses, "ids": result.ids,
+            "features": result.features, "anchors": table.anchors, "partners": table.partners,
+            "weights": table.weights, "targets": trainer.targets.targets.clone(),
+            "clean_auroc": torch.tensor(row["clean_auroc"])}
+    # every process must hold the same: compare with rank 0's copy before saving
+    for name, value in held.items():
+        reference = trainer.dist.broadcast(value.clone())
+        if not torch.equal(reference, value):
+            raise SystemExit(f"rank {trainer.dist.rank} holds another {name} than rank 0")
+    if trainer.dist.is_main:
+        torch.save(held, out)
+    trainer.dist.close()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,102 @@
+"""Several processes under torchrun, on the CPU with gloo: the refresh they share equals the
+one-process refresh; a 2-process run trains end to end and writes one set of outputs; a 2-process
+run killed with SIGKILL resumes and ends where the uninterrupted one does."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mixnn_fast.train.checkpoint import CheckpointError, load_checkpoint
+from mixnn_fast.train.metrics import read_metrics
+
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+# one thread per process: two processes on two cores, and the same arithmetic as one process with one thread
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests") + os.pathsep + os.environ.get(
+    "PYTHONPATH", "")}
+TINY = ["--dataset", "digits", "--noise-rate", "0.4", "--model-widths", "8", "16", "16", "16", "--batch-size", "64",
+        "--epochs", "4", "--warmup-epochs", "1", "--correction-start", "2", "--restart-period", "2",
+        "--num-threads", "1", "--no-progress", "--neighbour-backend", "exact"]
+
+
+def torchrun(*args: str, nproc: int = 2) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
+
+
+def run(command: list[str]) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    if result.returncode != 0:
+        raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stderr[-4000:]}")
+    return result
+
+
+def test_two_process_refresh_equals_the_one_process_refresh(tmp_path):
+    script = str(REPO / "tests" / "distributed_refresh.py")
+    run([sys.executable, script, str(tmp_path / "one.pt")])
+    run(torchrun(script, str(tmp_path / "two.pt")))
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert one.keys() == two.keys()
+    for name in one:
+        # each sample's forward pass sees the same batch in both runs (shards are whole batches),
+        # one thread each: the same arithmetic, so the same bits
+        assert torch.equal(one[name], two[name]), name
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()
+                  and "tensorboard" not in p.parts)
+
+
+def test_two_process_run_trains_and_writes_one_set_of_outputs(tmp_path):
+    single, double = tmp_path / "one", tmp_path / "two"
+    run([sys.executable, "-m", "mixnn_fast", "train", *TINY, "--out-dir", str(single)])
+    result = run(torchrun("-m", "mixnn_fast", "train", *TINY, "--out-dir", str(double)))
+    assert result.stdout.count('"final_test_accuracy"') == 1  # one summary printed, by rank 0
+    assert _files(double) == _files(single)
+    rows = read_metrics(double)
+    assert [r["epoch"] for r in rows] == [0, 1, 2, 3]  # each epoch logged once
+    assert [r["phase"] for r in rows] == ["plain", "mixnn", "mixnn", "mixnn"]
+    summary = json.loads((double / "summary.json").read_text())
+    assert summary["best_test_accuracy"] > 0.3  # it learnt (10 classes)
+    # both processes trained: the epoch's images were seen once between them
+    assert rows[0]["images_per_second"] > 0 and summary["epochs"] == 4
+
+
+def _checkpoint_after(epoch: int, batch: int = 0):
+    def ready(out: Path) -> bool:
+        try:
+            position = load_checkpoint(out)["position"]
+        except (FileNotFoundError, CheckpointError, OSError):
+            return False
+        return (position["epoch"], position["batch"]) >= (epoch, batch)
+    return ready
+
+
+def test_two_process_run_killed_and_resumed_ends_as_the_uninterrupted_run(tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    run(torchrun("-m", "mixnn_fast", "train", *TINY, "--out-dir", str(straight)))
+    command = torchrun("-m", "mixnn_fast", "train", *TINY, "--out-dir", str(killed), "--checkpoint-every-steps", "4")
+    process = subprocess.Popen(command, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    ready = _checkpoint_after(2, 1)  # inside epoch 2, after a refresh
+    deadline = time.monotonic() + 300
+    while not ready(killed):
+        assert process.poll() is None, f"the run ended before it could be killed:\n{process.stderr.read()[-3000:]}"
+        assert time.monotonic() < deadline, "the run did not reach the kill point"
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)  # torchrun and both workers, at once
+    process.wait()
+    run(torchrun("-m", "mixnn_fast", "train", "--out-dir", str(killed), "--resume"))
+    timing = ("_seconds", "images_per_second", "loader_wait_fraction")
+    comparable = [{k: v for k, v in r.items() if not k.endswith(timing)} for r in read_metrics(killed)]
+    expected = [{k: v for k, v in r.items() if not k.endswith(timing)} for r in read_metrics(straight)]
+    assert comparable == expected
