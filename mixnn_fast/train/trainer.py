@@ -37,7 +37,7 @@ from mixnn_fast.refresh.loss_history import LossHistory
 from mixnn_fast.refresh.partners import PartnerTable, in_batch_table, mixup_table
 from mixnn_fast.refresh.pool_scores import PoolScores, features_dtype
 from mixnn_fast.refresh.refresh import RefreshOptions, RefreshResult, refresh
-from mixnn_fast.refresh.targets import SoftTargets
+from mixnn_fast.refresh.targets import soft_targets
 from mixnn_fast.train.checkpoint import CHECKPOINT, PREVIOUS, CheckpointError, capture_rng, save_checkpoint
 from mixnn_fast.train.config import TrainConfig
 from mixnn_fast.train.datasets import RunData, prepare_data
@@ -135,8 +135,9 @@ class Trainer:
                                          weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
             self.optimizer, T_0=cfg.restart_period, eta_min=cfg.lr_min)
-        self.targets = SoftTargets(self.given_labels, self.num_classes, momentum=cfg.correction_momentum,
-                                   start_epoch=cfg.correction_start, update_every=cfg.correction_every)
+        self.targets = soft_targets(self.given_labels, self.num_classes, storage=cfg.targets_storage,
+                                    momentum=cfg.correction_momentum, start_epoch=cfg.correction_start,
+                                    update_every=cfg.correction_every)
         self.loss_history = LossHistory(self.num_samples, window=cfg.gmm_history) if cfg.gmm_history > 1 else None
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.loss_function = loss_function(cfg)
