@@ -46,7 +46,9 @@ def test_every_method_trains_and_logs(tmp_path, method):
                                      dict(weights="rdm"), dict(num_neighbours=2), dict(plan="naive"),
                                      dict(label_correction=False), dict(mix_given_labels=True),
                                      dict(authors_schedule=True), dict(gmm_history=2, gmm_loss="given"),
-                                     dict(gmm_loss="argmax_targets"), dict(augment=False)])
+                                     dict(gmm_loss="argmax_targets"), dict(augment=False),
+                                     dict(targets_storage="topk"), dict(targets_storage="float16"),
+                                     dict(features_dtype="float16")])
 def test_mixnn_ablations_run(tmp_path, options):
     trainer = Trainer(tiny_config(tmp_path, method="mixnn", epochs=2, **options))
     trainer.fit()
