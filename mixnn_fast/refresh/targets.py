@@ -484,7 +484,9 @@ def soft_targets(labels: torch.Tensor, num_classes: int, *, storage: str = "auto
             raise ValueError(f"top_k must be an int >= 1 or None, got {top_k!r}")
         if storage not in ("auto", "topk"):
             raise ValueError(f"top_k applies to storage 'topk' (or 'auto'), not to storage {storage!r}")
-    k = AUTO_TOP_K if top_k is None else top_k
+    k = top_k
+    if k is None:  # the default k, never more than the classes there are
+        k = min(AUTO_TOP_K, num_classes) if isinstance(num_classes, int) and num_classes >= 1 else AUTO_TOP_K
     if storage == "auto":
         decidable = isinstance(labels, torch.Tensor) and labels.ndim == 1 and isinstance(num_classes, int) \
             and not isinstance(num_classes, bool)
