@@ -155,3 +155,14 @@ def test_trusted_mix_equals_the_validated_mix_bit_for_bit(rng, out_dtype, k):
     targets = torch.from_numpy(rng.dirichlet(np.ones(7), 23).astype(np.float32))
     assert torch.equal(mix_batch_targets(targets, anchors, partners, weights),
                        mix_targets(targets, anchors, partners, weights))
+
+
+def test_covering_all_gives_every_sample_a_row():
+    previous = PartnerTable.build([0, 1, 2], [[1], [0], [0]], torch.full((3, 2), 0.5), 6)
+    fresh = PartnerTable.build([1, 3], [[3], [1]], torch.tensor([[0.7, 0.3], [0.2, 0.8]]), 6)
+    table = fresh.covering_all(previous)
+    assert table.anchors.tolist() == [0, 1, 2, 3, 4, 5]
+    assert table.partners[:, 0].tolist() == [1, 3, 0, 1, 4, 5]  # fresh rows, then previous, then itself
+    assert table.weights[4].tolist() == [1.0, 0.0] and table.weights[1].tolist() == pytest.approx([0.7, 0.3])
+    first = fresh.covering_all(None)
+    assert first.partners[:, 0].tolist() == [0, 3, 2, 1, 4, 5]

@@ -137,6 +137,17 @@ class PartnerTable:
         table[self.anchors.numpy()] = self.partners.numpy()
         return table
 
+    def covering_all(self, previous: "PartnerTable | None") -> "PartnerTable":
+        """A row for every sample of the data set: this table's, then ``previous``'s for the
+        anchors it lacks (per-epoch pools: samples outside this epoch's pool keep their last
+        partners), then the sample mixed with itself (never scored: e.g. unreadable)."""
+        if previous is None or previous.num_partners != self.num_partners:
+            previous = PartnerTable.itself(torch.arange(self.num_samples), self.num_samples, self.num_partners)
+        else:
+            previous = previous.merged_into(PartnerTable.itself(torch.arange(self.num_samples), self.num_samples,
+                                                                self.num_partners))
+        return self.merged_into(previous)
+
     def merged_into(self, previous: "PartnerTable | None") -> "PartnerTable":
         """This table plus the rows of ``previous`` whose anchors it does not cover (per-epoch
         pools: samples outside this epoch's pool keep their last partners).  Same K required;

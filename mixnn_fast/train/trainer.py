@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from mixnn_fast.refresh.gmm import clean_probability
 from mixnn_fast.refresh.loss_history import LossHistory
-from mixnn_fast.refresh.partners import PartnerTable, in_batch_table, mixup_table
+from mixnn_fast.refresh.partners import in_batch_table, mixup_table
 from mixnn_fast.refresh.pool_scores import PoolScores, features_dtype
 from mixnn_fast.refresh.refresh import RefreshOptions, RefreshResult, refresh
 from mixnn_fast.refresh.targets import soft_targets
@@ -241,24 +241,22 @@ class Trainer:
         scores = PoolScores(pool, self.targets, self.given_labels, epoch, gmm_loss=cfg.gmm_loss,
                             correct=cfg.label_correction, features_dtype=features_dtype(cfg.features_dtype, len(pool)))
         self.inference.score_pool(loader, scores, f"refresh {epoch}")
-        share_pool_scores(self.dist, scores, self.targets, self.model.feature_dim)  # every rank: every row
-        self.run.skipped.update(loader.skipped)
         forward_seconds = time.perf_counter() - start
+        shared = time.perf_counter()
+        share_pool_scores(self.dist, scores, self.targets, self.model.feature_dim)  # every rank: every row
+        share_seconds = time.perf_counter() - shared
+        self.run.skipped.update(loader.skipped)
         scores = scores.covered(allow_missing=cfg.on_error == "skip")
         result = None
         if self.dist.is_main:  # rank 0 computes, the others receive (train/distributed.py says why)
             result = refresh(scores, self.refresh_options, loss_history=self.loss_history, generator=self.generator,
                              true_labels=self.true_labels)
+        shared = time.perf_counter()
         result = share_refresh(self.dist, result, scores)
+        share_seconds += time.perf_counter() - shared  # on rank 0: sending, not waiting
         self.last_refresh = result
         if result.table is not None:
-            # samples outside this epoch's pool keep their last partners (per-epoch pools); those
-            # never scored (unreadable) mix with themselves
-            previous = self.run.table
-            if previous is None or previous.num_partners != result.table.num_partners:
-                previous = PartnerTable.itself(torch.arange(self.num_samples), self.num_samples,
-                                               result.table.num_partners)
-            self.run.table = result.table.merged_into(previous)
+            self.run.table = result.table.covering_all(self.run.table)
         else:  # in-batch partners: nearest anchors of the same batch, on this refresh's features
             self.loaders.mix.set_partners(None)  # the epoch's plain plan, before partners are attached
             self.run.table = in_batch_table(self.loaders.mix.make_plan(epoch), result, self.num_samples,
@@ -267,6 +265,8 @@ class Trainer:
         row = {"refresh_seconds": time.perf_counter() - start, "refresh_forward_seconds": forward_seconds,
                "refresh_gmm_seconds": result.seconds.get("gmm"),
                "refresh_neighbour_seconds": result.seconds.get("neighbours"), **result.stats}
+        if self.dist.enabled:
+            row["refresh_share_seconds"] = share_seconds
         if self.true_labels is not None:
             row["correction_accuracy"] = self.targets.correction_accuracy(self.true_labels)
         return row
