@@ -234,7 +234,9 @@ def test_authors_schedule_draws_one_lambda_per_mini_batch(tmp_path):
     assert len(set(lambdas)) == len(lambdas) > 3
 
 
-def test_report_uses_the_runs_gmm_settings_and_no_extra_pass_for_mixnn(tmp_path, monkeypatch):
+def test_report_uses_the_runs_gmm_settings(tmp_path, monkeypatch):
+    """The report's GMM is the run's (cfg.gmm_*), for the baselines and for MixNN's audit scores
+    alike; MixNN's clean probability stays its last refresh's."""
     import mixnn_fast.train.trainer as trainer_module
 
     calls = []
@@ -245,19 +247,28 @@ def test_report_uses_the_runs_gmm_settings_and_no_extra_pass_for_mixnn(tmp_path,
         return original(losses, **kwargs)
 
     monkeypatch.setattr(trainer_module, "clean_probability", spy)
-    baseline = Trainer(tiny_config(tmp_path / "ce", method="ce", epochs=1, gmm_max_iter=3, gmm_reg_covar=1e-2,
-                                   gmm_tol=0.5))
+    settings = dict(gmm_max_iter=3, gmm_reg_covar=1e-2, gmm_tol=0.5)
+    expected = dict(max_iter=3, tol=0.5, reg_covar=1e-2, seed=0)
+    baseline = Trainer(tiny_config(tmp_path / "ce", method="ce", epochs=1, **settings))
     baseline.fit()
-    baseline.label_record()
-    assert calls == [dict(max_iter=3, tol=0.5, reg_covar=1e-2, seed=0)]
+    record = baseline.label_record()
+    assert calls == [expected]
+    assert np.array_equal(record.clean_prob, record.clean_prob_given)
 
-    mixnn = Trainer(tiny_config(tmp_path / "mixnn", method="mixnn", epochs=2))
+    calls.clear()
+    mixnn = Trainer(tiny_config(tmp_path / "mixnn", method="mixnn", epochs=2, **settings))
     mixnn.fit()
-    passes = []
-    monkeypatch.setattr(mixnn.inference, "logits", lambda *a, **k: passes.append(1))
+    calls.clear()
     record = mixnn.label_record()
-    assert passes == []  # the last refresh already scored every sample
+    assert calls == [expected]
+    refreshed = mixnn.last_refresh
+    assert np.array_equal(record.clean_prob[refreshed.ids.numpy()], refreshed.clean_prob.numpy())
     assert np.array_equal(record.corrected, mixnn.targets.corrected_labels().numpy())
+    assert np.isfinite(record.prob_given).all() and (record.predicted >= 0).all()
+    # the soft target's probability of the given label, against the store read directly
+    given = mixnn.given_labels
+    torch.testing.assert_close(torch.from_numpy(record.target_given).float(),
+                               mixnn.targets.rows(torch.arange(len(given)))[torch.arange(len(given)), given])
 
 
 def test_mix_given_labels_mixes_the_targets_once(tmp_path, monkeypatch):

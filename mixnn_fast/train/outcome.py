@@ -4,18 +4,25 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from mixnn_fast.data.description import DatasetDescription
 
 
 @dataclass
 class LabelRecord:
-    """One training run's view of its labels.
+    """One training run's view of its labels, one entry per training sample (N,).
 
     method: the training method.  train: the training set (given labels, paths, classes, true
-    labels when known).  rows: the per-epoch metrics.  corrected: (N,) int64 the label the run
-    believes (MixNN: its soft targets' argmax; baselines: the model's prediction).  clean_prob:
-    (N,) float64 the clean probability (NaN for samples that were not scored, e.g. unreadable).
+    labels when known).  rows: the per-epoch metrics.
+    corrected: int64, the label the run believes (MixNN: its soft targets' argmax; baselines:
+    the model's prediction).  clean_prob: float64, the run's clean probability (MixNN: its last
+    refresh's, against the labels it trained on then; baselines: = clean_prob_given).
+    From a final pass after training (NaN / -1 for samples that could not be read):
+    clean_prob_given: the GMM's clean posterior fitted on the losses against the given labels;
+    prob_given: the model's probability of the given label; predicted, confidence: its most
+    likely class and that class's probability.  target_given: the soft target's probability of
+    the given label (1 where labels were not corrected).
     """
 
     method: str
@@ -23,6 +30,11 @@ class LabelRecord:
     rows: list[dict]
     corrected: np.ndarray
     clean_prob: np.ndarray
+    clean_prob_given: np.ndarray
+    prob_given: np.ndarray
+    predicted: np.ndarray
+    confidence: np.ndarray
+    target_given: np.ndarray
 
 
 def summarise(method: str, rows: list[dict], epochs: int, *, noise_rate: float | None,
@@ -52,3 +64,15 @@ def summarise(method: str, rows: list[dict], epochs: int, *, noise_rate: float |
         summary["skipped_images"] = len(skipped_files)
         summary["skipped_files"] = skipped_files
     return summary
+
+
+def probability_of_labels(targets, labels: torch.Tensor, block: int = 1 << 16) -> np.ndarray:
+    """(N,) float64: each sample's soft-target probability of ``labels`` (N,) int64 — of its
+    given label, say — read a block of rows at a time (no (N, C) copy of a large store)."""
+    n = len(labels)
+    out = np.empty(n)
+    for start in range(0, n, block):
+        rows = torch.arange(start, min(start + block, n))
+        out[rows.numpy()] = targets.rows(rows).gather(1, labels[rows].unsqueeze(1).to(
+            targets.device)).squeeze(1).cpu().numpy()
+    return out

@@ -41,6 +41,7 @@ from mixnn_fast.refresh.targets import soft_targets
 from mixnn_fast.train.checkpoint import CHECKPOINT, PREVIOUS, CheckpointError, capture_rng, save_checkpoint
 from mixnn_fast.train.config import TrainConfig
 from mixnn_fast.train.datasets import RunData, prepare_data
+from mixnn_fast.train.devices import autocast_dtype, resolve_device
 from mixnn_fast.train.distributed import init_distributed, share_pool_scores, share_refresh
 from mixnn_fast.train.losses import one_hot
 from mixnn_fast.train.methods import loss_function, phase_of
@@ -48,7 +49,7 @@ from mixnn_fast.train.loaders import build_loaders
 from mixnn_fast.train.metrics import MetricsLog
 from mixnn_fast.train.inference import Inference
 from mixnn_fast.train.models import build_model
-from mixnn_fast.train.outcome import LabelRecord, summarise
+from mixnn_fast.train.outcome import LabelRecord, probability_of_labels, summarise
 from mixnn_fast.train.progress import epoch_line, progress_bar, progress_on_terminal
 from mixnn_fast.train.tally import EpochTally
 from mixnn_fast.train.state import RunState, checkpoint_state, read_resume_checkpoint, restore_checkpoint
@@ -60,25 +61,6 @@ __all__ = ["Trainer", "TrainingDiverged", "CHECKPOINT", "PREVIOUS", "CheckpointE
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
-
-
-def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """The mixed-precision dtype of a run: none on the CPU or with ``amp=False``; else
-    ``amp_dtype`` ("auto": bfloat16 where the GPU has it, float16 otherwise)."""
-    if not cfg.amp or device.type != "cuda":
-        return None
-    if cfg.amp_dtype == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.amp_dtype]
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device: {name} requested but torch sees no CUDA device")
-    return device
 
 
 class Trainer:
@@ -390,30 +372,43 @@ class Trainer:
         return correct / n
 
     def label_record(self) -> LabelRecord:
-        """What the run concluded about each training label, for the report: the corrected
-        label and the clean probability per sample.  MixNN's come from its soft targets and its
-        last refresh, when that covered every readable sample (no extra pass); otherwise (the
-        baselines, per-epoch pools) a final pass gives the predictions, and the same GMM as the
-        refresh's (``cfg.gmm_*``) is fitted on the losses against the given labels.  Every
-        process calls it (the pass is shared); rank 0 writes the report."""
+        """What the run concluded about each training label, for the report and the label audit.
+
+        A final pass (no augmentation) scores every readable sample: the model's probability of
+        its given label, its prediction and that prediction's probability, and the clean
+        probability of a GMM (the run's ``cfg.gmm_*``) fitted on the losses against the given
+        labels.  The corrected label is the soft targets' argmax for MixNN, the model's
+        prediction for the baselines (which correct nothing); MixNN's ``clean_prob`` is its last
+        refresh's.  Every process calls it (the pass is shared); rank 0 writes the report."""
+        n = self.num_samples
+        scores = PoolScores(torch.arange(n), self.targets, self.given_labels, self.run.epoch, gmm_loss="given",
+                            correct=False, features_dtype=None)
+        self.inference.score_pool(self.loaders.pool, scores, "evaluate")
+        share_pool_scores(self.dist, scores, None, self.model.feature_dim)
+        scores = scores.covered(allow_missing=True)
+        ids = scores.ids.numpy()
+
+        def per_sample(values, fill=np.nan, dtype=np.float64) -> np.ndarray:
+            full = np.full(n, fill, dtype=dtype)  # unreadable samples: not scored
+            full[ids] = values.numpy()
+            return full
+
+        clean_prob_given = per_sample(clean_probability(scores.losses, **self.refresh_options.gmm))
         refreshed = self.last_refresh
-        readable = self.num_samples - len(self.skipped())
-        clean_prob = np.full(self.num_samples, np.nan)  # NaN: not scored
-        if self.cfg.method == "mixnn" and refreshed is not None and len(refreshed.ids) == readable:
+        if self.cfg.method == "mixnn" and refreshed is not None and len(refreshed.ids) == len(ids):
+            clean_prob = np.full(n, np.nan)
             clean_prob[refreshed.ids.numpy()] = refreshed.clean_prob.numpy()
             corrected = self.targets.corrected_labels().cpu().numpy()
         else:
-            scores = PoolScores(torch.arange(self.num_samples), self.targets, self.given_labels, self.run.epoch,
-                                gmm_loss="given", correct=False, features_dtype=None)
-            self.inference.score_pool(self.loaders.pool, scores, "evaluate")
-            share_pool_scores(self.dist, scores, None, self.model.feature_dim)
-            scores = scores.covered(allow_missing=True)
-            clean_prob[scores.ids.numpy()] = clean_probability(scores.losses, **self.refresh_options.gmm).numpy()
+            clean_prob = clean_prob_given
             corrected = self.given_labels.numpy().copy()  # unreadable samples keep their given label
-            corrected[scores.ids.numpy()] = scores.predicted.numpy()
+            corrected[ids] = scores.predicted.numpy()
         return LabelRecord(method=self.cfg.method, train=self.data.train,
                            rows=list(self.metrics.rows) if self.metrics is not None else [],
-                           corrected=corrected, clean_prob=clean_prob)
+                           corrected=corrected, clean_prob=clean_prob, clean_prob_given=clean_prob_given,
+                           prob_given=per_sample(scores.prob_given), predicted=per_sample(scores.predicted, -1, np.int64),
+                           confidence=per_sample(scores.confidence),
+                           target_given=probability_of_labels(self.targets, self.given_labels))
 
     # ---- the whole run ---------------------------------------------------------------------
 
