@@ -52,6 +52,8 @@ class PoolScores:
         epoch: the refresh's epoch (the store decides whether its schedule updates now).
         gmm_loss: what the GMM's losses are measured against (see module docstring).
         correct: apply label correction.
+        correct_only: (N,) bool, when given: correct only the samples marked (e.g. those the last
+            GMM called noisy); the others keep their targets.
         features_dtype: storage of the (P, D) features: a dtype, "auto" (float32 up to
             ``AUTO_FLOAT32_ELEMENTS`` elements, else float16; decided at the first batch), or
             None (not kept: a pass for the predictions only).
@@ -65,7 +67,8 @@ class PoolScores:
 
     def __init__(self, ids: torch.Tensor, targets, given_labels: torch.Tensor, epoch: int, *,
                  gmm_loss: str = "argmax_targets", correct: bool = True,
-                 features_dtype: torch.dtype | str | None = torch.float32) -> None:
+                 features_dtype: torch.dtype | str | None = torch.float32,
+                 correct_only: torch.Tensor | None = None) -> None:
         if gmm_loss not in GMM_LOSSES:
             raise ValueError(f"gmm_loss: must be one of {GMM_LOSSES}, got {gmm_loss!r}")
         p = len(ids)
@@ -75,6 +78,7 @@ class PoolScores:
         self.epoch = epoch
         self.gmm_loss = gmm_loss
         self.correct = correct
+        self.correct_only = correct_only
         self.features_dtype = features_dtype
         self.losses = torch.zeros(p)
         self.current_labels = torch.zeros(p, dtype=torch.int64)
@@ -108,7 +112,9 @@ class PoolScores:
         self.confidence[rows] = probabilities.gather(1, predicted.unsqueeze(1)).squeeze(1)
         self.seen[rows] = True
         if self.correct:
-            self.corrected |= bool(self.targets.update(sample_ids, probabilities, self.epoch))
+            chosen = slice(None) if self.correct_only is None else self.correct_only[sample_ids]
+            if self.correct_only is None or bool(chosen.any()):
+                self.corrected |= bool(self.targets.update(sample_ids[chosen], probabilities[chosen], self.epoch))
         if self.features_dtype is None:  # features not wanted (a pass for predictions only)
             return
         if self.features is None:

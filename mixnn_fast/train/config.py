@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-METHODS = ("ce", "mixup", "gce", "sce", "mixnn")
+METHODS = ("ce", "mixup", "gce", "sce", "mixnn", "mixnn_plus")
+PLUS_LOSSES = ("gce", "ce")
+PLUS_CORRECTIONS = ("selective", "all", "none")
 WEIGHT_MODES = ("gmm", "avg", "rdm")
 PARTNER_MODES = ("neighbours", "random", "in_batch")
 PLAN_MODES = ("coherent", "naive")
@@ -47,6 +47,7 @@ class TrainConfig:
     data_root: str | None = None          # None: the dataset's default location (Fashion-MNIST: Debian's)
     test_root: str | None = None          # image_folder / file_list: the test set
     train_subset: int | None = None       # a class-stratified subset of this many training samples
+    validation_split: float = 0.0         # hold out this share of the (noisy) training set to choose settings on
     noise: str = "symmetric_uniform"      # a mixnn_fast.data.noise kind, or "none" to train on the given labels
     noise_rate: float = 0.4
     noise_seed: int = 0
@@ -55,7 +56,7 @@ class TrainConfig:
     augment: bool = True                  # in-memory images: random pad-and-crop + flip; False: none (the
                                           # MNIST protocol of Co-teaching/GCE); image files are always augmented
     # ---- method ----------------------------------------------------------------------------
-    method: str = "mixnn"                 # ce | mixup | gce | sce | mixnn
+    method: str = "mixnn"                 # ce | mixup | gce | sce | mixnn | mixnn_plus (docs/mixnn_plus.md)
     model: str = "small_cnn"
     model_widths: list[int] | None = None  # small_cnn only
     weights_path: str | None = None       # local pretrained weights (never downloaded)
@@ -87,6 +88,8 @@ class TrainConfig:
     neighbour_backend: str = "hnsw"       # hnsw | exact | faiss
     targets_storage: str = "auto"         # soft targets: auto (by N x C) | float32 | float16 | bfloat16 | topk
     features_dtype: str = "auto"          # the refresh's pool features: auto (float16 for large pools) | float32 | float16
+    plus_loss: str = "gce"                # mixnn_plus: GCE (robust, q = gce_q) or CE on the mixed targets
+    plus_correction: str = "selective"    # mixnn_plus: correct only samples the last GMM called noisy | all | none
     mixup_alpha: float = 1.0
     gce_q: float = 0.7
     sce_alpha: float = 0.1
@@ -117,7 +120,8 @@ class TrainConfig:
         choices = {"method": METHODS, "weights": WEIGHT_MODES, "partners": PARTNER_MODES, "plan": PLAN_MODES,
                    "gmm_loss": GMM_LOSS_TARGETS, "dataset": DATASETS, "neighbour_backend": NEIGHBOUR_BACKENDS,
                    "noise": NOISE_KINDS, "on_error": ON_ERROR, "targets_storage": TARGET_STORAGES,
-                   "features_dtype": FEATURE_DTYPES, "amp_dtype": AMP_DTYPES}
+                   "features_dtype": FEATURE_DTYPES, "amp_dtype": AMP_DTYPES, "plus_loss": PLUS_LOSSES,
+                   "plus_correction": PLUS_CORRECTIONS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}: must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
@@ -136,9 +140,11 @@ class TrainConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
         for name in ("lr", "lr_min", "momentum", "weight_decay", "noise_rate", "correction_momentum", "rdm_alpha",
-                     "gmm_tol", "gmm_reg_covar", "mixup_alpha", "gce_q", "sce_alpha", "sce_beta"):
+                     "gmm_tol", "gmm_reg_covar", "mixup_alpha", "gce_q", "sce_alpha", "sce_beta", "validation_split"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name}: must be a finite number, got {getattr(self, name)}")
+        if not 0 <= self.validation_split < 1:
+            raise ValueError(f"validation_split: must lie in [0, 1), got {self.validation_split}")
         if not 0 <= self.noise_rate <= 1:
             raise ValueError(f"noise_rate: must lie in [0, 1], got {self.noise_rate}")
         if not 0 <= self.correction_momentum <= 1:
@@ -184,6 +190,11 @@ class TrainConfig:
                 expected = " or ".join(_type_name(k) for k in kinds)
                 raise TypeError(f"{f.name}: expected {expected}, got {value!r} ({type(value).__name__})")
 
+    @property
+    def refreshes(self) -> bool:
+        """Whether the method runs MixNN's refresh (mixnn, mixnn_plus)."""
+        return self.method in ("mixnn", "mixnn_plus")
+
     def experiment_differences(self, other: "TrainConfig") -> list[str]:
         """Names of the fields outside :data:`RESUMABLE_FIELDS` whose values differ from ``other``'s."""
         return sorted(f for f in self.field_names() if f not in RESUMABLE_FIELDS
@@ -217,6 +228,8 @@ class TrainConfig:
 
     def save_yaml(self, path: str | Path) -> None:
         """Write the settings as YAML (atomically: a reader never sees half a file)."""
+        import yaml  # imported where used: the package loads without PyYAML (config files need it)
+
         from mixnn_fast.train.atomic import write_atomic
 
         write_atomic(path, yaml.safe_dump(self.to_dict(), sort_keys=False).encode())
@@ -225,6 +238,8 @@ class TrainConfig:
 def read_yaml_settings(path: str | Path) -> dict:
     """The mapping of settings in a YAML file, as written (not yet checked against the fields).
     FileNotFoundError / ValueError naming the file when it is missing, not YAML or not a mapping."""
+    import yaml
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config: {path} does not exist")

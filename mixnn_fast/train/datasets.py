@@ -45,6 +45,7 @@ class RunData:
     geometry: Geometry
     noise: NoisyLabels | None      # None when training on the given labels
     note: str = ""                 # what a user should know (e.g. a fallback dataset)
+    validation: DatasetDescription | None = None  # held out from the noisy training set: noisy labels only
 
 
 def stratified_subset(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
@@ -129,4 +130,12 @@ def prepare_data(cfg: TrainConfig) -> RunData:
         noise = corrupt(train.labels, cfg.noise, cfg.noise_rate, train.num_classes, cfg.noise_seed)
         train = train.with_labels(noise.labels, clean_labels=train.labels)
         log.info("label noise %s at %.2f: realised rate %.4f", cfg.noise, cfg.noise_rate, noise.rate)
-    return RunData(train=train, test=test, geometry=_geometry(name, train), noise=noise, note=note)
+    validation = None
+    if cfg.validation_split:
+        # what a user has: a share of the *noisy* training set, stratified by its (noisy) labels;
+        # settings are chosen on the accuracy against those labels, never on the test set
+        held = stratified_subset(train.labels, max(1, round(cfg.validation_split * len(train))), cfg.seed + 1)
+        kept = np.setdiff1d(np.arange(len(train)), held)
+        validation, train = train.subset(held), train.subset(kept)
+    return RunData(train=train, test=test, geometry=_geometry(name, train), noise=noise, note=note,
+                   validation=validation)

@@ -29,6 +29,7 @@ class TrainingLoaders:
     mix: MixNNLoader | None
     pool: EvalLoader
     test: EvalLoader | None
+    validation: EvalLoader | None
     eval_options: LoaderOptions
     eval_view: dict
     anchor_ids: Callable[[int], np.ndarray] | None  # the epoch's anchors (Clothing1M's draw), None: all
@@ -40,7 +41,7 @@ class TrainingLoaders:
         return EvalLoader(data.train, EVAL_BATCH, self.eval_options, ids=ids, **self.eval_view)
 
     def all(self) -> list:
-        return [loader for loader in (self.plain, self.mix, self.pool, self.test) if loader is not None]
+        return [loader for loader in (self.plain, self.mix, self.pool, self.test, self.validation) if loader is not None]
 
 
 def build_loaders(cfg: TrainConfig, data: RunData, *, threads: int, on_gpu: bool,
@@ -66,14 +67,17 @@ def build_loaders(cfg: TrainConfig, data: RunData, *, threads: int, on_gpu: bool
         anchor_ids = balanced_draw
     plain = MixNNLoader(train, cfg.batch_size, train_options, mode="plain", anchor_ids=anchor_ids)
     mix = None
-    if cfg.method == "mixnn":
+    if cfg.refreshes:
         mode = "in_batch" if cfg.partners == "in_batch" else cfg.plan
         mix = MixNNLoader(train, cfg.batch_size, train_options, mode=mode, anchor_ids=anchor_ids)
     eval_options = LoaderOptions(**common)
     eval_view = {} if train.in_memory else dict(crop=geometry.size, resize=geometry.eval_resize)
     pool = EvalLoader(train, EVAL_BATCH, eval_options, **eval_view)
     test = EvalLoader(data.test, EVAL_BATCH, eval_options, **eval_view) if data.test is not None else None
-    return TrainingLoaders(plain=plain, mix=mix, pool=pool, test=test, eval_options=eval_options,
+    validation = EvalLoader(data.validation, EVAL_BATCH, eval_options, **eval_view) \
+        if data.validation is not None else None
+    return TrainingLoaders(plain=plain, mix=mix, pool=pool, test=test, validation=validation,
+                           eval_options=eval_options,
                            eval_view=eval_view, anchor_ids=anchor_ids)
 
 

@@ -18,7 +18,7 @@ def phase_of(cfg: TrainConfig, epoch: int) -> str:
     warm-up and the start of label correction, as the authors' code does."""
     if cfg.method == "mixup":
         return "mixup"
-    if cfg.method != "mixnn" or epoch < cfg.warmup_epochs:
+    if not cfg.refreshes or epoch < cfg.warmup_epochs:
         return "plain"
     if cfg.authors_schedule and epoch < cfg.correction_start:
         return "mixup"
@@ -26,9 +26,9 @@ def phase_of(cfg: TrainConfig, epoch: int) -> str:
 
 
 def loss_function(cfg: TrainConfig) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """``loss(logits (B, C), targets (B, C) soft) -> 0-d`` of the method: GCE, SCE, or the soft
-    cross-entropy (CE, mixup, MixNN)."""
-    if cfg.method == "gce":
+    """``loss(logits (B, C), targets (B, C) soft) -> 0-d`` of the method: GCE (also MixNN+'s
+    default, on its mixed targets), SCE, or the soft cross-entropy (CE, mixup, MixNN)."""
+    if cfg.method == "gce" or (cfg.method == "mixnn_plus" and cfg.plus_loss == "gce"):
         return functools.partial(generalized_cross_entropy, q=cfg.gce_q)
     if cfg.method == "sce":
         return functools.partial(symmetric_cross_entropy, alpha=cfg.sce_alpha, beta=cfg.sce_beta)

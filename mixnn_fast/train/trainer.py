@@ -221,7 +221,8 @@ class Trainer:
         pool = self._pool_ids(epoch)
         loader = self.loaders.pool_loader(self.data, pool.numpy())
         scores = PoolScores(pool, self.targets, self.given_labels, epoch, gmm_loss=cfg.gmm_loss,
-                            correct=cfg.label_correction, features_dtype=features_dtype(cfg.features_dtype, len(pool)))
+                            correct=self._corrects(), correct_only=self._correct_only(),
+                            features_dtype=features_dtype(cfg.features_dtype, len(pool)))
         self.inference.score_pool(loader, scores, f"refresh {epoch}")
         forward_seconds = time.perf_counter() - start
         shared = time.perf_counter()
@@ -237,6 +238,9 @@ class Trainer:
         result = share_refresh(self.dist, result, scores)
         share_seconds += time.perf_counter() - shared  # on rank 0: sending, not waiting
         self.last_refresh = result
+        if self.run.clean_prob is None:
+            self.run.clean_prob = torch.full((self.num_samples,), float("nan"))
+        self.run.clean_prob[result.ids] = result.clean_prob.float()
         if result.table is not None:
             self.run.table = result.table.covering_all(self.run.table)
         else:  # in-batch partners: nearest anchors of the same batch, on this refresh's features
@@ -252,6 +256,21 @@ class Trainer:
         if self.true_labels is not None:
             row["correction_accuracy"] = self.targets.correction_accuracy(self.true_labels)
         return row
+
+    def _corrects(self) -> bool:
+        """Whether the refresh corrects labels (MixNN+: unless ``plus_correction="none"``)."""
+        if self.cfg.method == "mixnn_plus":
+            return self.cfg.label_correction and self.cfg.plus_correction != "none"
+        return self.cfg.label_correction
+
+    def _correct_only(self) -> torch.Tensor | None:
+        """MixNN+'s selective correction: (N,) bool, the samples the last refresh's GMM called
+        noisy (clean probability < 1/2); None: correct every sample of the pool."""
+        if self.cfg.method != "mixnn_plus" or self.cfg.plus_correction != "selective":
+            return None
+        if self.run.clean_prob is None:
+            return torch.zeros(self.num_samples, dtype=torch.bool)  # no GMM yet: nothing is known noisy
+        return self.run.clean_prob < 0.5  # NaN (never scored) compares False
 
     def _start_epoch(self, epoch: int, phase: str):
         """The loader of ``epoch`` with its partners set, and the epoch's partial state (a fresh one,
@@ -362,12 +381,16 @@ class Trainer:
 
     def test_accuracy(self) -> float:
         """Accuracy on the test set (NaN without one); unreadable test images count as wrong."""
-        if self.loaders.test is None:
+        return self._accuracy(self.loaders.test, self.data.test)
+
+    def _accuracy(self, loader, data) -> float:
+        """Accuracy of the current model on ``data``'s labels over all processes' shards."""
+        if loader is None:
             return float("nan")
-        n = len(self.data.test)
-        logits = self.inference.logits(self.loaders.test, n)  # this process's shard; NaN rows elsewhere
+        n = len(data)
+        logits = self.inference.logits(loader, n)  # this process's shard; NaN rows elsewhere
         scored = torch.isfinite(logits).all(1)
-        correct = int((logits[scored].argmax(1) == torch.from_numpy(self.data.test.labels)[scored]).sum())
+        correct = int((logits[scored].argmax(1) == torch.from_numpy(data.labels)[scored]).sum())
         (correct,) = self.dist.sum(correct)
         return correct / n
 
@@ -395,7 +418,7 @@ class Trainer:
 
         clean_prob_given = per_sample(clean_probability(scores.losses, **self.refresh_options.gmm))
         refreshed = self.last_refresh
-        if self.cfg.method == "mixnn" and refreshed is not None and len(refreshed.ids) == len(ids):
+        if self.cfg.refreshes and refreshed is not None and len(refreshed.ids) == len(ids):
             clean_prob = np.full(n, np.nan)
             clean_prob[refreshed.ids.numpy()] = refreshed.clean_prob.numpy()
             corrected = self.targets.corrected_labels().cpu().numpy()
@@ -420,6 +443,8 @@ class Trainer:
             row = self.train_epoch(epoch)
             if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
                 row["test_accuracy"] = self.test_accuracy()
+                if self.loaders.validation is not None:  # against the held-out *noisy* labels
+                    row["val_noisy_accuracy"] = self._accuracy(self.loaders.validation, self.data.validation)
                 if not math.isnan(row["test_accuracy"]):
                     best = self.run.best_test_accuracy
                     self.run.best_test_accuracy = row["test_accuracy"] if math.isnan(best) else \
@@ -446,6 +471,6 @@ class Trainer:
         return summarise(self.cfg.method, self.metrics.rows if self.metrics is not None else [], self.run.epoch,
                          noise_rate=None if self.data.noise is None else float(self.data.noise.rate),
                          correction_accuracy=self.targets.correction_accuracy(self.true_labels)
-                         if self.cfg.method == "mixnn" and self.true_labels is not None else None,
+                         if self.cfg.refreshes and self.true_labels is not None else None,
                          skipped_files=None if self.cfg.on_error != "skip" and not skipped else
                          {(paths[i] if paths is not None else str(i)): reason for i, reason in sorted(skipped.items())})
