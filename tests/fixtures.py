@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 HAVE_FASHION_MNIST = (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file()
@@ -75,6 +74,8 @@ def photo_crops(n: int, size: int | tuple[int, int], *, seed: int = 0) -> np.nda
     Each is a random crop (10-100 % of the photo's area, aspect 3/4-4/3) of one of the two
     photos, resized bilinearly to ``size`` (int, or (height, width)) and flipped at random.
     """
+    from PIL import Image  # here, not at the top: the CUDA tests run where Pillow is absent
+
     height, width = _size(size)
     rng = np.random.default_rng(seed)
     photos = [Image.fromarray(p) for p in sample_photos()]
@@ -116,6 +117,8 @@ def fashion_mnist_samples(n: int, *, split: str = "train", seed: int = 0) -> tup
 
 def fashion_mnist_rgb(n: int, size: int | tuple[int, int], *, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """n Fashion-MNIST garments as (n, H, W, 3) uint8 RGB, upscaled to ``size``; and their labels."""
+    from PIL import Image  # here, not at the top: the CUDA tests run where Pillow is absent
+
     height, width = _size(size)
     grey, labels = fashion_mnist_samples(n, seed=seed)
     out = np.stack([np.asarray(Image.fromarray(g).resize((width, height), Image.BILINEAR).convert("RGB")) for g in grey])
@@ -128,6 +131,8 @@ def fashion_mnist_rgb(n: int, size: int | tuple[int, int], *, seed: int = 0) -> 
 
 def write_jpeg(path: str | os.PathLike, image: np.ndarray, *, quality: int = 90) -> Path:
     """Encode ``image`` ((H, W, 3) or (H, W) uint8) as a JPEG at ``path`` (parents created)."""
+    from PIL import Image  # here, not at the top: the CUDA tests run where Pillow is absent
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.asarray(image, dtype=np.uint8)).save(path, format="JPEG", quality=quality)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parents[2] / "bench"
 #: bench/<name>.py of a source checkout that ``mixnn bench NAME`` runs (nothing else is run)
-BENCHMARKS = ("mixer", "loader", "eval_loader", "epoch", "refresh", "refresh_gmm", "refresh_neighbours")
+BENCHMARKS = ("mixer", "loader", "eval_loader", "epoch", "refresh", "refresh_gmm", "refresh_neighbours", "scale")
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
