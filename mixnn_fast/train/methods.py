@@ -1,4 +1,5 @@
-"""What each training method does in an epoch: its phase (which inputs it mixes) and its loss."""
+"""What each training method does: its phase per epoch (which inputs it mixes), its loss, its
+optimiser and schedule, and the settings of its refresh."""
 from __future__ import annotations
 
 import functools
@@ -6,6 +7,7 @@ from typing import Callable
 
 import torch
 
+from mixnn_fast.refresh.refresh import RefreshOptions
 from mixnn_fast.train.config import TrainConfig
 from mixnn_fast.train.losses import generalized_cross_entropy, soft_cross_entropy, symmetric_cross_entropy
 
@@ -33,3 +35,40 @@ def loss_function(cfg: TrainConfig) -> Callable[[torch.Tensor, torch.Tensor], to
     if cfg.method == "sce":
         return functools.partial(symmetric_cross_entropy, alpha=cfg.sce_alpha, beta=cfg.sce_beta)
     return soft_cross_entropy
+
+
+def optimisation(cfg: TrainConfig, parameters):
+    """The paper's optimiser and schedule: SGD with momentum and weight decay, cosine annealing
+    with warm restarts every ``restart_period`` epochs from ``lr`` to ``lr_min``.  Returns
+    (optimizer, scheduler)."""
+    optimizer = torch.optim.SGD(parameters, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=cfg.restart_period,
+                                                                     eta_min=cfg.lr_min)
+    return optimizer, scheduler
+
+
+def refresh_options(cfg: TrainConfig, threads: int) -> RefreshOptions:
+    """The refresh's settings from a run's configuration."""
+    return RefreshOptions(
+        num_neighbours=cfg.num_neighbours, partners=cfg.partners, weights_mode=cfg.weights,
+        label_correction=cfg.label_correction, gmm_loss=cfg.gmm_loss,
+        gmm=dict(max_iter=cfg.gmm_max_iter, tol=cfg.gmm_tol, reg_covar=cfg.gmm_reg_covar, seed=cfg.seed),
+        neighbour_backend=cfg.neighbour_backend, rdm_alpha=cfg.rdm_alpha, num_threads=threads)
+
+
+def corrects_labels(cfg: TrainConfig) -> bool:
+    """Whether the refresh corrects labels (MixNN+: unless ``plus_correction="none"``)."""
+    if cfg.method == "mixnn_plus":
+        return cfg.label_correction and cfg.plus_correction != "none"
+    return cfg.label_correction
+
+
+def correction_mask(cfg: TrainConfig, clean_prob: torch.Tensor | None, num_samples: int) -> torch.Tensor | None:
+    """MixNN+'s selective correction: (N,) bool, the samples the last refresh's GMM called noisy
+    (``clean_prob`` (N,), NaN where not scored, below 1/2); None: correct every sample of the
+    pool.  Before any GMM (``clean_prob`` None) nothing is known to be noisy."""
+    if cfg.method != "mixnn_plus" or cfg.plus_correction != "selective":
+        return None
+    if clean_prob is None:
+        return torch.zeros(num_samples, dtype=torch.bool)
+    return clean_prob < 0.5  # NaN compares False: never scored, never corrected

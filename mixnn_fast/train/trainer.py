@@ -36,7 +36,7 @@ from mixnn_fast.refresh.gmm import clean_probability
 from mixnn_fast.refresh.loss_history import LossHistory
 from mixnn_fast.refresh.partners import in_batch_table, mixup_table
 from mixnn_fast.refresh.pool_scores import PoolScores, features_dtype
-from mixnn_fast.refresh.refresh import RefreshOptions, RefreshResult, refresh
+from mixnn_fast.refresh.refresh import RefreshResult, refresh
 from mixnn_fast.refresh.targets import soft_targets
 from mixnn_fast.train.checkpoint import CHECKPOINT, PREVIOUS, CheckpointError, capture_rng, save_checkpoint
 from mixnn_fast.train.config import TrainConfig
@@ -44,7 +44,8 @@ from mixnn_fast.train.datasets import RunData, prepare_data
 from mixnn_fast.train.devices import autocast_dtype, resolve_device
 from mixnn_fast.train.distributed import init_distributed, share_pool_scores, share_refresh
 from mixnn_fast.train.losses import one_hot
-from mixnn_fast.train.methods import loss_function, phase_of
+from mixnn_fast.train.methods import (correction_mask, corrects_labels, loss_function, optimisation, phase_of,
+                                      refresh_options)
 from mixnn_fast.train.loaders import build_loaders
 from mixnn_fast.train.metrics import MetricsLog
 from mixnn_fast.train.inference import Inference
@@ -113,10 +114,7 @@ class Trainer:
                                  weights_path=cfg.weights_path, widths=cfg.model_widths).to(self.device)
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.model = self.model.to(memory_format=self.memory_format)
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                         weight_decay=cfg.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
-            self.optimizer, T_0=cfg.restart_period, eta_min=cfg.lr_min)
+        self.optimizer, self.scheduler = optimisation(cfg, self.model.parameters())
         self.targets = soft_targets(self.given_labels, self.num_classes, storage=cfg.targets_storage,
                                     momentum=cfg.correction_momentum, start_epoch=cfg.correction_start,
                                     update_every=cfg.correction_every)
@@ -132,11 +130,7 @@ class Trainer:
         self.inference = Inference(self.model, self.device, autocast_dtype=self.autocast_dtype,
                                    memory_format=self.memory_format, progress=cfg.progress and self.dist.is_main,
                                    allow_missing=cfg.on_error == "skip" or self.dist.enabled)
-        self.refresh_options = RefreshOptions(
-            num_neighbours=cfg.num_neighbours, partners=cfg.partners, weights_mode=cfg.weights,
-            label_correction=cfg.label_correction, gmm_loss=cfg.gmm_loss,
-            gmm=dict(max_iter=cfg.gmm_max_iter, tol=cfg.gmm_tol, reg_covar=cfg.gmm_reg_covar, seed=cfg.seed),
-            neighbour_backend=cfg.neighbour_backend, rdm_alpha=cfg.rdm_alpha, num_threads=self.threads)
+        self.refresh_options = refresh_options(cfg, self.threads)
 
         self.metrics: MetricsLog | None = None  # opened by fit(): construction writes nothing
         self.last_refresh: RefreshResult | None = None
@@ -220,8 +214,9 @@ class Trainer:
         start = time.perf_counter()
         pool = self._pool_ids(epoch)
         loader = self.loaders.pool_loader(self.data, pool.numpy())
+        only = correction_mask(cfg, self.run.clean_prob, self.num_samples)  # MixNN+: the samples seen as noisy
         scores = PoolScores(pool, self.targets, self.given_labels, epoch, gmm_loss=cfg.gmm_loss,
-                            correct=self._corrects(), correct_only=self._correct_only(),
+                            correct=corrects_labels(cfg), correct_only=only,
                             features_dtype=features_dtype(cfg.features_dtype, len(pool)))
         self.inference.score_pool(loader, scores, f"refresh {epoch}")
         forward_seconds = time.perf_counter() - start
@@ -256,21 +251,6 @@ class Trainer:
         if self.true_labels is not None:
             row["correction_accuracy"] = self.targets.correction_accuracy(self.true_labels)
         return row
-
-    def _corrects(self) -> bool:
-        """Whether the refresh corrects labels (MixNN+: unless ``plus_correction="none"``)."""
-        if self.cfg.method == "mixnn_plus":
-            return self.cfg.label_correction and self.cfg.plus_correction != "none"
-        return self.cfg.label_correction
-
-    def _correct_only(self) -> torch.Tensor | None:
-        """MixNN+'s selective correction: (N,) bool, the samples the last refresh's GMM called
-        noisy (clean probability < 1/2); None: correct every sample of the pool."""
-        if self.cfg.method != "mixnn_plus" or self.cfg.plus_correction != "selective":
-            return None
-        if self.run.clean_prob is None:
-            return torch.zeros(self.num_samples, dtype=torch.bool)  # no GMM yet: nothing is known noisy
-        return self.run.clean_prob < 0.5  # NaN (never scored) compares False
 
     def _start_epoch(self, epoch: int, phase: str):
         """The loader of ``epoch`` with its partners set, and the epoch's partial state (a fresh one,
