@@ -207,3 +207,25 @@ def test_refresh_gmm_losses_follow_the_chosen_labels(gmm_loss, rng):
     if 0 < current_right.sum() < n:  # the AUROC of what the GMM detects once labels are corrected
         assert result.stats["clean_auroc_current_labels"] == pytest.approx(
             roc_auc_score(current_right, result.clean_prob.numpy()))
+
+
+def test_selective_correction_moves_only_the_samples_marked_noisy(rng):
+    """MixNN+: the EMA touches exactly the samples the mask marks (the last GMM's noisy ones)."""
+    from mixnn_fast.train.config import TrainConfig
+    from mixnn_fast.train.methods import correction_mask
+
+    n, c = 40, 5
+    given = torch.from_numpy(rng.integers(0, c, n))
+    clean_prob = torch.from_numpy(rng.uniform(size=n)).float()
+    clean_prob[3] = float("nan")  # not in the last pool: never corrected
+    cfg = TrainConfig(method="mixnn_plus", plus_correction="selective")
+    mask = correction_mask(cfg, clean_prob, n)
+    assert mask.tolist() == (clean_prob < 0.5).tolist() and not mask[3]
+    assert correction_mask(TrainConfig(method="mixnn"), clean_prob, n) is None
+    assert not correction_mask(cfg, None, n).any()  # before any GMM nothing is known noisy
+    targets = SoftTargets(given, c, start_epoch=0)
+    before = targets.targets.clone()
+    stream(torch.arange(n), targets, given, epoch=0, logits=torch.from_numpy(rng.normal(size=(n, c))).float(),
+           features=torch.zeros(n, 2), correct_only=mask)
+    moved = (targets.targets != before).any(1)
+    assert moved.tolist() == mask.tolist()
