@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from mixnn_fast.mix.trusted import check_index_errors
 from mixnn_fast.refresh.gmm import clean_probability
 from mixnn_fast.refresh.loss_history import LossHistory
 from mixnn_fast.refresh.partners import in_batch_table, mixup_table
@@ -337,6 +338,7 @@ class Trainer:
                     start = wait_from = time.perf_counter()  # the save is not training time
             tally.seconds["train"] += time.perf_counter() - start
         row.update(tally.row(), lr=self.optimizer.param_groups[0]["lr"])
+        check_index_errors(self.device)  # the CUDA mixer's deferred index report (the tally just synchronised)
         if loader.plan is not None:
             row["extra_decode_fraction"] = loader.plan.stats.extra_decode_fraction
         self._align_ranks()
