@@ -19,12 +19,13 @@ from hypothesis import strategies as st
 
 from mixnn_fast import NeighbourIndex, nearest_neighbours, recall_at_k
 from mixnn_fast.refresh.neighbours import recall_against
+from mixnn_fast.refresh.neighbours.distances import squared_distances_to_candidates
 from mixnn_fast.refresh.neighbours.exact import ExactSearcher
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 E32, E64 = torch.finfo(torch.float32).eps, torch.finfo(torch.float64).eps
 # The dtype each backend ranks its final candidates in: the exact backend re-ranks by float64
-# distances, hnsw and faiss by distances in the features' dtype (float32 here).
+# distances, hnsw and faiss by float32 distances (float64 where those come within their rounding).
 RANK_DTYPE = {"exact": torch.float64, "hnsw": torch.float32, "faiss": torch.float32}
 
 
@@ -412,3 +413,139 @@ def test_other_bad_arguments():
         recall_at_k(np.zeros((19, 1), np.int64), x)
     with pytest.raises(TypeError, match="found must have an integer dtype"):
         recall_at_k(np.zeros((20, 1)), x)
+
+
+# ----------------------------------------------------------------------------- half-precision features
+def assert_same_up_to_ties(ids_a: torch.Tensor, ids_b: torch.Tensor, x) -> None:
+    """Equal neighbour lists, except where two ids lie at exactly the same float64 distance."""
+    differ = ids_a != ids_b
+    if not bool(differ.any()):
+        return
+    d = brute_force(x)
+    torch.testing.assert_close(d.gather(1, ids_a.cpu())[differ], d.gather(1, ids_b.cpu())[differ], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("half", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend,options", [("exact", {}), ("hnsw", {"pca_dim": 12, "num_threads": 1}),
+                                             ("hnsw", {"pca_dim": None, "num_threads": 1}), ("faiss", {})])
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_half_features_give_the_results_of_their_float32_upcast(rng, half, backend, options, metric):
+    """The search widens half-precision rows a block at a time, never the whole matrix: it must
+    return what it returns for the same values upcast to float32 (one thread: hnswlib's graph
+    then depends on nothing but its input)."""
+    x = torch.from_numpy(clustered(rng, 1500, 48)).to(half)
+    up = x.float()
+    ids_h, dist_h = nearest_neighbours(x, 3, backend=backend, metric=metric, return_distances=True, **options)
+    ids_f, dist_f = nearest_neighbours(up, 3, backend=backend, metric=metric, return_distances=True, **options)
+    assert dist_h.dtype == torch.float32
+    if backend == "faiss":  # faiss's own half storage proposes; the float64 re-ranking decides
+        assert_same_up_to_ties(ids_h, ids_f, up.double() if metric == "euclidean" else up / up.norm(dim=1, keepdim=True))
+    else:
+        assert torch.equal(ids_h, ids_f)
+        assert torch.equal(dist_h, dist_f)
+    if backend == "exact":
+        assert_exact_neighbours(ids_h, up, 3, metric=metric, stored_dtype=torch.float32 if metric == "cosine"
+                                else torch.float64)
+    # querying a half index with external points works like the float32 index
+    q = torch.from_numpy(clustered(rng, 40, 48)).to(half)
+    index_h = NeighbourIndex(x, backend=backend, metric=metric, **options)
+    index_f = NeighbourIndex(up, backend=backend, metric=metric, **options)
+    if backend != "faiss":
+        assert torch.equal(index_h.query(q, 2), index_f.query(q.float(), 2))
+
+
+def test_half_features_brute_force_and_recall(rng):
+    x = torch.from_numpy(clustered(rng, 2500, 64)).half()
+    exact = nearest_neighbours(x, 2, backend="exact")
+    assert_exact_neighbours(exact, x.float(), 2)
+    found = nearest_neighbours(x, 2, num_threads=2, pca_dim=16)
+    assert recall_at_k(found, x, sample=None) == recall_at_k(found, x.float(), sample=None) >= 0.95
+    assert recall_against(found, exact, x) == recall_against(found, exact, x.float())
+
+
+def test_exact_search_tiles_half_features(rng, monkeypatch):
+    """Without a float32 working copy the exact search walks the base in tiles; tiny tiles and
+    blocks force many of them, and duplicates force the float64 fallback: still exact."""
+    from mixnn_fast.refresh.neighbours import exact as exact_module
+
+    monkeypatch.setattr(exact_module, "_TILE_ROWS", 37)
+    base = rng.normal(size=(60, 10))
+    x = torch.from_numpy(np.repeat(base, 10, axis=0)[rng.permutation(600)]).half()
+    searcher = ExactSearcher(exact_module.FeatureRows(x), block_elements=37 * 5)
+    assert searcher.work is None and searcher.tile_rows == 37
+    ids, sq = searcher.search(exact_module.FeatureRows(x), 4, exclude=torch.arange(600))
+    assert_exact_neighbours(ids, x.float(), 4)
+    assert (sq == 0).all()
+
+
+def test_pca_projection_finds_the_principal_subspace(rng):
+    """The randomized fit against the eigendecomposition of the sample covariance: the same
+    subspace (principal angles near 0) and the same explained variance."""
+    from mixnn_fast.refresh.neighbours.reduction import PCAProjection
+
+    x = torch.from_numpy(clustered(rng, 4000, 200, latent=12))
+    pca = PCAProjection(x.half(), 12, sample=3000, seed=5)
+    rows = torch.randperm(4000, generator=torch.Generator().manual_seed(5))[:3000].sort().values
+    sample = x.half()[rows].double()
+    centred = sample - sample.mean(dim=0)
+    eigvals, eigvecs = torch.linalg.eigh(centred.T @ centred)
+    top = eigvecs[:, -12:]
+    cosines = torch.linalg.svdvals(top.T @ pca.components.double())
+    assert float(cosines.min()) > 0.999
+    expected = float(eigvals[-12:].sum() / eigvals.sum())
+    assert pca.explained_variance_ratio == pytest.approx(expected, rel=1e-4)
+    torch.testing.assert_close(pca.components.double().T @ pca.components.double(), torch.eye(12, dtype=torch.float64),
+                               atol=1e-5, rtol=0)
+    projected = pca.transform(x.half())
+    torch.testing.assert_close(projected, (x.half().float() - pca.mean) @ pca.components, atol=1e-4, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- deterministic re-ranking
+def test_rerank_breaks_float32_near_ties_in_float64(rng):
+    """Two float32 candidates one ulp apart in one coordinate: their squared distances differ
+    by ~1e-9 relative, which float32 sums cannot resolve; the float64 recomputation orders
+    them, whichever order they were proposed in."""
+    from mixnn_fast.refresh.neighbours.distances import float32_rounding_bound, rerank
+
+    d = 256
+    q = torch.from_numpy(rng.normal(size=(1, d)).astype(np.float32))
+    a = q + 0.5
+    b = a.clone()
+    b[0, 0] = torch.nextafter(a[0, 0], torch.tensor(np.float32(10.0)))  # one ulp further from q
+    base = torch.cat([b, a, q + 5.0])
+    truth = ((base[:2].double() - q.double()) ** 2).sum(dim=1)
+    assert float(truth[0]) > float(truth[1])  # a is nearer
+    d32 = squared_distances_to_candidates(q, base, torch.tensor([[0, 1]]), dtype=torch.float32)
+    assert abs(float(d32[0, 0] - d32[0, 1])) <= float32_rounding_bound(d) * float(d32.sum())  # a near-tie
+    for order in ([0, 1, 2], [1, 0, 2], [2, 0, 1]):
+        cand = torch.tensor([order])
+        sq, ids = rerank(q, base, cand, torch.zeros_like(cand, dtype=torch.bool), 2)
+        assert ids.tolist() == [[1, 0]]
+        assert sq.dtype == torch.float64  # the row was recomputed
+        torch.testing.assert_close(sq[0], truth.flip(0), rtol=1e-15, atol=0)
+
+
+def test_rerank_is_the_same_whatever_float32_rounding(rng, monkeypatch):
+    """What another CPU's SIMD kernel could do to the float32 distances: perturb each by up to a
+    quarter of the rounding bound. The neighbour ids must not change."""
+    from mixnn_fast.refresh.neighbours import distances
+
+    x = clustered(rng, 1500, 64)
+    x = np.concatenate([x, x[:200] + rng.normal(0, 1e-7, (200, 64)).astype(np.float32)])  # near-duplicates
+    index = NeighbourIndex(x, pca_dim=16, num_threads=1)
+    reference = index.query_all(3)
+    original = distances.squared_distances_to_candidates
+    noise = np.random.default_rng(7)
+
+    def perturbed(*args, dtype=torch.float64, **kwargs):
+        out = original(*args, dtype=dtype, **kwargs)
+        if dtype == torch.float32:
+            scale = 1 + distances.float32_rounding_bound(64) / 4 * torch.from_numpy(
+                noise.uniform(-1, 1, tuple(out.shape))).float()
+            out = out * scale
+        return out
+
+    monkeypatch.setattr(distances, "squared_distances_to_candidates", perturbed)
+    assert torch.equal(index.query_all(3), reference)
+    monkeypatch.setattr(distances, "_RERANK_BLOCK", 97)  # blocks of queries: the same answer
+    assert torch.equal(index.query_all(3), reference)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from mixnn_fast.refresh import targets as targets_module
+from mixnn_fast.refresh import target_store as targets_module
 from mixnn_fast.refresh.sparse_targets import TopKSoftTargets
 from mixnn_fast.refresh.targets import SoftTargets
 
@@ -31,7 +31,7 @@ def softmax_rows(rng: np.random.Generator, rows: int, classes: int, *, sigma: fl
 
 def dense_of(store: TopKSoftTargets) -> np.ndarray:
     """The store's rows as float64, rebuilt here from indices/values/rest (not through rows())."""
-    n, c, k = len(store), store.num_classes, store.k
+    c, k = store.num_classes, store.k
     out = np.repeat((store.rest.double().cpu().numpy() / max(1, c - k))[:, None], c, axis=1)
     np.put_along_axis(out, store.indices.long().cpu().numpy(), store.values.double().cpu().numpy(), axis=1)
     return out

@@ -7,7 +7,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from mixnn_fast.refresh import targets as targets_module
+from mixnn_fast.refresh import target_store as targets_module
 from mixnn_fast.refresh.targets import (AUTO_FLOAT16_ELEMENTS, AUTO_FLOAT32_ELEMENTS, AUTO_TOP_K, SoftTargets,
                                         choose_storage, soft_targets)
 

@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 
 from mixnn_fast._checks import check_in_range
-from mixnn_fast.refresh.targets import TargetStore, check_finite_non_negative, chunk_rows
+from mixnn_fast.refresh.target_store import TargetStore, check_finite_non_negative, chunk_rows
 
 __all__ = ["TopKSoftTargets"]
 
@@ -48,7 +48,7 @@ _STATE_SUM_TOLERANCE = 2e-2
 class TopKSoftTargets(TargetStore):
     """The k largest classes of each sample's soft target, initialised one-hot and corrected by EMA.
 
-    Args: as :class:`~mixnn_fast.refresh.targets.TargetStore`, plus
+    Args: as :class:`~mixnn_fast.refresh.target_store.TargetStore`, plus
         k: classes kept per sample, 1 <= k <= num_classes (32 by :func:`soft_targets`).
         value_dtype: torch.float16 (default) or torch.float32 for the values.
 

@@ -8,12 +8,17 @@ differences (no cancellation). A per-row bound on the float32 rounding error pro
 true k nearest were among the candidates; rows where it cannot (near-ties, many
 duplicates) are redone with the expansion in float64. The result is exact up to ties
 closer than about 1e-12 relative, which is what a reference needs.
+
+float16/bfloat16 features (:class:`~mixnn_fast.refresh.neighbours.rows.FeatureRows`) get no
+float32 working copy: each (query block x column tile) product widens its tile of the base
+on the fly, so the search holds the half-precision features plus a few tiles.
 """
 from __future__ import annotations
 
 import torch
 
 from mixnn_fast.refresh.neighbours.distances import sort_by_distance_then_id, squared_distances_to_candidates
+from mixnn_fast.refresh.neighbours.rows import FeatureRows
 
 # Unit roundoff of the float32 products by matmul precision setting: "highest" is IEEE
 # float32; "high" may use TF32 (10-bit mantissa) and "medium" bfloat16 (7-bit) on CUDA,
@@ -22,6 +27,12 @@ _MATMUL_UNIT_ROUNDOFF = {"highest": 2.0 ** -24, "high": 2.0 ** -11, "medium": 2.
 
 # Memory for one (chunk x N) block of distances, in elements (128 MiB of float32).
 _BLOCK_ELEMENTS = 1 << 25
+# Base rows per column tile when the base is widened tile by tile (half-precision storage): a
+# 32 MiB float32 tile at d = 2048, and (query block x tile) products of a quarter of the usual
+# block, so that the search's temporaries stay a small fraction of the features.
+_TILE_ROWS = 4096
+# Elements of the float64 temporaries of the mean and the centring.
+_WIDEN_ELEMENTS = 1 << 20
 
 
 def _mask_excluded(block: torch.Tensor, exclude: torch.Tensor | None, col_start: int = 0) -> None:
@@ -34,23 +45,31 @@ def _mask_excluded(block: torch.Tensor, exclude: torch.Tensor | None, col_start:
 
 
 class ExactSearcher:
-    """Exact k-NN over a fixed set of points ``base`` (Tensor[N, d], float32 or float64).
+    """Exact k-NN over a fixed set of points ``base`` (Tensor[N, d] float32/float64, or
+    :class:`FeatureRows`, e.g. float16 features widened a tile at a time).
 
     The float32 (or float64) working copy is centred on the base mean, which shrinks the
     norms in the expansion and so its rounding error; everything stays on ``base.device``.
+    Half-precision storage has no working copy: its tiles are centred when used.
     """
 
-    def __init__(self, base: torch.Tensor, *, margin: int = 8, num_threads: int = 1,
+    def __init__(self, base, *, margin: int = 8, num_threads: int = 1,
                  block_elements: int = _BLOCK_ELEMENTS):
         self.num_threads = num_threads
-        self.base = base
-        self.n, self.d = base.shape
+        self.rows = base if isinstance(base, FeatureRows) else FeatureRows(base)
+        self.n, self.d = self.rows.n, self.rows.d
         self.margin = margin
         self.block_elements = block_elements
-        work_dtype = torch.float64 if base.dtype == torch.float64 else torch.float32
-        self.mean = self._mean64(base)
-        self.work = self._centred(base, work_dtype)
-        self.work_sq = self.work.square().sum(dim=1)
+        work_dtype = torch.float64 if self.rows.dtype == torch.float64 else torch.float32
+        self.work_dtype = work_dtype
+        self.mean = self._mean64()
+        self.tile_rows = min(self.n, _TILE_ROWS) if self.rows.lazy else self.n
+        self.work = None if self.rows.lazy else self._centred(0, self.n)
+        self.work_sq = torch.empty(self.n, dtype=work_dtype, device=self.rows.device)
+        step = max(1, block_elements // (4 * self.d))
+        for s in range(0, self.n, step):
+            tile = self.work[s:s + step] if self.work is not None else self._centred(s, min(s + step, self.n))
+            self.work_sq[s:s + step] = tile.square().sum(dim=1)
         self.max_norm = float(self.work_sq.max().sqrt())
         # Products and squares below the working dtype's smallest normal number lose their
         # relative precision (or are flushed to 0): an absolute error the relative bound misses.
@@ -59,49 +78,56 @@ class ExactSearcher:
             self.unit_roundoff = 2.0 ** -53
         else:
             self.unit_roundoff = _MATMUL_UNIT_ROUNDOFF.get(torch.get_float32_matmul_precision(), 2.0 ** -8)
-        if base.is_cuda and work_dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        if self.rows.device.type == "cuda" and work_dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
             self.unit_roundoff = max(self.unit_roundoff, 2.0 ** -11)
 
-    def _mean64(self, x: torch.Tensor) -> torch.Tensor:
-        total = torch.zeros(self.d, dtype=torch.float64, device=x.device)
-        step = max(1, self.block_elements // (4 * self.d))
-        for s in range(0, self.n, step):
-            total += x[s:s + step].to(torch.float64).sum(dim=0)
+    def _mean64(self) -> torch.Tensor:
+        # any centre is correct (the bound below holds for the centred values whatever it is);
+        # the mean just makes their norms small: block sums in the rows' dtype, totalled in float64
+        total = torch.zeros(self.d, dtype=torch.float64, device=self.rows.device)
+        step = max(1, _WIDEN_ELEMENTS // self.d)
+        for s, block in self.rows.chunks(step):
+            total += block.sum(dim=0).to(torch.float64)
         return total / self.n
 
-    def _centred(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        out = torch.empty(x.shape, dtype=dtype, device=x.device)
-        step = max(1, self.block_elements // (4 * self.d))
-        for s in range(0, self.n, step):
-            out[s:s + step] = (x[s:s + step].to(torch.float64) - self.mean).to(dtype)
+    def _centred(self, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of the base, centred, in the working dtype."""
+        out = torch.empty((stop - start, self.d), dtype=self.work_dtype, device=self.rows.device)
+        step = max(1, _WIDEN_ELEMENTS // self.d)
+        for s in range(start, stop, step):
+            e = min(s + step, stop)
+            out[s - start:e - start] = (self.rows.rows(s, e).to(torch.float64) - self.mean).to(self.work_dtype)
         return out
 
     def _direct(self, q: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        return squared_distances_to_candidates(q, self.base, ids, dtype=torch.float64,
+        return squared_distances_to_candidates(q, self.rows, ids, dtype=torch.float64,
                                                num_threads=self.num_threads)
 
     def _centre_queries(self, queries: torch.Tensor) -> torch.Tensor:
-        return (queries.to(torch.float64) - self.mean).to(self.work.dtype)
+        return (queries.to(torch.float64) - self.mean).to(self.work_dtype)
 
     def search(self, queries: torch.Tensor, k: int, *, exclude: torch.Tensor | None = None):
         """The k nearest base points of each query, nearest first.
 
         Args:
-            queries: Tensor[Q, d], same device as the base.
+            queries: Tensor[Q, d] or FeatureRows (e.g. the base itself), same device as the base.
             k: neighbours per query, ``1 <= k <= N`` (``N - 1`` with ``exclude``).
             exclude: optional LongTensor[Q] of base rows to skip for each query (the query's
                 own row for an all-points search); ``-1`` skips nothing.
         Returns:
             (LongTensor[Q, k] indices, float64 Tensor[Q, k] squared distances).
         """
-        q_total = queries.shape[0]
-        out_ids = torch.empty((q_total, k), dtype=torch.int64, device=self.base.device)
-        out_sq = torch.empty((q_total, k), dtype=torch.float64, device=self.base.device)
+        if not isinstance(queries, FeatureRows):
+            queries = FeatureRows(queries)
+        q_total = queries.n
+        device = self.rows.device
+        out_ids = torch.empty((q_total, k), dtype=torch.int64, device=device)
+        out_sq = torch.empty((q_total, k), dtype=torch.float64, device=device)
         available = self.n - (1 if exclude is not None else 0)
         n_cand = min(k + self.margin, available)
-        rows_per_block = max(1, self.block_elements // self.n)
+        rows_per_block = max(1, self.block_elements // (self.tile_rows if self.work is not None else 4 * self.tile_rows))
         for s in range(0, q_total, rows_per_block):
-            q = queries[s:s + rows_per_block]
+            q = queries.rows(s, min(s + rows_per_block, q_total))
             ex = None if exclude is None else exclude[s:s + rows_per_block]
             ids, sq = self._search_block(q, k, n_cand, available, ex)
             out_ids[s:s + q.shape[0]], out_sq[s:s + q.shape[0]] = ids, sq
@@ -109,12 +135,7 @@ class ExactSearcher:
 
     def _search_block(self, q, k, n_cand, available, exclude):
         qc = self._centre_queries(q)
-        # |b|^2 - 2 q.b: the row constant |q|^2 does not change the ranking, so it is added
-        # only where the bound check needs absolute values.
-        block = torch.addmm(self.work_sq, qc, self.work.T, beta=1.0, alpha=-2.0)
-        _mask_excluded(block, exclude)
-        proxy, cand = block.topk(n_cand, dim=1, largest=False, sorted=False)
-        del block
+        proxy, cand = self._proxy_candidates(qc, n_cand, exclude)
         sq, cand = sort_by_distance_then_id(self._excluded_to_inf(self._direct(q, cand), cand, exclude), cand)
         if n_cand == available and bool(torch.isfinite(proxy).all()):
             return cand[:, :k], sq[:, :k]  # every admissible point is a candidate: nothing left to prove
@@ -135,6 +156,27 @@ class ExactSearcher:
             sq[redo], cand[redo] = sq_r, cand_r
         return cand[:, :k], sq[:, :k]
 
+    def _proxy_candidates(self, qc: torch.Tensor, n_cand: int, exclude):
+        """The ``n_cand`` smallest ``|b|^2 - 2 q.b`` of each centred query and their ids: one
+        product over the working copy, or tile by tile (widening each tile) without one. The
+        row constant |q|^2 does not change the ranking, so it is added only where the bound
+        check needs absolute values."""
+        if self.work is not None:
+            block = torch.addmm(self.work_sq, qc, self.work.T, beta=1.0, alpha=-2.0)
+            _mask_excluded(block, exclude)
+            return block.topk(n_cand, dim=1, largest=False, sorted=False)
+        best_d = best_i = None
+        for c in range(0, self.n, self.tile_rows):
+            e = min(c + self.tile_rows, self.n)
+            block = torch.addmm(self.work_sq[c:e], qc, self._centred(c, e).T, beta=1.0, alpha=-2.0)
+            _mask_excluded(block, exclude, c)
+            ids = torch.arange(c, e, device=qc.device).expand(qc.shape[0], -1)
+            if best_d is not None:
+                block, ids = torch.cat([best_d, block], dim=1), torch.cat([best_i, ids], dim=1)
+            best_d, pos = block.topk(min(n_cand, block.shape[1]), dim=1, largest=False, sorted=False)
+            best_i = ids.gather(1, pos)
+        return best_d, best_i
+
     def _search_rows_float64(self, q: torch.Tensor, n_cand: int, exclude):
         """The fallback: the expansion in float64, over column blocks, then direct re-ranking."""
         qc = q.to(torch.float64) - self.mean
@@ -142,7 +184,7 @@ class ExactSearcher:
         cols_per_block = max(n_cand, self.block_elements // max(1, 2 * q.shape[0]))
         best_d = best_i = None
         for c in range(0, self.n, cols_per_block):
-            b = self.base[c:c + cols_per_block].to(torch.float64) - self.mean
+            b = self.rows.rows(c, min(c + cols_per_block, self.n)).to(torch.float64) - self.mean
             block = q_sq + b.square().sum(dim=1) - 2.0 * qc @ b.T
             _mask_excluded(block, exclude, c)
             ids = torch.arange(c, c + b.shape[0], device=q.device).expand(q.shape[0], -1)

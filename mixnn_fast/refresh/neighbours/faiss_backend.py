@@ -26,13 +26,25 @@ def import_faiss():
 
 
 class FaissFlatSearcher:
-    """A ``faiss.IndexFlatL2`` over ``vectors`` (float32 Tensor[N, d] on CPU)."""
+    """An exact faiss index over ``vectors``: blocks ``(start, float32 Tensor[m, d] on CPU)``
+    covering the rows in order, added a block at a time.
 
-    def __init__(self, vectors: torch.Tensor, *, num_threads: int):
+    ``IndexFlatL2`` (float32 storage) by default; with ``half`` = torch.float16 or bfloat16 (the
+    features' own dtype, whose values the blocks hold exactly) an ``IndexScalarQuantizer`` of that
+    type, which stores them in 2 bytes and searches them exactly: no float32 copy of the features.
+    """
+
+    def __init__(self, vectors, d: int, *, num_threads: int, half: torch.dtype | None = None):
         self.faiss = import_faiss()
         self.num_threads = num_threads
-        self.index = self.faiss.IndexFlatL2(vectors.shape[1])
-        self.index.add(np.ascontiguousarray(vectors.numpy(), dtype=np.float32))
+        faiss = self.faiss
+        if half is None:
+            self.index = faiss.IndexFlatL2(d)
+        else:
+            kind = faiss.ScalarQuantizer.QT_fp16 if half == torch.float16 else faiss.ScalarQuantizer.QT_bf16
+            self.index = faiss.IndexScalarQuantizer(d, kind, faiss.METRIC_L2)
+        for _, block in vectors:
+            self.index.add(np.ascontiguousarray(block.numpy(), dtype=np.float32))
 
     def search(self, queries: torch.Tensor, n: int) -> torch.Tensor:
         """The ``n`` nearest ids of each query row: LongTensor[Q, n] (-1 where faiss found none)."""

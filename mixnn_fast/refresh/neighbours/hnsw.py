@@ -1,6 +1,7 @@
 """hnswlib graph search: the default, approximate backend.
 
-A thin wrapper: the float32 vectors go to hnswlib once; queries return candidate ids as
+A thin wrapper: the float32 vectors go to hnswlib once, a block of rows at a time (hnswlib
+keeps its own copy, so the caller need not hold them all); queries return candidate ids as
 int64 torch tensors. Ranking and self-exclusion happen in ``index.py`` on full-space
 distances, so this module does not deal with them.
 """
@@ -11,13 +12,17 @@ import torch
 
 # Below this many queries, sorting them for cache locality is not worth the copy.
 _SORT_QUERIES_FROM = 1024
+# Queries per hnswlib call: enough to keep its threads busy, a few MiB of copies.
+_QUERY_BLOCK = 16384
 
 
 class HnswSearcher:
     """An hnswlib ``Index`` (L2) over ``vectors``.
 
     Args:
-        vectors: float32 Tensor[N, p] on CPU (the full features or their PCA projection).
+        vectors: blocks ``(start, float32 Tensor[m, p] on CPU)`` covering rows 0..n-1 in order
+            (the full features or their PCA projection).
+        n: the number of rows.
         M: graph degree (hnswlib ``M``); more is slower to build, better recall.
         ef_construction: candidate list size while building.
         ef: candidate list size while searching (hnswlib raises it to the number asked for).
@@ -26,17 +31,19 @@ class HnswSearcher:
             order still varies, so the graph (and rare results) can differ between runs.
     """
 
-    def __init__(self, vectors: torch.Tensor, *, M: int, ef_construction: int, ef: int,
+    def __init__(self, vectors, n: int, *, M: int, ef_construction: int, ef: int,
                  num_threads: int, seed: int):
         import hnswlib  # imported here so `import mixnn_fast.refresh.neighbours` works without it
 
-        n, p = vectors.shape
         self.ef = ef
         self.num_threads = num_threads
-        self.index = hnswlib.Index(space="l2", dim=p)
-        self.index.init_index(max_elements=n, M=M, ef_construction=ef_construction, random_seed=seed)
-        self.index.add_items(np.ascontiguousarray(vectors.numpy(), dtype=np.float32),
-                             np.arange(n), num_threads=num_threads)
+        self.index = None
+        for start, block in vectors:
+            if self.index is None:
+                self.index = hnswlib.Index(space="l2", dim=block.shape[1])
+                self.index.init_index(max_elements=n, M=M, ef_construction=ef_construction, random_seed=seed)
+            self.index.add_items(np.ascontiguousarray(block.numpy(), dtype=np.float32),
+                                 np.arange(start, start + block.shape[0]), num_threads=num_threads)
 
     def search(self, queries: torch.Tensor, n: int) -> torch.Tensor:
         """The ``n`` approximately nearest ids of each query row: LongTensor[Q, n], nearest first
@@ -46,20 +53,18 @@ class HnswSearcher:
         # Queries sorted along the first axis (the top principal axis after PCA) walk nearby
         # parts of the graph one after another, so more of it is still in cache: measured
         # ~20% off the query-all time at N = 50,000. The results do not depend on the order.
-        order = np.argsort(q[:, 0], kind="stable") if q.shape[0] >= _SORT_QUERIES_FROM else None
-        if order is not None:
-            q = q[order]
-        try:
-            labels, _ = self.index.knn_query(np.ascontiguousarray(q, dtype=np.float32),
-                                             k=n, num_threads=self.num_threads)
-        except RuntimeError:
-            # hnswlib found fewer than n points for some query ("Cannot return the results in a
-            # contiguous 2D array"): report every row as found short, as faiss does with -1;
-            # the index searches such rows exactly.
-            return torch.full((queries.shape[0], n), -1, dtype=torch.int64)
-        labels = labels.astype(np.int64)
-        if order is not None:
-            unsorted = np.empty_like(labels)
-            unsorted[order] = labels
-            labels = unsorted
+        # They go to hnswlib a block at a time: no sorted copy of all the queries.
+        order = np.argsort(q[:, 0], kind="stable") if q.shape[0] >= _SORT_QUERIES_FROM else np.arange(q.shape[0])
+        labels = np.empty((q.shape[0], n), dtype=np.int64)
+        for s in range(0, q.shape[0], _QUERY_BLOCK):
+            rows = order[s:s + _QUERY_BLOCK]
+            try:
+                found, _ = self.index.knn_query(np.ascontiguousarray(q[rows], dtype=np.float32), k=n,
+                                                num_threads=self.num_threads)
+            except RuntimeError:
+                # hnswlib found fewer than n points for some query ("Cannot return the results in a
+                # contiguous 2D array"): report every row as found short, as faiss does with -1;
+                # the index searches such rows exactly.
+                return torch.full((queries.shape[0], n), -1, dtype=torch.int64)
+            labels[rows] = found
         return torch.from_numpy(labels)

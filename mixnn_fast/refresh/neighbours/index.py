@@ -4,9 +4,16 @@ One pipeline for every backend:
 
 1. prepare the vectors for the metric (cosine: unit rows, then Euclidean);
 2. propose candidates: ``exact`` (chunked torch matmul, proven exact), ``hnsw`` (hnswlib
-   graph, by default on a PCA projection to 64 dims) or ``faiss`` (IndexFlatL2);
+   graph, by default on a PCA projection to 64 dims) or ``faiss`` (IndexFlatL2; for
+   float16/bfloat16 features an IndexScalarQuantizer that stores them as they are);
 3. for the approximate backends, rank the candidates by their full-space distance
-   computed from differences, drop the query's own row, keep the k nearest.
+   computed from differences, drop the query's own row, keep the k nearest
+   (``distances.rerank``: float32, and float64 wherever float32 cannot tell two apart,
+   so that the answer is the same on every CPU).
+
+float16 and bfloat16 features are searched as stored: no float32 copy of the matrix is made
+(``rows.FeatureRows`` widens a block of rows where one is needed), and the results are those
+of the same features upcast to float32.
 
 Step 3 is what makes the reduced-dimension graph search safe: PCA only has to put the
 true neighbour among a few candidates, not at the top.
@@ -36,6 +43,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import time
 import warnings
 
 import numpy as np
@@ -50,8 +58,9 @@ from mixnn_fast.refresh.neighbours._validation import (
     squared_to_metric,
     times_power_of_two,
 )
-from mixnn_fast.refresh.neighbours.distances import sort_by_distance_then_id, squared_distances_to_candidates
+from mixnn_fast.refresh.neighbours.distances import rerank
 from mixnn_fast.refresh.neighbours.exact import ExactSearcher
+from mixnn_fast.refresh.neighbours.rows import HALF_DTYPES, FeatureRows
 
 BACKENDS = ("hnsw", "exact", "faiss")
 
@@ -66,6 +75,16 @@ _MAGNITUDE_RANGE = (2.0 ** -50, 2.0 ** 50)
 _QUERY_LIMIT = 2.0 ** 500
 # More threads than any machine has cores: hnswlib starts one std::thread per requested thread.
 _MAX_THREADS = 1024
+# Rows per block handed to hnswlib/faiss when the float32 vectors are made a block at a time.
+_GRAPH_CHUNK_ROWS = 16384
+
+
+def _scale_exponent(top: float) -> int:
+    """0 when the largest |feature| ``top`` lies in the searchable range, else the power of two
+    the features are scaled down (or up) by: ``top = m * 2**e`` with m in [0.5, 1)."""
+    if top > 0 and not _MAGNITUDE_RANGE[0] <= top <= _MAGNITUDE_RANGE[1]:
+        return math.frexp(top)[1]
+    return 0
 
 
 def _stacklevel_outside_package() -> int:
@@ -83,8 +102,9 @@ class NeighbourIndex:
     """A reusable nearest-neighbour index over ``features`` (build once, query many times).
 
     Args:
-        features: Tensor[N, d] or ndarray, floating (float16/bfloat16 are searched as
-            float32), finite, N >= 2. CPU or CUDA tensor; results come back on its device.
+        features: Tensor[N, d] or ndarray, floating, finite, N >= 2. CPU or CUDA tensor;
+            results come back on its device. float16/bfloat16 features are kept as they are
+            (widened a block of rows at a time) and give the results of their float32 upcast.
         backend: ``"hnsw"`` (hnswlib; default), ``"exact"`` (chunked torch matmul on the
             features' device, the reference) or ``"faiss"`` (IndexFlatL2, needs faiss).
         metric: ``"euclidean"`` (default) or ``"cosine"``.
@@ -127,48 +147,75 @@ class NeighbourIndex:
         features = as_feature_matrix(features, "features")
         self.n, self.dim = features.shape
         self.device = features.device
-        self._base = prepare_for_metric(features, self.metric, "features")
+        # distances come back in float32, float64 for float64 features
+        self._out_dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
         self._exponent = 0  # the features are searched as features * 2**-_exponent
-        if self.metric == "euclidean":
-            top = float(self._base.abs().max())
-            if top > 0 and not _MAGNITUDE_RANGE[0] <= top <= _MAGNITUDE_RANGE[1]:
-                self._exponent = math.frexp(top)[1]  # top = m * 2**e with m in [0.5, 1)
-                self._base = times_power_of_two(self._base, -self._exponent)
+        if features.dtype in HALF_DTYPES:
+            # float16/bfloat16 stay as given: every consumer widens a block of rows at a time
+            if self.metric == "euclidean":
+                self._exponent = _scale_exponent(FeatureRows(features).max_abs())
+            self._rows = FeatureRows(features, metric=self.metric, exponent=self._exponent)
+        else:
+            base = prepare_for_metric(features, self.metric, "features")
+            if self.metric == "euclidean":
+                self._exponent = _scale_exponent(FeatureRows(base).max_abs())
+                if self._exponent:
+                    base = times_power_of_two(base, -self._exponent)
+            self._rows = FeatureRows(base)
         self._exact = None  # built on demand: the fallback for rows an approximate search leaves short
         self.pca = None
         self.explained_variance_ratio = None
-        self._graph_vectors = None
+        self._graph_vectors = None  # the hnsw graph's float32 vectors, kept when they are a PCA projection
+        #: wall seconds of each stage so far: pca_fit, pca_project, build, search, rerank (a profile
+        #: for benchmarks; the last query's search and rerank)
+        self.seconds: dict[str, float] = {}
+        start = time.perf_counter()
 
         if backend == "exact":
-            self._searcher = ExactSearcher(self._base, num_threads=self.num_threads)
+            self._searcher = ExactSearcher(self._rows, num_threads=self.num_threads)
         elif backend == "hnsw":
             from mixnn_fast.refresh.neighbours.hnsw import HnswSearcher
 
-            self._graph_vectors = self._graph_space(pca_min_variance, pca_sample, seed)
-            self._searcher = HnswSearcher(self._graph_vectors, M=M, ef_construction=ef_construction, ef=ef,
+            vectors = self._graph_space(pca_min_variance, pca_sample, seed)
+            start = time.perf_counter()
+            self._searcher = HnswSearcher(vectors, self.n, M=M, ef_construction=ef_construction, ef=ef,
                                           num_threads=self.num_threads, seed=seed)
         else:
             from mixnn_fast.refresh.neighbours.faiss_backend import FaissFlatSearcher
 
-            self._graph_vectors = self._base.to(device="cpu", dtype=torch.float32)
-            self._searcher = FaissFlatSearcher(self._graph_vectors, num_threads=self.num_threads)
+            self._searcher = FaissFlatSearcher(self._graph_chunks(), self.dim, num_threads=self.num_threads,
+                                               half=features.dtype if self._rows.lazy and self.metric == "euclidean"
+                                               and not self._exponent else None)
+        self.seconds["build"] = time.perf_counter() - start  # without PCA: the graph includes the widening
 
-    def _graph_space(self, pca_min_variance: float, pca_sample: int, seed: int) -> torch.Tensor:
-        """The float32 CPU vectors the hnsw graph is built on: PCA projection or the features."""
+    def _graph_space(self, pca_min_variance: float, pca_sample: int, seed: int):
+        """What the hnsw graph is built on: the float32 PCA projection (kept: P x pca_dim is a
+        small fraction of the features), or else the prepared features, a block at a time."""
         if self.pca_dim is not None and self.pca_dim < self.dim:
             from mixnn_fast.refresh.neighbours.reduction import PCAProjection
 
-            pca = PCAProjection(self._base, self.pca_dim, sample=pca_sample, seed=seed)
+            start = time.perf_counter()
+            pca = PCAProjection(self._rows, self.pca_dim, sample=pca_sample, seed=seed)
+            self.seconds["pca_fit"] = time.perf_counter() - start
             self.explained_variance_ratio = pca.explained_variance_ratio
             if pca.explained_variance_ratio >= pca_min_variance:
                 self.pca = pca
-                return pca.transform(self._base).cpu()
+                start = time.perf_counter()
+                self._graph_vectors = pca.transform(self._rows).cpu()
+                self.seconds["pca_project"] = time.perf_counter() - start
+                return [(0, self._graph_vectors)]
             warnings.warn(
                 f"the top {self.pca_dim} principal axes keep only {pca.explained_variance_ratio:.0%} of the "
                 f"feature variance (< pca_min_variance={pca_min_variance:g}): searching all {self.dim} "
                 "dimensions instead, which is slower; set pca_min_variance=0 to keep the PCA anyway",
                 UserWarning, stacklevel=_stacklevel_outside_package())
-        return self._base.to(device="cpu", dtype=torch.float32)
+        return self._graph_chunks()
+
+    def _graph_chunks(self):
+        """The prepared features as float32 CPU blocks ``(start, Tensor[m, d])``: hnswlib and faiss
+        copy what they are given, so the whole float32 matrix never exists twice."""
+        for start, block in self._rows.chunks(_GRAPH_CHUNK_ROWS):
+            yield start, block.to(device="cpu", dtype=torch.float32)
 
     def __repr__(self) -> str:
         pca = f", pca_dim={self.pca.dim}" if self.pca is not None else ""
@@ -193,10 +240,10 @@ class NeighbourIndex:
         if queries.shape[1] != self.dim:
             raise ValueError(f"queries must have {self.dim} columns like the indexed features, "
                              f"got shape {tuple(queries.shape)}")
+        work = self._rows.dtype  # float32 for half-precision features: as if they had been upcast
         if self._exponent:  # in the wider of the two dtypes: float32 queries may not survive the scaling
-            queries = times_power_of_two(queries.to(torch.promote_types(queries.dtype, self._base.dtype)),
-                                         -self._exponent)
-        cast = queries.to(device=self.device, dtype=self._base.dtype)
+            queries = times_power_of_two(queries.to(torch.promote_types(queries.dtype, work)), -self._exponent)
+        cast = queries.to(device=self.device, dtype=work)
         in_range = bool(torch.isfinite(cast).all())
         if in_range and self.metric == "euclidean" and cast.numel():
             in_range = float(cast.abs().max()) <= _QUERY_LIMIT
@@ -204,16 +251,16 @@ class NeighbourIndex:
             queries = prepare_for_metric(cast, self.metric, "queries")
         elif self.metric == "cosine":  # float64 queries beyond float32: their directions still fit
             queries = prepare_for_metric(queries.to(device=self.device, dtype=torch.float64), "cosine",
-                                         "queries").to(self._base.dtype)
+                                         "queries").to(work)
         else:
-            raise ValueError(f"queries lie too far out for {self._base.dtype} distances at the scale of the indexed "
+            raise ValueError(f"queries lie too far out for {work} distances at the scale of the indexed "
                              "features (their squares would overflow)")
         if exclude is not None:
             exclude = self._check_exclude(exclude, queries.shape[0])
         k = check_k(k, self.n - (1 if exclude is not None else 0))
         graph_queries = None
         if self.backend != "exact":
-            graph_queries = (self.pca.transform(queries) if self.pca is not None else queries.float()).cpu()
+            graph_queries = self.pca.transform(queries).cpu() if self.pca is not None else None
         return self._query(queries, graph_queries, k, exclude, return_distances)
 
     def query_all(self, k: int = 1, *, return_distances: bool = False):
@@ -223,7 +270,7 @@ class NeighbourIndex:
         """
         k = check_k(k, self.n - 1)
         exclude = torch.arange(self.n, device=self.device)
-        return self._query(self._base, self._graph_vectors, k, exclude, return_distances)
+        return self._query(self._rows, self._graph_vectors, k, exclude, return_distances)
 
     def _check_exclude(self, exclude, n_queries: int) -> torch.Tensor:
         if isinstance(exclude, np.ndarray):
@@ -240,11 +287,14 @@ class NeighbourIndex:
             raise ValueError(f"exclude values must be in [-1, {self.n - 1}]")
         return exclude
 
-    def _query(self, queries: torch.Tensor, graph_queries: torch.Tensor | None, k: int,
-               exclude: torch.Tensor | None, return_distances: bool):
-        if queries.shape[0] == 0:
+    def _query(self, queries, graph_queries: torch.Tensor | None, k: int, exclude: torch.Tensor | None,
+               return_distances: bool):
+        """``queries``: prepared Tensor[Q, d] or the index's own FeatureRows (query_all);
+        ``graph_queries``: their float32 CPU graph-space vectors, None to make them by blocks."""
+        count = queries.n if isinstance(queries, FeatureRows) else queries.shape[0]
+        if count == 0:
             ids = torch.empty((0, k), dtype=torch.int64, device=self.device)
-            sq = torch.empty((0, k), dtype=self._base.dtype, device=self.device)
+            sq = torch.empty((0, k), dtype=self._out_dtype, device=self.device)
         elif self.backend == "exact":
             ids, sq = self._searcher.search(queries, k, exclude=exclude)
         else:
@@ -254,7 +304,17 @@ class NeighbourIndex:
         distances = squared_to_metric(sq, self.metric)
         if self._exponent:  # back to the features' units, in float64 (the scaled-back value may not fit float32)
             distances = times_power_of_two(distances.to(torch.float64), self._exponent)
-        return ids, distances.to(self._base.dtype)
+        return ids, distances.to(self._out_dtype)
+
+    def _candidates(self, queries, graph_queries, fetch: int) -> torch.Tensor:
+        """(Q, fetch) candidate ids from the graph (or faiss), querying by blocks of prepared rows
+        when the graph-space vectors are not at hand."""
+        if graph_queries is not None:
+            return self._searcher.search(graph_queries, fetch)
+        rows = queries if isinstance(queries, FeatureRows) else FeatureRows(queries)
+        parts = [self._searcher.search(block.to(device="cpu", dtype=torch.float32), fetch)
+                 for _, block in rows.chunks(_GRAPH_CHUNK_ROWS)]
+        return torch.cat(parts)
 
     def _propose_and_rerank(self, queries, graph_queries, k, exclude):
         if self.backend == "faiss":
@@ -265,31 +325,26 @@ class NeighbourIndex:
             wanted = k
         # One spare for the excluded row, which the search may or may not return.
         fetch = min(max(wanted, k) + (1 if exclude is not None else 0), self.n)
-        cand = self._searcher.search(graph_queries, fetch).to(self.device)
+        start = time.perf_counter()
+        cand = self._candidates(queries, graph_queries, fetch).to(self.device)
+        self.seconds["search"] = time.perf_counter() - start
+        start = time.perf_counter()
         invalid = cand < 0  # faiss and hnswlib pad with -1 when they find fewer points
         if exclude is not None:
             invalid |= cand == exclude.unsqueeze(1)
-        safe = cand.clamp_min(0)
-        sq = squared_distances_to_candidates(queries, self._base, safe, dtype=self._base.dtype,
-                                             num_threads=self.num_threads)
-        if sq.dtype != torch.float64 and not bool(torch.isfinite(sq[~invalid]).all()):
-            # float32 squares overflowed (queries far outside the indexed points): float64 ranks them
-            sq = squared_distances_to_candidates(queries, self._base, safe, dtype=torch.float64,
-                                                 num_threads=self.num_threads)
-        sq[invalid] = float("inf")
-        cand = cand.masked_fill(invalid, self.n)  # sorts invalid entries last among equal (inf) distances
-        sq, cand = sort_by_distance_then_id(sq, cand)
-        sq, cand = sq[:, :k], cand[:, :k]
+        sq, cand = rerank(queries, self._rows, cand, invalid, k, num_threads=self.num_threads)
         short = torch.isinf(sq).any(dim=1)
         if bool(short.any()):
-            # The graph (or faiss, whose float32 distances overflowed to inf) found fewer than k
-            # admissible points for these rows: search them exactly instead of failing.
+            # The graph (or faiss) found fewer than k admissible points for these rows: search
+            # them exactly instead of failing.
             rows = torch.nonzero(short).squeeze(1)
             if self._exact is None:
-                self._exact = ExactSearcher(self._base, num_threads=self.num_threads)
-            ids_r, sq_r = self._exact.search(queries[rows], k, exclude=None if exclude is None else exclude[rows])
+                self._exact = ExactSearcher(self._rows, num_threads=self.num_threads)
+            sub = self._rows.take(rows) if isinstance(queries, FeatureRows) else queries[rows]
+            ids_r, sq_r = self._exact.search(sub, k, exclude=None if exclude is None else exclude[rows])
             sq = sq.to(torch.float64)
             cand[rows], sq[rows] = ids_r, sq_r
+        self.seconds["rerank"] = time.perf_counter() - start
         return cand, sq
 
 

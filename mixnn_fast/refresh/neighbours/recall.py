@@ -17,6 +17,7 @@ from mixnn_fast.refresh.neighbours._validation import (
 )
 from mixnn_fast.refresh.neighbours.distances import squared_distances_to_candidates
 from mixnn_fast.refresh.neighbours.exact import ExactSearcher
+from mixnn_fast.refresh.neighbours.rows import HALF_DTYPES, FeatureRows
 
 # Relative slack when comparing two float64 distances computed along different paths.
 _TIE_RTOL = 1e-9
@@ -37,10 +38,17 @@ def _as_neighbour_ids(found, n: int, name: str = "found") -> torch.Tensor:
     return found.to(torch.int64)
 
 
+def _prepared_rows(features: torch.Tensor, metric: str) -> FeatureRows:
+    """The vectors the search ranked, as it prepared them (half precision: widened by blocks)."""
+    if features.dtype in HALF_DTYPES:
+        return FeatureRows(features, metric=metric)
+    return FeatureRows(prepare_for_metric(features, metric))
+
+
 def _hit_fraction(found_rows: torch.Tensor, query_ids: torch.Tensor, kth_sq: torch.Tensor,
-                  prepared: torch.Tensor) -> float:
+                  prepared: FeatureRows) -> float:
     """Share of valid, distinct, non-self entries of ``found_rows`` within the true k-th distance."""
-    n = prepared.shape[0]
+    n = prepared.n
     valid = (found_rows >= 0) & (found_rows < n) & (found_rows != query_ids.unsqueeze(1))
     # A repeated id counts once: mark every occurrence after the first in its row as invalid.
     sorted_ids, order = found_rows.sort(dim=1, stable=True)
@@ -48,7 +56,7 @@ def _hit_fraction(found_rows: torch.Tensor, query_ids: torch.Tensor, kth_sq: tor
     repeat_sorted[:, 1:] = sorted_ids[:, 1:] == sorted_ids[:, :-1]
     valid &= ~torch.zeros_like(valid).scatter(1, order, repeat_sorted)
     safe = found_rows.clamp(0, n - 1)
-    sq = squared_distances_to_candidates(prepared[query_ids], prepared, safe, dtype=torch.float64)
+    sq = squared_distances_to_candidates(prepared.take(query_ids), prepared, safe, dtype=torch.float64)
     hits = valid & (sq <= kth_sq.unsqueeze(1) * (1 + _TIE_RTOL))
     return float(hits.sum()) / hits.numel()
 
@@ -81,8 +89,8 @@ def recall_at_k(found, features, *, sample: int | None = 2000, seed: int = 0, me
     else:
         query_ids = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:sample].sort().values
     query_ids = query_ids.to(features.device)
-    prepared = prepare_for_metric(features, metric)
-    _, true_sq = ExactSearcher(prepared).search(prepared[query_ids], k, exclude=query_ids)
+    prepared = _prepared_rows(features, metric)
+    _, true_sq = ExactSearcher(prepared).search(prepared.take(query_ids), k, exclude=query_ids)
     return _hit_fraction(found[query_ids], query_ids, true_sq[:, k - 1], prepared)
 
 
@@ -100,7 +108,7 @@ def recall_against(found, reference, features, *, metric: str = "euclidean") -> 
     if reference.shape != found.shape:
         raise ValueError(f"reference must have the shape of found {tuple(found.shape)}, "
                          f"got {tuple(reference.shape)}")
-    prepared = prepare_for_metric(features, metric)
+    prepared = _prepared_rows(features, metric)
     query_ids = torch.arange(n, device=features.device)
     kth_sq = squared_distances_to_candidates(prepared, prepared, reference[:, -1:], dtype=torch.float64)[:, 0]
     return _hit_fraction(found, query_ids, kth_sq, prepared)
