@@ -50,7 +50,7 @@ def test_any_yaml_file_is_a_config_or_an_error_naming_the_file(tmp_path, data):
 
 
 @pytest.mark.parametrize("field,value,message", [
-    ("neighbour_backend", "annoy", "neighbour_backend: must be one of hnsw, exact, faiss"),
+    ("neighbour_backend", "annoy", "neighbour_backend: must be one of auto, hnsw, exact, faiss"),
     ("weights", "median", "weights: must be one of"),
     ("model", "resnet9000", "model: must be one of"),
     ("noise", "sym", "noise: must be one of"),

@@ -14,6 +14,7 @@ from mixnn_fast.audit.scores import auroc
 from mixnn_fast.refresh.gmm import GMM1D, clean_probability
 from mixnn_fast.refresh.loss_history import LossHistory
 from mixnn_fast.refresh.neighbours import nearest_neighbours
+from mixnn_fast.refresh.neighbours.choice import choose_backend
 from mixnn_fast.refresh.partners import PartnerTable
 from mixnn_fast.refresh.pool_scores import PoolScores
 from mixnn_fast.refresh.weights import mixing_weights, random_partners
@@ -31,7 +32,9 @@ class RefreshOptions:
     labels are corrected the GMM separates confident targets from uncertain ones rather than
     samples the model agrees with from those it does not), or the given labels ("given").
     gmm: keyword settings of :func:`~mixnn_fast.refresh.gmm.clean_probability`
-    (max_iter, tol, reg_covar, seed).
+    (max_iter, tol, reg_covar, seed).  neighbour_backend: "auto" (exact on the training ``device``
+    when it is CUDA and the pool fits, else hnswlib; see ``neighbours.choice``), "hnsw", "exact"
+    or "faiss".
     """
 
     num_neighbours: int = 1
@@ -40,9 +43,10 @@ class RefreshOptions:
     label_correction: bool = True
     gmm_loss: str = "argmax_targets"
     gmm: dict = field(default_factory=dict)
-    neighbour_backend: str = "hnsw"
+    neighbour_backend: str = "auto"
     rdm_alpha: float = 1.0
     num_threads: int | None = None
+    device: str | None = None  # the training device: "auto" searches exactly on a CUDA device when the pool fits
 
 
 @dataclass
@@ -93,8 +97,12 @@ def refresh(scores: PoolScores, options: RefreshOptions = RefreshOptions(), *,
     n = len(ids)
     neighbours = None  # positions within the pool
     if options.partners == "neighbours":
-        neighbours = nearest_neighbours(scores.features, options.num_neighbours, backend=options.neighbour_backend,
-                                        num_threads=options.num_threads)
+        features = scores.features
+        backend, search_device = choose_backend(options.neighbour_backend, *features.shape, features.dtype,
+                                                options.device)
+        neighbours = nearest_neighbours(features.to(search_device), options.num_neighbours, backend=backend,
+                                        num_threads=options.num_threads).cpu()
+        stats["neighbours_exact_on_device"] = float(search_device.type != "cpu")
     elif options.partners == "random":
         neighbours = random_partners(n, options.num_neighbours, generator)
     seconds["neighbours"] = time.perf_counter() - start

@@ -22,7 +22,7 @@ PARTNER_MODES = ("neighbours", "random", "in_batch")
 PLAN_MODES = ("coherent", "naive")
 GMM_LOSS_TARGETS = ("soft_targets", "argmax_targets", "given")
 DATASETS = ("fashion_mnist", "digits", "cifar10", "cifar100", "clothing1m", "webvision", "image_folder", "file_list")
-NEIGHBOUR_BACKENDS = ("hnsw", "exact", "faiss")
+NEIGHBOUR_BACKENDS = ("auto", "hnsw", "exact", "faiss")
 NOISE_KINDS = ("none", "symmetric_uniform", "symmetric_flip", "asymmetric_cifar10", "asymmetric_cifar100",
                "pairflip", "asymmetric_fashion_mnist")  # mixnn_fast.data.noise.KINDS minus "custom" (needs a matrix)
 MODELS = ("small_cnn", "preact_resnet18", "resnet34", "resnet50")  # or torchvision:<name> / timm:<name>
@@ -85,7 +85,7 @@ class TrainConfig:
     gmm_max_iter: int = 10
     gmm_tol: float = 1e-2
     gmm_reg_covar: float = 5e-4
-    neighbour_backend: str = "hnsw"       # hnsw | exact | faiss
+    neighbour_backend: str = "auto"       # auto (exact on a CUDA device when the pool fits, else hnsw) | hnsw | exact | faiss
     targets_storage: str = "auto"         # soft targets: auto (by N x C) | float32 | float16 | bfloat16 | topk
     features_dtype: str = "auto"          # the refresh's pool features: auto (float16 for large pools) | float32 | float16
     plus_loss: str = "gce"                # mixnn_plus: GCE (robust, q = gce_q) or CE on the mixed targets

@@ -47,13 +47,14 @@ def optimisation(cfg: TrainConfig, parameters):
     return optimizer, scheduler
 
 
-def refresh_options(cfg: TrainConfig, threads: int) -> RefreshOptions:
-    """The refresh's settings from a run's configuration."""
+def refresh_options(cfg: TrainConfig, threads: int, device: torch.device | None = None) -> RefreshOptions:
+    """The refresh's settings from a run's configuration; ``device``: the training device."""
     return RefreshOptions(
         num_neighbours=cfg.num_neighbours, partners=cfg.partners, weights_mode=cfg.weights,
         label_correction=cfg.label_correction, gmm_loss=cfg.gmm_loss,
         gmm=dict(max_iter=cfg.gmm_max_iter, tol=cfg.gmm_tol, reg_covar=cfg.gmm_reg_covar, seed=cfg.seed),
-        neighbour_backend=cfg.neighbour_backend, rdm_alpha=cfg.rdm_alpha, num_threads=threads)
+        neighbour_backend=cfg.neighbour_backend, rdm_alpha=cfg.rdm_alpha, num_threads=threads,
+        device=None if device is None else str(device))
 
 
 def corrects_labels(cfg: TrainConfig) -> bool:

@@ -131,7 +131,7 @@ class Trainer:
         self.inference = Inference(self.model, self.device, autocast_dtype=self.autocast_dtype,
                                    memory_format=self.memory_format, progress=cfg.progress and self.dist.is_main,
                                    allow_missing=cfg.on_error == "skip" or self.dist.enabled)
-        self.refresh_options = refresh_options(cfg, self.threads)
+        self.refresh_options = refresh_options(cfg, self.threads, self.device)
 
         self.metrics: MetricsLog | None = None  # opened by fit(): construction writes nothing
         self.last_refresh: RefreshResult | None = None
