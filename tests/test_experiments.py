@@ -21,12 +21,19 @@ def _cells(tmp_path, **overrides):
 
 def test_the_grid_has_every_method_noise_and_the_plan_pair(tmp_path):
     cells = table_cells(out_dir=tmp_path, seeds=(0, 1))
-    assert len(cells) == 2 * (5 * 5 + 3)
+    assert len(cells) == 2 * (6 * 5 + 3 + 2 * 3)  # 6 methods x 5 noises, MixNN's 3 extra rows, MixNN+'s ablations
     labels = {(c.noise, c.label) for c in cells}
     assert ("sym-40", "mixnn (naive plan)") in labels and ("asym-40", "gce") in labels
     assert len({c.config.out_dir for c in cells}) == len(cells)  # no two runs share a folder
     assert ("sym-60", "mixnn (GMM on soft-target losses)") in labels
     assert ("sym-80", "mixnn (losses averaged over 5 refreshes)") in labels
+    for noise in ("sym-60", "sym-80"):
+        full = next(c for c in cells if c.noise == noise and c.label == "mixnn_plus" and c.seed == 1)
+        for label, changes in (("correction of every sample", {"plus_correction"}),
+                               ("no label correction", {"plus_correction"}), ("CE instead of GCE", {"plus_loss"})):
+            ablated = next(c for c in cells if c.noise == noise and c.label == f"mixnn_plus ({label})" and c.seed == 1)
+            differences = {k for k, v in ablated.config.to_dict().items() if full.config.to_dict()[k] != v}
+            assert differences == changes | {"out_dir"}  # each ablation switches one change off
     naive = next(c for c in cells if c.variant == "naive plan")
     coherent = next(c for c in cells if c.noise == "sym-40" and c.label == "mixnn" and c.seed == naive.seed)
     differences = {k for k, v in naive.config.to_dict().items() if coherent.config.to_dict()[k] != v}

@@ -23,7 +23,12 @@ from typing import Iterable, Sequence
 
 from mixnn_fast.train.config import TrainConfig
 
-TABLE_METHODS = ("ce", "mixup", "gce", "sce", "mixnn")
+TABLE_METHODS = ("ce", "mixup", "gce", "sce", "mixnn", "mixnn_plus")
+# MixNN+'s ablation at sym-60 and sym-80: each of its changes switched off in turn
+# (row label, folder suffix, config changes)
+PLUS_ABLATIONS = (("correction of every sample", "_corrall", {"plus_correction": "all"}),
+                  ("no label correction", "_nocorr", {"plus_correction": "none"}),
+                  ("CE instead of GCE", "_ce", {"plus_loss": "ce"}))
 # (noise kind, rate, label in the table).  symmetric_uniform is the paper's convention (uniform
 # over all classes, so the realised rate is rate × (C−1)/C), which makes rows comparable with its Table I.
 TABLE_NOISE = (("symmetric_uniform", 0.2, "sym-20"), ("symmetric_uniform", 0.4, "sym-40"),
@@ -68,8 +73,9 @@ def table_cells(*, out_dir: str | Path, subset: int = 2000, epochs: int = 60, au
     """Every cell of the grid on Fashion-MNIST (Debian's files; ``dataset=...`` overrides it).  ``plan_pair`` adds MixNN at
     sym-40 with the naive plan (every partner decoded again), to set beside the coherent plan's
     row of the same seed; ``ablations`` adds MixNN at sym-60 with the GMM fitted on the losses
-    against the soft targets instead of their argmax, and MixNN at sym-80 with each sample's
-    loss averaged over its last 5 refreshes (what the paper does at very high noise).  ``overrides`` are TrainConfig fields
+    against the soft targets instead of their argmax, MixNN at sym-80 with each sample's
+    loss averaged over its last 5 refreshes (what the paper does at very high noise), and
+    MixNN+ at sym-60 and sym-80 with each of its changes switched off (``PLUS_ABLATIONS``).  ``overrides`` are TrainConfig fields
     applied to every cell.
 
     The defaults are the budget where CE visibly memorises on this 2-core machine: 2,000 images,
@@ -91,6 +97,8 @@ def table_cells(*, out_dir: str | Path, subset: int = 2000, epochs: int = 60, au
                 variants.append(("mixnn", "GMM on soft-target losses", "_softgmm", {"gmm_loss": "soft_targets"}))
             if ablations and "mixnn" in methods and noise_label == "sym-80":  # the paper's setting at 80%
                 variants.append(("mixnn", "losses averaged over 5 refreshes", "_history5", {"gmm_history": 5}))
+            if ablations and "mixnn_plus" in methods and noise_label in ("sym-60", "sym-80"):
+                variants += [("mixnn_plus", label, suffix, extra) for label, suffix, extra in PLUS_ABLATIONS]
             for method, variant, suffix, extra in variants:
                 name = f"{noise_label}_{method}{suffix}_s{seed}"
                 values = dict(dataset="fashion_mnist", train_subset=subset, noise=kind, noise_rate=rate,
@@ -207,8 +215,8 @@ def format_table(cells: list[Cell], summaries: list[dict]) -> str:
     for cell, summary in zip(cells, summaries):
         groups.setdefault((cell.noise, cell.label), []).append((cell, summary))
     lines = ["| noise | method | final test acc % | best test acc % | best − final | label acc after correction % "
-             "| clean AUROC, given labels | clean AUROC, current labels | seeds | minutes per run |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| clean AUROC, given labels | clean AUROC, current labels | label-audit F1 | seeds | minutes per run |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for (noise, label), runs in groups.items():
         finals = [s["final_test_accuracy"] for _, s in runs]
         bests = [s["best_test_accuracy"] for _, s in runs]
@@ -218,6 +226,7 @@ def format_table(cells: list[Cell], summaries: list[dict]) -> str:
             f"{_pct([s.get('label_accuracy_after_correction') for _, s in runs])} | "
             f"{_auroc([s.get('final_clean_auroc') for _, s in runs])} | "
             f"{_auroc([s.get('clean_auroc_current_labels') for _, s in runs])} | "
+            f"{_auroc([s.get('label_audit', {}).get('f1') for _, s in runs])} | "
             f"{', '.join(str(c.seed) for c, _ in runs)} | "
             f"{statistics.mean(s.get('wall_seconds', float('nan')) for _, s in runs) / 60:.1f} |")
     lines += ["", "Commands (one per run):", "", "```bash"]
