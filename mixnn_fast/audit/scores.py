@@ -26,3 +26,28 @@ def auroc(scores: torch.Tensor | np.ndarray, positives: torch.Tensor | np.ndarra
     average = (starts + ends + 1) / 2.0  # ranks are 1-based
     ranks[order] = np.repeat(average, ends - starts)
     return float((ranks[p].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def evaluate_issues(is_issue, score, noise_mask) -> dict[str, float]:
+    """How well a label audit finds the wrong labels, against the true ``noise_mask`` (N,) bool
+    (True where the given label is wrong).  ``is_issue`` (N,) bool: the flags; ``score`` (N,)
+    float: higher = more likely wrong.  Returns precision, recall and F1 of the flags (NaN where
+    undefined: no flags, or no wrong labels), the AUROC of the score, and the counts (flagged,
+    wrong, found)."""
+    from mixnn_fast.audit._validation import mask_array
+
+    noise = mask_array(noise_mask, "noise_mask", len(np.asarray(noise_mask)))
+    n = len(noise)
+    flags = mask_array(is_issue, "is_issue", n)
+    s = np.asarray(score, dtype=np.float64)
+    if s.shape != (n,):
+        raise ValueError(f"score: expected shape ({n},), got {s.shape}")
+    if not np.isfinite(s).all():
+        raise ValueError("score: must be finite (leave unscored samples out)")
+    found = int((flags & noise).sum())
+    flagged, wrong = int(flags.sum()), int(noise.sum())
+    precision = found / flagged if flagged else float("nan")
+    recall = found / wrong if wrong else float("nan")
+    f1 = 2 * found / (flagged + wrong) if flagged + wrong else float("nan")
+    return {"precision": precision, "recall": recall, "f1": f1, "auroc": auroc(s, noise),
+            "flagged": flagged, "wrong": wrong, "found": found, "samples": n}
