@@ -34,6 +34,10 @@ def test_quick_demo_trains_once_and_reports_twice(tmp_path, capsys, monkeypatch)
     assert all(0 <= r["final_test_accuracy"] <= 1 for r in results.values())
     first = capsys.readouterr().out
     assert "| mixnn |" in first and (tmp_path / "accuracy_ce_vs_mixnn.png").stat().st_size > 0
+    # one page with both runs' label audits side by side, images inlined
+    page = (tmp_path / "report.html").read_text()
+    assert "ours (ce)" in page and "ours (mixnn)" in page and page.count("data:image/png;base64,") >= 5
+    assert f"open {tmp_path / 'report.html'}" in first
 
     class NoTraining:
         def __init__(self, *args, **kwargs):

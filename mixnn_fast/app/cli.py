@@ -1,8 +1,9 @@
-"""The ``mixnn`` command: train, evaluate, demo, bench, info.
+"""The ``mixnn`` command: train, evaluate, audit, demo, bench, info.
 
     mixnn train --config run.yaml --epochs 40 --method mixnn      # flags override the YAML
     mixnn train --out-dir runs/x --resume [--epochs 80]            # continue runs/x with its own settings
     mixnn evaluate runs/x                                          # test accuracy of a saved run
+    mixnn audit runs/x [runs/y ...]                                # which given labels are wrong, beside cleanlab
     mixnn demo [--quick]                                           # CE vs MixNN on Fashion-MNIST
     mixnn table [--seeds 0 1] [--methods ce mixnn]                 # the results table (methods x noise)
     mixnn bench mixer [--quick]                                    # bench/<name>.py of a source checkout
@@ -140,6 +141,25 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    from mixnn_fast.app.report import audit_runs
+    from mixnn_fast.audit.run_folder import format_audit
+
+    if args.folds < 2:
+        raise ValueError(f"--folds: expected at least 2, got {args.folds}")
+    try:
+        results = audit_runs(args.runs, reference=not args.no_reference, folds=args.folds, seed=args.seed,
+                             log=lambda message: print(message, file=sys.stderr, flush=True))
+    except ImportError as exc:  # cleanlab, an optional dependency: say how to install it or skip it
+        print(f"mixnn audit: error: {exc}; or run with --no-reference", file=sys.stderr)
+        return 2
+    for result in results:
+        print(format_audit(result) + "\n")
+    print("audit.json, label_issues.csv and report.html rewritten in " +
+          ", ".join(sorted({r["run"] for r in results})))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from mixnn_fast.app.demo import run_demo
 
@@ -217,6 +237,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--previous", action="store_true", help="evaluate the checkpoint kept before the last one")
     evaluate.add_argument("--no-progress", action="store_true")
 
+    audit = sub.add_parser("audit", help="which given labels of finished runs are wrong: ours beside cleanlab "
+                                         "(precision, recall, F1, AUROC where true labels are known)")
+    audit.add_argument("runs", nargs="+", help="run folders (or a folder of runs, e.g. runs/demo)")
+    audit.add_argument("--no-reference", action="store_true",
+                       help="skip cleanlab's side (cross-validated logistic regression on the pixels)")
+    audit.add_argument("--folds", type=int, default=5, help="cross-validation folds of cleanlab's model")
+    audit.add_argument("--seed", type=int, default=0, help="seed of the folds")
+
     demo = sub.add_parser("demo", help="CE vs MixNN on Fashion-MNIST with 40%% symmetric noise")
     demo.add_argument("--quick", action="store_true", help="a one-minute version (1,000 images, 4 epochs)")
     demo.add_argument("--epochs", type=int)
@@ -254,8 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "bench":
             return cmd_bench(args, rest)
-        return {"train": cmd_train, "evaluate": cmd_evaluate, "demo": cmd_demo, "table": cmd_table,
-                "info": cmd_info}[args.command](args)
+        return {"train": cmd_train, "evaluate": cmd_evaluate, "audit": cmd_audit, "demo": cmd_demo,
+                "table": cmd_table, "info": cmd_info}[args.command](args)
     except (ValueError, TypeError, FileNotFoundError) as exc:  # a user's mistake: the message, no traceback
         print(f"mixnn {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from mixnn_fast.app.experiments import Cell, run_cell, table_cells
 from mixnn_fast.train.metrics import read_metrics
-from mixnn_fast.app.report import accuracy_curve, plot_accuracy
+from mixnn_fast.app.report import accuracy_curve, plot_accuracy, write_comparison_report
 
 DEMO_EPOCHS = 60
 DEMO_SUBSET = 2000
@@ -51,7 +51,8 @@ def format_results(results: dict[str, dict]) -> str:
 
 def run_demo(*, quick: bool = False, epochs: int | None = None, subset: int | None = None,
              out_dir: str | None = None, seed: int = 0, progress: bool = True) -> dict[str, dict]:
-    """Train CE and MixNN with the same data, noise, model and loader; print a table, write plots."""
+    """Train CE and MixNN with the same data, noise, model and loader; print a table, write plots
+    and ``out_dir/report.html``, the page setting the two runs' label audits side by side."""
     epochs = epochs or (QUICK_EPOCHS if quick else DEMO_EPOCHS)
     subset = subset or (QUICK_SUBSET if quick else DEMO_SUBSET)
     out_dir = out_dir or ("runs/demo_quick" if quick else "runs/demo")
@@ -68,9 +69,14 @@ def run_demo(*, quick: bool = False, epochs: int | None = None, subset: int | No
         curves[method] = accuracy_curve(read_metrics(cfg.out_dir))
     plot_path = plot_accuracy(curves, Path(out_dir) / "accuracy_ce_vs_mixnn.png",
                               title=f"Fashion-MNIST, 40% symmetric noise, {subset} images")
+    page = write_comparison_report(Path(out_dir) / "report.html", [cell.config.out_dir for cell in cells.values()],
+                                   title=f"Label audit: {' vs '.join(cells)} on Fashion-MNIST, 40% symmetric noise",
+                                   accuracy_plot=plot_path)
     table = format_results(results)
     print("\n" + table)
-    print(f"\nplots and label_issues.csv per method under {out_dir}/<method>/; comparison plot: {plot_path}")
+    print(f"\nopen {page}: the runs side by side (test accuracy, the labels most likely wrong, with suggestions)")
+    print(f"report.html, plots and label_issues.csv per method under {out_dir}/<method>/; comparison plot: {plot_path}")
+    print(f"beside cleanlab: .venv/bin/mixnn audit {out_dir}")
     print(f"(a second run reports these runs again; remove {out_dir} to train from scratch)")
     (Path(out_dir) / "results.md").write_text(table + "\n")
     (Path(out_dir) / "results.json").write_text(json.dumps(results, indent=2, default=str))
