@@ -108,7 +108,16 @@ def test_no_reference_audits_ours_alone(runs):
     done = mixnn("audit", str(runs / "ce"), "--no-reference")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "cleanlab" not in done.stdout and re.search(r"^ours\s+\d", done.stdout, re.M)
-    assert set(json.loads((runs / "ce" / "audit.json").read_text())["methods"]) == {"ours"}
+    default = json.loads((runs / "ce" / "audit.json").read_text())
+    assert set(default["methods"]) == {"ours"} and default["rule"] == "class_threshold"
+    # --rule argmax flags every label another class beats: a superset of the default's flags
+    done = mixnn("audit", str(runs / "ce"), "--no-reference", "--rule", "argmax")
+    assert done.returncode == 0, done.stderr[-3000:]
+    argmax = json.loads((runs / "ce" / "audit.json").read_text())
+    assert argmax["rule"] == "argmax" and argmax["flagged"] >= default["flagged"]
+    assert "rule: argmax" in (runs / "ce" / "report.html").read_text()
+    flags = read_issues_csv(runs / "ce" / "label_issues.csv")
+    assert flags["is_label_issue"].sum() == argmax["flagged"]
 
 
 def test_without_cleanlab_the_message_suggests_no_reference(runs, tmp_path):

@@ -149,7 +149,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
         raise ValueError(f"--folds: expected at least 2, got {args.folds}")
     try:
         results = audit_runs(args.runs, reference=not args.no_reference, folds=args.folds, seed=args.seed,
-                             log=lambda message: print(message, file=sys.stderr, flush=True))
+                             rule=args.rule, log=lambda message: print(message, file=sys.stderr, flush=True))
     except ImportError as exc:  # cleanlab, an optional dependency: say how to install it or skip it
         print(f"mixnn audit: error: {exc}; or run with --no-reference", file=sys.stderr)
         return 2
@@ -244,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="skip cleanlab's side (cross-validated logistic regression on the pixels)")
     audit.add_argument("--folds", type=int, default=5, help="cross-validation folds of cleanlab's model")
     audit.add_argument("--seed", type=int, default=0, help="seed of the folds")
+    audit.add_argument("--rule", choices=("class_threshold", "argmax"),
+                       help="which labels to flag (default class_threshold: another class is more likely and the "
+                            "given label gets less than its class's average; argmax: another class is more likely)")
 
     demo = sub.add_parser("demo", help="CE vs MixNN on Fashion-MNIST with 40%% symmetric noise")
     demo.add_argument("--quick", action="store_true", help="a one-minute version (1,000 images, 4 epochs)")

@@ -13,6 +13,7 @@ import numpy as np
 
 from mixnn_fast.app.report_html import (RunPage, audit_table, columns_html, figure_html, gallery_html, gallery_items,
                                         runs_table, section_html, write_html)
+from mixnn_fast.audit.issues import RULES
 from mixnn_fast.audit.run_folder import RECORD, RecordArrays, audit_record, issue_metrics, record_columns
 from mixnn_fast.audit.scores import auroc
 from mixnn_fast.train.atomic import write_atomic
@@ -186,7 +187,7 @@ def write_issue_report(out_dir: str | Path, record: RecordArrays, summary: dict,
     the gallery its pictures; ``audit``: an ``audit.json`` content (ours vs cleanlab) to show."""
     out = Path(out_dir)
     given, true, classes = record.given, record.true, record.classes
-    issues = audit_record(record)
+    issues = audit_record(record, rule=(audit or {}).get("rule"))  # the rule mixnn audit was asked for
     files = {"label_record": str(out / RECORD),
              "label_issues": str(issues.to_csv(out / "label_issues.csv", classes=classes, paths=paths,
                                                true_labels=true, extra=record_columns(record)))}
@@ -324,7 +325,7 @@ def write_comparison_report(path: str | Path, run_dirs: Sequence[str | Path], *,
         record = RecordArrays.load(run / RECORD)
         summary = json.loads(summary_path.read_text())
         audit = json.loads((run / AUDIT).read_text()) if (run / AUDIT).exists() else None
-        issues = audit_record(record)
+        issues = audit_record(record, rule=(audit or {}).get("rule"))
         config_text = (run / "config.yaml").read_text() if (run / "config.yaml").exists() else ""
         # runs of one data set (same subset, noise and seed) share one rebuilt training set
         key = "\n".join(line for line in config_text.splitlines()
@@ -394,16 +395,19 @@ def run_folders(paths: Sequence[str | Path]) -> list[Path]:
 
 
 def audit_runs(paths: Sequence[str | Path], *, reference: bool = True, folds: int = 5, seed: int = 0,
-               log=print) -> list[dict]:
+               rule: str | None = None, log=print) -> list[dict]:
     """``mixnn audit``: audit each run (:func:`mixnn_fast.audit.run_folder.audit_run`), computing
     cleanlab's reference once per distinct training set, and rewrite each run's report with the
-    comparison (and the comparison page of each folder of runs named).  Every path is checked
-    before anything is written.  Returns the audit.json contents."""
+    comparison (and the comparison page of each folder of runs named), flagging by ``rule`` (default:
+    find_label_issues's).  Every path is checked before anything is written.  Returns the
+    audit.json contents."""
     import hashlib
 
     from mixnn_fast.audit.reference import reference_audit
     from mixnn_fast.audit.run_folder import audit_run, pixels_of, training_set
 
+    if rule is not None and rule not in RULES:
+        raise ValueError(f"rule: expected one of {', '.join(RULES)}, got {rule!r}")
     if reference:
         from mixnn_fast.audit.reference import import_cleanlab
 
@@ -433,7 +437,8 @@ def audit_runs(paths: Sequence[str | Path], *, reference: bool = True, folds: in
                 cache[key] = reference_audit(pixels, record.given, folds=folds, seed=seed,
                                              num_classes=len(record.classes))
             ref = cache[key]
-        result = audit_run(run, reference=reference, reference_result=ref, folds=folds, seed=seed, log=log)
+        result = audit_run(run, reference=reference, reference_result=ref, folds=folds, seed=seed, rule=rule,
+                           log=log)
         rebuild_run_report(run, train=train, audit=result)
         results.append(result)
     for folder in map(Path, paths):  # a folder of runs (the demo's) gets its comparison page again

@@ -187,21 +187,21 @@ def load_thumbnails(paths, size: int = 32) -> np.ndarray:
 
 
 def audit_run(run_dir: str | Path, *, pixels: np.ndarray | None = None, reference: bool = True,
-              reference_result=None, folds: int = 5, seed: int = 0, log=print) -> dict:
+              reference_result=None, folds: int = 5, seed: int = 0, rule: str | None = None, log=print) -> dict:
     """Audit a finished run: its issues (from ``label_record.npz``, with the current rule)
     measured against the true noise mask where the data set knows it, beside cleanlab on
     out-of-sample probabilities of a ``folds``-fold cross-validated logistic regression on the
     same training images (``reference``).  ``pixels`` (N, H, W, C) uint8: the training images
     (default: rebuilt from the run's config); ``reference_result``: a ReferenceAudit already
-    computed for the same images and labels.  Writes ``audit.json`` in the run folder and
-    returns its content."""
+    computed for the same images and labels; ``rule``: the flagging rule (default: find_label_issues's).
+    Writes ``audit.json`` in the run folder and returns its content."""
     run_dir = Path(run_dir)
     if not (run_dir / RECORD).exists():
         raise FileNotFoundError(f"run_dir: {run_dir} has no {RECORD}; it is written when a run finishes "
                                 "(runs finished before the audit existed: train them again)")
     start = time.perf_counter()
     record = RecordArrays.load(run_dir / RECORD)
-    issues = audit_record(record)
+    issues = audit_record(record, rule=rule)
     ours_seconds = time.perf_counter() - start
     result: dict = {"run": str(run_dir), "method": record.method, "samples": len(record.given),
                     "rule": issues.rule, "flagged": issues.num_issues}
