@@ -47,7 +47,7 @@ img.fig { width: 100%; height: auto; border: 1px solid #eee; }
             border-radius: 4px; background: #000; }
 .item .given { color: #b3261e; }
 .item .sugg { color: #0b6b2f; font-weight: bold; }
-.item .score { color: #333; } .item .truth { font-size: 12px; color: #666; margin-top: 3px; }
+.item .score { color: #333; } .item .id { font-size: 10px; color: #777; } .item .truth { font-size: 12px; color: #666; margin-top: 3px; }
 .tag { display: inline-block; font-size: 11px; border-radius: 10px; padding: 1px 7px; margin-top: 4px; }
 .tag.hit { background: #dff3e4; color: #0b6b2f; } .tag.miss { background: #fde7e4; color: #8c1d18; }
 .note { font-size: 13px; color: #555; }
@@ -144,7 +144,9 @@ def _e(text) -> str:
 
 
 def _seconds(value) -> str:
-    return "–" if value is None or value != value else f"{value:.1f}"
+    if value is None or value != value:
+        return "–"
+    return "< 0.1" if value < 0.05 else f"{value:.1f}"  # a pass over saved arrays is not "0 seconds"
 
 
 def audit_table(rows: dict[str, dict]) -> str:
@@ -176,15 +178,16 @@ def gallery_html(items: Sequence[GalleryItem]) -> str:
     cards = []
     for it in items:
         picture = f"<img src='{it.image}' alt='sample {it.sample_id}'>" if it.image else "<p>(image unreadable)</p>"
-        truth = f"<div class='truth'>#{it.sample_id}</div>"
+        truth = ""
         if it.true is not None:
             hit = it.true != it.given
             tag = ("<span class='tag hit'>label was wrong</span>" if hit
                    else "<span class='tag miss'>label was right</span>")
-            truth = f"<div class='truth'>true: {_e(it.true)} · #{it.sample_id}</div>{tag}"
+            truth = f"<div class='truth'>true: {_e(it.true)}</div>{tag}"
         cards.append(f"<div class='item'>{picture}<div class='given'>given: <span>{_e(it.given)}</span></div>"
                      f"<div class='sugg'>→ {_e(it.suggested)} ({it.confidence:.2f})</div>"
-                     f"<div class='score'>score {it.score:.3f}</div>{truth}</div>")
+                     f"<div class='score'>score {it.score:.3f} <span class='id'>#{it.sample_id}</span></div>"
+                     f"{truth}</div>")
     return "<div class='gallery'>" + "\n".join(cards) + "</div>"
 
 
