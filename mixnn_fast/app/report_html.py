@@ -222,8 +222,10 @@ def figure_html(caption: str, path: str | Path, *, wide: bool = False) -> str:
 
 
 def columns_html(columns: Sequence[tuple[str, str]]) -> str:
-    """Side by side: one column per (heading, inner HTML), equal widths."""
-    return (f"<div class='cols' style='grid-template-columns: repeat({max(1, len(columns))}, minmax(0, 1fr))'>"
+    """Side by side: one column per (heading, inner HTML), equal widths, at most 3 to a row (a
+    gallery narrower than a third of the page shows too few images a row)."""
+    per_row = min(max(1, len(columns)), 3)
+    return (f"<div class='cols' style='grid-template-columns: repeat({per_row}, minmax(0, 1fr))'>"
             + "".join(f"<div><h3>{_e(h)}</h3>{inner}</div>" for h, inner in columns) + "</div>")
 
 
