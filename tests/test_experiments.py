@@ -30,7 +30,7 @@ def test_the_grid_has_every_method_noise_and_the_plan_pair(tmp_path):
     for noise in ("sym-60", "sym-80"):
         full = next(c for c in cells if c.noise == noise and c.label == "mixnn_plus" and c.seed == 1)
         for label, changes in (("correction of every sample", {"plus_correction"}),
-                               ("no label correction", {"plus_correction"}), ("CE instead of GCE", {"plus_loss"})):
+                               ("no label correction", {"plus_correction"}), ("GCE instead of CE", {"plus_loss"})):
             ablated = next(c for c in cells if c.noise == noise and c.label == f"mixnn_plus ({label})" and c.seed == 1)
             differences = {k for k, v in ablated.config.to_dict().items() if full.config.to_dict()[k] != v}
             assert differences == changes | {"out_dir"}  # each ablation switches one change off

@@ -28,7 +28,7 @@ TABLE_METHODS = ("ce", "mixup", "gce", "sce", "mixnn", "mixnn_plus")
 # (row label, folder suffix, config changes)
 PLUS_ABLATIONS = (("correction of every sample", "_corrall", {"plus_correction": "all"}),
                   ("no label correction", "_nocorr", {"plus_correction": "none"}),
-                  ("CE instead of GCE", "_ce", {"plus_loss": "ce"}))
+                  ("GCE instead of CE", "_gce", {"plus_loss": "gce"}))
 # (noise kind, rate, label in the table).  symmetric_uniform is the paper's convention (uniform
 # over all classes, so the realised rate is rate × (C−1)/C), which makes rows comparable with its Table I.
 TABLE_NOISE = (("symmetric_uniform", 0.2, "sym-20"), ("symmetric_uniform", 0.4, "sym-40"),

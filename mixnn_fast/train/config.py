@@ -88,7 +88,7 @@ class TrainConfig:
     neighbour_backend: str = "auto"       # auto (exact on a CUDA device when the pool fits, else hnsw) | hnsw | exact | faiss
     targets_storage: str = "auto"         # soft targets: auto (by N x C) | float32 | float16 | bfloat16 | topk
     features_dtype: str = "auto"          # the refresh's pool features: auto (float16 for large pools) | float32 | float16
-    plus_loss: str = "gce"                # mixnn_plus: GCE (robust, q = gce_q) or CE on the mixed targets
+    plus_loss: str = "ce"                 # mixnn_plus: CE or GCE (robust, q = gce_q) on the mixed targets (docs/mixnn_plus.md)
     plus_correction: str = "selective"    # mixnn_plus: correct only samples the last GMM called noisy | all | none
     mixup_alpha: float = 1.0
     gce_q: float = 0.7
