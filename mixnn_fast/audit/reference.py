@@ -37,11 +37,12 @@ def pixel_features(images) -> np.ndarray:
     return a.reshape(len(a), -1).astype(np.float32) / 255.0
 
 
-#: the logistic regression's inverse regularisation strength on pixels in [0, 1].  Chosen on a
-#: development run (Fashion-MNIST, 2,000 images, sym-60, seed 1 — not a reported run) as the
-#: value of {0.001, 0.003, 0.01, 0.03, 1} with the lowest cross-validated log-loss of the *given*
-#: labels (no true labels used).  It is also the strongest reference there: scikit-learn's
-#: default C = 1 over-fits the noisy labels (cleanlab F1 0.77, AUROC 0.83 against 0.88, 0.97).
+#: the logistic regression's inverse regularisation strength on pixels in [0, 1].  Chosen on
+#: development data (Fashion-MNIST, 2,000 images, sym-60, noise seed 1 — not a reported run) as
+#: the value of {0.001, 0.003, 0.01, 0.03, 1} with the lowest cross-validated log-loss of the
+#: *given* labels (no true labels used; docs/results.md, "Label audit").  It is also among the
+#: strongest references there: scikit-learn's default C = 1 over-fits the noisy labels (cleanlab
+#: F1 0.77, AUROC 0.83 against 0.88, 0.97).
 LOGISTIC_C = 0.01
 
 
