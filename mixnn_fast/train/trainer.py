@@ -52,6 +52,7 @@ from mixnn_fast.train.metrics import MetricsLog
 from mixnn_fast.train.inference import Inference
 from mixnn_fast.train.models import build_model
 from mixnn_fast.train.outcome import LabelRecord, probability_of_labels, summarise
+from mixnn_fast.train.run_lock import lock_run_folder
 from mixnn_fast.train.progress import epoch_line, progress_bar, progress_on_terminal
 from mixnn_fast.train.tally import EpochTally
 from mixnn_fast.train.state import RunState, checkpoint_state, read_resume_checkpoint, restore_checkpoint
@@ -134,6 +135,7 @@ class Trainer:
         self.refresh_options = refresh_options(cfg, self.threads, self.device)
 
         self.metrics: MetricsLog | None = None  # opened by fit(): construction writes nothing
+        self._lock = None  # the run folder's writer lock, held by fit()
         self.last_refresh: RefreshResult | None = None
         self.run = RunState()
         if state is not None:
@@ -160,6 +162,7 @@ class Trainer:
         if self.metrics is not None or not self.dist.is_main:  # rank 0 alone writes
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = lock_run_folder(self.out_dir)  # before the first write: one writer per folder
         self.cfg.save_yaml(self.out_dir / "config.yaml")
         self.metrics = MetricsLog(self.out_dir, tensorboard=self.cfg.tensorboard, resume=self.resume)
         self.metrics.truncate(self.run.epoch)
@@ -421,27 +424,32 @@ class Trainer:
         """Train from where the run stands to ``cfg.epochs``; returns :meth:`summary`."""
         cfg = self.cfg
         self._open_outputs()
-        for epoch in range(self.run.epoch, cfg.epochs):
-            row = self.train_epoch(epoch)
-            if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-                row["test_accuracy"] = self.test_accuracy()
-                if self.loaders.validation is not None:  # against the held-out *noisy* labels
-                    row["val_noisy_accuracy"] = self._accuracy(self.loaders.validation, self.data.validation)
-                if not math.isnan(row["test_accuracy"]):
-                    best = self.run.best_test_accuracy
-                    self.run.best_test_accuracy = row["test_accuracy"] if math.isnan(best) else \
-                        max(best, row["test_accuracy"])
-            if self.dist.is_main:  # every process holds the same row; rank 0 writes it
-                self.metrics.log(row)
-                log.info("epoch %d %s: loss %.4f, test accuracy %s", epoch, row["phase"], row["train_loss"],
-                         f"{row.get('test_accuracy', float('nan')):.4f}")
-                if cfg.progress and not progress_on_terminal():
-                    print(epoch_line(row, cfg.epochs), file=sys.stderr, flush=True)
-            self.run.epoch = epoch + 1
-            if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs:
-                self.save_checkpoint()
-        if self.metrics is not None:
-            self.metrics.close()
+        try:
+            for epoch in range(self.run.epoch, cfg.epochs):
+                row = self.train_epoch(epoch)
+                if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+                    row["test_accuracy"] = self.test_accuracy()
+                    if self.loaders.validation is not None:  # against the held-out *noisy* labels
+                        row["val_noisy_accuracy"] = self._accuracy(self.loaders.validation, self.data.validation)
+                    if not math.isnan(row["test_accuracy"]):
+                        best = self.run.best_test_accuracy
+                        self.run.best_test_accuracy = row["test_accuracy"] if math.isnan(best) else \
+                            max(best, row["test_accuracy"])
+                if self.dist.is_main:  # every process holds the same row; rank 0 writes it
+                    self.metrics.log(row)
+                    log.info("epoch %d %s: loss %.4f, test accuracy %s", epoch, row["phase"], row["train_loss"],
+                             f"{row.get('test_accuracy', float('nan')):.4f}")
+                    if cfg.progress and not progress_on_terminal():
+                        print(epoch_line(row, cfg.epochs), file=sys.stderr, flush=True)
+                self.run.epoch = epoch + 1
+                if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs:
+                    self.save_checkpoint()
+            if self.metrics is not None:
+                self.metrics.close()
+        finally:  # also when training fails: the folder is free for a resume at once
+            if self._lock is not None:
+                self._lock.close()
+                self._lock = None
         return self.summary()
 
     def summary(self) -> dict:
