@@ -5,7 +5,7 @@
     mixnn evaluate runs/x                                          # test accuracy of a saved run
     mixnn audit runs/x [runs/y ...]                                # which given labels are wrong, beside cleanlab
     mixnn demo [--quick]                                           # CE vs MixNN on Fashion-MNIST
-    mixnn table [--seeds 0 1] [--methods ce mixnn]                 # the results table (methods x noise)
+    mixnn table [--seeds 0 1 2] [--methods gce mixnn_plus]         # the results table (methods x noise)
     mixnn bench mixer [--quick]                                    # bench/<name>.py of a source checkout
     mixnn info                                                     # what the native extension was built with
 """
@@ -178,7 +178,7 @@ def cmd_table(args: argparse.Namespace) -> int:
                          f"; known: {known}")
     cells = table_cells(out_dir=args.out_dir, subset=args.subset, epochs=args.epochs, seeds=args.seeds,
                         methods=args.methods, noises=noises, num_threads=args.num_threads,
-                        augment=args.augment)
+                        augment=args.augment, plan_pair=args.ablations, ablations=args.ablations)
     if args.shard:
         try:
             index, count = (int(v) for v in args.shard.split("/"))
@@ -216,6 +216,9 @@ def cmd_info(_: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mixnn_fast.app.experiments import TABLE_METHODS
+    from mixnn_fast.train.config import METHODS
+
     parser = argparse.ArgumentParser(prog="mixnn", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -256,14 +259,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--no-progress", action="store_true")
 
-    table = sub.add_parser("table", help="the results table: CE/mixup/GCE/SCE/MixNN x label-noise settings")
+    table = sub.add_parser("table", help="the results table: CE/mixup/GCE/SCE/MixNN/MixNN+ x label-noise settings")
     table.add_argument("--out-dir", default="runs/table")
     table.add_argument("--subset", type=int, default=2000, help="training images (class-stratified)")
     table.add_argument("--epochs", type=int, default=60)
     table.add_argument("--augment", action=argparse.BooleanOptionalAction, default=False,
                        help="random pad-and-crop + flip (default: none, the budget where CE memorises)")
     table.add_argument("--seeds", type=int, nargs="+", default=[0])
-    table.add_argument("--methods", nargs="+", default=["ce", "mixup", "gce", "sce", "mixnn"])
+    table.add_argument("--methods", nargs="+", default=list(TABLE_METHODS), choices=METHODS)
+    table.add_argument("--ablations", action=argparse.BooleanOptionalAction, default=True,
+                       help="the extra rows: MixNN's naive-plan pair and ablations, MixNN+'s ablations")
     table.add_argument("--noise", nargs="+", help="a subset of sym-20 sym-40 sym-60 sym-80 asym-40")
     table.add_argument("--num-threads", type=int)
     table.add_argument("--shard", help="K/N: run every N-th cell from the K-th (several processes, one folder)")
