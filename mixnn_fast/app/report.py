@@ -253,7 +253,13 @@ def run_page(record: RecordArrays, summary: dict, issues, files: dict, *, audit:
              f"{issues.rule}; see mixnn_fast/audit/issues.py)."]
     return RunPage(name=name or record.method, cards=cards, audit=audit_rows,
                    figures={k: Path(v) for k, v in figures.items() if v}, gallery=gallery, notes=notes,
-                   wide=(hist,))
+                   wide=(hist,), widths={hist: _histogram_width(record)})
+
+
+def _histogram_width(record: RecordArrays) -> float:
+    """Percent of the page's width for a run's histogram figure: 3 panels for a run that corrected
+    labels, 2 otherwise (see :func:`write_issue_report`)."""
+    return 100.0 if record.corrects_labels else 200.0 / 3
 
 
 def write_run_html(path: str | Path, record: RecordArrays, summary: dict, issues, files: dict, *,
@@ -314,7 +320,7 @@ def write_comparison_report(path: str | Path, run_dirs: Sequence[str | Path], *,
     if not runs:
         raise ValueError("run_dirs: expected at least one finished run")
     names = [r.name for r in runs]
-    overview, audits, galleries, confusions, histograms, curves = {}, {}, [], [], [], {}
+    overview, audits, references, galleries, confusions, histograms, curves = {}, {}, {}, [], [], [], {}
     trains: dict[str, object] = {}
     cleanlab_labels = None
     for run, name in zip(runs, names):
@@ -331,9 +337,12 @@ def write_comparison_report(path: str | Path, run_dirs: Sequence[str | Path], *,
         key = "\n".join(line for line in config_text.splitlines()
                         if line.split(":")[0] in ("dataset", "data_root", "train_subset", "noise", "noise_rate",
                                                   "noise_seed", "validation_split", "seed"))
-        if key not in trains:
+        if key not in trains or not np.array_equal(trains[key].labels, record.given):
             trains[key] = training_set(run)
         train = trains[key]
+        if not np.array_equal(train.labels, record.given):
+            raise ValueError(f"run_dirs: the training labels rebuilt from {run / 'config.yaml'} differ from the "
+                             f"run's {RECORD}; the data set changed since the run")
         curves[name] = accuracy_curve(read_metrics(run))
         overview[name] = {"method": record.method,
                           "final test accuracy": _pct(summary.get("final_test_accuracy")),
@@ -346,17 +355,21 @@ def write_comparison_report(path: str | Path, run_dirs: Sequence[str | Path], *,
                 audits[f"ours ({name})"] = row
             elif cleanlab_labels is None or not np.array_equal(cleanlab_labels, record.given):
                 # one cleanlab row per distinct set of given labels (it does not depend on the run)
-                audits[key_row if cleanlab_labels is None else f"{key_row} ({name})"] = row
+                references[key_row if cleanlab_labels is None else f"{key_row} ({name})"] = row
                 cleanlab_labels = record.given
         items = gallery_items(issues, record.classes, _image_source(train.paths, train.images), k=gallery_size,
                               true_labels=record.true)
         galleries.append((name, gallery_html(items)))
         confusions.append((name, figure_html("suggested label vs true label (row-normalised %)", run / "confusion.png")))
         histograms.append(figure_html(f"{name}: the scores split by whether the given label is right",
-                                      run / "clean_probability.png", wide=True))
+                                      run / "clean_probability.png", wide=True, width=_histogram_width(record)))
     if accuracy_plot is None:
         accuracy_plot = plot_accuracy(curves, path.parent / "accuracy_comparison.png",
                                       title="test accuracy per epoch")
+    audits.update(references)  # ours first, then cleanlab's
+    if all(row["method"] == name for name, row in overview.items()):
+        for row in overview.values():  # the folder names say it already
+            del row["method"]
     sections = [runs_table(overview)]
     if audits:
         sections += ["<h2>Finding the wrong labels</h2>", audit_table(audits),

@@ -137,6 +137,9 @@ class RunPage:
     gallery: list[GalleryItem] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     wide: tuple[str, ...] = ()  # captions of figures that take the page's whole width
+    # caption -> percent of the row a figure's image takes (a 2-panel histogram is drawn at 2/3 of
+    # the width of a 3-panel one, so both show their panels at one size)
+    widths: dict[str, float] = field(default_factory=dict)
 
 
 def _e(text) -> str:
@@ -208,16 +211,18 @@ def section_html(page: RunPage, *, heading: bool = True) -> str:
                   gallery_html(page.gallery)]
     if page.figures:
         parts += ["<h3>Training and scores</h3>", "<div class='figs'>" + "".join(
-            figure_html(c, p, wide=c in page.wide) for c, p in page.figures.items()) + "</div>"]
+            figure_html(c, p, wide=c in page.wide, width=page.widths.get(c)) for c, p in page.figures.items())
+                  + "</div>"]
     return "\n".join(parts)
 
 
-def figure_html(caption: str, path: str | Path, *, wide: bool = False) -> str:
+def figure_html(caption: str, path: str | Path, *, wide: bool = False, width: float | None = None) -> str:
     """A PNG file inlined with its caption (nothing when the file is missing: a run without
-    true labels has no confusion plot)."""
+    true labels has no confusion plot); ``width``: percent of the row the image takes (default all)."""
     if not path or not Path(path).exists():
         return ""
-    return (f"<figure class='{'wide' if wide else ''}'><img class='fig' src='{file_uri(path)}' alt='{_e(caption)}'>"
+    style = "" if width is None else f" style='width: {width:.0f}%'"
+    return (f"<figure class='{'wide' if wide else ''}'><img class='fig' src='{file_uri(path)}'{style} alt='{_e(caption)}'>"
             f"<figcaption class='note'>{_e(caption)}</figcaption></figure>")
 
 
