@@ -131,17 +131,24 @@ def test_without_cleanlab_the_message_suggests_no_reference(runs, tmp_path):
     assert _digest(runs) == before
 
 
-def test_a_folder_that_is_not_a_run_is_refused_and_nothing_is_written(runs, tmp_path):
+def test_a_folder_that_is_not_a_run_is_refused_and_nothing_is_written(runs, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("not a run")
     before = _digest(runs), _digest(tmp_path)
-    for args in ([str(empty)], [str(other)], [str(tmp_path / "missing")], [str(other / "notes.txt")],
-                 [str(runs / "ce"), str(empty)]):  # a good run beside a bad folder: neither is touched
+    for args in ([str(empty)], [str(runs / "ce"), str(empty)]):  # a good run beside a bad folder: neither is touched
         line = _one_line_error(mixnn("audit", *args))
         assert "holds no finished run" in line, line
+    # more kinds of wrong path, through the same entry point in this process (a new one costs seconds)
+    from mixnn_fast.app.cli import main
+
+    for args in ([str(other)], [str(tmp_path / "missing")], [str(other / "notes.txt")]):
+        capsys.readouterr()
+        code = main(["audit", *args])
+        err = capsys.readouterr().err
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "holds no finished run" in err, (args, err)
     assert (_digest(runs), _digest(tmp_path)) == before
 
 
