@@ -36,7 +36,8 @@ def main(out_file: str) -> None:
             raise SystemExit(f"rank {trainer.dist.rank} holds another {name} than rank 0")
     if trainer.dist.is_main:
         torch.save(held, out)
-    trainer.dist.close()
+    del row, result, table, held
+    trainer.close()
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
     mixnn train --out-dir runs/x --resume [--epochs 80]            # continue runs/x with its own settings
     mixnn evaluate runs/x                                          # test accuracy of a saved run
     mixnn audit runs/x [runs/y ...]                                # which given labels are wrong, beside cleanlab
-    mixnn demo [--quick]                                           # CE vs MixNN on Fashion-MNIST
+    mixnn demo [--quick]                                           # CE, MixNN, MixNN+ on Fashion-MNIST
     mixnn table [--seeds 0 1 2] [--methods gce mixnn_plus]         # the results table (methods x noise)
     mixnn bench mixer [--quick]                                    # bench/<name>.py of a source checkout
     mixnn info                                                     # what the native extension was built with
@@ -112,14 +112,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     main = trainer.dist.is_main  # under torchrun, rank 0 alone writes and prints
     if trainer.data.note and main:
         print(f"NOTE: {trainer.data.note}")
-    try:
-        summary = trainer.fit()
-        record = trainer.label_record()  # every process takes part in its pass
-        if main:
-            summary = write_run_report(trainer.out_dir, record, summary)
-            print(json.dumps(summary, indent=2))
-    finally:
-        trainer.dist.close()
+    summary = trainer.fit()
+    record = trainer.label_record()  # every process takes part in its pass
+    if main:
+        summary = write_run_report(trainer.out_dir, record, summary)
+        print(json.dumps(summary, indent=2))
+    # only after success: a rank that failed exits at once (torchrun stops the others), where
+    # leaving the group would wait in a barrier for peers stuck in a collective
+    trainer.close()
     return 0
 
 
@@ -251,8 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="which labels to flag (default class_threshold: another class is more likely and the "
                             "given label gets less than its class's average; argmax: another class is more likely)")
 
-    demo = sub.add_parser("demo", help="CE vs MixNN on Fashion-MNIST with 40%% symmetric noise")
-    demo.add_argument("--quick", action="store_true", help="a one-minute version (1,000 images, 4 epochs)")
+    demo = sub.add_parser("demo", help="CE, MixNN and MixNN+ on Fashion-MNIST with 40%% symmetric noise")
+    demo.add_argument("--quick", action="store_true", help="a one-minute version (1,000 images, 6 epochs)")
     demo.add_argument("--epochs", type=int)
     demo.add_argument("--subset", type=int, help="training images (class-stratified)")
     demo.add_argument("--out-dir", help="default: runs/demo (runs/demo_quick with --quick)")

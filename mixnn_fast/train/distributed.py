@@ -103,7 +103,11 @@ class Distributed:
             dist.barrier()
 
     def close(self) -> None:
+        """Leave the process group, all processes together: a process that tears its connections
+        down while a peer is still writing (rank 0's checkpoint, report) or in a collective can
+        make gloo abort that peer ("terminate called without an active exception")."""
         if self.enabled and dist.is_initialized():
+            dist.barrier()
             dist.destroy_process_group()
 
     def _device(self) -> torch.device:

@@ -21,6 +21,7 @@ nothing; :meth:`Trainer.fit` writes the run folder.
 """
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import random
@@ -451,6 +452,16 @@ class Trainer:
                 self._lock.close()
                 self._lock = None
         return self.summary()
+
+    def close(self) -> None:
+        """Leave the process group, every process together (a no-op without torchrun).
+        DistributedDataParallel's reducer holds the group and its gloo work threads: it is
+        dropped and collected first, so that nothing of gloo is left to the interpreter's
+        shutdown, where destroying it can abort the process ("terminate called without an
+        active exception")."""
+        self.trained = self.model
+        gc.collect()
+        self.dist.close()
 
     def summary(self) -> dict:
         """Final numbers: test accuracy (last, best), label-correction accuracy and clean-detection
