@@ -973,8 +973,9 @@ def test_index_queries_are_the_nearest_or_name_the_argument(features, data):
     if metric == "cosine":  # the index casts the queries to its dtype first (if they fit), then normalises them
         fits = bool(torch.isfinite(queries.to(storage)).all())
         vectors, _ = reference_vectors(queries.to(storage) if fits else queries, metric, storage)
-    else:
-        vectors = queries.to(storage).double() * scale
+    else:  # the index brings queries to its features' scale in the wider dtype, then rounds them to its own:
+        # float64 queries beyond float32's range may still fit once scaled
+        vectors = (queries.double() * scale).to(storage).double()
     check_neighbours(ids, distances, base, vectors, k, backend, metric, scale, exclude,
                      torch.float32 if features.dtype != torch.float64 else torch.float64)
 
