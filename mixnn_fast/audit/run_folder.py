@@ -44,13 +44,12 @@ class RecordArrays:
 
     @classmethod
     def from_label_record(cls, record) -> "RecordArrays":
+        from mixnn_fast.train.outcome import PER_SAMPLE_FIELDS
+
         data = record.train
         return cls(method=record.method, classes=list(data.classes), given=np.asarray(data.labels),
                    true=None if data.clean_labels is None else np.asarray(data.clean_labels),
-                   corrected=np.asarray(record.corrected), clean_prob=np.asarray(record.clean_prob),
-                   clean_prob_given=np.asarray(record.clean_prob_given), prob_given=np.asarray(record.prob_given),
-                   predicted=np.asarray(record.predicted), confidence=np.asarray(record.confidence),
-                   target_given=np.asarray(record.target_given))
+                   **{name: np.asarray(getattr(record, name)) for name in PER_SAMPLE_FIELDS})
 
     @property
     def corrects_labels(self) -> bool:
@@ -65,9 +64,9 @@ class RecordArrays:
 
     def save(self, path: str | Path) -> Path:
         from mixnn_fast.train.atomic import write_atomic
+        from mixnn_fast.train.outcome import PER_SAMPLE_FIELDS
 
-        arrays = {k: getattr(self, k) for k in ("given", "corrected", "clean_prob", "clean_prob_given",
-                                                "prob_given", "predicted", "confidence", "target_given")}
+        arrays = {k: getattr(self, k) for k in ("given", *PER_SAMPLE_FIELDS)}
         if self.true is not None:
             arrays["true"] = self.true
         buffer = io.BytesIO()

@@ -9,6 +9,11 @@ import torch
 from mixnn_fast.data.description import DatasetDescription
 
 
+#: LabelRecord's per-sample arrays (N,), in the order a saved record (audit/run_folder.py) keeps them
+PER_SAMPLE_FIELDS = ("corrected", "clean_prob", "clean_prob_given", "prob_given", "predicted", "confidence",
+                     "target_given")
+
+
 @dataclass
 class LabelRecord:
     """One training run's view of its labels, one entry per training sample (N,).
