@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import json
 import math
 import shlex
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from mixnn_fast.train.config import TrainConfig
+from mixnn_fast.train.run_lock import try_lock
 
 TABLE_METHODS = ("ce", "mixup", "gce", "sce", "mixnn", "mixnn_plus")
 # MixNN+'s ablation at sym-60 and sym-80: each of its changes switched off in turn
@@ -148,13 +148,13 @@ def _exclusive(out: Path):
     """Hold ``out/.lock`` while a run is checked, trained or reported: two processes (table
     shards, a table and a demo) must never train the same folder at once, which would interleave
     their epochs in one metrics file."""
-    handle = (out / ".lock").open("w")
+    # a lock file of its own: the Trainer inside takes the folder's writer lock (.train.lock)
+    # for its epochs, and a second flock on one file from this process would refuse itself
+    handle = try_lock(out / ".lock")
+    if handle is None:
+        raise RunLocked(f"{out}: another process is training this run now; wait for it to finish "
+                        "(table shards: run the whole table once every shard is done)")
     try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RunLocked(f"{out}: another process is training this run now; wait for it to finish "
-                               "(table shards: run the whole table once every shard is done)") from None
         yield
     finally:
         handle.close()
