@@ -218,6 +218,46 @@ def test_matches_sklearn_from_same_init(rng, device, dtype, shape, n):
         assert_same_fit(ours, theirs, x, device, tol)
 
 
+@pytest.mark.parametrize("float64_sums", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [2, 5, 4095, 4097, 3 * 4096 + 11])
+def test_statistics_match_a_float64_reference(rng, dtype, n, float64_sums):
+    """Both ways of summing the statistics (the CPU's matmul per chunk, the devices' float64 sums of
+    the products), run here on the CPU, against float64 sums of the same float32/64 inputs."""
+    from mixnn_fast.refresh.gmm_numerics import Standardised as _Standardised
+
+    x = torch.from_numpy(bimodal(rng, n))
+    data = _Standardised(x, dtype, float(x.min()), float(x.max()), float64_sums=float64_sums)
+    resp = torch.from_numpy(rng.random(data.resp.shape)).to(dtype)
+    ours = torch.tensor(data.moments(resp), dtype=torch.float64)
+    if float64_sums:  # the products rounded to dtype, then summed in float64: only float64 rounding left
+        products = (resp.unsqueeze(2) * data.design.unsqueeze(1)).double()
+        eps = n * E64
+    else:  # a chunk's dot product in dtype: at most chunk x eps of its terms (the standard bound)
+        products = resp.double().unsqueeze(2) * data.design.double().unsqueeze(1)
+        eps = data.design.shape[-1] * torch.finfo(dtype).eps
+    expected = products.sum(dim=(0, 3))
+    assert ((ours - expected).abs() <= eps * products.abs().sum(dim=(0, 3))).all()
+
+
+@pytest.mark.parametrize("shape", ["bimodal", "unimodal"])
+@pytest.mark.parametrize("n", [17, 4096 * 3 + 7, 30011])
+def test_float64_sums_match_sklearn_from_same_init(rng, monkeypatch, shape, n):
+    """The summation that CUDA devices use, run on the CPU, within the same rounding tolerance."""
+    from mixnn_fast.refresh import gmm_numerics
+
+    monkeypatch.setattr(gmm_numerics, "float64_sums_for", lambda device: True)
+    x = (bimodal if shape == "bimodal" else unimodal)(rng, n)
+    init = random_init(rng, x)
+    theirs = sklearn_gmm(x, init)
+    ours = GMM1D(dtype=torch.float32, **init)
+    posteriors = ours.fit_predict_proba(torch.from_numpy(x))
+    tol = rounding_tolerances(x, *against_sklearn(torch.float32), **init)
+    np.testing.assert_allclose(posteriors.double().numpy(), theirs.predict_proba(x[:, None]), rtol=0,
+                               atol=tol.posterior)
+    assert_same_fit(ours, theirs, x, "cpu", tol)
+
+
 @pytest.mark.parametrize("dtype,max_iter,tol,reg_covar", [
     (torch.float32, 1, 1e-2, 5e-4), (torch.float64, 1, 1e-2, 5e-4),
     (torch.float32, 100, 1e-4, 1e-6), (torch.float64, 100, 1e-4, 1e-6),

@@ -45,8 +45,8 @@ def check_rows(weights: torch.Tensor, rows: int, k: int) -> None:
     assert torch.isfinite(weights).all() and (weights >= 0).all()
     # float64 rows summing to 1 within (K + 1) eps64, each weight then rounded to float32: within
     # eps32 / 2 of its value, so the row within eps32 / 2 of 1, plus the float64 sums' rounding
-    torch.testing.assert_close(weights.double().sum(dim=1), torch.ones(rows, dtype=torch.float64),
-                               rtol=0, atol=E32 / 2 + 2 * (k + 2) * E64)
+    ones = torch.ones(rows, dtype=torch.float64, device=weights.device)
+    torch.testing.assert_close(weights.double().sum(dim=1), ones, rtol=0, atol=E32 / 2 + 2 * (k + 2) * E64)
 
 
 @pytest.mark.parametrize("device", DEVICES)
