@@ -103,3 +103,37 @@ def test_a_run_being_trained_elsewhere_is_not_touched(tmp_path):
         with pytest.raises(RuntimeError, match="another process"):
             experiments.run_cell(cell, log=lambda *_: None)
     assert not (out / "metrics.jsonl").exists()
+
+
+def test_report_only_tables_the_finished_runs_and_names_the_rest(tmp_path, monkeypatch):
+    cells = _cells(tmp_path, plan_pair=False)  # ce and mixnn at sym-40
+    finished = run_table(cells[:1], tmp_path / "table", log=lambda *_: None)
+
+    class NoTraining:
+        def __init__(self, *args, **kwargs):
+            raise AssertionError("--report-only trained a run")
+
+    monkeypatch.setattr("mixnn_fast.train.trainer.Trainer", NoTraining)
+    table = run_table(cells, tmp_path / "table", log=lambda *_: None, train=False)
+    assert "| sym-40 | ce |" in table and "| sym-40 | mixnn |" not in table
+    assert table.splitlines()[2] == finished.splitlines()[2]  # the finished run's row, unchanged
+    assert "Not finished, so not in the table (1 of 2 runs): sym-40_mixnn_s0." in table
+    assert (tmp_path / "table" / "results.md").read_text() == table + "\n"
+
+
+def test_report_only_through_the_cli_trains_nothing(tmp_path, capsys, monkeypatch):
+    from mixnn_fast.app.cli import main
+
+    class NoTraining:
+        def __init__(self, *args, **kwargs):
+            raise AssertionError("--report-only trained a run")
+
+    monkeypatch.setattr("mixnn_fast.train.trainer.Trainer", NoTraining)
+    out = tmp_path / "t"
+    assert main(["table", "--out-dir", str(out), "--noise", "sym-40", "--methods", "ce", "gce",
+                 "--no-ablations", "--report-only"]) == 0
+    printed = capsys.readouterr().out
+    assert "Not finished, so not in the table (2 of 2 runs): sym-40_ce_s0, sym-40_gce_s0." in printed
+    assert not any(p.is_dir() for p in out.iterdir())  # no run folder was made
+    assert main(["table", "--out-dir", str(out), "--shard", "1/2", "--report-only"]) == 2
+    assert "--report-only" in capsys.readouterr().err

@@ -179,6 +179,8 @@ def cmd_table(args: argparse.Namespace) -> int:
     cells = table_cells(out_dir=args.out_dir, subset=args.subset, epochs=args.epochs, seeds=args.seeds,
                         methods=args.methods, noises=noises, num_threads=args.num_threads,
                         augment=args.augment, plan_pair=args.ablations, ablations=args.ablations)
+    if args.shard and args.report_only:
+        raise ValueError("--report-only: writes the whole table from the finished runs; give it without --shard")
     if args.shard:
         try:
             index, count = (int(v) for v in args.shard.split("/"))
@@ -189,7 +191,7 @@ def cmd_table(args: argparse.Namespace) -> int:
         cells = cells[index - 1::count]
         print(f"shard {index}/{count}: {len(cells)} runs; run again without --shard once every shard is done "
               "to write the whole table")
-    print(run_table(cells, args.out_dir))
+    print(run_table(cells, args.out_dir, train=not args.report_only))
     print(f"\nresults.md, results.json and accuracy_<noise>.png in {args.out_dir}")
     return 0
 
@@ -272,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     table.add_argument("--noise", nargs="+", help="a subset of sym-20 sym-40 sym-60 sym-80 asym-40")
     table.add_argument("--num-threads", type=int)
     table.add_argument("--shard", help="K/N: run every N-th cell from the K-th (several processes, one folder)")
+    table.add_argument("--report-only", action="store_true",
+                       help="train nothing: write the table from the finished runs and list the others")
 
     bench = sub.add_parser("bench", help="run bench/<name>.py (extra arguments go to the script)")
     bench.add_argument("name", help=", ".join(BENCHMARKS))

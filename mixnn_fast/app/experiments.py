@@ -160,12 +160,12 @@ def _exclusive(out: Path):
         handle.close()
 
 
-def _run_cell_locked(cell: Cell, out: Path, log) -> dict:
+def finished_summary(cell: Cell) -> dict | None:
+    """The summary of the cell's finished run, or None when its folder holds no finished run.
+    Raises ValueError when the folder holds a run of another configuration."""
     import yaml
 
-    from mixnn_fast.app.report import write_run_report
-    from mixnn_fast.train.trainer import CHECKPOINT, PREVIOUS, Trainer
-
+    out = Path(cell.config.out_dir)
     summary_path, config_path = out / "summary.json", out / "config.yaml"
     saved = yaml.safe_load(config_path.read_text()) if config_path.exists() else None
     if saved is not None and not _same_config(saved, cell.config):
@@ -173,8 +173,18 @@ def _run_cell_locked(cell: Cell, out: Path, log) -> dict:
     if summary_path.exists():
         summary = json.loads(summary_path.read_text())
         if summary.get("epochs") == cell.config.epochs:
-            log(f"[table] {cell.noise} {cell.label} seed {cell.seed}: done earlier ({out})")
             return summary
+    return None
+
+
+def _run_cell_locked(cell: Cell, out: Path, log) -> dict:
+    from mixnn_fast.app.report import write_run_report
+    from mixnn_fast.train.trainer import CHECKPOINT, PREVIOUS, Trainer
+
+    summary = finished_summary(cell)
+    if summary is not None:
+        log(f"[table] {cell.noise} {cell.label} seed {cell.seed}: done earlier ({out})")
+        return summary
     resume = (out / CHECKPOINT).exists() or (out / PREVIOUS).exists()
     log(f"[table] {cell.noise} {cell.label} seed {cell.seed}: {'resuming' if resume else 'training'} -> {out}")
     start = time.perf_counter()
@@ -208,9 +218,9 @@ def _auroc(values: list[float | None]) -> str:
     return f"{statistics.mean(values):.3f}" if values else "–"
 
 
-def format_table(cells: list[Cell], summaries: list[dict]) -> str:
+def format_table(cells: list[Cell], summaries: list[dict], missing: Sequence[Cell] = ()) -> str:
     """Markdown: one row per (noise, method), seeds averaged (mean ± sample std when several),
-    then the command of every run."""
+    the ``missing`` runs named, then the command of every run."""
     groups: dict[tuple[str, str], list[tuple[Cell, dict]]] = {}
     for cell, summary in zip(cells, summaries):
         groups.setdefault((cell.noise, cell.label), []).append((cell, summary))
@@ -229,6 +239,9 @@ def format_table(cells: list[Cell], summaries: list[dict]) -> str:
             f"{_auroc([s.get('label_audit', {}).get('f1') for _, s in runs])} | "
             f"{', '.join(str(c.seed) for c, _ in runs)} | "
             f"{statistics.mean(s.get('wall_seconds', float('nan')) for _, s in runs) / 60:.1f} |")
+    if missing:
+        lines += ["", f"Not finished, so not in the table ({len(missing)} of {len(cells) + len(missing)} runs): "
+                  + ", ".join(Path(c.config.out_dir).name for c in missing) + "."]
     lines += ["", "Commands (one per run):", "", "```bash"]
     lines += [train_command(cell.config) for cell in cells]
     lines += ["```"]
@@ -253,15 +266,24 @@ def plot_table(cells: list[Cell], out_dir: str | Path) -> list[Path]:
     return paths
 
 
-def run_table(cells: list[Cell], out_dir: str | Path, *, log=print) -> str:
-    """Run every cell (skipping finished ones), then write results.md/.json and the plots."""
+def run_table(cells: list[Cell], out_dir: str | Path, *, log=print, train: bool = True) -> str:
+    """Run every cell (skipping finished ones), then write results.md/.json and the plots.  With
+    ``train=False`` nothing is trained: the table holds the finished runs, and lists the others
+    (e.g. while shards still run, or after they ran on other machines)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    summaries = []
+    summaries, missing = [], []
     for i, cell in enumerate(cells):
-        log(f"[table] run {i + 1} of {len(cells)}")
-        summaries.append(run_cell(cell, log=log))
-    table = format_table(cells, summaries)
+        if train:
+            log(f"[table] run {i + 1} of {len(cells)}")
+            summaries.append(run_cell(cell, log=log))
+        else:
+            summaries.append(finished_summary(cell))
+            if summaries[-1] is None:
+                missing.append(cell)
+    done = [(c, s) for c, s in zip(cells, summaries) if s is not None]
+    cells, summaries = [c for c, _ in done], [s for _, s in done]
+    table = format_table(cells, summaries, missing=missing)
     (out_dir / "results.md").write_text(table + "\n")
     (out_dir / "results.json").write_text(json.dumps(
         [{"noise": c.noise, "method": c.label, "seed": c.seed, "command": train_command(c.config), **s}
