@@ -73,3 +73,34 @@ def test_the_lock_dies_with_a_killed_holder(tmp_path):
         except RunFolderBusy:
             assert time.monotonic() < deadline, "the lock outlived its killed holder"
             time.sleep(0.05)
+
+
+def test_the_folder_stays_locked_until_the_report_is_written(tmp_path):
+    """fit(keep_lock=True), as the CLI and the table call it, keeps the lock, so nothing can start
+    in the folder between training and the report; release_run_folder() (or close()) lets the
+    next writer in; a failed fit frees it; a plain fit() frees it when it returns."""
+    from mixnn_fast.train.run_lock import try_lock
+
+    cfg = TrainConfig(dataset="digits", train_subset=200, model_widths=[4, 8, 8, 8], epochs=1, warmup_epochs=1,
+                      num_threads=1, progress=False, tensorboard=False, out_dir=str(tmp_path / "run"))
+    trainer = Trainer(cfg)
+    trainer.fit(keep_lock=True)
+    assert try_lock(tmp_path / "run" / LOCK) is None  # still this trainer's
+    trainer.release_run_folder()
+    handle = try_lock(tmp_path / "run" / LOCK)
+    assert handle is not None
+    handle.close()
+
+    failing = Trainer(TrainConfig.from_dict({**cfg.to_dict(), "epochs": 2}), overwrite=True)
+    failing.train_epoch = lambda epoch: (_ for _ in ()).throw(RuntimeError("boom"))
+    with pytest.raises(RuntimeError, match="boom"):
+        failing.fit(keep_lock=True)
+    handle = try_lock(tmp_path / "run" / LOCK)
+    assert handle is not None  # released by the failure
+    handle.close()
+
+    plain = Trainer(cfg, overwrite=True)
+    plain.fit()
+    handle = try_lock(tmp_path / "run" / LOCK)
+    assert handle is not None  # the Python API's plain fit() leaves the folder free
+    handle.close()

@@ -112,7 +112,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     main = trainer.dist.is_main  # under torchrun, rank 0 alone writes and prints
     if trainer.data.note and main:
         print(f"NOTE: {trainer.data.note}")
-    summary = trainer.fit()
+    summary = trainer.fit(keep_lock=True)  # released by close(), after the report
     record = trainer.label_record()  # every process takes part in its pass
     if main:
         summary = write_run_report(trainer.out_dir, record, summary)

@@ -192,9 +192,10 @@ def _run_cell_locked(cell: Cell, out: Path, log) -> dict:
     trainer = Trainer(cell.config, resume=resume, overwrite=not resume)
     if trainer.data.note:
         log(f"[table] NOTE: {trainer.data.note}")
-    summary = trainer.fit()
+    summary = trainer.fit(keep_lock=True)
     summary["wall_seconds"] = time.perf_counter() - start
     summary = write_run_report(trainer.out_dir, trainer.label_record(), summary)
+    trainer.release_run_folder()  # only now: the report belongs to the run
     log(f"[table] {cell.noise} {cell.label} seed {cell.seed}: final {100 * summary['final_test_accuracy']:.2f}%, "
         f"best {100 * summary['best_test_accuracy']:.2f}% ({summary['wall_seconds'] / 60:.1f} min)")
     return summary

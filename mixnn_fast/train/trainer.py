@@ -421,8 +421,12 @@ class Trainer:
 
     # ---- the whole run ---------------------------------------------------------------------
 
-    def fit(self) -> dict:
-        """Train from where the run stands to ``cfg.epochs``; returns :meth:`summary`."""
+    def fit(self, *, keep_lock: bool = False) -> dict:
+        """Train from where the run stands to ``cfg.epochs``; returns :meth:`summary`.  The run
+        folder's writer lock is released at the end, or, with ``keep_lock``, kept after a
+        successful fit until :meth:`release_run_folder` or :meth:`close` (the CLI writes the
+        report in between, so nothing else can start in the folder before it is complete).
+        A failed fit always releases it, for a resume."""
         cfg = self.cfg
         self._open_outputs()
         try:
@@ -447,18 +451,26 @@ class Trainer:
                     self.save_checkpoint()
             if self.metrics is not None:
                 self.metrics.close()
-        finally:  # also when training fails: the folder is free for a resume at once
-            if self._lock is not None:
-                self._lock.close()
-                self._lock = None
+        except BaseException:
+            self.release_run_folder()
+            raise
+        if not keep_lock:
+            self.release_run_folder()
         return self.summary()
+
+    def release_run_folder(self) -> None:
+        """Let another process write the run folder (the lock :meth:`fit` took); idempotent."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     def close(self) -> None:
         """Leave the process group, every process together (a no-op without torchrun).
         DistributedDataParallel's reducer holds the group and its gloo work threads: it is
         dropped and collected first, so that nothing of gloo is left to the interpreter's
         shutdown, where destroying it can abort the process ("terminate called without an
-        active exception")."""
+        active exception").  Releases the run folder first."""
+        self.release_run_folder()
         self.trained = self.model
         gc.collect()
         self.dist.close()
