@@ -174,7 +174,18 @@ def check_mix_result(got: torch.Tensor, kwargs: dict, facts: dict) -> None:
     twin = mix_images_reference(x, anchors, partners, facts["effective_w"], in_layout=kwargs["in_layout"],
                                 mean=facts["mean_exact"], std=facts["std_exact"], out_layout=kwargs["out_layout"],
                                 out_dtype=torch.float64 if out_dtype != torch.uint8 else torch.uint8)
-    torch.testing.assert_close(twin.double(), expected, rtol=1e-12, atol=1e-9)
+    if out_dtype == torch.uint8:
+        # Both references round a float64 mix to uint8. Mixes of bfloat16 or uint8 pixels with
+        # weights that sum to 1 often land exactly on a .5 tie, and the two references sum in other
+        # orders, so one may round up and the other down (CI found 23.5 -> 24 against 23). They must
+        # agree everywhere else, and by at most 1 at a tie.
+        exact = formula_mix(x, kwargs["in_layout"], anchors, partners, facts["effective_w"], facts["mean_exact"],
+                            facts["std_exact"], kwargs["out_layout"], torch.float64)
+        near_tie = ((exact - exact.floor()) - 0.5).abs() <= 1e-9 * (1 + exact.abs())
+        difference = (twin.double() - expected).abs()
+        assert not bool((difference[~near_tie] > 0).any()) and not bool((difference > 1).any())
+    else:
+        torch.testing.assert_close(twin.double(), expected, rtol=1e-12, atol=1e-9)
     if got.numel() == 0:
         return
     # float32 arithmetic in the kernel: (K + 4) roundings of terms bounded by (|x| + |mean|) / std
