@@ -322,8 +322,10 @@ def break_mix_call(draw, kwargs: dict, facts: dict, how: str):
     if how == "weight_tolerance_bad":
         kwargs["weight_tolerance"] = draw(st.sampled_from([math.nan, -1e-3, "0.1", None, [1e-3]]))
         return {"weight_tolerance"}
-    if how == "images_not_finite" and facts["in_dtype"] != torch.uint8 and as_torch(kwargs["images"]).numel():
-        x = as_torch(kwargs["images"]).clone(memory_format=torch.contiguous_format)
+    images = as_torch(kwargs["images"])  # an earlier break may have made them integers or no tensor
+    if (how == "images_not_finite" and isinstance(images, torch.Tensor) and images.is_floating_point()
+            and images.numel()):
+        x = images.clone(memory_format=torch.contiguous_format)
         x.view(-1)[draw(st.integers(0, x.numel() - 1))] = draw(st.sampled_from([math.nan, math.inf, -math.inf]))
         kwargs.update(images=x, check_finite=True)
         return {"images"}
