@@ -273,16 +273,17 @@ def run_table(cells: list[Cell], out_dir: str | Path, *, log=print, train: bool 
     (e.g. while shards still run, or after they ran on other machines)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    summaries, missing = [], []
+    done, missing = [], []
     for i, cell in enumerate(cells):
         if train:
             log(f"[table] run {i + 1} of {len(cells)}")
-            summaries.append(run_cell(cell, log=log))
+            summary = run_cell(cell, log=log)
         else:
-            summaries.append(finished_summary(cell))
-            if summaries[-1] is None:
-                missing.append(cell)
-    done = [(c, s) for c, s in zip(cells, summaries) if s is not None]
+            summary = finished_summary(cell)
+        if summary is None:
+            missing.append(cell)
+        else:
+            done.append((cell, summary))
     cells, summaries = [c for c, _ in done], [s for _, s in done]
     table = format_table(cells, summaries, missing=missing)
     (out_dir / "results.md").write_text(table + "\n")
