@@ -96,12 +96,25 @@ def _checkpoint_inside_epoch(epoch: int):
     return ready
 
 
+@pytest.fixture(scope="module")
+def uninterrupted_plus(tmp_path_factory) -> Path:
+    """MixNN+ with the freeze after one agreement: the counts of epoch 3's refresh decide which
+    targets epoch 4's refresh may correct, so a resume that lost them would differ."""
+    return _train_straight(tmp_path_factory.mktemp("resume") / "straight_plus", *PLUS)
+
+
+PLUS = ("--method", "mixnn_plus", "--plus-freeze", "1")
+KILLED_RUNS = {"mixnn": ("uninterrupted", ("--method", "mixnn")), "mixup": ("uninterrupted_mixup", ("--method", "mixup")),
+               "mixnn_plus": ("uninterrupted_plus", PLUS)}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("method,kill_in_epoch", [("mixnn", 4), ("mixup", 2)])
+@pytest.mark.parametrize("method,kill_in_epoch", [("mixnn", 4), ("mixup", 2), ("mixnn_plus", 3)])
 def test_sigkill_and_resume_gives_the_uninterrupted_metrics(tmp_path, request, method, kill_in_epoch):
-    uninterrupted = request.getfixturevalue("uninterrupted" if method == "mixnn" else "uninterrupted_mixup")
+    fixture, flags = KILLED_RUNS[method]
+    uninterrupted = request.getfixturevalue(fixture)
     out = tmp_path / "killed"
-    command = [sys.executable, "-m", "mixnn_fast.app.cli", "train", *TINY, "--method", method, "--out-dir", str(out),
+    command = [sys.executable, "-m", "mixnn_fast.app.cli", "train", *TINY, *flags, "--out-dir", str(out),
                "--checkpoint-every-steps", "5"]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "OMP_NUM_THREADS": "1"})

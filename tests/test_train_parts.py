@@ -229,3 +229,47 @@ def test_selective_correction_moves_only_the_samples_marked_noisy(rng):
            features=torch.zeros(n, 2), correct_only=mask)
     moved = (targets.targets != before).any(1)
     assert moved.tolist() == mask.tolist()
+
+
+def _agreement_reference(counts, ids, predicted, current, k):
+    """update_agreement written as a loop over samples, in plain Python."""
+    counts = [int(c) for c in counts]
+    for i, p, c in zip(ids.tolist(), predicted.tolist(), current.tolist()):
+        if counts[i] >= k:
+            continue  # frozen for good
+        counts[i] = counts[i] + 1 if p == c else 0
+    return counts
+
+
+@pytest.mark.parametrize("n,k", [(1, 1), (37, 2), (250, 3)])
+def test_agreement_counts_consecutive_refreshes_and_freezes_for_good(rng, n, k):
+    """MixNN+'s freeze: the count grows while the model predicts the current label, drops to 0
+    when it does not, stops at ``plus_freeze``; refreshes before the correction start count
+    nothing; the pool may be any subset of the samples."""
+    from mixnn_fast.train.methods import correction_mask, update_agreement
+
+    c = 4
+    cfg = TrainConfig(method="mixnn_plus", plus_freeze=k, correction_start=5)
+    agreement = torch.zeros(n, dtype=torch.int16)
+    expected = [0] * n
+    for epoch in range(3, 14):
+        ids = torch.from_numpy(np.sort(rng.choice(n, size=max(1, n * 2 // 3), replace=False)))
+        current = torch.from_numpy(rng.integers(0, c, len(ids)))
+        # mostly agreeing, so that some samples reach k
+        predicted = torch.where(torch.from_numpy(rng.uniform(size=len(ids)) < 0.8), current,
+                                torch.from_numpy(rng.integers(0, c, len(ids))))
+        update_agreement(cfg, agreement, ids, predicted, current, epoch)
+        if epoch >= cfg.correction_start:
+            expected = _agreement_reference(expected, ids, predicted, current, k)
+        assert agreement.tolist() == expected, epoch
+    assert agreement.dtype == torch.int16 and int(agreement.max()) <= k
+    if n > 1:
+        assert (agreement >= k).any() and (agreement < k).any()  # the case both ways
+    clean_prob = torch.from_numpy(rng.uniform(size=n)).float()
+    mask = correction_mask(cfg, clean_prob, n, agreement)
+    assert mask.tolist() == [p < 0.5 and a < k for p, a in zip(clean_prob.tolist(), agreement.tolist())]
+    # without a freeze (or with MixNN's correction of every sample) the counts are ignored
+    assert correction_mask(TrainConfig(method="mixnn_plus"), clean_prob, n, agreement).tolist() == \
+        (clean_prob < 0.5).tolist()
+    assert correction_mask(TrainConfig(method="mixnn_plus", plus_freeze=k, plus_correction="all"),
+                           clean_prob, n, agreement) is None

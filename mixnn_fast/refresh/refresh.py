@@ -130,6 +130,7 @@ def refresh(scores: PoolScores, options: RefreshOptions = RefreshOptions(), *,
         if neighbours is not None:
             stats["partner_same_true_label"] = float((true_labels[neighbours[:, 0]] == true_labels).float().mean())
     stats["gmm_iterations"] = float(gmm.n_iter_)
+    stats["called_noisy"] = float((clean_prob < 0.5).float().mean())  # label-free: the share the GMM calls noisy
     return RefreshResult(losses=losses_for_gmm, clean_prob=clean_prob, ids=ids, table=table,
                          features=scores.features, gmm=gmm, scores=scores, seconds=seconds, stats=stats)
 

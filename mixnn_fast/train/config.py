@@ -90,6 +90,8 @@ class TrainConfig:
     features_dtype: str = "auto"          # the refresh's pool features: auto (float16 for large pools) | float32 | float16
     plus_loss: str = "ce"                 # mixnn_plus: CE or GCE (robust, q = gce_q) on the mixed targets (docs/mixnn_plus.md)
     plus_correction: str = "selective"    # mixnn_plus: correct only samples the last GMM called noisy | all | none
+    plus_freeze: int = 0                  # mixnn_plus: a target stops being corrected once the model has predicted its
+                                          # label at this many consecutive refreshes since correction began (0: never)
     mixup_alpha: float = 1.0
     gce_q: float = 0.7
     sce_alpha: float = 0.1

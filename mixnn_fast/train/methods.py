@@ -65,12 +65,43 @@ def corrects_labels(cfg: TrainConfig) -> bool:
     return cfg.label_correction
 
 
-def correction_mask(cfg: TrainConfig, clean_prob: torch.Tensor | None, num_samples: int) -> torch.Tensor | None:
+def correction_mask(cfg: TrainConfig, clean_prob: torch.Tensor | None, num_samples: int,
+                    agreement: torch.Tensor | None = None) -> torch.Tensor | None:
     """MixNN+'s selective correction: (N,) bool, the samples the last refresh's GMM called noisy
-    (``clean_prob`` (N,), NaN where not scored, below 1/2); None: correct every sample of the
-    pool.  Before any GMM (``clean_prob`` None) nothing is known to be noisy."""
+    (``clean_prob`` (N,), NaN where not scored, below 1/2) and whose targets are not frozen
+    (``agreement`` (N,) int16 below ``cfg.plus_freeze``, see :func:`update_agreement`); None:
+    correct every sample of the pool.  Before any GMM (``clean_prob`` None) nothing is known to
+    be noisy."""
     if cfg.method != "mixnn_plus" or cfg.plus_correction != "selective":
         return None
     if clean_prob is None:
         return torch.zeros(num_samples, dtype=torch.bool)
-    return clean_prob < 0.5  # NaN compares False: never scored, never corrected
+    mask = clean_prob < 0.5  # NaN compares False: never scored, never corrected
+    if agreement is not None and cfg.plus_freeze > 0:
+        mask &= agreement < cfg.plus_freeze
+    return mask
+
+
+def freezes_targets(cfg: TrainConfig) -> bool:
+    """Whether MixNN+ freezes targets (``plus_freeze`` > 0 with selective correction)."""
+    return cfg.method == "mixnn_plus" and cfg.plus_correction == "selective" and cfg.plus_freeze > 0
+
+
+def update_agreement(cfg: TrainConfig, agreement: torch.Tensor, ids: torch.Tensor, predicted: torch.Tensor,
+                     current_labels: torch.Tensor, epoch: int) -> None:
+    """Count, in place, how many consecutive refreshes the model has predicted each sample's
+    current label (``agreement`` (N,) int16; ``ids`` (P,) the refresh's pool, ``predicted`` and
+    ``current_labels`` (P,) int64 its prediction and the argmax of its target before this
+    refresh's correction).  Counting starts with the correction (``cfg.correction_start``); a
+    sample that reaches ``cfg.plus_freeze`` stays there: its target is frozen for good.
+
+    Why: late in a run the GMM on the current labels separates poorly, calls samples with right
+    labels noisy and the EMA pulls them towards the model's mistakes (docs/mixnn_plus.md); a label
+    the model has agreed with for several refreshes is one it has learned, and is kept."""
+    if epoch < cfg.correction_start:
+        return
+    k = cfg.plus_freeze
+    count = agreement[ids]
+    frozen = count >= k
+    agrees = predicted == current_labels
+    agreement[ids] = torch.where(frozen, count, torch.where(agrees, count + 1, torch.zeros_like(count)))

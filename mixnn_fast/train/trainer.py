@@ -46,8 +46,8 @@ from mixnn_fast.train.datasets import RunData, prepare_data
 from mixnn_fast.train.devices import autocast_dtype, resolve_device
 from mixnn_fast.train.distributed import init_distributed, share_pool_scores, share_refresh
 from mixnn_fast.train.losses import one_hot
-from mixnn_fast.train.methods import (correction_mask, corrects_labels, loss_function, optimisation, phase_of,
-                                      refresh_options)
+from mixnn_fast.train.methods import (correction_mask, corrects_labels, freezes_targets, loss_function, optimisation,
+                                      phase_of, refresh_options, update_agreement)
 from mixnn_fast.train.loaders import build_loaders
 from mixnn_fast.train.metrics import MetricsLog
 from mixnn_fast.train.inference import Inference
@@ -219,7 +219,8 @@ class Trainer:
         start = time.perf_counter()
         pool = self._pool_ids(epoch)
         loader = self.loaders.pool_loader(self.data, pool.numpy())
-        only = correction_mask(cfg, self.run.clean_prob, self.num_samples)  # MixNN+: the samples seen as noisy
+        # MixNN+: the samples seen as noisy, less the frozen ones
+        only = correction_mask(cfg, self.run.clean_prob, self.num_samples, self.run.agreement)
         scores = PoolScores(pool, self.targets, self.given_labels, epoch, gmm_loss=cfg.gmm_loss,
                             correct=corrects_labels(cfg), correct_only=only,
                             features_dtype=features_dtype(cfg.features_dtype, len(pool)))
@@ -241,6 +242,12 @@ class Trainer:
         if self.run.clean_prob is None:
             self.run.clean_prob = torch.full((self.num_samples,), float("nan"))
         self.run.clean_prob[result.ids] = result.clean_prob.float()
+        frozen_row = {}
+        if freezes_targets(cfg):
+            if self.run.agreement is None:
+                self.run.agreement = torch.zeros(self.num_samples, dtype=torch.int16)
+            update_agreement(cfg, self.run.agreement, scores.ids, scores.predicted, scores.current_labels, epoch)
+            frozen_row["targets_frozen"] = float((self.run.agreement[scores.ids] >= cfg.plus_freeze).float().mean())
         if result.table is not None:
             self.run.table = result.table.covering_all(self.run.table)
         else:  # in-batch partners: nearest anchors of the same batch, on this refresh's features
@@ -250,7 +257,7 @@ class Trainer:
                                             seed=cfg.seed, epoch=epoch)
         row = {"refresh_seconds": time.perf_counter() - start, "refresh_forward_seconds": forward_seconds,
                "refresh_gmm_seconds": result.seconds.get("gmm"),
-               "refresh_neighbour_seconds": result.seconds.get("neighbours"), **result.stats}
+               "refresh_neighbour_seconds": result.seconds.get("neighbours"), **result.stats, **frozen_row}
         if self.dist.enabled:
             row["refresh_share_seconds"] = share_seconds
         if self.true_labels is not None:
