@@ -108,3 +108,19 @@ def test_cli_refuses_a_bad_config_file_before_writing(tmp_path, capsys):
     err = capsys.readouterr().err
     assert str(bad) in err and "epochs" in err
     assert not out.exists()
+
+
+def test_saved_settings_read_fields_they_predate_with_the_old_value():
+    """A config saved before ``plus_freeze`` existed ran without a freeze, whatever the default
+    is now; a saved value is kept; a user's settings (from_dict) get today's default."""
+    from mixnn_fast.train.config import ADDED_AFTER_SAVED_RUNS
+
+    saved = TrainConfig(method="mixnn_plus").to_dict()
+    for name in ADDED_AFTER_SAVED_RUNS:
+        del saved[name]
+    old = TrainConfig.from_saved(saved)
+    assert all(getattr(old, k) == v for k, v in ADDED_AFTER_SAVED_RUNS.items())
+    assert TrainConfig.from_saved({**saved, "plus_freeze": 4}).plus_freeze == 4
+    assert TrainConfig.from_dict(saved).plus_freeze == TrainConfig().plus_freeze
+    with pytest.raises(ValueError, match="plus_freeze"):
+        TrainConfig.from_saved({**saved, "plus_freeze": -1})

@@ -83,6 +83,27 @@ def test_a_folder_with_another_config_is_refused(tmp_path):
         experiments.run_cell(other[0], log=lambda *_: None)
 
 
+def test_a_run_saved_before_a_setting_existed_counts_with_its_old_value(tmp_path):
+    """A finished run whose config.yaml predates ``plus_freeze`` ran without a freeze: it is the
+    cell with ``plus_freeze=0`` (reused, not retrained) and not a cell with a freeze."""
+    import yaml
+
+    from mixnn_fast.train.config import ADDED_AFTER_SAVED_RUNS
+
+    cells = _cells(tmp_path, methods=("ce",), plan_pair=False)
+    run_table(cells, tmp_path / "table", log=lambda *_: None)
+    config = tmp_path / "table" / "sym-40_ce_s0" / "config.yaml"
+    saved = yaml.safe_load(config.read_text())
+    for name in ADDED_AFTER_SAVED_RUNS:
+        del saved[name]
+    config.write_text(yaml.safe_dump(saved))
+    assert experiments.finished_summary(cells[0]) is not None
+    frozen = _cells(tmp_path, methods=("ce",), plan_pair=False)
+    frozen[0].config.plus_freeze = 3
+    with pytest.raises(ValueError, match="different configuration"):
+        experiments.finished_summary(frozen[0])
+
+
 @pytest.mark.parametrize("shard", ["0/2", "3/2", "a/b", "1"])
 def test_a_bad_shard_is_refused(shard, capsys):
     from mixnn_fast.app.cli import main

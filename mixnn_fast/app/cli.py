@@ -88,7 +88,7 @@ def _resume_config(args: argparse.Namespace):
                                 "train it first without --resume")
     if not isinstance(saved, dict):
         raise ValueError(f"--resume: {source} does not hold a mapping of settings")
-    saved_cfg = TrainConfig.from_dict(saved, source=source)
+    saved_cfg = TrainConfig.from_saved(saved, source=source)
     changed = sorted(k for k, v in given.items() if k not in RESUMABLE_FIELDS and v != getattr(saved_cfg, k))
     if changed:
         detail = ", ".join(f"--{k.replace('_', '-')} {given[k]!r} (the run has {getattr(saved_cfg, k)!r})"
@@ -133,7 +133,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"evaluate: {run} is not a folder (give a run's --out-dir)")
     saved = load_checkpoint(run, previous=args.previous)["config"]
     # what a run reports (progress bars, TensorBoard) never changes what it computes
-    cfg = TrainConfig.from_dict({**saved, "progress": not args.no_progress, "out_dir": str(run)},
+    cfg = TrainConfig.from_saved({**saved, "progress": not args.no_progress, "out_dir": str(run)},
                                 source=f"{run}'s checkpoint")
     trainer = Trainer(cfg, resume=not args.previous, resume_from_previous=args.previous)
     print(json.dumps({"run": str(run), "epochs_trained": trainer.start_epoch,

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from mixnn_fast.train.config import TrainConfig
+from mixnn_fast.train.config import TrainConfig, saved_settings
 from mixnn_fast.train.run_lock import try_lock
 
 TABLE_METHODS = ("ce", "mixup", "gce", "sce", "mixnn", "mixnn_plus")
@@ -130,6 +130,7 @@ def train_command(cfg: TrainConfig) -> str:
 
 
 def _same_config(saved: dict, cfg: TrainConfig) -> bool:
+    saved = saved_settings(saved)  # a run written before a field existed ran with its old value
     mine = cfg.to_dict()
     return all(saved.get(k) == v for k, v in mine.items() if k not in _COSMETIC)
 

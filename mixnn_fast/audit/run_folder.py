@@ -160,7 +160,7 @@ def training_set(run_dir: str | Path):
     config = Path(run_dir) / "config.yaml"
     if not config.exists():
         raise FileNotFoundError(f"run_dir: {run_dir} has no config.yaml (give a training run's --out-dir)")
-    cfg = TrainConfig.from_dict(yaml.safe_load(config.read_text()), source=str(config))
+    cfg = TrainConfig.from_saved(yaml.safe_load(config.read_text()), source=str(config))
     return prepare_data(cfg).train
 
 

@@ -39,6 +39,11 @@ _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 RESUMABLE_FIELDS = ("epochs", "out_dir", "progress", "tensorboard", "eval_every", "checkpoint_every",
                     "checkpoint_every_steps", "num_threads", "extra")
 
+#: Fields added after run folders were written, with the value that reproduces what those runs
+#: did: settings saved without the key (config.yaml, a checkpoint) are read with it
+#: (:meth:`TrainConfig.from_saved`), whatever the field's default is now.
+ADDED_AFTER_SAVED_RUNS = {"plus_freeze": 0}
+
 
 @dataclass
 class TrainConfig:
@@ -141,6 +146,8 @@ class TrainConfig:
         for name in ("warmup_epochs", "correction_start", "seed", "noise_seed"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.plus_freeze <= 32767:  # the agreement counts are int16
+            raise ValueError(f"plus_freeze: must lie in [0, 32767], got {self.plus_freeze}")
         for name in ("lr", "lr_min", "momentum", "weight_decay", "noise_rate", "correction_momentum", "rdm_alpha",
                      "gmm_tol", "gmm_reg_covar", "mixup_alpha", "gce_q", "sce_alpha", "sce_beta", "validation_split"):
             if not math.isfinite(getattr(self, name)):
@@ -222,6 +229,12 @@ class TrainConfig:
             raise type(exc)(f"{source}: {exc}") from None
 
     @classmethod
+    def from_saved(cls, values: dict, *, source: str = "saved settings") -> "TrainConfig":
+        """The settings a run saved (its config.yaml or checkpoint), read as the run used them:
+        fields it predates take their value of :data:`ADDED_AFTER_SAVED_RUNS`, not today's default."""
+        return cls.from_dict(saved_settings(values), source=source)
+
+    @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> "TrainConfig":
         """Load a YAML mapping of fields, then apply ``overrides`` (None values are ignored)."""
         values = read_yaml_settings(path)
@@ -235,6 +248,13 @@ class TrainConfig:
         from mixnn_fast.train.atomic import write_atomic
 
         write_atomic(path, yaml.safe_dump(self.to_dict(), sort_keys=False).encode())
+
+
+def saved_settings(values: dict) -> dict:
+    """A run's saved settings completed with the values of the fields it predates."""
+    if not isinstance(values, dict):
+        return values
+    return {**ADDED_AFTER_SAVED_RUNS, **values}
 
 
 def read_yaml_settings(path: str | Path) -> dict:

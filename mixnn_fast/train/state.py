@@ -115,7 +115,7 @@ def read_resume_checkpoint(cfg: TrainConfig, *, previous: bool) -> dict | None:
         log.info("no checkpoint in %s: starting from epoch 0", out_dir)
         return None
     try:
-        saved = TrainConfig.from_dict(state["config"], source="the checkpoint's settings")
+        saved = TrainConfig.from_saved(state["config"], source="the checkpoint's settings")
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"checkpoint: {out_dir / CHECKPOINT} holds unusable settings ({exc})") from None
     changed = cfg.experiment_differences(saved)
