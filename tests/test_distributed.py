@@ -100,3 +100,37 @@ def test_two_process_run_killed_and_resumed_ends_as_the_uninterrupted_run(tmp_pa
     comparable = [{k: v for k, v in r.items() if not k.endswith(timing)} for r in read_metrics(killed)]
     expected = [{k: v for k, v in r.items() if not k.endswith(timing)} for r in read_metrics(straight)]
     assert comparable == expected
+
+
+def test_two_process_run_survives_batches_skipped_whole_on_one_rank(tmp_path):
+    """With ``--on-error skip`` and one image per batch, each corrupt image removes a whole batch
+    from the rank that drew it: three corrupt images leave the two ranks with different numbers
+    of batches in every epoch.  The run must neither hang nor fail (the short rank takes
+    gradient-free steps in their place, so every rank makes the same optimiser steps)."""
+    from fixtures import make_jpeg_folder
+
+    train = make_jpeg_folder(tmp_path / "train", n_per_class=8, size=24, num_classes=2)
+    test = make_jpeg_folder(tmp_path / "test", n_per_class=3, size=24, num_classes=2, seed=1)
+    bad = [train.paths[i] for i in (1, 6, 12)]
+    for path in bad:
+        Path(path).write_bytes(b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4)  # a JPEG header, then garbage
+    out = tmp_path / "run"
+    command = torchrun("-m", "mixnn_fast", "train", "--dataset", "image_folder", "--data-root", str(train.root),
+                       "--test-root", str(test.root), "--noise", "none", "--method", "mixnn", "--epochs", "3",
+                       "--warmup-epochs", "1", "--correction-start", "2", "--restart-period", "1",
+                       "--batch-size", "1", "--model-widths", "4", "8", "8", "8", "--no-progress",
+                       "--no-tensorboard", "--num-threads", "1", "--on-error", "skip", "--out-dir", str(out))
+    process = subprocess.Popen(command, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    try:
+        _, stderr = process.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # torchrun and both workers
+        process.wait()
+        raise AssertionError("the 2-process run hung on uneven batch counts") from None
+    assert process.returncode == 0, stderr[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["epochs"] == 3 and summary["skipped_images"] == 3
+    assert sorted(summary["skipped_files"]) == sorted(bad)
+    rows = read_metrics(out)
+    assert [r["epoch"] for r in rows] == [0, 1, 2] and all(r["skipped_images"] == 3 for r in rows)

@@ -273,3 +273,25 @@ def test_agreement_counts_consecutive_refreshes_and_freezes_for_good(rng, n, k):
         (clean_prob < 0.5).tolist()
     assert correction_mask(TrainConfig(method="mixnn_plus", plus_freeze=k, plus_correction="all"),
                            clean_prob, n, agreement) is None
+
+
+def test_an_evaluation_pass_served_nothing_gives_nan_rows_when_missing_is_allowed():
+    """A process whose shard of a small test set is empty (DDP) was served no batch: with
+    ``allow_missing`` its logits are all NaN (they count as not scored), without it the pass is
+    an error naming the uncovered samples."""
+    from mixnn_fast.refresh.forward import forward_pass
+    from mixnn_fast.train.inference import Inference
+
+    model = torch.nn.Linear(3, 2)
+    with pytest.raises(RuntimeError, match="did not cover 5 of 5"):
+        forward_pass(model, [], torch.arange(5), torch.device("cpu"))
+    empty = forward_pass(model, [], torch.arange(5), torch.device("cpu"), allow_missing=True)
+    assert empty.logits.shape == (0, 0) and len(empty.ids) == 0
+
+    class NoCopy(Inference):
+        def pass_over(self, loader, ids, desc):
+            return forward_pass(self.model, loader, ids, self.device, allow_missing=self.allow_missing)
+
+    logits = NoCopy(model, torch.device("cpu"), autocast_dtype=None, memory_format=torch.contiguous_format,
+                    progress=False, allow_missing=True).logits([], 5)
+    assert logits.shape[0] == 5 and torch.isnan(logits).all()

@@ -51,7 +51,8 @@ def forward_pass(model: torch.nn.Module, loader, ids: torch.Tensor, device: torc
     """Logits and penultimate features of the samples ``ids`` ((P,) int64 sorted) that ``loader``
     serves, gathered in the order of ``ids`` (see :func:`model_outputs`).  Samples the loader
     skipped (unreadable images with ``on_error="skip"``) are left out of the result when
-    ``allow_missing``, else they are a RuntimeError.  (The refresh streams instead:
+    ``allow_missing`` (a loader that served nothing gives (0, 0) logits and features), else they
+    are a RuntimeError.  (The refresh streams instead:
     :class:`~mixnn_fast.refresh.pool_scores.PoolScores`.)"""
     logits_all: torch.Tensor | None = None
     features_all: torch.Tensor | None = None
@@ -65,6 +66,8 @@ def forward_pass(model: torch.nn.Module, loader, ids: torch.Tensor, device: torc
         logits_all[rows] = logits
         features_all[rows] = features.float()
         seen[rows] = True
+    if logits_all is None and allow_missing:  # nothing served: e.g. a process whose shard is empty
+        return ForwardPass(logits=torch.zeros(0, 0), features=torch.zeros(0, 0), ids=ids[:0])
     if logits_all is None or (not allow_missing and not bool(seen.all())):
         missing = int((~seen).sum())
         raise RuntimeError(f"forward pass: the loader did not cover {missing} of {len(ids)} samples "

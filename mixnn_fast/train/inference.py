@@ -53,6 +53,8 @@ class Inference:
         outputs = self.pass_over(loader, torch.arange(num_samples), "evaluate")
         if len(outputs.ids) == num_samples:
             return outputs.logits
-        logits = torch.full((num_samples, outputs.logits.shape[1]), float("nan"))
-        logits[outputs.ids] = outputs.logits
+        # at least one column: a process that was served nothing still returns (N, 1) of NaN
+        logits = torch.full((num_samples, max(outputs.logits.shape[1], 1)), float("nan"))
+        if len(outputs.ids):
+            logits[outputs.ids] = outputs.logits
         return logits

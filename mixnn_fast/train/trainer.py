@@ -265,8 +265,8 @@ class Trainer:
         return row
 
     def _start_epoch(self, epoch: int, phase: str):
-        """The loader of ``epoch`` with its partners set, and the epoch's partial state (a fresh one,
-        or the checkpoint's when resuming inside the epoch)."""
+        """The loader of ``epoch`` with its partners set, the epoch's partial state (a fresh one,
+        or the checkpoint's when resuming inside the epoch) and the batch it starts from."""
         loader = self.loaders.mix if phase == "mixnn" else self.loaders.plain
         if self.run.partial is not None and self.run.partial["row"]["epoch"] == epoch:
             partial, start_batch = self.run.partial, self.run.batch  # refresh and table come from the checkpoint
@@ -290,7 +290,7 @@ class Trainer:
             loader.set_partners(table)
         loader.set_epoch(epoch, start_batch=start_batch)
         self.run.partial, self.run.batch = None, 0
-        return loader, partial
+        return loader, partial, start_batch
 
     def _inputs(self, batch, phase: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(model input (B, C, H, W) float32, targets (B, classes)) for one loaded batch, mixed
@@ -314,7 +314,12 @@ class Trainer:
         metrics row.  Saves a checkpoint every ``cfg.checkpoint_every_steps`` steps."""
         cfg = self.cfg
         phase = self.phase(epoch)
-        loader, partial = self._start_epoch(epoch, phase)
+        loader, partial, next_position = self._start_epoch(epoch, phase)
+        # Under DDP every process must make the same optimiser steps (each one all-reduces the
+        # gradients); with on_error="skip" a process can lose a whole batch (every image
+        # unreadable), so it steps without data in that batch's place.
+        keeps_step_count = self.dist.enabled and cfg.on_error == "skip"
+        stand_in = None
         row = dict(partial["row"])
         iterations = len(loader)
         self.model.train()
@@ -325,8 +330,14 @@ class Trainer:
             for batch in loader:
                 i = batch.position  # this batch's place in the plan (batches can be skipped whole)
                 tally.seconds["loader_wait"] += time.perf_counter() - wait_from
+                if keeps_step_count:
+                    for skipped in range(next_position, i):
+                        self._step_without_data(stand_in, epoch, skipped, iterations)
+                    next_position = i + 1
                 before_mix = tally.mark()
                 x, y = self._inputs(batch, phase)
+                if keeps_step_count:  # a copy: the batch's buffers go back to the loader
+                    stand_in = (x.clone(), y.clone())
                 after_mix = tally.mark()
                 loss = self._step(x, y, epoch, i, iterations)
                 tally.add_batch(before_mix, after_mix, tally.mark(), loss, len(batch))
@@ -347,6 +358,9 @@ class Trainer:
                     self.save_checkpoint()
                     self.run.partial, self.run.batch = None, 0
                     start = wait_from = time.perf_counter()  # the save is not training time
+            if keeps_step_count:
+                for skipped in range(next_position, iterations):  # the epoch's last batches
+                    self._step_without_data(stand_in, epoch, skipped, iterations)
             tally.seconds["train"] += time.perf_counter() - start
         row.update(tally.row(), lr=self.optimizer.param_groups[0]["lr"])
         check_index_errors(self.device)  # the CUDA mixer's deferred index report (the tally just synchronised)
@@ -357,18 +371,33 @@ class Trainer:
             row["skipped_images"] = len(self.skipped())
         return row
 
-    def _step(self, x: torch.Tensor, y: torch.Tensor, epoch: int, i: int, iterations: int) -> torch.Tensor:
+    def _step(self, x: torch.Tensor, y: torch.Tensor, epoch: int, i: int, iterations: int, *,
+              weight: float = 1.0) -> torch.Tensor:
         """One optimiser step on the mixed batch; returns its loss (0-d, on the device: reading it
-        would wait for the device)."""
+        would wait for the device).  ``weight`` 0: a step whose gradient is zero."""
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
             logits = self.trained(x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format))
         loss = self.loss_function(logits.float(), y.to(self.device))
+        if weight != 1.0:
+            loss = loss * weight
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)  # a plain optimizer.step() when the scaler is disabled
         self.scaler.update()
         self.scheduler.step(epoch + (i + 1) / iterations)
         return loss.detach()
+
+    def _step_without_data(self, stand_in: tuple[torch.Tensor, torch.Tensor] | None, epoch: int, i: int,
+                           iterations: int) -> None:
+        """Batch ``i`` of this process was skipped whole: step with a zero gradient from this
+        process, on the last batch it had (or a black image), so that the gradient all-reduce of
+        every other process has its partner; the step's gradient is the others' sum over the
+        world size.  The schedule advances as for a real batch."""
+        if stand_in is None:
+            g = self.data.geometry
+            x = torch.zeros(2, g.in_channels, g.size, g.size)  # two: batch norm needs more than one value
+            stand_in = (x, one_hot(torch.zeros(2, dtype=torch.int64), self.num_classes))
+        self._step(*stand_in, epoch, i, iterations, weight=0.0)
 
     # ---- evaluation ------------------------------------------------------------------------
 
