@@ -92,6 +92,14 @@ class Log:
 GRACE_SECONDS = 10
 
 
+def _interruptible() -> None:
+    """In the child, before it execs: SIGINT back to its default.  A script started as a
+    background job (``cmd &`` in a shell without job control) inherits SIGINT ignored, and so
+    would every command it runs: the SIGINT at the time limit would then do nothing, and pytest
+    would be killed without printing its summary."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_command(cmd: list[str], timeout: float, log: Log, *, env: dict | None = None,
                 cwd: Path = ROOT) -> tuple[int | None, float, bool]:
     """Run ``cmd`` with its output appended to the log.  At ``timeout`` its whole process group
@@ -101,7 +109,7 @@ def run_command(cmd: list[str], timeout: float, log: Log, *, env: dict | None = 
     log.file.flush()
     start = time.monotonic()
     proc = subprocess.Popen([str(c) for c in cmd], cwd=cwd, env=env, stdout=log.file, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_interruptible)
     try:
         rc = proc.wait(timeout=max(timeout - GRACE_SECONDS, 1))
         return rc, time.monotonic() - start, False
