@@ -549,3 +549,39 @@ def test_rerank_is_the_same_whatever_float32_rounding(rng, monkeypatch):
     assert torch.equal(index.query_all(3), reference)
     monkeypatch.setattr(distances, "_RERANK_BLOCK", 97)  # blocks of queries: the same answer
     assert torch.equal(index.query_all(3), reference)
+
+
+@pytest.mark.parametrize("n,threads,expected", [(300, 2, 1), (50_000, 4, 1), (50_001, 4, 4), (50_001, 1, 1)])
+def test_small_graphs_are_built_with_one_thread(monkeypatch, n, threads, expected):
+    """hnswlib's threaded build varies the insertion order from run to run: up to
+    SINGLE_THREAD_BUILD_MAX_POINTS points the graph is built with one thread (queries keep
+    every thread), so small runs are bit-reproducible."""
+    import types
+
+    from mixnn_fast.refresh.neighbours import hnsw
+
+    calls = []
+
+    class RecordingIndex:  # stands in for hnswlib.Index: records the threads of each call
+        def __init__(self, space, dim):
+            pass
+
+        def init_index(self, **kwargs):
+            pass
+
+        def add_items(self, data, ids, num_threads):
+            calls.append(("build", num_threads))
+
+    monkeypatch.setitem(sys.modules, "hnswlib", types.SimpleNamespace(Index=RecordingIndex))
+    assert hnsw.SINGLE_THREAD_BUILD_MAX_POINTS == 50_000
+    searcher = hnsw.HnswSearcher([(0, torch.zeros(4, 3))], n, M=16, ef_construction=64, ef=16,
+                                 num_threads=threads, seed=0)
+    assert calls == [("build", expected)] and searcher.num_threads == threads
+
+
+def test_a_graph_of_a_few_thousand_points_is_the_same_twice_with_two_threads(rng):
+    """The end-to-end consequence: two indexes over the same features, asked for two threads,
+    give the same neighbours."""
+    x = torch.from_numpy(rng.standard_normal((3000, 24)).astype(np.float32))
+    first = nearest_neighbours(x, 5, backend="hnsw", num_threads=2)
+    assert all(torch.equal(first, nearest_neighbours(x, 5, backend="hnsw", num_threads=2)) for _ in range(3))
