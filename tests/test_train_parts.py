@@ -271,8 +271,11 @@ def test_agreement_counts_consecutive_refreshes_and_freezes_for_good(rng, n, k):
     # without a freeze (or with MixNN's correction of every sample) the counts are ignored
     assert correction_mask(TrainConfig(method="mixnn_plus"), clean_prob, n, agreement).tolist() == \
         (clean_prob < 0.5).tolist()
-    assert correction_mask(TrainConfig(method="mixnn_plus", plus_freeze=k, plus_correction="all"),
-                           clean_prob, n, agreement) is None
+    assert correction_mask(TrainConfig(method="mixnn_plus", plus_correction="all"), clean_prob, n, agreement) is None
+    # a freeze where there is no selective correction to freeze would do nothing: refused
+    for other in (dict(method="mixnn"), dict(method="mixnn_plus", plus_correction="all")):
+        with pytest.raises(ValueError, match="plus_freeze"):
+            TrainConfig(plus_freeze=k, **other)
 
 
 def test_an_evaluation_pass_served_nothing_gives_nan_rows_when_missing_is_allowed():

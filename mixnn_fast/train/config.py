@@ -148,6 +148,10 @@ class TrainConfig:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.plus_freeze <= 32767:  # the agreement counts are int16
             raise ValueError(f"plus_freeze: must lie in [0, 32767], got {self.plus_freeze}")
+        if self.plus_freeze and (self.method != "mixnn_plus" or self.plus_correction != "selective"):
+            raise ValueError(f"plus_freeze: freezes MixNN+'s selective correction, so it needs method mixnn_plus "
+                             f"and plus_correction selective; got method {self.method!r}, plus_correction "
+                             f"{self.plus_correction!r}")
         for name in ("lr", "lr_min", "momentum", "weight_decay", "noise_rate", "correction_momentum", "rdm_alpha",
                      "gmm_tol", "gmm_reg_covar", "mixup_alpha", "gce_q", "sce_alpha", "sce_beta", "validation_split"):
             if not math.isfinite(getattr(self, name)):
