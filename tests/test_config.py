@@ -124,3 +124,16 @@ def test_saved_settings_read_fields_they_predate_with_the_old_value():
     assert TrainConfig.from_dict(saved).plus_freeze == TrainConfig().plus_freeze
     with pytest.raises(ValueError, match="plus_freeze"):
         TrainConfig.from_saved({**saved, "plus_freeze": -1})
+
+
+@pytest.mark.parametrize("flags", [["--method", "mixnn", "--plus-freeze", "2"],
+                                   ["--method", "mixnn_plus", "--plus-correction", "all", "--plus-freeze", "2"],
+                                   ["--method", "mixnn_plus", "--plus-freeze", "-1"]])
+def test_cli_refuses_a_freeze_that_cannot_apply_before_writing(tmp_path, capsys, flags):
+    from mixnn_fast.app.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", "digits", *flags, "--out-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "plus_freeze" in err and "Traceback" not in err
+    assert not out.exists()
