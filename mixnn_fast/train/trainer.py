@@ -319,7 +319,6 @@ class Trainer:
         # gradients); with on_error="skip" a process can lose a whole batch (every image
         # unreadable), so it steps without data in that batch's place.
         keeps_step_count = self.dist.enabled and cfg.on_error == "skip"
-        stand_in = None
         row = dict(partial["row"])
         iterations = len(loader)
         self.model.train()
@@ -332,12 +331,10 @@ class Trainer:
                 tally.seconds["loader_wait"] += time.perf_counter() - wait_from
                 if keeps_step_count:
                     for skipped in range(next_position, i):
-                        self._step_without_data(stand_in, epoch, skipped, iterations)
+                        self._step_without_data(epoch, skipped, iterations)
                     next_position = i + 1
                 before_mix = tally.mark()
                 x, y = self._inputs(batch, phase)
-                if keeps_step_count:  # a copy: the batch's buffers go back to the loader
-                    stand_in = (x.clone(), y.clone())
                 after_mix = tally.mark()
                 loss = self._step(x, y, epoch, i, iterations)
                 tally.add_batch(before_mix, after_mix, tally.mark(), loss, len(batch))
@@ -360,7 +357,7 @@ class Trainer:
                     start = wait_from = time.perf_counter()  # the save is not training time
             if keeps_step_count:
                 for skipped in range(next_position, iterations):  # the epoch's last batches
-                    self._step_without_data(stand_in, epoch, skipped, iterations)
+                    self._step_without_data(epoch, skipped, iterations)
             tally.seconds["train"] += time.perf_counter() - start
         row.update(tally.row(), lr=self.optimizer.param_groups[0]["lr"])
         check_index_errors(self.device)  # the CUDA mixer's deferred index report (the tally just synchronised)
@@ -387,17 +384,20 @@ class Trainer:
         self.scheduler.step(epoch + (i + 1) / iterations)
         return loss.detach()
 
-    def _step_without_data(self, stand_in: tuple[torch.Tensor, torch.Tensor] | None, epoch: int, i: int,
-                           iterations: int) -> None:
+    def _step_without_data(self, epoch: int, i: int, iterations: int) -> None:
         """Batch ``i`` of this process was skipped whole: step with a zero gradient from this
-        process, on the last batch it had (or a black image), so that the gradient all-reduce of
-        every other process has its partner; the step's gradient is the others' sum over the
-        world size.  The schedule advances as for a real batch."""
-        if stand_in is None:
-            g = self.data.geometry
-            x = torch.zeros(2, g.in_channels, g.size, g.size)  # two: batch norm needs more than one value
-            stand_in = (x, one_hot(torch.zeros(2, dtype=torch.int64), self.num_classes))
-        self._step(*stand_in, epoch, i, iterations, weight=0.0)
+        process, so that the gradient all-reduce of every other process has its partner; the
+        step's gradient is the others' sum over the world size.  The schedule advances as for a
+        real batch.  The input is one black image, in eval mode: batch norm's statistics are not
+        moved by it, so what the image shows does not matter (and no real batch is kept for it)."""
+        g = self.data.geometry
+        x = torch.zeros(1, g.in_channels, g.size, g.size)
+        self.trained.eval()
+        try:
+            self._step(x, one_hot(torch.zeros(1, dtype=torch.int64), self.num_classes), epoch, i, iterations,
+                       weight=0.0)
+        finally:
+            self.trained.train()
 
     # ---- evaluation ------------------------------------------------------------------------
 
