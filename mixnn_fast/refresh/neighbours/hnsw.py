@@ -45,14 +45,14 @@ class HnswSearcher:
 
         self.ef = ef
         self.num_threads = num_threads
-        self.build_threads = 1 if n <= SINGLE_THREAD_BUILD_MAX_POINTS else num_threads
+        build_threads = 1 if n <= SINGLE_THREAD_BUILD_MAX_POINTS else num_threads
         self.index = None
         for start, block in vectors:
             if self.index is None:
                 self.index = hnswlib.Index(space="l2", dim=block.shape[1])
                 self.index.init_index(max_elements=n, M=M, ef_construction=ef_construction, random_seed=seed)
             self.index.add_items(np.ascontiguousarray(block.numpy(), dtype=np.float32),
-                                 np.arange(start, start + block.shape[0]), num_threads=self.build_threads)
+                                 np.arange(start, start + block.shape[0]), num_threads=build_threads)
 
     def search(self, queries: torch.Tensor, n: int) -> torch.Tensor:
         """The ``n`` approximately nearest ids of each query row: LongTensor[Q, n], nearest first
