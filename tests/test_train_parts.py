@@ -298,3 +298,20 @@ def test_an_evaluation_pass_served_nothing_gives_nan_rows_when_missing_is_allowe
     logits = NoCopy(model, torch.device("cpu"), autocast_dtype=None, memory_format=torch.contiguous_format,
                     progress=False, allow_missing=True).logits([], 5)
     assert logits.shape[0] == 5 and torch.isnan(logits).all()
+
+
+@pytest.mark.parametrize("plus_loss", ["ce", "gce", "sce"])
+def test_mixnn_plus_loss_on_mixed_targets_matches_float64_formula(plus_loss, rng):
+    from mixnn_fast.train.methods import loss_function
+
+    b, c = 13, 7
+    logits = torch.from_numpy(rng.normal(scale=3.0, size=(b, c)))
+    targets = torch.from_numpy(rng.dirichlet(np.full(c, 0.3), size=b))  # soft, like mixed targets
+    cfg = TrainConfig(method="mixnn_plus", plus_loss=plus_loss, gce_q=0.6, sce_alpha=0.3, sce_beta=0.8)
+    got = loss_function(cfg)(logits.float(), targets.float())
+    p = torch.softmax(logits, dim=1)  # float64 reference, written out from the papers' formulas
+    ce = -(targets * torch.log(p)).sum(1)
+    want = {"ce": ce,
+            "gce": (targets * (1 - p.clamp_min(1e-7) ** 0.6) / 0.6).sum(1),
+            "sce": 0.3 * ce - 0.8 * (p * torch.log(targets.clamp(1e-4, 1.0))).sum(1)}[plus_loss].mean()
+    assert float(got) == pytest.approx(float(want), rel=1e-5)

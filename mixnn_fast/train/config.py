@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 METHODS = ("ce", "mixup", "gce", "sce", "mixnn", "mixnn_plus")
-PLUS_LOSSES = ("gce", "ce")
+PLUS_LOSSES = ("gce", "sce", "ce")
 PLUS_CORRECTIONS = ("selective", "all", "none")
 WEIGHT_MODES = ("gmm", "avg", "rdm")
 PARTNER_MODES = ("neighbours", "random", "in_batch")
@@ -93,7 +93,7 @@ class TrainConfig:
     neighbour_backend: str = "auto"       # auto (exact on a CUDA device when the pool fits, else hnsw) | hnsw | exact | faiss
     targets_storage: str = "auto"         # soft targets: auto (by N x C) | float32 | float16 | bfloat16 | topk
     features_dtype: str = "auto"          # the refresh's pool features: auto (float16 for large pools) | float32 | float16
-    plus_loss: str = "ce"                 # mixnn_plus: CE or GCE (robust, q = gce_q) on the mixed targets (docs/mixnn_plus.md)
+    plus_loss: str = "ce"                 # mixnn_plus: CE, GCE (q = gce_q) or SCE (sce_alpha, sce_beta) on the mixed targets
     plus_correction: str = "selective"    # mixnn_plus: correct only samples the last GMM called noisy | all | none
     plus_freeze: int = 0                  # mixnn_plus: a target stops being corrected once the model has predicted its
                                           # label at this many consecutive refreshes since correction began (0: never)

@@ -28,12 +28,12 @@ def phase_of(cfg: TrainConfig, epoch: int) -> str:
 
 
 def loss_function(cfg: TrainConfig) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """``loss(logits (B, C), targets (B, C) soft) -> 0-d`` of the method: GCE (also MixNN+ with
-    ``plus_loss="gce"``, on its mixed targets), SCE, or the soft cross-entropy (CE, mixup, MixNN,
-    MixNN+'s default)."""
+    """``loss(logits (B, C), targets (B, C) soft) -> 0-d`` of the method: GCE or SCE (also MixNN+
+    with ``plus_loss="gce"`` or ``"sce"``, on its mixed targets), or the soft cross-entropy (CE,
+    mixup, MixNN, MixNN+'s default)."""
     if cfg.method == "gce" or (cfg.method == "mixnn_plus" and cfg.plus_loss == "gce"):
         return functools.partial(generalized_cross_entropy, q=cfg.gce_q)
-    if cfg.method == "sce":
+    if cfg.method == "sce" or (cfg.method == "mixnn_plus" and cfg.plus_loss == "sce"):
         return functools.partial(symmetric_cross_entropy, alpha=cfg.sce_alpha, beta=cfg.sce_beta)
     return soft_cross_entropy
 
