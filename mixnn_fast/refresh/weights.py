@@ -14,6 +14,9 @@ Modes:
   the fallback: ``"uniform"`` (1/(K+1) each, the default) or ``"anchor"``
   (lambda = 1: the anchor alone, which is what the authors' code computes there,
   ``(w_i + 1e-10) / (w_i + w_n + 1e-10)``).
+- ``"trust"`` (MixNN+'s candidate): the anchor keeps itself alone with its clean probability
+  and is mixed by eq. 10-11 otherwise, ``[lambda_i, beta_i] = w_i e_0 + (1 - w_i) gmm_i``.
+  A surely clean anchor (w_i = 1) is not mixed; a surely noisy one is mixed as in the paper.
 - ``"avg"`` (AVG ablation): every weight 1/(K+1).
 - ``"rdm"`` (RDM ablation): each row independently
   ``(lambda_i, beta_i1, ..., beta_iK) ~ Dirichlet(alpha, ..., alpha)``; for K = 1
@@ -35,7 +38,7 @@ from mixnn_fast._checks import check_device, check_in_range
 
 __all__ = ["mixing_weights", "random_partners", "MODES"]
 
-MODES = ("gmm", "avg", "rdm", "mixup")
+MODES = ("gmm", "trust", "avg", "rdm", "mixup")
 _ON_ZERO = ("uniform", "anchor")
 # random_partners draws exact random subsets by sorting random keys while n * (n - 1)
 # keys fit in this many elements; above it, by rejection of rows with repeats while that is
@@ -58,13 +61,13 @@ def mixing_weights(clean_prob: torch.Tensor, neighbours: torch.Tensor, mode: str
             (``clean_probability``). Only its length matters for "avg", "rdm" and "mixup".
         neighbours: Tensor[M, K] int64 on clean_prob's device, values in [0, N): anchor m's
             partners (K >= 0).
-        mode: "gmm", "avg", "rdm" or "mixup" (see the module docstring).
+        mode: "gmm", "trust", "avg", "rdm" or "mixup" (see the module docstring).
         anchors: Tensor[M] int64 in [0, N), the sample index of each row of neighbours;
             None means row i is sample i (then M must equal N).
         generator: torch.Generator on clean_prob's device for "rdm" and "mixup"
             (None: torch's default generator).
         alpha: Dirichlet / Beta concentration for "rdm" and "mixup" (> 0).
-        on_zero: "uniform" or "anchor", the "gmm" fallback for rows whose weights are all 0.
+        on_zero: "uniform" or "anchor", the "gmm" (and "trust") fallback for rows whose weights are all 0.
 
     Returns:
         Tensor[M, K+1] float32 on clean_prob's device; every row finite, >= 0, sums to 1.
@@ -108,6 +111,10 @@ def mixing_weights(clean_prob: torch.Tensor, neighbours: torch.Tensor, mode: str
         fallback = torch.zeros_like(weights)
         fallback[:, 0] = 1.0
     weights = torch.where(degenerate, fallback, weights)
+    if mode == "trust":
+        # the anchor alone with probability w_i, eq. 10-11's mixture otherwise: rows still sum to 1
+        weights = weights * (1 - anchor_w).unsqueeze(1)
+        weights[:, 0] += anchor_w
     return weights.to(torch.float32)
 
 

@@ -17,7 +17,7 @@ from typing import Any
 METHODS = ("ce", "mixup", "gce", "sce", "mixnn", "mixnn_plus")
 PLUS_LOSSES = ("gce", "sce", "ce")
 PLUS_CORRECTIONS = ("selective", "all", "none")
-WEIGHT_MODES = ("gmm", "avg", "rdm")
+WEIGHT_MODES = ("gmm", "trust", "avg", "rdm")
 PARTNER_MODES = ("neighbours", "random", "in_batch")
 PLAN_MODES = ("coherent", "naive")
 GMM_LOSS_TARGETS = ("soft_targets", "argmax_targets", "given")
@@ -78,7 +78,7 @@ class TrainConfig:
     correction_every: int = 1             # update the soft targets every n-th epoch (authors' code: 10)
     label_correction: bool = True
     num_neighbours: int = 1               # K
-    weights: str = "gmm"                  # gmm (eq. 10-11) | avg | rdm
+    weights: str = "gmm"                  # gmm (eq. 10-11) | trust (clean anchors kept whole) | avg | rdm
     rdm_alpha: float = 1.0
     partners: str = "neighbours"          # neighbours (dataset-wide) | random | in_batch (authors' code)
     plan: str = "coherent"                # coherent (partners in the anchor's batch) | naive (decode again)
