@@ -315,3 +315,30 @@ def test_mixnn_plus_loss_on_mixed_targets_matches_float64_formula(plus_loss, rng
             "gce": (targets * (1 - p.clamp_min(1e-7) ** 0.6) / 0.6).sum(1),
             "sce": 0.3 * ce - 0.8 * (p * torch.log(targets.clamp(1e-4, 1.0))).sum(1)}[plus_loss].mean()
     assert float(got) == pytest.approx(float(want), rel=1e-5)
+
+
+@pytest.mark.parametrize("n,vote,k", [(37, 5, 1), (60, 1, 2), (9, 20, 1)])
+def test_neighbour_vote_raises_clean_probability_to_the_neighbours_agreement(n, vote, k, rng):
+    """MixNN+'s vote against brute force in float64: the clean probability is the GMM's, or the share
+    of the sample's ``vote`` nearest others (all n - 1 when the pool is smaller) that carry its
+    current label, whichever is larger; the partners stay the k nearest."""
+    c = 3
+    given = torch.from_numpy(rng.integers(0, c, n))
+    targets = SoftTargets(given, c, start_epoch=0)
+    logits = torch.from_numpy(rng.normal(size=(n, c))).float()
+    features = torch.from_numpy(rng.normal(size=(n, 6))).float()
+    args = dict(epoch=0, logits=logits, features=features, correct=False)
+    plain = refresh(stream(torch.arange(n), targets, given, **args),
+                    RefreshOptions(neighbour_backend="exact", num_neighbours=k))
+    voted = refresh(stream(torch.arange(n), targets, given, **args),
+                    RefreshOptions(neighbour_backend="exact", num_neighbours=k, label_vote=vote))
+    distances = torch.cdist(features.double(), features.double())
+    distances.fill_diagonal_(float("inf"))
+    order = distances.argsort(dim=1)[:, :n - 1]  # no ties among continuous random features
+    shared = (given[order[:, :min(vote, n - 1)]] == given.unsqueeze(1)).double().mean(1)
+    expected = torch.maximum(plain.clean_prob.double(), shared)
+    torch.testing.assert_close(voted.clean_prob.double(), expected, rtol=0, atol=E32)
+    assert torch.equal(voted.table.partners, order[:, :k])
+    assert torch.equal(plain.table.partners, order[:, :k])
+    called = ((plain.clean_prob < 0.5) & (shared >= 0.5)).double().mean()
+    assert voted.stats["called_clean_by_vote"] == pytest.approx(float(called))

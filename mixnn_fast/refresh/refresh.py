@@ -34,7 +34,9 @@ class RefreshOptions:
     gmm: keyword settings of :func:`~mixnn_fast.refresh.gmm.clean_probability`
     (max_iter, tol, reg_covar, seed).  neighbour_backend: "auto" (exact on the training ``device``
     when it is CUDA and the pool fits, else hnswlib; see ``neighbours.choice``), "hnsw", "exact"
-    or "faiss".
+    or "faiss".  label_vote (MixNN+'s neighbour vote, 0: off): with neighbour partners, each
+    sample's clean probability is raised to at least the share of its ``label_vote`` nearest
+    neighbours whose current label equals its own (see :func:`neighbour_agreement`).
     """
 
     num_neighbours: int = 1
@@ -45,6 +47,7 @@ class RefreshOptions:
     gmm: dict = field(default_factory=dict)
     neighbour_backend: str = "auto"
     rdm_alpha: float = 1.0
+    label_vote: int = 0
     num_threads: int | None = None
     device: str | None = None  # the training device: "auto" searches exactly on a CUDA device when the pool fits
 
@@ -100,9 +103,15 @@ def refresh(scores: PoolScores, options: RefreshOptions = RefreshOptions(), *,
         features = scores.features
         backend, search_device = choose_backend(options.neighbour_backend, *features.shape, features.dtype,
                                                 options.device)
-        neighbours = nearest_neighbours(features.to(search_device), options.num_neighbours, backend=backend,
+        searched = max(options.num_neighbours, min(options.label_vote, n - 1))  # a vote needs no more than the pool
+        neighbours = nearest_neighbours(features.to(search_device), searched, backend=backend,
                                         num_threads=options.num_threads).cpu()
         stats["neighbours_exact_on_device"] = float(search_device.type != "cpu")
+        if options.label_vote:
+            agreement = neighbour_agreement(scores.current_labels, neighbours[:, :options.label_vote])
+            stats["called_clean_by_vote"] = float(((clean_prob < 0.5) & (agreement >= 0.5)).float().mean())
+            clean_prob = torch.maximum(clean_prob, agreement)
+        neighbours = neighbours[:, :options.num_neighbours]
     elif options.partners == "random":
         neighbours = random_partners(n, options.num_neighbours, generator)
     seconds["neighbours"] = time.perf_counter() - start
@@ -133,6 +142,18 @@ def refresh(scores: PoolScores, options: RefreshOptions = RefreshOptions(), *,
     stats["called_noisy"] = float((clean_prob < 0.5).float().mean())  # label-free: the share the GMM calls noisy
     return RefreshResult(losses=losses_for_gmm, clean_prob=clean_prob, ids=ids, table=table,
                          features=scores.features, gmm=gmm, scores=scores, seconds=seconds, stats=stats)
+
+
+def neighbour_agreement(labels: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
+    """Share of each sample's neighbours that carry its label: labels (P,) int64, neighbours (P, k)
+    int64 positions in [0, P).  Returns (P,) float32 in [0, 1].
+
+    MixNN+ takes a sample's clean probability as at least this share.  The GMM on per-sample losses
+    calls a fixed share of the pool noisy whatever the real noise (a fifth to a third of it even on
+    clean labels, docs/mixnn_plus.md); those are then mixed away and corrected towards the model's
+    predictions.  A hard image whose label its neighbours in feature space share is rarely
+    mislabelled, while a wrong label under symmetric noise is rarely shared by its neighbours."""
+    return (labels[neighbours] == labels.unsqueeze(1)).float().mean(dim=1)
 
 
 def lambda_statistics(weights: torch.Tensor) -> dict[str, float]:

@@ -42,7 +42,7 @@ RESUMABLE_FIELDS = ("epochs", "out_dir", "progress", "tensorboard", "eval_every"
 #: Fields added after run folders were written, with the value that reproduces what those runs
 #: did: settings saved without the key (config.yaml, a checkpoint) are read with it
 #: (:meth:`TrainConfig.from_saved`), whatever the field's default is now.
-ADDED_AFTER_SAVED_RUNS = {"plus_freeze": 0}
+ADDED_AFTER_SAVED_RUNS = {"plus_freeze": 0, "plus_vote": 0}
 
 
 @dataclass
@@ -97,6 +97,8 @@ class TrainConfig:
     plus_correction: str = "selective"    # mixnn_plus: correct only samples the last GMM called noisy | all | none
     plus_freeze: int = 0                  # mixnn_plus: a target stops being corrected once the model has predicted its
                                           # label at this many consecutive refreshes since correction began (0: never)
+    plus_vote: int = 0                    # mixnn_plus: a sample's clean probability is at least the share of its this many
+                                          # nearest neighbours that carry its current label (0: off)
     mixup_alpha: float = 1.0
     gce_q: float = 0.7
     sce_alpha: float = 0.1
@@ -146,6 +148,11 @@ class TrainConfig:
         for name in ("warmup_epochs", "correction_start", "seed", "noise_seed"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if self.plus_vote < 0:
+            raise ValueError(f"plus_vote: must be >= 0, got {self.plus_vote}")
+        if self.plus_vote and (self.method != "mixnn_plus" or self.partners != "neighbours"):
+            raise ValueError(f"plus_vote: votes among MixNN+'s nearest neighbours, so it needs method mixnn_plus and "
+                             f"partners neighbours; got method {self.method!r}, partners {self.partners!r}")
         if not 0 <= self.plus_freeze <= 32767:  # the agreement counts are int16
             raise ValueError(f"plus_freeze: must lie in [0, 32767], got {self.plus_freeze}")
         if self.plus_freeze and (self.method != "mixnn_plus" or self.plus_correction != "selective"):
