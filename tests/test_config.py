@@ -126,18 +126,19 @@ def test_saved_settings_read_fields_they_predate_with_the_old_value():
         TrainConfig.from_saved({**saved, "plus_freeze": -1})
 
 
-@pytest.mark.parametrize("flags", [["--method", "mixnn", "--plus-vote", "5"],
+@pytest.mark.parametrize("flags", [["--method", "ce", "--plus-split-check"],
+                                   ["--method", "mixnn", "--plus-vote", "5"],
                                    ["--method", "mixnn_plus", "--partners", "random", "--plus-vote", "5"],
                                    ["--method", "mixnn_plus", "--plus-vote", "-1"],
                                    ["--method", "mixnn", "--plus-freeze", "2"],
                                    ["--method", "mixnn_plus", "--plus-correction", "all", "--plus-freeze", "2"],
                                    ["--method", "mixnn_plus", "--plus-freeze", "-1"]])
-def test_cli_refuses_a_freeze_or_vote_that_cannot_apply_before_writing(tmp_path, capsys, flags):
+def test_cli_refuses_a_mixnn_plus_option_that_cannot_apply_before_writing(tmp_path, capsys, flags):
     from mixnn_fast.app.cli import main
 
     out = tmp_path / "run"
     assert main(["train", "--dataset", "digits", *flags, "--out-dir", str(out)]) == 2
     err = capsys.readouterr().err
-    setting = "plus_vote" if "--plus-vote" in flags else "plus_freeze"
+    setting = next(f[2:].replace("-", "_") for f in flags if f in ("--plus-vote", "--plus-freeze", "--plus-split-check"))
     assert setting in err and "Traceback" not in err
     assert not out.exists()

@@ -342,3 +342,38 @@ def test_neighbour_vote_raises_clean_probability_to_the_neighbours_agreement(n, 
     assert torch.equal(plain.table.partners, order[:, :k])
     called = ((plain.clean_prob < 0.5) & (shared >= 0.5)).double().mean()
     assert voted.stats["called_clean_by_vote"] == pytest.approx(float(called))
+
+
+def test_gmm_separation_matches_ashmans_d_of_scikit_learns_fit(rng):
+    from sklearn.mixture import GaussianMixture
+
+    from mixnn_fast.refresh.gmm import GMM1D
+    from mixnn_fast.refresh.refresh import gmm_separation
+
+    x = np.concatenate([rng.normal(0.0, 1.0, 301), rng.normal(4.0, 2.0, 157)])
+    ours = GMM1D(max_iter=500, tol=1e-12, reg_covar=1e-6, dtype=torch.float64).fit(torch.from_numpy(x))
+    ref = GaussianMixture(2, max_iter=500, tol=1e-12, reg_covar=1e-6, random_state=0).fit(x[:, None])
+    mu, var = ref.means_.ravel(), ref.covariances_.ravel()
+    expected = np.sqrt(2) * abs(mu[0] - mu[1]) / np.sqrt(var.sum())
+    assert gmm_separation(ours) == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("split", [True, False])
+def test_split_check_calls_nobody_noisy_unless_the_losses_split_in_two(split, rng):
+    n, c = 80, 4
+    given = torch.from_numpy(rng.integers(0, c, n))
+    targets = SoftTargets(given, c, start_epoch=0)
+    logits = torch.from_numpy(rng.normal(scale=0.05, size=(n, c))).float()  # every loss near log C: one bump
+    if split:  # a quarter of the samples the model contradicts strongly: two bumps far apart
+        logits += 8.0 * torch.nn.functional.one_hot(given, c).float()
+        logits[: n // 4] -= 16.0 * torch.nn.functional.one_hot(given[: n // 4], c).float()
+    args = dict(epoch=0, logits=logits, features=torch.from_numpy(rng.normal(size=(n, 3))).float(), correct=False)
+    plain = refresh(stream(torch.arange(n), targets, given, **args), RefreshOptions(neighbour_backend="exact"))
+    checked = refresh(stream(torch.arange(n), targets, given, **args),
+                      RefreshOptions(neighbour_backend="exact", split_check=True))
+    assert (plain.stats["gmm_separation"] > 2) == split
+    if split:
+        assert torch.equal(checked.clean_prob, plain.clean_prob) and (plain.clean_prob[: n // 4] < 0.5).all()
+    else:
+        assert (checked.clean_prob == 1).all() and not (plain.clean_prob == 1).all()
+        assert (checked.table.weights == 0.5).all()  # every sample trusted: each mixed evenly with its neighbour

@@ -36,7 +36,9 @@ class RefreshOptions:
     when it is CUDA and the pool fits, else hnswlib; see ``neighbours.choice``), "hnsw", "exact"
     or "faiss".  label_vote (MixNN+'s neighbour vote, 0: off): with neighbour partners, each
     sample's clean probability is raised to at least the share of its ``label_vote`` nearest
-    neighbours whose current label equals its own (see :func:`neighbour_agreement`).
+    neighbours whose current label equals its own (see :func:`neighbour_agreement`).  split_check
+    (MixNN+'s, off by default): when the GMM's two components are not separated (Ashman's D below
+    2, :func:`gmm_separation`), no sample is called noisy: every clean probability is 1.
     """
 
     num_neighbours: int = 1
@@ -48,6 +50,7 @@ class RefreshOptions:
     neighbour_backend: str = "auto"
     rdm_alpha: float = 1.0
     label_vote: int = 0
+    split_check: bool = False
     num_threads: int | None = None
     device: str | None = None  # the training device: "auto" searches exactly on a CUDA device when the pool fits
 
@@ -94,6 +97,9 @@ def refresh(scores: PoolScores, options: RefreshOptions = RefreshOptions(), *,
     else:
         losses_for_gmm = losses
     clean_prob, gmm = clean_probability(losses_for_gmm, return_model=True, **options.gmm)
+    stats["gmm_separation"] = gmm_separation(gmm)  # label-free: whether the losses split in two at all
+    if options.split_check and stats["gmm_separation"] < SEPARATED:
+        clean_prob = torch.ones_like(clean_prob)
     seconds["gmm"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -142,6 +148,19 @@ def refresh(scores: PoolScores, options: RefreshOptions = RefreshOptions(), *,
     stats["called_noisy"] = float((clean_prob < 0.5).float().mean())  # label-free: the share the GMM calls noisy
     return RefreshResult(losses=losses_for_gmm, clean_prob=clean_prob, ids=ids, table=table,
                          features=scores.features, gmm=gmm, scores=scores, seconds=seconds, stats=stats)
+
+
+# Ashman, Bird & Zucker (1994): a mixture of two Gaussians is cleanly bimodal when D > 2
+SEPARATED = 2.0
+
+
+def gmm_separation(gmm: GMM1D) -> float:
+    """Ashman's D of a fitted two-component GMM, ``sqrt(2) |mu_1 - mu_2| / sqrt(var_1 + var_2)``
+    (float; 0 for a degenerate fit).  Above 2 the two components are cleanly separated."""
+    if gmm.degenerate_:
+        return 0.0
+    means, variances = gmm.means_.double(), gmm.variances_.double()
+    return float(2 ** 0.5 * (means[0] - means[1]).abs() / variances.sum().sqrt())
 
 
 def neighbour_agreement(labels: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:

@@ -42,7 +42,7 @@ RESUMABLE_FIELDS = ("epochs", "out_dir", "progress", "tensorboard", "eval_every"
 #: Fields added after run folders were written, with the value that reproduces what those runs
 #: did: settings saved without the key (config.yaml, a checkpoint) are read with it
 #: (:meth:`TrainConfig.from_saved`), whatever the field's default is now.
-ADDED_AFTER_SAVED_RUNS = {"plus_freeze": 0, "plus_vote": 0}
+ADDED_AFTER_SAVED_RUNS = {"plus_freeze": 0, "plus_vote": 0, "plus_split_check": False}
 
 
 @dataclass
@@ -99,6 +99,8 @@ class TrainConfig:
                                           # label at this many consecutive refreshes since correction began (0: never)
     plus_vote: int = 0                    # mixnn_plus: a sample's clean probability is at least the share of its this many
                                           # nearest neighbours that carry its current label (0: off)
+    plus_split_check: bool = False        # mixnn_plus: no sample is called noisy while the GMM's components overlap
+                                          # (Ashman's D < 2)
     mixup_alpha: float = 1.0
     gce_q: float = 0.7
     sce_alpha: float = 0.1
@@ -153,6 +155,8 @@ class TrainConfig:
         if self.plus_vote and (self.method != "mixnn_plus" or self.partners != "neighbours"):
             raise ValueError(f"plus_vote: votes among MixNN+'s nearest neighbours, so it needs method mixnn_plus and "
                              f"partners neighbours; got method {self.method!r}, partners {self.partners!r}")
+        if self.plus_split_check and self.method != "mixnn_plus":
+            raise ValueError(f"plus_split_check: checks MixNN+'s GMM, so it needs method mixnn_plus; got {self.method!r}")
         if not 0 <= self.plus_freeze <= 32767:  # the agreement counts are int16
             raise ValueError(f"plus_freeze: must lie in [0, 32767], got {self.plus_freeze}")
         if self.plus_freeze and (self.method != "mixnn_plus" or self.plus_correction != "selective"):
