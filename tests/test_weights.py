@@ -52,14 +52,24 @@ def check_rows(weights: torch.Tensor, rows: int, k: int) -> None:
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("n,k", [(1, 0), (2, 1), (7, 1), (101, 3), (4099, 1), (513, 5)])
 @pytest.mark.parametrize("on_zero", ["uniform", "anchor"])
-def test_gmm_weights_match_reference(rng, device, n, k, on_zero):
+@pytest.mark.parametrize("mode", ["gmm", "trust"])
+def test_gmm_weights_match_reference(rng, device, n, k, on_zero, mode):
     w = random_clean_prob(rng, n)
     neighbours = rng.integers(0, n, (n, k)) if n > 1 else np.zeros((n, k), dtype=np.int64)
     ours = mixing_weights(torch.from_numpy(w).float().to(device), torch.from_numpy(neighbours).to(device),
-                          on_zero=on_zero)
+                          mode=mode, on_zero=on_zero)
     assert ours.device.type == device
-    expected = reference_gmm_weights(w.astype(np.float32).astype(np.float64), neighbours, np.arange(n), on_zero)
-    np.testing.assert_allclose(ours.cpu().numpy(), expected, rtol=RATIO_RTOL, atol=0)
+    w64 = w.astype(np.float32).astype(np.float64)
+    expected = reference_gmm_weights(w64, neighbours, np.arange(n), on_zero)
+    atol = 0.0
+    if mode == "trust":  # row by row: the anchor alone with probability w_i, eq. 10-11 otherwise
+        expected = (1 - w64)[:, None] * expected
+        expected[:, 0] += w64
+        # each weight a float64 sum of two products rounded once to float32; the anchor's weight
+        # w + (1 - w) r can cancel no sign, so relative eps32 holds, plus float64 rounding near 0
+        atol = 4 * E64
+        assert (ours[torch.from_numpy(w64 == 1.0).to(device), 0] == 1).all()  # a surely clean anchor: not mixed
+    np.testing.assert_allclose(ours.cpu().numpy(), expected, rtol=RATIO_RTOL, atol=atol)
     check_rows(ours, n, k)
 
 
@@ -255,22 +265,3 @@ def test_random_partners_edge_cases_and_validation():
     a = random_partners(50, 2, torch.Generator().manual_seed(4))
     assert torch.equal(a, random_partners(50, 2, torch.Generator().manual_seed(4)))
 
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("n,k", [(1, 0), (2, 1), (7, 1), (101, 3), (4099, 1), (513, 5)])
-@pytest.mark.parametrize("on_zero", ["uniform", "anchor"])
-def test_trust_weights_keep_the_anchor_with_its_clean_probability(rng, device, n, k, on_zero):
-    w = random_clean_prob(rng, n)
-    neighbours = rng.integers(0, n, (n, k)) if n > 1 else np.zeros((n, k), dtype=np.int64)
-    ours = mixing_weights(torch.from_numpy(w).float().to(device), torch.from_numpy(neighbours).to(device),
-                          mode="trust", on_zero=on_zero)
-    w64 = w.astype(np.float32).astype(np.float64)
-    paper = reference_gmm_weights(w64, neighbours, np.arange(n), on_zero)
-    expected = (1 - w64)[:, None] * paper  # row by row: the anchor alone with probability w_i
-    expected[:, 0] += w64
-    # each weight a float64 sum of two products rounded once to float32; the anchor's weight
-    # w + (1 - w) r can cancel no sign, so relative eps32 holds, plus float64 rounding near 0
-    np.testing.assert_allclose(ours.cpu().numpy(), expected, rtol=RATIO_RTOL, atol=4 * E64)
-    check_rows(ours, n, k)
-    clean = w64 == 1.0
-    assert (ours[torch.from_numpy(clean).to(device), 0] == 1).all()  # a surely clean anchor is not mixed
