@@ -377,3 +377,25 @@ def test_split_check_calls_nobody_noisy_unless_the_losses_split_in_two(split, rn
     else:
         assert (checked.clean_prob == 1).all() and not (plain.clean_prob == 1).all()
         assert (checked.table.weights == 0.5).all()  # every sample trusted: each mixed evenly with its neighbour
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.3, 0.9])
+def test_trust_weights_apply_only_where_predictions_agree_with_the_given_labels(threshold, rng):
+    from mixnn_fast.refresh.weights import mixing_weights
+
+    n, c = 50, 3
+    given = torch.from_numpy(rng.integers(0, c, n))
+    targets = SoftTargets(given, c, start_epoch=0)
+    logits = torch.from_numpy(rng.normal(size=(n, c))).float()
+    logits[: n // 2] += 5 * torch.nn.functional.one_hot(given[: n // 2], c).float()  # about 2/3 agree
+    scores = stream(torch.arange(n), targets, given, epoch=0, logits=logits,
+                    features=torch.from_numpy(rng.normal(size=(n, 4))).float(), correct=False)
+    result = refresh(scores, RefreshOptions(neighbour_backend="exact", weights_mode="trust",
+                                            trust_min_agreement=threshold))
+    agreement = (logits.double().argmax(1) == given).double().mean()
+    assert result.stats["given_label_agreement"] == pytest.approx(float(agreement))
+    trusted = bool(agreement >= threshold)
+    assert result.stats["anchors_trusted"] == float(trusted)
+    position = result.table.partners[:, 0]  # ids 0..n-1: ids are positions here
+    expected = mixing_weights(result.clean_prob, position.unsqueeze(1), mode="trust" if trusted else "gmm")
+    assert torch.equal(result.table.weights, expected)

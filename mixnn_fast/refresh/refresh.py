@@ -39,6 +39,9 @@ class RefreshOptions:
     neighbours whose current label equals its own (see :func:`neighbour_agreement`).  split_check
     (MixNN+'s, off by default): when the GMM's two components are not separated (Ashman's D below
     2, :func:`gmm_separation`), no sample is called noisy: every clean probability is 1.
+    trust_min_agreement: with weights_mode "trust", anchors are kept whole only at a refresh where
+    at least this share of the pool's predictions equal their given labels (a label-free sign that
+    few labels are wrong); below it the weights are eq. 10-11's.
     """
 
     num_neighbours: int = 1
@@ -51,6 +54,7 @@ class RefreshOptions:
     rdm_alpha: float = 1.0
     label_vote: int = 0
     split_check: bool = False
+    trust_min_agreement: float = 0.0
     num_threads: int | None = None
     device: str | None = None  # the training device: "auto" searches exactly on a CUDA device when the pool fits
 
@@ -122,10 +126,16 @@ def refresh(scores: PoolScores, options: RefreshOptions = RefreshOptions(), *,
         neighbours = random_partners(n, options.num_neighbours, generator)
     seconds["neighbours"] = time.perf_counter() - start
 
+    # label-free: how often the model agrees with the given labels (low where many are wrong)
+    stats["given_label_agreement"] = float((scores.predicted == scores.given_labels[ids]).float().mean())
+    mode = options.weights_mode
+    if mode == "trust":
+        if stats["given_label_agreement"] < options.trust_min_agreement:
+            mode = "gmm"
+        stats["anchors_trusted"] = float(mode == "trust")
     table = None
     if neighbours is not None:
-        weights = mixing_weights(clean_prob, neighbours, mode=options.weights_mode, generator=generator,
-                                 alpha=options.rdm_alpha)
+        weights = mixing_weights(clean_prob, neighbours, mode=mode, generator=generator, alpha=options.rdm_alpha)
         table = PartnerTable.build(ids, ids[neighbours], weights, num_samples)
         stats.update(lambda_statistics(weights))
     if scores.correct:

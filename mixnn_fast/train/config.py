@@ -42,7 +42,7 @@ RESUMABLE_FIELDS = ("epochs", "out_dir", "progress", "tensorboard", "eval_every"
 #: Fields added after run folders were written, with the value that reproduces what those runs
 #: did: settings saved without the key (config.yaml, a checkpoint) are read with it
 #: (:meth:`TrainConfig.from_saved`), whatever the field's default is now.
-ADDED_AFTER_SAVED_RUNS = {"plus_freeze": 0, "plus_vote": 0, "plus_split_check": False}
+ADDED_AFTER_SAVED_RUNS = {"plus_freeze": 0, "plus_vote": 0, "plus_split_check": False, "trust_min_agreement": 0.0}
 
 
 @dataclass
@@ -79,6 +79,8 @@ class TrainConfig:
     label_correction: bool = True
     num_neighbours: int = 1               # K
     weights: str = "gmm"                  # gmm (eq. 10-11) | trust (clean anchors kept whole) | avg | rdm
+    trust_min_agreement: float = 0.0      # weights trust: only at refreshes where this share of the predictions
+                                          # equals the given labels (a label-free sign of little noise); else gmm
     rdm_alpha: float = 1.0
     partners: str = "neighbours"          # neighbours (dataset-wide) | random | in_batch (authors' code)
     plan: str = "coherent"                # coherent (partners in the anchor's batch) | naive (decode again)
@@ -155,6 +157,11 @@ class TrainConfig:
         if self.plus_vote and (self.method != "mixnn_plus" or self.partners != "neighbours"):
             raise ValueError(f"plus_vote: votes among MixNN+'s nearest neighbours, so it needs method mixnn_plus and "
                              f"partners neighbours; got method {self.method!r}, partners {self.partners!r}")
+        if not 0 <= self.trust_min_agreement <= 1:
+            raise ValueError(f"trust_min_agreement: must lie in [0, 1], got {self.trust_min_agreement}")
+        if self.trust_min_agreement and (self.weights != "trust" or self.partners != "neighbours"):
+            raise ValueError(f"trust_min_agreement: gates the trust weights of neighbour partners, so it needs weights "
+                             f"trust and partners neighbours; got weights {self.weights!r}, partners {self.partners!r}")
         if self.plus_split_check and self.method != "mixnn_plus":
             raise ValueError(f"plus_split_check: checks MixNN+'s GMM, so it needs method mixnn_plus; got {self.method!r}")
         if not 0 <= self.plus_freeze <= 32767:  # the agreement counts are int16
@@ -164,7 +171,8 @@ class TrainConfig:
                              f"and plus_correction selective; got method {self.method!r}, plus_correction "
                              f"{self.plus_correction!r}")
         for name in ("lr", "lr_min", "momentum", "weight_decay", "noise_rate", "correction_momentum", "rdm_alpha",
-                     "gmm_tol", "gmm_reg_covar", "mixup_alpha", "gce_q", "sce_alpha", "sce_beta", "validation_split"):
+                     "gmm_tol", "gmm_reg_covar", "mixup_alpha", "gce_q", "sce_alpha", "sce_beta", "validation_split",
+                     "trust_min_agreement"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name}: must be a finite number, got {getattr(self, name)}")
         if not 0 <= self.validation_split < 1:
