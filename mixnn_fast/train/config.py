@@ -154,22 +154,17 @@ class TrainConfig:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
         if self.plus_vote < 0:
             raise ValueError(f"plus_vote: must be >= 0, got {self.plus_vote}")
-        if self.plus_vote and (self.method != "mixnn_plus" or self.partners != "neighbours"):
-            raise ValueError(f"plus_vote: votes among MixNN+'s nearest neighbours, so it needs method mixnn_plus and "
-                             f"partners neighbours; got method {self.method!r}, partners {self.partners!r}")
         if not 0 <= self.trust_min_agreement <= 1:
             raise ValueError(f"trust_min_agreement: must lie in [0, 1], got {self.trust_min_agreement}")
-        if self.trust_min_agreement and (self.weights != "trust" or self.partners != "neighbours"):
-            raise ValueError(f"trust_min_agreement: gates the trust weights of neighbour partners, so it needs weights "
-                             f"trust and partners neighbours; got weights {self.weights!r}, partners {self.partners!r}")
-        if self.plus_split_check and self.method != "mixnn_plus":
-            raise ValueError(f"plus_split_check: checks MixNN+'s GMM, so it needs method mixnn_plus; got {self.method!r}")
         if not 0 <= self.plus_freeze <= 32767:  # the agreement counts are int16
             raise ValueError(f"plus_freeze: must lie in [0, 32767], got {self.plus_freeze}")
-        if self.plus_freeze and (self.method != "mixnn_plus" or self.plus_correction != "selective"):
-            raise ValueError(f"plus_freeze: freezes MixNN+'s selective correction, so it needs method mixnn_plus "
-                             f"and plus_correction selective; got method {self.method!r}, plus_correction "
-                             f"{self.plus_correction!r}")
+        # settings that act only together with others: refused rather than silently doing nothing
+        self._needs("plus_vote", "votes among MixNN+'s nearest neighbours", method="mixnn_plus", partners="neighbours")
+        self._needs("trust_min_agreement", "gates the trust weights of neighbour partners", weights="trust",
+                    partners="neighbours")
+        self._needs("plus_split_check", "checks MixNN+'s GMM", method="mixnn_plus")
+        self._needs("plus_freeze", "freezes MixNN+'s selective correction", method="mixnn_plus",
+                    plus_correction="selective")
         for name in ("lr", "lr_min", "momentum", "weight_decay", "noise_rate", "correction_momentum", "rdm_alpha",
                      "gmm_tol", "gmm_reg_covar", "mixup_alpha", "gce_q", "sce_alpha", "sce_beta", "validation_split",
                      "trust_min_agreement"):
@@ -207,6 +202,14 @@ class TrainConfig:
             raise ValueError(f"train_subset: must be >= 2, got {self.train_subset}")
         if not self.out_dir:
             raise ValueError("out_dir: must not be empty")
+
+    def _needs(self, name: str, what: str, **required: str) -> None:
+        """ValueError when setting ``name`` is on (truthy) but a field of ``required`` differs from
+        its required value, naming the setting, what it does and every required field."""
+        if getattr(self, name) and any(getattr(self, k) != v for k, v in required.items()):
+            needs = " and ".join(f"{k} {v}" for k, v in required.items())
+            got = ", ".join(f"{k} {getattr(self, k)!r}" for k in required)
+            raise ValueError(f"{name}: {what}, so it needs {needs}; got {got}")
 
     def _check_types(self) -> None:
         """Each field holds a value of its annotated type (YAML and hand-written dicts can hold
