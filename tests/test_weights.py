@@ -264,4 +264,3 @@ def test_random_partners_edge_cases_and_validation():
         random_partners(5, 1, generator=1)
     a = random_partners(50, 2, torch.Generator().manual_seed(4))
     assert torch.equal(a, random_partners(50, 2, torch.Generator().manual_seed(4)))
-

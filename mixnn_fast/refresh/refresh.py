@@ -126,8 +126,9 @@ def refresh(scores: PoolScores, options: RefreshOptions = RefreshOptions(), *,
         neighbours = random_partners(n, options.num_neighbours, generator)
     seconds["neighbours"] = time.perf_counter() - start
 
+    given = scores.given_labels[ids]  # the pool's given labels, in pool order
     # label-free: how often the model agrees with the given labels (low where many are wrong)
-    stats["given_label_agreement"] = float((scores.predicted == scores.given_labels[ids]).float().mean())
+    stats["given_label_agreement"] = float((scores.predicted == given).float().mean())
     mode = options.weights_mode
     if mode == "trust":
         if stats["given_label_agreement"] < options.trust_min_agreement:
@@ -143,7 +144,7 @@ def refresh(scores: PoolScores, options: RefreshOptions = RefreshOptions(), *,
 
     if true_labels is not None:
         true_labels = true_labels[ids]
-        clean_mask = true_labels == scores.given_labels[ids]
+        clean_mask = true_labels == given
         stats["clean_auroc"] = auroc(clean_prob, clean_mask)
         # once labels are corrected, "clean" means "the current label is right": the AUROC that
         # measures what the GMM is asked to detect from then on
