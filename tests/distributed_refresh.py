@@ -18,7 +18,10 @@ from mixnn_fast.train.trainer import Trainer
 def main(out_file: str) -> None:
     torch.set_num_threads(1)  # the same arithmetic in every process and in the single-process run
     out = Path(out_file)
+    # MixNN+ correcting every sample (MixNN's correction) with ELR: the corrected targets and ELR's
+    # running averages are both shared
     cfg = TrainConfig(dataset="digits", noise="symmetric_uniform", noise_rate=0.4, model="small_cnn",
+                      method="mixnn_plus", plus_correction="all", plus_elr=3.0,
                       model_widths=[8, 16, 16, 16], epochs=3, warmup_epochs=1, correction_start=0, batch_size=64,
                       progress=False, tensorboard=False, out_dir=str(out.parent / f"run-{out.stem}"), num_threads=1,
                       neighbour_backend="exact")
@@ -28,6 +31,7 @@ def main(out_file: str) -> None:
     held = {"clean_prob": result.clean_prob, "losses": result.losses, "ids": result.ids,
             "features": result.features, "anchors": table.anchors, "partners": table.partners,
             "weights": table.weights, "targets": trainer.targets.targets.clone(),
+            "early_targets": trainer.early_targets.values.clone(),
             "clean_auroc": torch.tensor(row["clean_auroc"])}
     # every process must hold the same: compare with rank 0's copy before saving
     for name, value in held.items():

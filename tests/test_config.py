@@ -134,7 +134,12 @@ def test_saved_settings_read_fields_they_predate_with_the_old_value():
                                    ["--method", "mixnn_plus", "--plus-vote", "-1"],
                                    ["--method", "mixnn", "--plus-freeze", "2"],
                                    ["--method", "mixnn_plus", "--plus-correction", "all", "--plus-freeze", "2"],
-                                   ["--method", "mixnn_plus", "--plus-freeze", "-1"]])
+                                   ["--method", "mixnn_plus", "--plus-freeze", "-1"],
+                                   ["--method", "mixnn", "--plus-elr", "3"],
+                                   ["--method", "mixnn_plus", "--plus-elr", "-1"],
+                                   ["--method", "mixnn_plus", "--plus-elr", "nan"],
+                                   ["--method", "mixnn_plus", "--elr-beta", "0.5"],
+                                   ["--method", "mixnn_plus", "--elr-beta", "1", "--plus-elr", "3"]])
 def test_cli_refuses_a_mixnn_plus_option_that_cannot_apply_before_writing(tmp_path, capsys, flags):
     from mixnn_fast.app.cli import main
 
@@ -142,6 +147,7 @@ def test_cli_refuses_a_mixnn_plus_option_that_cannot_apply_before_writing(tmp_pa
     assert main(["train", "--dataset", "digits", *flags, "--out-dir", str(out)]) == 2
     err = capsys.readouterr().err
     setting = next(f[2:].replace("-", "_") for f in flags
-                   if f in ("--plus-vote", "--plus-freeze", "--plus-split-check", "--trust-min-agreement"))
+                   if f in ("--plus-vote", "--plus-freeze", "--plus-split-check", "--trust-min-agreement", "--plus-elr",
+                            "--elr-beta"))
     assert setting in err and "Traceback" not in err
     assert not out.exists()

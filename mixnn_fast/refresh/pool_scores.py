@@ -54,6 +54,8 @@ class PoolScores:
         correct: apply label correction.
         correct_only: (N,) bool, when given: correct only the samples marked (e.g. those the last
             GMM called noisy); the others keep their targets.
+        running: when given, a store with ``update(ids, probabilities)`` that every scored sample's
+            prediction also enters (MixNN+'s early-learning targets, refresh/early_learning.py).
         features_dtype: storage of the (P, D) features: a dtype, "auto" (float32 up to
             ``AUTO_FLOAT32_ELEMENTS`` elements, else float16; decided at the first batch), or
             None (not kept: a pass for the predictions only).
@@ -68,7 +70,7 @@ class PoolScores:
     def __init__(self, ids: torch.Tensor, targets, given_labels: torch.Tensor, epoch: int, *,
                  gmm_loss: str = "argmax_targets", correct: bool = True,
                  features_dtype: torch.dtype | str | None = torch.float32,
-                 correct_only: torch.Tensor | None = None) -> None:
+                 correct_only: torch.Tensor | None = None, running=None) -> None:
         if gmm_loss not in GMM_LOSSES:
             raise ValueError(f"gmm_loss: must be one of {GMM_LOSSES}, got {gmm_loss!r}")
         p = len(ids)
@@ -79,6 +81,7 @@ class PoolScores:
         self.gmm_loss = gmm_loss
         self.correct = correct
         self.correct_only = correct_only
+        self.running = running
         self.features_dtype = features_dtype
         self.losses = torch.zeros(p)
         self.current_labels = torch.zeros(p, dtype=torch.int64)
@@ -115,6 +118,8 @@ class PoolScores:
             chosen = slice(None) if self.correct_only is None else self.correct_only[sample_ids]
             if self.correct_only is None or bool(chosen.any()):
                 self.corrected |= bool(self.targets.update(sample_ids[chosen], probabilities[chosen], self.epoch))
+        if self.running is not None:
+            self.running.update(sample_ids, probabilities)
         if self.features_dtype is None:  # features not wanted (a pass for predictions only)
             return
         if self.features is None:

@@ -42,7 +42,8 @@ RESUMABLE_FIELDS = ("epochs", "out_dir", "progress", "tensorboard", "eval_every"
 #: Fields added after run folders were written, with the value that reproduces what those runs
 #: did: settings saved without the key (config.yaml, a checkpoint) are read with it
 #: (:meth:`TrainConfig.from_saved`), whatever the field's default is now.
-ADDED_AFTER_SAVED_RUNS = {"plus_freeze": 0, "plus_vote": 0, "plus_split_check": False, "trust_min_agreement": 0.0}
+ADDED_AFTER_SAVED_RUNS = {"plus_freeze": 0, "plus_vote": 0, "plus_split_check": False, "trust_min_agreement": 0.0,
+                          "plus_elr": 0.0, "elr_beta": 0.7}
 
 
 @dataclass
@@ -103,6 +104,8 @@ class TrainConfig:
                                           # nearest neighbours that carry its current label (0: off)
     plus_split_check: bool = False        # mixnn_plus: no sample is called noisy while the GMM's components overlap
                                           # (Ashman's D < 2)
+    plus_elr: float = 0.0                 # mixnn_plus: weight λ of the early-learning penalty (ELR) added to the loss (0: off)
+    elr_beta: float = 0.7                 # ELR: the weight each sample's running average of predictions keeps per refresh
     mixup_alpha: float = 1.0
     gce_q: float = 0.7
     sce_alpha: float = 0.1
@@ -162,14 +165,22 @@ class TrainConfig:
         self._needs("plus_vote", "votes among MixNN+'s nearest neighbours", method="mixnn_plus", partners="neighbours")
         self._needs("trust_min_agreement", "gates the trust weights of neighbour partners", weights="trust",
                     partners="neighbours")
+        self._needs("plus_elr", "adds early-learning regularisation to MixNN+'s loss", method="mixnn_plus")
+        if self.elr_beta != _default("elr_beta") and not self.plus_elr:
+            raise ValueError(f"elr_beta: sets the running average of ELR, so it needs plus_elr > 0; got plus_elr "
+                             f"{self.plus_elr!r}")
         self._needs("plus_split_check", "checks MixNN+'s GMM", method="mixnn_plus")
         self._needs("plus_freeze", "freezes MixNN+'s selective correction", method="mixnn_plus",
                     plus_correction="selective")
         for name in ("lr", "lr_min", "momentum", "weight_decay", "noise_rate", "correction_momentum", "rdm_alpha",
                      "gmm_tol", "gmm_reg_covar", "mixup_alpha", "gce_q", "sce_alpha", "sce_beta", "validation_split",
-                     "trust_min_agreement"):
+                     "trust_min_agreement", "plus_elr", "elr_beta"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name}: must be a finite number, got {getattr(self, name)}")
+        if self.plus_elr < 0:
+            raise ValueError(f"plus_elr: must be >= 0, got {self.plus_elr}")
+        if not 0 <= self.elr_beta < 1:
+            raise ValueError(f"elr_beta: must lie in [0, 1), got {self.elr_beta}")
         if not 0 <= self.validation_split < 1:
             raise ValueError(f"validation_split: must lie in [0, 1), got {self.validation_split}")
         if not 0 <= self.noise_rate <= 1:
@@ -274,6 +285,11 @@ class TrainConfig:
         from mixnn_fast.train.atomic import write_atomic
 
         write_atomic(path, yaml.safe_dump(self.to_dict(), sort_keys=False).encode())
+
+
+def _default(name: str) -> Any:
+    """The default value of TrainConfig's field ``name``."""
+    return TrainConfig.__dataclass_fields__[name].default
 
 
 def saved_settings(values: dict) -> dict:

@@ -154,7 +154,8 @@ _TARGET_ROWS_PER_STEP = 1 << 16
 
 def share_pool_scores(context: Distributed, scores, targets, feature_dim: int) -> None:
     """After each process scored its shard of the pool: every process holds every row of
-    ``scores`` (losses, labels, predictions, features) and the same corrected soft targets.
+    ``scores`` (losses, labels, predictions, features), the same corrected soft targets and,
+    where kept, the same early-learning targets (``scores.running``).
 
     Each row was filled by one process and is zero elsewhere, so summing over processes is
     exact.  The soft targets each process corrected (its own rows) are shared the same way, a
@@ -169,15 +170,22 @@ def share_pool_scores(context: Distributed, scores, targets, feature_dim: int) -
     scores.seen = seen > 0
     (corrected,) = context.sum(float(scores.corrected))
     scores.corrected = corrected > 0
+    if getattr(scores, "running", None) is not None:
+        _share_rows(context, scores.running, scores.ids, mine, scores.seen)
     if targets is None or not scores.corrected:
         return
-    for start in range(0, len(scores.ids), _TARGET_ROWS_PER_STEP):
+    _share_rows(context, targets, scores.ids, mine, scores.seen)
+
+
+def _share_rows(context: Distributed, store, ids: torch.Tensor, mine: torch.Tensor, seen: torch.Tensor) -> None:
+    """Rows ``ids`` of ``store`` (``rows`` / ``set_rows``), each written by the one process whose
+    ``mine`` marks it, on every process; rows no process ``seen`` are left alone."""
+    for start in range(0, len(ids), _TARGET_ROWS_PER_STEP):
         block = slice(start, start + _TARGET_ROWS_PER_STEP)
-        ids, own = scores.ids[block], mine[block]
-        rows = targets.rows(ids) * own.unsqueeze(1)  # (n, C) float32: this process's rows, zero elsewhere
+        rows = store.rows(ids[block]) * mine[block].unsqueeze(1)  # (n, C) float32: this process's rows, zero elsewhere
         context.combine_rows(rows)
-        filled = scores.seen[block]
-        targets.set_rows(ids[filled], rows[filled])
+        filled = seen[block]
+        store.set_rows(ids[block][filled], rows[filled])
 
 
 def share_refresh(context: Distributed, result, scores):

@@ -6,6 +6,8 @@ corrected labels and one-hot labels go through the same code.
 - ``generalized_cross_entropy`` (GCE, Zhang & Sabuncu 2018): Σ_c t_c (1 − p_c^q) / q.
 - ``symmetric_cross_entropy`` (SCE, Wang et al. 2019): α·CE + β·RCE with
   RCE = −Σ_c p_c log clamp(t_c, 1e-4, 1), i.e. −A(1 − p_y) with A = log 1e-4 for one-hot t.
+- ``early_learning_penalty`` (ELR, Liu et al. 2020): log(1 − ⟨p, t⟩) with t a running average of
+  the model's earlier predictions, added (times λ) to a loss to keep the predictions near them.
 """
 from __future__ import annotations
 
@@ -51,6 +53,18 @@ def symmetric_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, alpha: 
     probs = F.softmax(logits.float(), dim=1).clamp(1e-7, 1.0)
     rce = -(probs * torch.log(targets.float().clamp(1e-4, 1.0))).sum(dim=1)
     per_sample = alpha * ce + beta * rce
+    return per_sample.mean() if reduction == "mean" else per_sample
+
+
+def early_learning_penalty(logits: torch.Tensor, running: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """ELR's regulariser: log(1 − Σ_c p_c t_c) per row, with p = softmax(logits) clamped to
+    [1e-4, 1 − 1e-4] (the authors' clamp) and ``running`` t (B, C) the sample's running average of
+    earlier predictions (rows sum to at most 1; all zero: no pull).  Minimising it raises the
+    model's agreement with t, its early predictions, which fit the clean labels before the
+    network memorises the wrong ones.  Gradients flow through the logits only."""
+    _check(logits, running)
+    probs = F.softmax(logits.float(), dim=1).clamp(1e-4, 1.0 - 1e-4)
+    per_sample = torch.log(1.0 - (probs * running.detach().float()).sum(dim=1))
     return per_sample.mean() if reduction == "mean" else per_sample
 
 

@@ -60,6 +60,11 @@ def refresh_options(cfg: TrainConfig, threads: int, device: torch.device | None 
         device=None if device is None else str(device))
 
 
+def uses_early_learning(cfg: TrainConfig) -> bool:
+    """Whether the run adds ELR's penalty to its loss (MixNN+ with ``plus_elr`` > 0)."""
+    return cfg.method == "mixnn_plus" and cfg.plus_elr > 0
+
+
 def corrects_labels(cfg: TrainConfig) -> bool:
     """Whether the refresh corrects labels (MixNN+: unless ``plus_correction="none"``)."""
     if cfg.method == "mixnn_plus":

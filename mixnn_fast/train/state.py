@@ -81,7 +81,8 @@ def restore_checkpoint(state: dict, modules: dict, generator: torch.Generator, p
     shapes) is a CheckpointError naming ``path``."""
     try:
         for name, module in modules.items():
-            saved = state["modules"][name]
+            # a module the run does not use may be absent from checkpoints that predate it
+            saved = state["modules"][name] if module is not None else state["modules"].get(name)
             if module is not None and saved is not None:
                 module.load_state_dict(saved)
         table = state["partner_table"]

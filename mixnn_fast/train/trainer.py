@@ -34,6 +34,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from mixnn_fast.mix.trusted import check_index_errors
+from mixnn_fast.refresh.early_learning import EarlyLearningTargets
 from mixnn_fast.refresh.gmm import clean_probability
 from mixnn_fast.refresh.loss_history import LossHistory
 from mixnn_fast.refresh.partners import in_batch_table, mixup_table
@@ -45,9 +46,9 @@ from mixnn_fast.train.config import TrainConfig
 from mixnn_fast.train.datasets import RunData, prepare_data
 from mixnn_fast.train.devices import autocast_dtype, resolve_device
 from mixnn_fast.train.distributed import init_distributed, share_pool_scores, share_refresh
-from mixnn_fast.train.losses import one_hot
+from mixnn_fast.train.losses import early_learning_penalty, one_hot
 from mixnn_fast.train.methods import (correction_mask, corrects_labels, freezes_targets, loss_function, optimisation,
-                                      phase_of, refresh_options, update_agreement)
+                                      phase_of, refresh_options, update_agreement, uses_early_learning)
 from mixnn_fast.train.loaders import build_loaders
 from mixnn_fast.train.metrics import MetricsLog
 from mixnn_fast.train.inference import Inference
@@ -122,6 +123,8 @@ class Trainer:
                                     momentum=cfg.correction_momentum, start_epoch=cfg.correction_start,
                                     update_every=cfg.correction_every)
         self.loss_history = LossHistory(self.num_samples, window=cfg.gmm_history) if cfg.gmm_history > 1 else None
+        self.early_targets = EarlyLearningTargets(self.num_samples, self.num_classes, beta=cfg.elr_beta) \
+            if uses_early_learning(cfg) else None
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.loss_function = loss_function(cfg)
         self.loaders = build_loaders(cfg, self.data, threads=self.threads, on_gpu=self.device.type == "cuda",
@@ -153,7 +156,7 @@ class Trainer:
 
     def _modules(self) -> dict:
         return {"model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler,
-                "targets": self.targets, "loss_history": self.loss_history}
+                "targets": self.targets, "loss_history": self.loss_history, "early_targets": self.early_targets}
 
     def _holds_run(self) -> bool:
         return any((self.out_dir / name).exists() for name in (CHECKPOINT, PREVIOUS, "metrics.jsonl"))
@@ -222,7 +225,7 @@ class Trainer:
         # MixNN+: the samples seen as noisy, less the frozen ones
         only = correction_mask(cfg, self.run.clean_prob, self.num_samples, self.run.agreement)
         scores = PoolScores(pool, self.targets, self.given_labels, epoch, gmm_loss=cfg.gmm_loss,
-                            correct=corrects_labels(cfg), correct_only=only,
+                            correct=corrects_labels(cfg), correct_only=only, running=self.early_targets,
                             features_dtype=features_dtype(cfg.features_dtype, len(pool)))
         self.inference.score_pool(loader, scores, f"refresh {epoch}")
         forward_seconds = time.perf_counter() - start
@@ -309,6 +312,13 @@ class Trainer:
         x, _ = batch.mix(num_threads=self.threads)
         return x, self.targets.mix(batch.anchor_ids, batch.partner_ids, batch.weights)
 
+    def _early_learning_targets(self, batch, phase: str) -> torch.Tensor | None:
+        """ELR's running averages (B, C) float32 for one batch, mixed as its images are; None
+        where the run adds no ELR penalty or the epoch trains without the refresh's partners."""
+        if self.early_targets is None or phase != "mixnn":
+            return None
+        return self.early_targets.mix(batch.anchor_ids, batch.partner_ids, batch.weights)
+
     def train_epoch(self, epoch: int) -> dict:
         """Train epoch ``epoch`` (from the checkpoint's batch when resuming inside it); returns its
         metrics row.  Saves a checkpoint every ``cfg.checkpoint_every_steps`` steps."""
@@ -335,8 +345,9 @@ class Trainer:
                     next_position = i + 1
                 before_mix = tally.mark()
                 x, y = self._inputs(batch, phase)
+                running = self._early_learning_targets(batch, phase)
                 after_mix = tally.mark()
-                loss = self._step(x, y, epoch, i, iterations)
+                loss = self._step(x, y, epoch, i, iterations, running=running)
                 tally.add_batch(before_mix, after_mix, tally.mark(), loss, len(batch))
                 batch.release()  # its buffers go back to the loader's pool
                 if tally.due(last=i + 1 == iterations):
@@ -369,12 +380,16 @@ class Trainer:
         return row
 
     def _step(self, x: torch.Tensor, y: torch.Tensor, epoch: int, i: int, iterations: int, *,
-              weight: float = 1.0) -> torch.Tensor:
+              weight: float = 1.0, running: torch.Tensor | None = None) -> torch.Tensor:
         """One optimiser step on the mixed batch; returns its loss (0-d, on the device: reading it
-        would wait for the device).  ``weight`` 0: a step whose gradient is zero."""
+        would wait for the device).  ``weight`` 0: a step whose gradient is zero.  ``running``
+        (B, C): ELR's running averages for the batch; the loss then adds ``plus_elr`` times its
+        penalty."""
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
             logits = self.trained(x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format))
         loss = self.loss_function(logits.float(), y.to(self.device))
+        if running is not None:
+            loss = loss + self.cfg.plus_elr * early_learning_penalty(logits.float(), running.to(self.device))
         if weight != 1.0:
             loss = loss * weight
         self.optimizer.zero_grad(set_to_none=True)
