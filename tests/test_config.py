@@ -134,6 +134,7 @@ def test_saved_settings_read_fields_they_predate_with_the_old_value():
                                    ["--method", "mixnn_plus", "--plus-vote", "-1"],
                                    ["--method", "mixnn", "--plus-freeze", "2"],
                                    ["--method", "mixnn_plus", "--plus-correction", "all", "--plus-freeze", "2"],
+                                   ["--method", "mixnn_plus", "--plus-correction", "graded", "--plus-freeze", "2"],
                                    ["--method", "mixnn_plus", "--plus-freeze", "-1"],
                                    ["--method", "mixnn", "--plus-elr", "3"],
                                    ["--method", "mixnn_plus", "--plus-elr", "-1"],

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, strategies as st
 from sklearn.metrics import roc_auc_score
 
-from mixnn_fast.refresh.targets import SoftTargets
+from mixnn_fast.refresh.targets import SoftTargets, soft_targets
 from mixnn_fast.train.config import TrainConfig
 from mixnn_fast.train.datasets import stratified_subset
 from mixnn_fast.audit.scores import auroc
@@ -229,6 +229,43 @@ def test_selective_correction_moves_only_the_samples_marked_noisy(rng):
            features=torch.zeros(n, 2), correct_only=mask)
     moved = (targets.targets != before).any(1)
     assert moved.tolist() == mask.tolist()
+
+
+@pytest.mark.parametrize("n,c,storage", [(1, 3, "float32"), (43, 5, "float32"), (120, 7, "topk")])
+def test_graded_correction_scales_each_samples_step_by_its_noise_probability(rng, n, c, storage):
+    """MixNN+'s graded correction: t <- t + (1 - m)(1 - w)(p - t) per sample (w its clean
+    probability, 0 step where unscored or before any GMM), against a float64 reference."""
+    from mixnn_fast.train.methods import correction_mask
+
+    momentum = 0.9
+    given = torch.from_numpy(rng.integers(0, c, n))
+    clean_prob = torch.from_numpy(rng.uniform(size=n)).float()
+    clean_prob[rng.integers(0, n)] = float("nan")  # not in the last pool: never corrected
+    if n > 2:
+        clean_prob[rng.integers(0, n, 2)] = torch.tensor([0.0, 1.0])  # the ends: full step, none
+    cfg = TrainConfig(method="mixnn_plus", plus_correction="graded")
+    share = correction_mask(cfg, clean_prob, n)
+    assert share.dtype == torch.float32
+    assert torch.equal(share, torch.nan_to_num(1 - clean_prob, nan=0.0))
+    assert not correction_mask(cfg, None, n).any()  # before any GMM nothing is known noisy
+    targets = soft_targets(given, c, start_epoch=0, momentum=momentum, storage=storage,
+                           top_k=c if storage == "topk" else None)
+    everyone = torch.arange(n)
+    # one rounding to the storage per step: float32's, or top-k's float16 values (half an ulp
+    # below 1 is 2^-12; 2^-10 leaves room for its renormalisation)
+    tolerance = 1e-6 if storage == "float32" else 2.0 ** -10
+    logits = torch.from_numpy(rng.normal(size=(n, c)))
+    # two steps, so that the second starts from soft targets, not one-hot ones
+    for _ in range(2):
+        before = targets.rows(everyone).double()
+        stream(everyone, targets, given, epoch=0, logits=logits.float(), features=torch.zeros(n, 2),
+               correct_only=share)
+        p = torch.softmax(logits, dim=1)
+        expected = before + (1 - momentum) * share.double().unsqueeze(1) * (p - before)
+        after = targets.rows(everyone).double()
+        assert torch.allclose(after, expected, rtol=0, atol=tolerance), float((after - expected).abs().max())
+    unscored = torch.isnan(clean_prob)
+    assert (targets.rows(everyone)[unscored] == torch.nn.functional.one_hot(given[unscored], c).float()).all()
 
 
 def _agreement_reference(counts, ids, predicted, current, k):

@@ -52,8 +52,10 @@ class PoolScores:
         epoch: the refresh's epoch (the store decides whether its schedule updates now).
         gmm_loss: what the GMM's losses are measured against (see module docstring).
         correct: apply label correction.
-        correct_only: (N,) bool, when given: correct only the samples marked (e.g. those the last
-            GMM called noisy); the others keep their targets.
+        correct_only: when given, (N,) bool: correct only the samples marked (e.g. those the last
+            GMM called noisy), the others keep their targets; or (N,) float in [0, 1]: the share
+            of the EMA step each sample takes (its target moves towards ``r p + (1 - r) t``, t its
+            target before the step: the step ``(1 - m)(p - t)`` scaled by r).
         running: when given, a store with ``update(ids, probabilities)`` that every scored sample's
             prediction also enters (MixNN+'s early-learning targets, refresh/early_learning.py).
         features_dtype: storage of the (P, D) features: a dtype, "auto" (float32 up to
@@ -115,9 +117,7 @@ class PoolScores:
         self.confidence[rows] = probabilities.gather(1, predicted.unsqueeze(1)).squeeze(1)
         self.seen[rows] = True
         if self.correct:
-            chosen = slice(None) if self.correct_only is None else self.correct_only[sample_ids]
-            if self.correct_only is None or bool(chosen.any()):
-                self.corrected |= bool(self.targets.update(sample_ids[chosen], probabilities[chosen], self.epoch))
+            self._correct(sample_ids, probabilities, current)
         if self.running is not None:
             self.running.update(sample_ids, probabilities)
         if self.features_dtype is None:  # features not wanted (a pass for predictions only)
@@ -127,6 +127,24 @@ class PoolScores:
                 self.features_dtype = features_dtype("auto", len(self.ids), features.shape[1])
             self.features = torch.zeros(len(self.ids), features.shape[1], dtype=self.features_dtype)
         self.features[rows] = features.to(self.features_dtype)
+
+    def _correct(self, sample_ids: torch.Tensor, probabilities: torch.Tensor, current: torch.Tensor) -> None:
+        """The EMA step of the batch's targets towards ``probabilities`` (B, C), for the samples
+        ``correct_only`` marks, scaled by its share where it is a float."""
+        if self.correct_only is None:
+            self.corrected |= bool(self.targets.update(sample_ids, probabilities, self.epoch))
+            return
+        share = self.correct_only[sample_ids]
+        chosen = share if share.dtype == torch.bool else share > 0
+        if not bool(chosen.any()):
+            return
+        if share.dtype != torch.bool:
+            r = share[chosen].to(probabilities.dtype).unsqueeze(1)
+            probabilities = probabilities[chosen] * r + current[chosen] * (1 - r)
+            probabilities = probabilities / probabilities.sum(dim=1, keepdim=True)  # rounding only
+        else:
+            probabilities = probabilities[chosen]
+        self.corrected |= bool(self.targets.update(sample_ids[chosen], probabilities, self.epoch))
 
     def ensure_features(self, dim: int) -> None:
         """Allocate the (P, dim) features if no batch has (a process whose shard was empty)."""

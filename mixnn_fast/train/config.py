@@ -16,7 +16,7 @@ from typing import Any
 
 METHODS = ("ce", "mixup", "gce", "sce", "mixnn", "mixnn_plus")
 PLUS_LOSSES = ("gce", "sce", "ce")
-PLUS_CORRECTIONS = ("selective", "all", "none")
+PLUS_CORRECTIONS = ("selective", "graded", "all", "none")
 WEIGHT_MODES = ("gmm", "trust", "avg", "rdm")
 PARTNER_MODES = ("neighbours", "random", "in_batch")
 PLAN_MODES = ("coherent", "naive")
@@ -97,7 +97,8 @@ class TrainConfig:
     targets_storage: str = "auto"         # soft targets: auto (by N x C) | float32 | float16 | bfloat16 | topk
     features_dtype: str = "auto"          # the refresh's pool features: auto (float16 for large pools) | float32 | float16
     plus_loss: str = "ce"                 # mixnn_plus: CE, GCE (q = gce_q) or SCE (sce_alpha, sce_beta) on the mixed targets
-    plus_correction: str = "selective"    # mixnn_plus: correct only samples the last GMM called noisy | all | none
+    plus_correction: str = "selective"    # mixnn_plus: correct only samples the last GMM called noisy | graded (each
+                                          # sample's EMA step times 1 - its clean probability) | all | none
     plus_freeze: int = 0                  # mixnn_plus: a target stops being corrected once the model has predicted its
                                           # label at this many consecutive refreshes since correction began (0: never)
     plus_vote: int = 0                    # mixnn_plus: a sample's clean probability is at least the share of its this many

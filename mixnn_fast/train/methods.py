@@ -74,15 +74,23 @@ def corrects_labels(cfg: TrainConfig) -> bool:
 
 def correction_mask(cfg: TrainConfig, clean_prob: torch.Tensor | None, num_samples: int,
                     agreement: torch.Tensor | None = None) -> torch.Tensor | None:
-    """MixNN+'s selective correction: (N,) bool, the samples the last refresh's GMM called noisy
-    (``clean_prob`` (N,), NaN where not scored, below 1/2) and whose targets are not frozen
-    (``agreement`` (N,) int16 below ``cfg.plus_freeze``, see :func:`update_agreement`); None:
-    correct every sample of the pool.  Before any GMM (``clean_prob`` None) nothing is known to
-    be noisy."""
-    if cfg.method != "mixnn_plus" or cfg.plus_correction != "selective":
+    """Which samples MixNN+'s correction moves, and how far.
+
+    Selective: (N,) bool, the samples the last refresh's GMM called noisy (``clean_prob`` (N,),
+    NaN where not scored, below 1/2) and whose targets are not frozen (``agreement`` (N,) int16
+    below ``cfg.plus_freeze``, see :func:`update_agreement`).  Graded: (N,) float32, the share of
+    the EMA step each sample takes, 1 - its clean probability (0 where not scored).  None: correct
+    every sample of the pool.  Before any GMM (``clean_prob`` None) nothing is known to be noisy.
+
+    Why graded: the switch at 1/2 moves a clean image the GMM puts just under it as far as a
+    certainly wrong one (docs/mixnn_plus.md: on clean labels the selective correction costs 4
+    points); DivideMix refines a label by ``w y + (1 - w) p`` for the same reason."""
+    if cfg.method != "mixnn_plus" or cfg.plus_correction not in ("selective", "graded"):
         return None
     if clean_prob is None:
         return torch.zeros(num_samples, dtype=torch.bool)
+    if cfg.plus_correction == "graded":
+        return torch.nan_to_num(1.0 - clean_prob.float(), nan=0.0).clamp_(0.0, 1.0)
     mask = clean_prob < 0.5  # NaN compares False: never scored, never corrected
     if agreement is not None and cfg.plus_freeze > 0:
         mask &= agreement < cfg.plus_freeze
