@@ -32,7 +32,9 @@ def main(out_file: str) -> None:
             "features": result.features, "anchors": table.anchors, "partners": table.partners,
             "weights": table.weights, "targets": trainer.targets.targets.clone(),
             "early_targets": trainer.early_targets.values.clone(),
-            "clean_auroc": torch.tensor(row["clean_auroc"])}
+            "clean_auroc": torch.tensor(row["clean_auroc"]),
+            # MixNN+'s chosen warm-up ends on this value: every process must decide alike
+            "gmm_separation": torch.tensor(row["gmm_separation"])}
     # every process must hold the same: compare with rank 0's copy before saving
     for name, value in held.items():
         reference = trainer.dist.broadcast(value.clone())

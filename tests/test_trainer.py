@@ -198,7 +198,7 @@ def test_a_list_file_leaving_the_dataset_root_is_refused_by_line(tmp_path, capsy
 
 def _epoch_batches(trainer, epoch: int):
     """The batches of ``epoch`` as the trainer sets them up (partners and weights attached)."""
-    loader, _, _ = trainer._start_epoch(epoch, trainer.phase(epoch))
+    loader, _, _ = trainer._start_epoch(epoch)
     return list(loader)
 
 

@@ -43,7 +43,7 @@ RESUMABLE_FIELDS = ("epochs", "out_dir", "progress", "tensorboard", "eval_every"
 #: did: settings saved without the key (config.yaml, a checkpoint) are read with it
 #: (:meth:`TrainConfig.from_saved`), whatever the field's default is now.
 ADDED_AFTER_SAVED_RUNS = {"plus_freeze": 0, "plus_vote": 0, "plus_split_check": False, "trust_min_agreement": 0.0,
-                          "plus_elr": 0.0, "elr_beta": 0.7}
+                          "plus_elr": 0.0, "elr_beta": 0.7, "plus_warmup_max": 0}
 
 
 @dataclass
@@ -107,6 +107,8 @@ class TrainConfig:
                                           # (Ashman's D < 2)
     plus_elr: float = 0.0                 # mixnn_plus: weight λ of the early-learning penalty (ELR) added to the loss (0: off)
     elr_beta: float = 0.7                 # ELR: the weight each sample's running average of predictions keeps per refresh
+    plus_warmup_max: int = 0              # mixnn_plus: warm-up runs from warmup_epochs until a refresh's GMM separates
+                                          # (Ashman's D >= 2), at most until this epoch (0: warmup_epochs, fixed)
     mixup_alpha: float = 1.0
     gce_q: float = 0.7
     sce_alpha: float = 0.1
@@ -156,8 +158,9 @@ class TrainConfig:
         for name in ("warmup_epochs", "correction_start", "seed", "noise_seed"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
-        if self.plus_vote < 0:
-            raise ValueError(f"plus_vote: must be >= 0, got {self.plus_vote}")
+        for name in ("plus_vote", "plus_warmup_max"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.trust_min_agreement <= 1:
             raise ValueError(f"trust_min_agreement: must lie in [0, 1], got {self.trust_min_agreement}")
         if not 0 <= self.plus_freeze <= 32767:  # the agreement counts are int16
@@ -171,6 +174,12 @@ class TrainConfig:
             raise ValueError(f"elr_beta: sets the running average of ELR, so it needs plus_elr > 0; got plus_elr "
                              f"{self.plus_elr!r}")
         self._needs("plus_split_check", "checks MixNN+'s GMM", method="mixnn_plus")
+        self._needs("plus_warmup_max", "bounds MixNN+'s warm-up chosen from the GMM's separation",
+                    method="mixnn_plus", authors_schedule=False)
+        if self.plus_warmup_max and not self.warmup_epochs <= self.plus_warmup_max <= self.correction_start:
+            # past the correction's start, a plain epoch's refresh would correct labels no step trains on
+            raise ValueError(f"plus_warmup_max: must lie in [warmup_epochs, correction_start] = "
+                             f"[{self.warmup_epochs}, {self.correction_start}] (or 0: off), got {self.plus_warmup_max}")
         self._needs("plus_freeze", "freezes MixNN+'s selective correction", method="mixnn_plus",
                     plus_correction="selective")
         for name in ("lr", "lr_min", "momentum", "weight_decay", "noise_rate", "correction_momentum", "rdm_alpha",

@@ -7,20 +7,25 @@ from typing import Callable
 
 import torch
 
-from mixnn_fast.refresh.refresh import RefreshOptions
+from mixnn_fast.refresh.refresh import SEPARATED, RefreshOptions
 from mixnn_fast.train.config import TrainConfig
 from mixnn_fast.train.losses import generalized_cross_entropy, soft_cross_entropy, symmetric_cross_entropy
 
 
-def phase_of(cfg: TrainConfig, epoch: int) -> str:
+def phase_of(cfg: TrainConfig, epoch: int, warmup_end: int | None = None) -> str:
     """What epoch ``epoch`` trains with: "plain" (one-hot given labels), "mixup" (in-batch random
     partners, one λ per batch) or "mixnn" (the refresh's partner table and soft targets).
 
     MixNN warms up with plain epochs; with ``authors_schedule`` it trains plain mixup between the
-    warm-up and the start of label correction, as the authors' code does."""
+    warm-up and the start of label correction, as the authors' code does.  With MixNN+'s warm-up
+    chosen from the GMM (:func:`chooses_warmup`) it lasts until ``warmup_end``, the epoch whose
+    refresh ended it (None: not ended yet)."""
     if cfg.method == "mixup":
         return "mixup"
-    if not cfg.refreshes or epoch < cfg.warmup_epochs:
+    if chooses_warmup(cfg):
+        if warmup_end is None or epoch < warmup_end:
+            return "plain"
+    elif not cfg.refreshes or epoch < cfg.warmup_epochs:
         return "plain"
     if cfg.authors_schedule and epoch < cfg.correction_start:
         return "mixup"
@@ -58,6 +63,30 @@ def refresh_options(cfg: TrainConfig, threads: int, device: torch.device | None 
         label_vote=cfg.plus_vote if cfg.method == "mixnn_plus" else 0,
         split_check=cfg.plus_split_check and cfg.method == "mixnn_plus", trust_min_agreement=cfg.trust_min_agreement,
         device=None if device is None else str(device))
+
+
+def chooses_warmup(cfg: TrainConfig) -> bool:
+    """Whether the warm-up's length is chosen from the GMM's separation (MixNN+ with
+    ``plus_warmup_max`` > 0) rather than fixed at ``warmup_epochs``."""
+    return cfg.method == "mixnn_plus" and cfg.plus_warmup_max > 0
+
+
+def probes_warmup(cfg: TrainConfig, epoch: int, warmup_end: int | None) -> bool:
+    """Whether the refresh before ``epoch`` decides if the warm-up ends there: the warm-up is
+    chosen, has not ended, and has lasted at least ``warmup_epochs``."""
+    return chooses_warmup(cfg) and warmup_end is None and epoch >= cfg.warmup_epochs
+
+
+def warmup_ends(cfg: TrainConfig, epoch: int, separation: float) -> bool:
+    """Whether the warm-up ends at ``epoch``, given its refresh's GMM separation (Ashman's D of
+    the two components on the per-sample losses): once they are separated (D >= 2), or at
+    ``plus_warmup_max`` at the latest.
+
+    Why: MixNN's weights and correction read the GMM, which is only informative once the losses
+    split in two; a fixed warm-up starts MixNN at D 1.4-1.9 on sym-20 to sym-80 (docs/mixnn_plus.md),
+    while a warm-up past the point where the plain model memorises the wrong labels closes the
+    split again, hence the bound."""
+    return separation >= SEPARATED or epoch >= cfg.plus_warmup_max
 
 
 def uses_early_learning(cfg: TrainConfig) -> bool:

@@ -48,7 +48,8 @@ from mixnn_fast.train.devices import autocast_dtype, resolve_device
 from mixnn_fast.train.distributed import init_distributed, share_pool_scores, share_refresh
 from mixnn_fast.train.losses import early_learning_penalty, one_hot
 from mixnn_fast.train.methods import (correction_mask, corrects_labels, freezes_targets, loss_function, optimisation,
-                                      phase_of, refresh_options, update_agreement, uses_early_learning)
+                                      phase_of, probes_warmup, refresh_options, update_agreement,
+                                      uses_early_learning, warmup_ends)
 from mixnn_fast.train.loaders import build_loaders
 from mixnn_fast.train.metrics import MetricsLog
 from mixnn_fast.train.inference import Inference
@@ -193,7 +194,7 @@ class Trainer:
 
     def phase(self, epoch: int) -> str:
         """What epoch ``epoch`` trains with (:func:`~mixnn_fast.train.methods.phase_of`)."""
-        return phase_of(self.cfg, epoch)
+        return phase_of(self.cfg, epoch, self.run.warmup_end)
 
     # ---- one epoch -------------------------------------------------------------------------
 
@@ -267,24 +268,34 @@ class Trainer:
             row["correction_accuracy"] = self.targets.correction_accuracy(self.true_labels)
         return row
 
-    def _start_epoch(self, epoch: int, phase: str):
+    def _start_epoch(self, epoch: int):
         """The loader of ``epoch`` with its partners set, the epoch's partial state (a fresh one,
-        or the checkpoint's when resuming inside the epoch) and the batch it starts from."""
-        loader = self.loaders.mix if phase == "mixnn" else self.loaders.plain
+        or the checkpoint's when resuming inside the epoch; its row names the epoch's phase) and
+        the batch it starts from."""
         if self.run.partial is not None and self.run.partial["row"]["epoch"] == epoch:
             partial, start_batch = self.run.partial, self.run.batch  # refresh and table come from the checkpoint
+            phase = partial["row"]["phase"]
         else:
+            phase = self.phase(epoch)
             row = {"epoch": epoch, "phase": phase}
-            if phase == "mixnn":
+            if probes_warmup(self.cfg, epoch, self.run.warmup_end):
+                row.update(self.run_refresh(epoch))  # its separation is logged whether it ends the warm-up or not
+                if warmup_ends(self.cfg, epoch, row["gmm_separation"]):
+                    self.run.warmup_end = epoch
+                    phase = row["phase"] = "mixnn"
+                else:
+                    self.run.table = None
+            elif phase == "mixnn":
                 row.update(self.run_refresh(epoch))
             elif phase == "mixup":
-                loader.set_partners(None)  # the epoch's plain plan, before partners are attached
-                self.run.table = mixup_table(loader.make_plan(epoch), self.num_samples, alpha=self.cfg.mixup_alpha,
-                                             seed=self.cfg.seed, epoch=epoch)
+                self.loaders.plain.set_partners(None)  # the epoch's plain plan, before partners are attached
+                self.run.table = mixup_table(self.loaders.plain.make_plan(epoch), self.num_samples,
+                                             alpha=self.cfg.mixup_alpha, seed=self.cfg.seed, epoch=epoch)
             else:
                 self.run.table = None
             partial = {"row": row}
             start_batch = 0
+        loader = self.loaders.mix if phase == "mixnn" else self.loaders.plain
         table = self.run.table if phase != "plain" else None
         if table is not None and loader.mode in ("plain", "in_batch"):
             # partners chosen inside this epoch's batches: handed over as the plan's producer
@@ -323,8 +334,8 @@ class Trainer:
         """Train epoch ``epoch`` (from the checkpoint's batch when resuming inside it); returns its
         metrics row.  Saves a checkpoint every ``cfg.checkpoint_every_steps`` steps."""
         cfg = self.cfg
-        phase = self.phase(epoch)
-        loader, partial, next_position = self._start_epoch(epoch, phase)
+        loader, partial, next_position = self._start_epoch(epoch)
+        phase = partial["row"]["phase"]
         # Under DDP every process must make the same optimiser steps (each one all-reduces the
         # gradients); with on_error="skip" a process can lose a whole batch (every image
         # unreadable), so it steps without data in that batch's place.
