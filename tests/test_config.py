@@ -145,7 +145,10 @@ def test_saved_settings_read_fields_they_predate_with_the_old_value():
                                    ["--method", "mixnn_plus", "--plus-warmup-max", "-1"],
                                    ["--method", "mixnn_plus", "--warmup-epochs", "5", "--plus-warmup-max", "4"],
                                    ["--method", "mixnn_plus", "--correction-start", "12", "--plus-warmup-max", "13"],
-                                   ["--method", "mixnn_plus", "--authors-schedule", "--plus-warmup-max", "12"]])
+                                   ["--method", "mixnn_plus", "--authors-schedule", "--plus-warmup-max", "12"],
+                                   ["--method", "mixnn", "--plus-consistent", "3"],
+                                   ["--method", "mixnn_plus", "--plus-consistent", "-1"],
+                                   ["--method", "mixnn_plus", "--plus-correction", "all", "--plus-consistent", "3"]])
 def test_cli_refuses_a_mixnn_plus_option_that_cannot_apply_before_writing(tmp_path, capsys, flags):
     from mixnn_fast.app.cli import main
 
@@ -154,6 +157,6 @@ def test_cli_refuses_a_mixnn_plus_option_that_cannot_apply_before_writing(tmp_pa
     err = capsys.readouterr().err
     setting = next(f[2:].replace("-", "_") for f in flags
                    if f in ("--plus-vote", "--plus-freeze", "--plus-split-check", "--trust-min-agreement", "--plus-elr",
-                            "--elr-beta", "--plus-warmup-max"))
+                            "--elr-beta", "--plus-warmup-max", "--plus-consistent"))
     assert setting in err and "Traceback" not in err
     assert not out.exists()

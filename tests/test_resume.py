@@ -98,13 +98,14 @@ def _checkpoint_inside_epoch(epoch: int):
 
 @pytest.fixture(scope="module")
 def uninterrupted_plus(tmp_path_factory) -> Path:
-    """MixNN+ with the freeze after one agreement and ELR: the counts of epoch 3's refresh decide
-    which targets epoch 4's refresh may correct, and every refresh moves ELR's running averages,
-    which every later step's loss reads, so a resume that lost either would differ."""
+    """MixNN+ with the freeze after one agreement, the stability gate at two refreshes and ELR:
+    the counts of epoch 3's refresh decide which targets epoch 4's refresh may correct, and every
+    refresh moves ELR's running averages, which every later step's loss reads, so a resume that
+    lost any of them would differ."""
     return _train_straight(tmp_path_factory.mktemp("resume") / "straight_plus", *PLUS)
 
 
-PLUS = ("--method", "mixnn_plus", "--plus-freeze", "1", "--plus-elr", "3")
+PLUS = ("--method", "mixnn_plus", "--plus-freeze", "1", "--plus-consistent", "2", "--plus-elr", "3")
 KILLED_RUNS = {"mixnn": ("uninterrupted", ("--method", "mixnn")), "mixup": ("uninterrupted_mixup", ("--method", "mixup")),
                "mixnn_plus": ("uninterrupted_plus", PLUS)}
 

@@ -315,6 +315,58 @@ def test_agreement_counts_consecutive_refreshes_and_freezes_for_good(rng, n, k):
             TrainConfig(plus_freeze=k, **other)
 
 
+def _stability_reference(stable, last, ids, predicted):
+    """update_stability written as a loop over samples, in plain Python."""
+    stable, last = [int(s) for s in stable], [int(p) for p in last]
+    for i, p in zip(ids.tolist(), predicted.tolist()):
+        stable[i] = min(stable[i] + 1, 32767) if last[i] == p else 1
+        last[i] = p
+    return stable, last
+
+
+@pytest.mark.parametrize("n,k", [(1, 1), (41, 2), (263, 3)])
+def test_stability_counts_refreshes_with_one_prediction_and_gates_the_correction(rng, n, k):
+    """MixNN+'s stability gate: the count grows while the model predicts the same class, restarts
+    at 1 when the prediction changes; samples outside a refresh's pool keep theirs; only samples
+    the GMM calls noisy *and* whose count reached ``plus_consistent`` are corrected."""
+    from mixnn_fast.train.methods import correction_mask, update_stability
+
+    c = 5
+    cfg = TrainConfig(method="mixnn_plus", plus_consistent=k)
+    stable = torch.zeros(n, dtype=torch.int16)
+    last = torch.full((n,), -1, dtype=torch.int16)
+    expected_stable, expected_last = [0] * n, [-1] * n
+    previous = torch.from_numpy(rng.integers(0, c, n))
+    for _ in range(9):
+        ids = torch.from_numpy(np.sort(rng.choice(n, size=max(1, n * 2 // 3), replace=False)))
+        # mostly the same prediction as before, so that some samples reach k
+        keep = torch.from_numpy(rng.uniform(size=len(ids)) < 0.75)
+        predicted = torch.where(keep, previous[ids], torch.from_numpy(rng.integers(0, c, len(ids))))
+        previous[ids] = predicted
+        update_stability(stable, last, ids, predicted)
+        expected_stable, expected_last = _stability_reference(expected_stable, expected_last, ids, predicted)
+        assert stable.tolist() == expected_stable and last.tolist() == expected_last
+    assert stable.dtype == last.dtype == torch.int16
+    if n > 1:
+        assert (stable >= k).any() and (stable < k).any()  # the case both ways
+    clean_prob = torch.from_numpy(rng.uniform(size=n)).float()
+    clean_prob[0] = float("nan")  # not scored: never corrected
+    mask = correction_mask(cfg, clean_prob, n, stable=stable)
+    assert mask.tolist() == [p < 0.5 and s >= k for p, s in zip(clean_prob.tolist(), stable.tolist())]
+    assert not correction_mask(cfg, clean_prob, n, stable=None).any()  # nothing counted yet: nothing stable
+    # without the gate the counts are ignored
+    assert correction_mask(TrainConfig(method="mixnn_plus"), clean_prob, n, stable=stable).tolist() == \
+        (clean_prob < 0.5).tolist()
+    # counts saturate instead of wrapping round
+    full = torch.full((1,), 32767, dtype=torch.int16)
+    update_stability(full, torch.zeros(1, dtype=torch.int16), torch.zeros(1, dtype=torch.int64),
+                     torch.zeros(1, dtype=torch.int64))
+    assert int(full) == 32767
+    for other in (dict(method="mixnn"), dict(method="mixnn_plus", plus_correction="graded")):
+        with pytest.raises(ValueError, match="plus_consistent"):
+            TrainConfig(plus_consistent=k, **other)
+
+
 def test_an_evaluation_pass_served_nothing_gives_nan_rows_when_missing_is_allowed():
     """A process whose shard of a small test set is empty (DDP) was served no batch: with
     ``allow_missing`` its logits are all NaN (they count as not scored), without it the pass is

@@ -43,7 +43,8 @@ RESUMABLE_FIELDS = ("epochs", "out_dir", "progress", "tensorboard", "eval_every"
 #: did: settings saved without the key (config.yaml, a checkpoint) are read with it
 #: (:meth:`TrainConfig.from_saved`), whatever the field's default is now.
 ADDED_AFTER_SAVED_RUNS = {"plus_freeze": 0, "plus_vote": 0, "plus_split_check": False, "trust_min_agreement": 0.0,
-                          "plus_elr": 0.0, "elr_beta": 0.7, "plus_warmup_max": 0}
+                          "plus_elr": 0.0, "elr_beta": 0.7, "plus_warmup_max": 0,
+                          "plus_consistent": 0}
 
 
 @dataclass
@@ -101,6 +102,8 @@ class TrainConfig:
                                           # sample's EMA step times 1 - its clean probability) | all | none
     plus_freeze: int = 0                  # mixnn_plus: a target stops being corrected once the model has predicted its
                                           # label at this many consecutive refreshes since correction began (0: never)
+    plus_consistent: int = 0              # mixnn_plus: a target is corrected only once the model has predicted the same
+                                          # class at this many consecutive refreshes (0: off)
     plus_vote: int = 0                    # mixnn_plus: a sample's clean probability is at least the share of its this many
                                           # nearest neighbours that carry its current label (0: off)
     plus_split_check: bool = False        # mixnn_plus: no sample is called noisy while the GMM's components overlap
@@ -163,8 +166,9 @@ class TrainConfig:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.trust_min_agreement <= 1:
             raise ValueError(f"trust_min_agreement: must lie in [0, 1], got {self.trust_min_agreement}")
-        if not 0 <= self.plus_freeze <= 32767:  # the agreement counts are int16
-            raise ValueError(f"plus_freeze: must lie in [0, 32767], got {self.plus_freeze}")
+        for name in ("plus_freeze", "plus_consistent"):  # the counts are int16
+            if not 0 <= getattr(self, name) <= 32767:
+                raise ValueError(f"{name}: must lie in [0, 32767], got {getattr(self, name)}")
         # settings that act only together with others: refused rather than silently doing nothing
         self._needs("plus_vote", "votes among MixNN+'s nearest neighbours", method="mixnn_plus", partners="neighbours")
         self._needs("trust_min_agreement", "gates the trust weights of neighbour partners", weights="trust",
@@ -181,6 +185,8 @@ class TrainConfig:
             raise ValueError(f"plus_warmup_max: must lie in [warmup_epochs, correction_start] = "
                              f"[{self.warmup_epochs}, {self.correction_start}] (or 0: off), got {self.plus_warmup_max}")
         self._needs("plus_freeze", "freezes MixNN+'s selective correction", method="mixnn_plus",
+                    plus_correction="selective")
+        self._needs("plus_consistent", "gates MixNN+'s selective correction", method="mixnn_plus",
                     plus_correction="selective")
         for name in ("lr", "lr_min", "momentum", "weight_decay", "noise_rate", "correction_momentum", "rdm_alpha",
                      "gmm_tol", "gmm_reg_covar", "mixup_alpha", "gce_q", "sce_alpha", "sce_beta", "validation_split",

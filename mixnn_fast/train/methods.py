@@ -102,12 +102,14 @@ def corrects_labels(cfg: TrainConfig) -> bool:
 
 
 def correction_mask(cfg: TrainConfig, clean_prob: torch.Tensor | None, num_samples: int,
-                    agreement: torch.Tensor | None = None) -> torch.Tensor | None:
+                    agreement: torch.Tensor | None = None, stable: torch.Tensor | None = None) -> torch.Tensor | None:
     """Which samples MixNN+'s correction moves, and how far.
 
     Selective: (N,) bool, the samples the last refresh's GMM called noisy (``clean_prob`` (N,),
     NaN where not scored, below 1/2) and whose targets are not frozen (``agreement`` (N,) int16
-    below ``cfg.plus_freeze``, see :func:`update_agreement`).  Graded: (N,) float32, the share of
+    below ``cfg.plus_freeze``, see :func:`update_agreement`) and, with ``cfg.plus_consistent``,
+    whose prediction has stayed the same at that many refreshes (``stable`` (N,) int16, see
+    :func:`update_stability`; None: no refresh counted yet, nothing is).  Graded: (N,) float32, the share of
     the EMA step each sample takes, 1 - its clean probability (0 where not scored).  None: correct
     every sample of the pool.  Before any GMM (``clean_prob`` None) nothing is known to be noisy.
 
@@ -123,7 +125,32 @@ def correction_mask(cfg: TrainConfig, clean_prob: torch.Tensor | None, num_sampl
     mask = clean_prob < 0.5  # NaN compares False: never scored, never corrected
     if agreement is not None and cfg.plus_freeze > 0:
         mask &= agreement < cfg.plus_freeze
+    if cfg.plus_consistent > 0:
+        mask &= torch.zeros_like(mask) if stable is None else stable >= cfg.plus_consistent
     return mask
+
+
+def gates_on_stability(cfg: TrainConfig) -> bool:
+    """Whether MixNN+ corrects only samples with a stable prediction (``plus_consistent`` > 0)."""
+    return cfg.method == "mixnn_plus" and cfg.plus_correction == "selective" and cfg.plus_consistent > 0
+
+
+def update_stability(stable: torch.Tensor, last_predicted: torch.Tensor, ids: torch.Tensor,
+                     predicted: torch.Tensor) -> None:
+    """Count, in place, at how many consecutive refreshes the model has predicted the same class
+    for each sample, this one included: ``stable`` (N,) int16 (saturating at 32767),
+    ``last_predicted`` (N,) int16 each sample's prediction at its last refresh (-1: none yet);
+    ``ids`` (P,) the refresh's pool, ``predicted`` (P,) int64 its predictions.
+
+    Why (SELFIE, Song et al. 2019, corrects only samples whose recent predictions agree): the
+    GMM calls the hardest images noisy even when their labels are right, and the correction then
+    moves them towards a prediction that is wrong for exactly those images (docs/mixnn_plus.md,
+    clean labels); the model's prediction on an image it cannot place changes from refresh to
+    refresh, while on a wrong label it has learnt around it stays."""
+    same = last_predicted[ids] == predicted.to(torch.int16)
+    stable[ids] = torch.where(same, (stable[ids].int() + 1).clamp(max=32767).to(torch.int16),
+                              torch.ones_like(stable[ids]))
+    last_predicted[ids] = predicted.to(torch.int16)
 
 
 def freezes_targets(cfg: TrainConfig) -> bool:

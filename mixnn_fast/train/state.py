@@ -43,6 +43,8 @@ class RunState:
     rank_rng: list = field(default_factory=list)  # every process's random states at the last epoch boundary
     clean_prob: torch.Tensor | None = None  # (N,) float32 the last refresh's clean probability (NaN: not in its pool)
     agreement: torch.Tensor | None = None  # (N,) int16 MixNN+'s consecutive agreements (methods.update_agreement)
+    stable: torch.Tensor | None = None  # (N,) int16 MixNN+'s consecutive refreshes with one prediction
+    last_predicted: torch.Tensor | None = None  # (N,) int16 each sample's prediction at its last refresh (-1: none)
     warmup_end: int | None = None  # MixNN+: the epoch whose refresh ended a warm-up chosen from the GMM (None: not yet)
 
 
@@ -71,6 +73,8 @@ def checkpoint_state(config: dict, run: RunState, modules: dict, generator: torc
         "clean_prob": run.clean_prob,
         "agreement": run.agreement,
         "warmup_end": run.warmup_end,
+        "stable": run.stable,
+        "last_predicted": run.last_predicted,
         "extra": extra or {},
     }
 
@@ -95,7 +99,8 @@ def restore_checkpoint(state: dict, modules: dict, generator: torch.Generator, p
                        best_test_accuracy=float(state["best_test_accuracy"]),
                        skipped={int(k): str(v) for k, v in state["skipped"].items()},
                        rank_rng=list(state.get("rank_rng", [])), clean_prob=state.get("clean_prob"),
-                       agreement=state.get("agreement"), warmup_end=state.get("warmup_end"))
+                       agreement=state.get("agreement"), warmup_end=state.get("warmup_end"),
+                       stable=state.get("stable"), last_predicted=state.get("last_predicted"))
         restore_rng(state["rng"], generator)
         if rank and len(run.rank_rng) == world_size:
             restore_rng(run.rank_rng[rank])  # this process's global generators; the trainer's own is rank 0's

@@ -47,9 +47,9 @@ from mixnn_fast.train.datasets import RunData, prepare_data
 from mixnn_fast.train.devices import autocast_dtype, resolve_device
 from mixnn_fast.train.distributed import init_distributed, share_pool_scores, share_refresh
 from mixnn_fast.train.losses import early_learning_penalty, one_hot
-from mixnn_fast.train.methods import (correction_mask, corrects_labels, freezes_targets, loss_function, optimisation,
-                                      phase_of, probes_warmup, refresh_options, update_agreement,
-                                      uses_early_learning, warmup_ends)
+from mixnn_fast.train.methods import (correction_mask, corrects_labels, freezes_targets, gates_on_stability,
+                                      loss_function, optimisation, phase_of, probes_warmup, refresh_options,
+                                      update_agreement, update_stability, uses_early_learning, warmup_ends)
 from mixnn_fast.train.loaders import build_loaders
 from mixnn_fast.train.metrics import MetricsLog
 from mixnn_fast.train.inference import Inference
@@ -224,7 +224,7 @@ class Trainer:
         pool = self._pool_ids(epoch)
         loader = self.loaders.pool_loader(self.data, pool.numpy())
         # MixNN+: the samples seen as noisy, less the frozen ones
-        only = correction_mask(cfg, self.run.clean_prob, self.num_samples, self.run.agreement)
+        only = correction_mask(cfg, self.run.clean_prob, self.num_samples, self.run.agreement, self.run.stable)
         scores = PoolScores(pool, self.targets, self.given_labels, epoch, gmm_loss=cfg.gmm_loss,
                             correct=corrects_labels(cfg), correct_only=only, running=self.early_targets,
                             features_dtype=features_dtype(cfg.features_dtype, len(pool)))
@@ -252,6 +252,12 @@ class Trainer:
                 self.run.agreement = torch.zeros(self.num_samples, dtype=torch.int16)
             update_agreement(cfg, self.run.agreement, scores.ids, scores.predicted, scores.current_labels, epoch)
             frozen_row["targets_frozen"] = float((self.run.agreement[scores.ids] >= cfg.plus_freeze).float().mean())
+        if gates_on_stability(cfg):
+            if self.run.stable is None:
+                self.run.stable = torch.zeros(self.num_samples, dtype=torch.int16)
+                self.run.last_predicted = torch.full((self.num_samples,), -1, dtype=torch.int16)
+            update_stability(self.run.stable, self.run.last_predicted, scores.ids, scores.predicted)
+            frozen_row["predictions_stable"] = float((self.run.stable[scores.ids] >= cfg.plus_consistent).float().mean())
         if result.table is not None:
             self.run.table = result.table.covering_all(self.run.table)
         else:  # in-batch partners: nearest anchors of the same batch, on this refresh's features
