@@ -148,7 +148,12 @@ def test_saved_settings_read_fields_they_predate_with_the_old_value():
                                    ["--method", "mixnn_plus", "--authors-schedule", "--plus-warmup-max", "12"],
                                    ["--method", "mixnn", "--plus-consistent", "3"],
                                    ["--method", "mixnn_plus", "--plus-consistent", "-1"],
-                                   ["--method", "mixnn_plus", "--plus-correction", "all", "--plus-consistent", "3"]])
+                                   ["--method", "mixnn_plus", "--plus-correction", "all", "--plus-consistent", "3"],
+                                   ["--method", "mixnn_plus", "--plus-consistent-min-agreement", "0.5"],
+                                   ["--method", "mixnn_plus", "--plus-consistent-min-agreement", "1.5",
+                                    "--plus-consistent", "2"],
+                                   ["--method", "mixnn_plus", "--plus-consistent-min-agreement", "nan",
+                                    "--plus-consistent", "2"]])
 def test_cli_refuses_a_mixnn_plus_option_that_cannot_apply_before_writing(tmp_path, capsys, flags):
     from mixnn_fast.app.cli import main
 
@@ -157,6 +162,7 @@ def test_cli_refuses_a_mixnn_plus_option_that_cannot_apply_before_writing(tmp_pa
     err = capsys.readouterr().err
     setting = next(f[2:].replace("-", "_") for f in flags
                    if f in ("--plus-vote", "--plus-freeze", "--plus-split-check", "--trust-min-agreement", "--plus-elr",
-                            "--elr-beta", "--plus-warmup-max", "--plus-consistent"))
+                            "--elr-beta", "--plus-warmup-max", "--plus-consistent",
+                            "--plus-consistent-min-agreement"))
     assert setting in err and "Traceback" not in err
     assert not out.exists()

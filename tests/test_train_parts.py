@@ -357,6 +357,16 @@ def test_stability_counts_refreshes_with_one_prediction_and_gates_the_correction
     # without the gate the counts are ignored
     assert correction_mask(TrainConfig(method="mixnn_plus"), clean_prob, n, stable=stable).tolist() == \
         (clean_prob < 0.5).tolist()
+    # with a minimum agreement, the gate holds only after a refresh whose predictions agreed with
+    # the given labels on at least that share (none recorded: it does not)
+    threshold = float(rng.uniform(0.2, 0.8))
+    gated_only_sometimes = TrainConfig(method="mixnn_plus", plus_consistent=k, plus_consistent_min_agreement=threshold)
+    for given_agreement, gate in ((threshold - 1e-3, False), (threshold, True), (threshold + 1e-3, True),
+                                  (None, False)):
+        expected = [p < 0.5 and (s >= k or not gate) for p, s in zip(clean_prob.tolist(), stable.tolist())]
+        assert correction_mask(gated_only_sometimes, clean_prob, n, stable=stable,
+                               given_agreement=given_agreement).tolist() == expected
+    assert correction_mask(cfg, clean_prob, n, stable=stable, given_agreement=0.0).tolist() == mask.tolist()
     # counts saturate instead of wrapping round
     full = torch.full((1,), 32767, dtype=torch.int16)
     update_stability(full, torch.zeros(1, dtype=torch.int16), torch.zeros(1, dtype=torch.int64),

@@ -44,7 +44,7 @@ RESUMABLE_FIELDS = ("epochs", "out_dir", "progress", "tensorboard", "eval_every"
 #: (:meth:`TrainConfig.from_saved`), whatever the field's default is now.
 ADDED_AFTER_SAVED_RUNS = {"plus_freeze": 0, "plus_vote": 0, "plus_split_check": False, "trust_min_agreement": 0.0,
                           "plus_elr": 0.0, "elr_beta": 0.7, "plus_warmup_max": 0,
-                          "plus_consistent": 0}
+                          "plus_consistent": 0, "plus_consistent_min_agreement": 0.0}
 
 
 @dataclass
@@ -104,6 +104,8 @@ class TrainConfig:
                                           # label at this many consecutive refreshes since correction began (0: never)
     plus_consistent: int = 0              # mixnn_plus: a target is corrected only once the model has predicted the same
                                           # class at this many consecutive refreshes (0: off)
+    plus_consistent_min_agreement: float = 0.0  # mixnn_plus: that gate only after refreshes where at least this
+                                          # share of predictions agree with the given labels (0: always)
     plus_vote: int = 0                    # mixnn_plus: a sample's clean probability is at least the share of its this many
                                           # nearest neighbours that carry its current label (0: off)
     plus_split_check: bool = False        # mixnn_plus: no sample is called noisy while the GMM's components overlap
@@ -164,8 +166,9 @@ class TrainConfig:
         for name in ("plus_vote", "plus_warmup_max"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
-        if not 0 <= self.trust_min_agreement <= 1:
-            raise ValueError(f"trust_min_agreement: must lie in [0, 1], got {self.trust_min_agreement}")
+        for name in ("trust_min_agreement", "plus_consistent_min_agreement"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name}: must lie in [0, 1], got {getattr(self, name)}")
         for name in ("plus_freeze", "plus_consistent"):  # the counts are int16
             if not 0 <= getattr(self, name) <= 32767:
                 raise ValueError(f"{name}: must lie in [0, 32767], got {getattr(self, name)}")
@@ -188,9 +191,12 @@ class TrainConfig:
                     plus_correction="selective")
         self._needs("plus_consistent", "gates MixNN+'s selective correction", method="mixnn_plus",
                     plus_correction="selective")
+        if self.plus_consistent_min_agreement and not self.plus_consistent:
+            raise ValueError(f"plus_consistent_min_agreement: says when MixNN+'s stability gate applies, so it needs "
+                             f"plus_consistent > 0; got plus_consistent {self.plus_consistent!r}")
         for name in ("lr", "lr_min", "momentum", "weight_decay", "noise_rate", "correction_momentum", "rdm_alpha",
                      "gmm_tol", "gmm_reg_covar", "mixup_alpha", "gce_q", "sce_alpha", "sce_beta", "validation_split",
-                     "trust_min_agreement", "plus_elr", "elr_beta"):
+                     "trust_min_agreement", "plus_elr", "elr_beta", "plus_consistent_min_agreement"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name}: must be a finite number, got {getattr(self, name)}")
         if self.plus_elr < 0:

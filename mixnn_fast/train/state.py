@@ -46,6 +46,7 @@ class RunState:
     stable: torch.Tensor | None = None  # (N,) int16 MixNN+'s consecutive refreshes with one prediction
     last_predicted: torch.Tensor | None = None  # (N,) int16 each sample's prediction at its last refresh (-1: none)
     warmup_end: int | None = None  # MixNN+: the epoch whose refresh ended a warm-up chosen from the GMM (None: not yet)
+    given_agreement: float | None = None  # the last refresh's share of predictions equal to the given labels
 
 
 def _table_state(table: PartnerTable | None) -> dict | None:
@@ -75,6 +76,7 @@ def checkpoint_state(config: dict, run: RunState, modules: dict, generator: torc
         "warmup_end": run.warmup_end,
         "stable": run.stable,
         "last_predicted": run.last_predicted,
+        "given_agreement": run.given_agreement,
         "extra": extra or {},
     }
 
@@ -100,7 +102,8 @@ def restore_checkpoint(state: dict, modules: dict, generator: torch.Generator, p
                        skipped={int(k): str(v) for k, v in state["skipped"].items()},
                        rank_rng=list(state.get("rank_rng", [])), clean_prob=state.get("clean_prob"),
                        agreement=state.get("agreement"), warmup_end=state.get("warmup_end"),
-                       stable=state.get("stable"), last_predicted=state.get("last_predicted"))
+                       stable=state.get("stable"), last_predicted=state.get("last_predicted"),
+                       given_agreement=state.get("given_agreement"))
         restore_rng(state["rng"], generator)
         if rank and len(run.rank_rng) == world_size:
             restore_rng(run.rank_rng[rank])  # this process's global generators; the trainer's own is rank 0's

@@ -49,7 +49,8 @@ from mixnn_fast.train.distributed import init_distributed, share_pool_scores, sh
 from mixnn_fast.train.losses import early_learning_penalty, one_hot
 from mixnn_fast.train.methods import (correction_mask, corrects_labels, freezes_targets, gates_on_stability,
                                       loss_function, optimisation, phase_of, probes_warmup, refresh_options,
-                                      update_agreement, update_stability, uses_early_learning, warmup_ends)
+                                      stability_gate_applies, update_agreement, update_stability, uses_early_learning,
+                                      warmup_ends)
 from mixnn_fast.train.loaders import build_loaders
 from mixnn_fast.train.metrics import MetricsLog
 from mixnn_fast.train.inference import Inference
@@ -224,7 +225,12 @@ class Trainer:
         pool = self._pool_ids(epoch)
         loader = self.loaders.pool_loader(self.data, pool.numpy())
         # MixNN+: the samples seen as noisy, less the frozen ones
-        only = correction_mask(cfg, self.run.clean_prob, self.num_samples, self.run.agreement, self.run.stable)
+        only = correction_mask(cfg, self.run.clean_prob, self.num_samples, self.run.agreement, self.run.stable,
+                               self.run.given_agreement)
+        gate_row = {}
+        if gates_on_stability(cfg) and cfg.plus_consistent_min_agreement:
+            # whether this refresh's correction was held back by the gate (read from the last refresh)
+            gate_row["stability_gate_applied"] = float(stability_gate_applies(cfg, self.run.given_agreement))
         scores = PoolScores(pool, self.targets, self.given_labels, epoch, gmm_loss=cfg.gmm_loss,
                             correct=corrects_labels(cfg), correct_only=only, running=self.early_targets,
                             features_dtype=features_dtype(cfg.features_dtype, len(pool)))
@@ -246,7 +252,8 @@ class Trainer:
         if self.run.clean_prob is None:
             self.run.clean_prob = torch.full((self.num_samples,), float("nan"))
         self.run.clean_prob[result.ids] = result.clean_prob.float()
-        frozen_row = {}
+        self.run.given_agreement = result.stats["given_label_agreement"]
+        frozen_row = dict(gate_row)
         if freezes_targets(cfg):
             if self.run.agreement is None:
                 self.run.agreement = torch.zeros(self.num_samples, dtype=torch.int16)
