@@ -1,5 +1,6 @@
-"""The demo (the README's first command) trains CE and MixNN on the real Fashion-MNIST at the
-results table's settings, prints the table, and a second run reports the finished runs again."""
+"""The demo (the README's first command) trains CE, MixNN and MixNN+ side by side on the real
+Fashion-MNIST at the results table's settings, prints the table, and a second run reports the
+finished runs again."""
 from __future__ import annotations
 
 import pytest
@@ -48,3 +49,56 @@ def test_quick_demo_trains_once_and_reports_twice(tmp_path, capsys, monkeypatch)
     again = run_demo(epochs=3, subset=300, out_dir=str(tmp_path), progress=False)
     assert {m: r["final_test_accuracy"] for m, r in again.items()} == \
         {m: r["final_test_accuracy"] for m, r in results.items()}
+
+
+def _tiny_cell(folder, method: str):
+    from mixnn_fast.app.experiments import Cell
+    from mixnn_fast.train.config import TrainConfig
+
+    cfg = TrainConfig(dataset="digits", method=method, model_widths=[8, 16, 16, 16], batch_size=64, epochs=3,
+                      warmup_epochs=1, correction_start=2, restart_period=1, progress=False, tensorboard=False,
+                      out_dir=str(folder / method))
+    return Cell(noise="sym-40", method=method, seed=0, config=cfg)
+
+
+def test_runs_side_by_side_equal_the_same_runs_one_after_another(tmp_path):
+    """Two runs trained at once in processes of their own, one thread each, give what each gives
+    trained here alone with one thread: same metrics, each under its own method."""
+    import dataclasses
+
+    from mixnn_fast.app.demo import train_side_by_side
+    from mixnn_fast.app.experiments import run_cell
+    from mixnn_fast.train.metrics import read_metrics
+
+    def comparable(rows):
+        return [{k: v for k, v in r.items() if not k.endswith("_seconds") and k != "images_per_second"
+                 and "wait" not in k} for r in rows]
+
+    cells = {m: _tiny_cell(tmp_path / "side_by_side", m) for m in ("ce", "mixnn")}
+    together = train_side_by_side(cells, progress=False, cores=2)
+    assert list(together) == ["ce", "mixnn"]
+    for method, cell in cells.items():
+        alone_cfg = dataclasses.replace(cell.config, num_threads=1, out_dir=str(tmp_path / "alone" / method))
+        alone = run_cell(dataclasses.replace(cell, config=alone_cfg), log=lambda _: None)
+        assert together[method]["final_test_accuracy"] == alone["final_test_accuracy"]
+        assert comparable(read_metrics(cell.config.out_dir)) == comparable(read_metrics(alone_cfg.out_dir))
+    assert comparable(read_metrics(cells["ce"].config.out_dir)) != comparable(read_metrics(cells["mixnn"].config.out_dir))
+    # the runs were trained with one thread each, yet a cell that leaves threads to torch finds them finished
+    from mixnn_fast.app.experiments import finished_summary
+
+    assert finished_summary(cells["mixnn"]) == together["mixnn"]
+
+
+def test_status_line_reads_each_runs_epoch_and_last_test_accuracy(tmp_path):
+    import json
+
+    from mixnn_fast.app.demo import status_line
+
+    cells = {m: _tiny_cell(tmp_path, m) for m in ("ce", "mixnn", "mixnn_plus")}
+    (tmp_path / "ce").mkdir()
+    rows = [{"epoch": 0, "test_accuracy": 0.5}, {"epoch": 1, "test_accuracy": None}]
+    (tmp_path / "ce" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"epoch": 2, "te')
+    (tmp_path / "mixnn").mkdir()
+    (tmp_path / "mixnn" / "metrics.jsonl").write_text(json.dumps({"epoch": 0}) + "\n")
+    line = status_line(cells, 150.0)
+    assert line == "[demo] 2.5 min: ce epoch 2/3 (test 50.0%) · mixnn epoch 1/3 · mixnn_plus epoch 0/3"
