@@ -102,3 +102,33 @@ def test_status_line_reads_each_runs_epoch_and_last_test_accuracy(tmp_path):
     (tmp_path / "mixnn" / "metrics.jsonl").write_text(json.dumps({"epoch": 0}) + "\n")
     line = status_line(cells, 150.0)
     assert line == "[demo] 2.5 min: ce epoch 2/3 (test 50.0%) · mixnn epoch 1/3 · mixnn_plus epoch 0/3"
+
+
+def test_a_side_by_side_runs_error_is_raised_after_the_others_finish(tmp_path):
+    """One run cannot read its data: its error (naming the folder) comes back to the caller, and
+    the other run, in a process of its own, still finished."""
+    import dataclasses
+
+    from mixnn_fast.app.demo import train_side_by_side
+    from mixnn_fast.app.experiments import finished_summary
+
+    good = _tiny_cell(tmp_path, "ce")
+    broken = _tiny_cell(tmp_path, "mixnn")
+    missing = tmp_path / "no_such_folder"
+    broken = dataclasses.replace(broken, config=dataclasses.replace(broken.config, dataset="image_folder",
+                                                                    data_root=str(missing)))
+    with pytest.raises(FileNotFoundError, match="no_such_folder"):
+        train_side_by_side({"ce": good, "mixnn": broken}, progress=False, cores=2)
+    assert finished_summary(good) is not None
+
+
+def test_an_interrupted_demo_says_how_to_resume_without_a_traceback(monkeypatch, capsys):
+    from mixnn_fast.app.cli import main
+
+    def interrupted(**_):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("mixnn_fast.app.demo.run_demo", interrupted)
+    assert main(["demo", "--quick"]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "the same command resumes" in err and "Traceback" not in err

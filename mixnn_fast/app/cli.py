@@ -299,11 +299,18 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, FileNotFoundError) as exc:  # a user's mistake: the message, no traceback
         print(f"mixnn {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        after = {"train": "; the run keeps its last checkpoint: the same command with --resume continues it",
+                 "demo": "; each run keeps its last checkpoint: the same command resumes them",
+                 "table": "; each run keeps its last checkpoint: the same command resumes them"}
+        print(f"mixnn {args.command}: interrupted{after.get(args.command, '')}", file=sys.stderr)
+        return 130
     except RuntimeError as exc:
+        from mixnn_fast.app.demo import RunProcessEnded
         from mixnn_fast.app.experiments import RunLocked
         from mixnn_fast.train.trainer import TrainingDiverged
 
-        if not isinstance(exc, (TrainingDiverged, RunLocked)):
+        if not isinstance(exc, (TrainingDiverged, RunLocked, RunProcessEnded)):
             raise  # a fault of ours: keep the traceback
         print(f"mixnn {args.command}: error: {exc}", file=sys.stderr)
         return 1

@@ -15,11 +15,11 @@ schedule (warm-up 10, label correction from 60, warm restarts every 10) is scale
 """
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import json
 import multiprocessing
 import os
+import queue
 import time
 from pathlib import Path
 
@@ -33,6 +33,10 @@ QUICK_EPOCHS = 6
 QUICK_SUBSET = 1000
 DEMO_METHODS = ("ce", "mixnn", "mixnn_plus")
 STATUS_EVERY_SECONDS = 30.0
+
+
+class RunProcessEnded(RuntimeError):
+    """A side-by-side run's process ended without a result (killed, out of memory)."""
 
 
 def usable_cores() -> int:
@@ -108,17 +112,26 @@ def _log(message: str) -> None:
     print(message.replace("[table]", "[demo]"), flush=True)
 
 
-def _train_cell(cell: Cell) -> dict:
-    """One demo run, in a process of its own."""
-    return run_cell(cell, log=_log)
+def _train_in_process(method: str, cell: Cell, results) -> None:
+    """One demo run, in a process of its own: puts (method, summary, None) or (method, None,
+    the exception) on ``results``."""
+    try:
+        results.put((method, run_cell(cell, log=_log), None))
+    except KeyboardInterrupt:  # Ctrl-C reaches every process of the terminal: the parent reports it
+        pass
+    except Exception as exc:  # noqa: BLE001 - handed to the parent, which raises it
+        results.put((method, None, exc))
 
 
 def train_side_by_side(cells: dict[str, Cell], *, progress: bool = True, cores: int | None = None) -> dict[str, dict]:
     """Train ``cells`` (method -> cell) at once, one process each, ``cores`` (default: the usable
     ones) shared among them (each gets ``max(1, cores // len(cells))`` threads; a setting already
-    in a cell's config is kept).  Returns method -> summary.  With one cell, or one core, the runs
-    train here, one after another.  ``progress``: a status line every 30 s (each run's epoch and
-    latest test accuracy)."""
+    in a cell's config is kept).  Returns method -> summary, in the order of ``cells``.  With one
+    cell, or one core, the runs train here, one after another.  ``progress``: a status line every
+    30 s (each run's epoch and latest test accuracy).
+
+    A run's error is raised here once the others have finished; an interrupt (Ctrl-C) stops every
+    run, each keeping its last checkpoint, so the same call resumes them."""
     cores = cores or usable_cores()
     if len(cells) <= 1 or cores == 1:
         return {method: run_cell(cell, log=_log) for method, cell in cells.items()}
@@ -128,15 +141,39 @@ def train_side_by_side(cells: dict[str, Cell], *, progress: bool = True, cores: 
     start = time.perf_counter()
     # spawn, not fork: a forked copy of a process that has started torch's thread pools can hang
     context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=len(cells), mp_context=context) as pool:
-        futures = {method: pool.submit(_train_cell, cell) for method, cell in cells.items()}
-        while True:
-            done, _ = concurrent.futures.wait(futures.values(), timeout=STATUS_EVERY_SECONDS)
-            if len(done) == len(futures):
-                break
-            if progress:
-                _log(status_line(cells, time.perf_counter() - start))
-        return {method: future.result() for method, future in futures.items()}
+    results = context.Queue()
+    processes = {method: context.Process(target=_train_in_process, args=(method, cell, results), name=f"demo {method}")
+                 for method, cell in cells.items()}
+    summaries: dict[str, dict] = {}
+    errors: dict[str, BaseException] = {}
+    try:
+        for process in processes.values():
+            process.start()
+        while len(summaries) + len(errors) < len(cells):
+            try:
+                method, summary, error = results.get(timeout=STATUS_EVERY_SECONDS)
+            except queue.Empty:
+                for method, process in processes.items():
+                    if method not in summaries and method not in errors and not process.is_alive():
+                        # ended without a word (killed, out of memory): its checkpoint is kept
+                        errors[method] = RunProcessEnded(f"the {method} run's process ended with code "
+                                                      f"{process.exitcode} before finishing; run the demo again "
+                                                      f"to resume it from its last checkpoint")
+                if progress:
+                    _log(status_line(cells, time.perf_counter() - start))
+                continue
+            if error is None:
+                summaries[method] = summary
+            else:
+                errors[method] = error
+    finally:
+        for process in processes.values():
+            if process.is_alive():
+                process.terminate()  # an interrupt or an error here: the runs resume from their checkpoints
+            process.join()
+    if errors:
+        raise next(iter(errors.values()))
+    return {method: summaries[method] for method in cells}
 
 
 def _side_by_side(cell: Cell, threads: int) -> Cell:
