@@ -166,3 +166,15 @@ def test_cli_refuses_a_mixnn_plus_option_that_cannot_apply_before_writing(tmp_pa
                             "--plus-consistent-min-agreement"))
     assert setting in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_a_named_fashion_mnist_folder_that_is_missing_is_an_error_not_the_digits(tmp_path, capsys):
+    """Only Fashion-MNIST's default location falls back to scikit-learn's digits (a machine
+    without Debian's package); a folder the user named and mistyped is reported, nothing written."""
+    from mixnn_fast.app.cli import main
+
+    out, missing = tmp_path / "run", tmp_path / "fashoin"
+    assert main(["train", "--data-root", str(missing), "--epochs", "1", "--out-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "data_root" in err and str(missing) in err and "Traceback" not in err
+    assert not out.exists()

@@ -81,6 +81,8 @@ def _load_sources(cfg: TrainConfig) -> tuple[DatasetDescription, DatasetDescript
             return (sources.fashion_mnist(cfg.data_root, "train"), sources.fashion_mnist(cfg.data_root, "test"),
                     name, "")
         except FileNotFoundError as exc:
+            if cfg.data_root is not None:  # a folder the user named: a mistake to report, not to train around
+                raise FileNotFoundError(f"data_root: {exc}") from None
             note = (f"Fashion-MNIST is not installed ({exc}); falling back to scikit-learn's 8x8 digits. "
                     "Install Debian's dataset-fashion-mnist (scripts/setup.sh does) for the real demo.")
             log.warning(note)
