@@ -332,7 +332,7 @@ def test_stability_counts_refreshes_with_one_prediction_and_gates_the_correction
     from mixnn_fast.train.methods import correction_mask, update_stability
 
     c = 5
-    cfg = TrainConfig(method="mixnn_plus", plus_consistent=k)
+    cfg = TrainConfig(method="mixnn_plus", plus_consistent=k, plus_consistent_min_agreement=0.0)  # gate always on
     stable = torch.zeros(n, dtype=torch.int16)
     last = torch.full((n,), -1, dtype=torch.int16)
     expected_stable, expected_last = [0] * n, [-1] * n
@@ -355,7 +355,7 @@ def test_stability_counts_refreshes_with_one_prediction_and_gates_the_correction
     assert mask.tolist() == [p < 0.5 and s >= k for p, s in zip(clean_prob.tolist(), stable.tolist())]
     assert not correction_mask(cfg, clean_prob, n, stable=None).any()  # nothing counted yet: nothing stable
     # without the gate the counts are ignored
-    assert correction_mask(TrainConfig(method="mixnn_plus"), clean_prob, n, stable=stable).tolist() == \
+    assert correction_mask(TrainConfig(method="mixnn_plus", plus_consistent=0), clean_prob, n, stable=stable).tolist() == \
         (clean_prob < 0.5).tolist()
     # with a minimum agreement, the gate holds only after a refresh whose predictions agreed with
     # the given labels on at least that share (none recorded: it does not)
@@ -374,7 +374,7 @@ def test_stability_counts_refreshes_with_one_prediction_and_gates_the_correction
     assert int(full) == 32767
     for other in (dict(method="mixnn"), dict(method="mixnn_plus", plus_correction="graded")):
         with pytest.raises(ValueError, match="plus_consistent"):
-            TrainConfig(plus_consistent=k, **other)
+            TrainConfig(plus_consistent=k + 2, **other)  # 2 is the default: accepted with any method
 
 
 def test_an_evaluation_pass_served_nothing_gives_nan_rows_when_missing_is_allowed():

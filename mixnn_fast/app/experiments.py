@@ -28,7 +28,8 @@ TABLE_METHODS = ("ce", "mixup", "gce", "sce", "mixnn", "mixnn_plus")
 # (row label, folder suffix, config changes)
 PLUS_ABLATIONS = (("correction of every sample", "_corrall", {"plus_correction": "all"}),
                   ("no label correction", "_nocorr", {"plus_correction": "none"}),
-                  ("GCE instead of CE", "_gce", {"plus_loss": "gce"}))
+                  ("GCE instead of CE", "_gce", {"plus_loss": "gce"}),
+                  ("no stability gate", "_nogate", {"plus_consistent": 0}))
 # (noise kind, rate, label in the table).  symmetric_uniform is the paper's convention (uniform
 # over all classes, so the realised rate is rate × (C−1)/C), which makes rows comparable with its Table I.
 TABLE_NOISE = (("symmetric_uniform", 0.2, "sym-20"), ("symmetric_uniform", 0.4, "sym-40"),
@@ -130,11 +131,23 @@ def train_command(cfg: TrainConfig) -> str:
 
 
 def _same_config(saved: dict, cfg: TrainConfig) -> bool:
-    saved = saved_settings(saved)  # a run written before a field existed ran with its old value
-    mine = cfg.to_dict()
+    saved = _acting(saved_settings(saved))  # a run written before a field existed ran with its old value
+    mine = _acting(cfg.to_dict())
     # threads change only the order of float sums, not the experiment (config.RESUMABLE_FIELDS):
     # the demo's side-by-side runs (one thread each) are the table's cells
     return all(saved.get(k) == v for k, v in mine.items() if k not in _COSMETIC + ("num_threads",))
+
+
+_STABILITY_GATE = ("plus_consistent", "plus_consistent_min_agreement")
+
+
+def _acting(values: dict) -> dict:
+    """``values`` (settings by name) less the stability gate's where it cannot act (any method but
+    MixNN+ with selective correction).  The gate is on by default and runs saved before it existed
+    are read with it off: for every other method both are the same cell."""
+    if values.get("method") == "mixnn_plus" and values.get("plus_correction") == "selective":
+        return values
+    return {k: v for k, v in values.items() if k not in _STABILITY_GATE}
 
 
 def run_cell(cell: Cell, *, log=print) -> dict:

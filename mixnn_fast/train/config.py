@@ -102,9 +102,9 @@ class TrainConfig:
                                           # sample's EMA step times 1 - its clean probability) | all | none
     plus_freeze: int = 0                  # mixnn_plus: a target stops being corrected once the model has predicted its
                                           # label at this many consecutive refreshes since correction began (0: never)
-    plus_consistent: int = 0              # mixnn_plus: a target is corrected only once the model has predicted the same
-                                          # class at this many consecutive refreshes (0: off)
-    plus_consistent_min_agreement: float = 0.0  # mixnn_plus: that gate only after refreshes where at least this
+    plus_consistent: int = 2              # mixnn_plus, selective correction: a target is corrected only once the model
+                                          # has predicted the same class at this many consecutive refreshes (0: off)
+    plus_consistent_min_agreement: float = 0.5  # mixnn_plus: that gate only after refreshes where at least this
                                           # share of predictions agree with the given labels (0: always)
     plus_vote: int = 0                    # mixnn_plus: a sample's clean probability is at least the share of its this many
                                           # nearest neighbours that carry its current label (0: off)
@@ -189,11 +189,17 @@ class TrainConfig:
                              f"[{self.warmup_epochs}, {self.correction_start}] (or 0: off), got {self.plus_warmup_max}")
         self._needs("plus_freeze", "freezes MixNN+'s selective correction", method="mixnn_plus",
                     plus_correction="selective")
-        self._needs("plus_consistent", "gates MixNN+'s selective correction", method="mixnn_plus",
-                    plus_correction="selective")
-        if self.plus_consistent_min_agreement and not self.plus_consistent:
-            raise ValueError(f"plus_consistent_min_agreement: says when MixNN+'s stability gate applies, so it needs "
-                             f"plus_consistent > 0; got plus_consistent {self.plus_consistent!r}")
+        # MixNN+'s stability gate is on by default, and 0 is what runs saved before it are read with:
+        # both are accepted with any method; any other value the user chose must be one that acts
+        if self.plus_consistent not in (0, _default("plus_consistent")):
+            self._needs("plus_consistent", "gates MixNN+'s selective correction", method="mixnn_plus",
+                        plus_correction="selective")
+        if self.plus_consistent_min_agreement not in (0.0, _default("plus_consistent_min_agreement")):
+            if not self.plus_consistent:
+                raise ValueError(f"plus_consistent_min_agreement: says when MixNN+'s stability gate applies, so it "
+                                 f"needs plus_consistent > 0; got plus_consistent {self.plus_consistent!r}")
+            self._needs("plus_consistent_min_agreement", "says when MixNN+'s stability gate applies",
+                        method="mixnn_plus", plus_correction="selective")
         for name in ("lr", "lr_min", "momentum", "weight_decay", "noise_rate", "correction_momentum", "rdm_alpha",
                      "gmm_tol", "gmm_reg_covar", "mixup_alpha", "gce_q", "sce_alpha", "sce_beta", "validation_split",
                      "trust_min_agreement", "plus_elr", "elr_beta", "plus_consistent_min_agreement"):
