@@ -153,15 +153,17 @@ def train_side_by_side(cells: dict[str, Cell], *, progress: bool = True, cores: 
             try:
                 method, summary, error = results.get(timeout=STATUS_EVERY_SECONDS)
             except queue.Empty:
-                for method, process in processes.items():
-                    if method not in summaries and method not in errors and not process.is_alive():
-                        # ended without a word (killed, out of memory): its checkpoint is kept
+                ended = [m for m, p in processes.items() if m not in summaries and m not in errors and not p.is_alive()]
+                try:  # a result sent just before its process ended may still be on its way
+                    method, summary, error = results.get(timeout=5.0) if ended else results.get_nowait()
+                except queue.Empty:
+                    for method in ended:  # ended without a word (killed, out of memory): its checkpoint is kept
                         errors[method] = RunProcessEnded(f"the {method} run's process ended with code "
-                                                      f"{process.exitcode} before finishing; run the demo again "
-                                                      f"to resume it from its last checkpoint")
-                if progress:
-                    _log(status_line(cells, time.perf_counter() - start))
-                continue
+                                                         f"{processes[method].exitcode} before finishing; run the "
+                                                         f"demo again to resume it from its last checkpoint")
+                    if progress:
+                        _log(status_line(cells, time.perf_counter() - start))
+                    continue
             if error is None:
                 summaries[method] = summary
             else:
