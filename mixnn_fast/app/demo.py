@@ -190,23 +190,9 @@ def status_line(cells: dict[str, Cell], seconds: float) -> str:
     run's metrics file (a line being written is skipped)."""
     parts = []
     for method, cell in cells.items():
-        rows = _rows_so_far(Path(cell.config.out_dir) / "metrics.jsonl")
+        rows = read_metrics(cell.config.out_dir, while_writing=True)
         tested = [r["test_accuracy"] for r in rows if r.get("test_accuracy") is not None]
         epoch = rows[-1]["epoch"] + 1 if rows else 0
         parts.append(f"{method} epoch {epoch}/{cell.config.epochs}"
                      + (f" (test {100 * tested[-1]:.1f}%)" if tested else ""))
     return f"[demo] {seconds / 60:.1f} min: " + " · ".join(parts)
-
-
-def _rows_so_far(path: Path) -> list[dict]:
-    try:
-        lines = path.read_text().splitlines()
-    except FileNotFoundError:
-        return []
-    rows = []
-    for line in lines:
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # the line the run is writing now
-            break
-    return rows

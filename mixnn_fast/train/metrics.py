@@ -13,12 +13,24 @@ import torch
 log = logging.getLogger(__name__)
 
 
-def read_metrics(out_dir: str | Path) -> list[dict[str, Any]]:
-    """The per-epoch rows a run has logged to ``out_dir/metrics.jsonl`` (none if it has no file)."""
+def read_metrics(out_dir: str | Path, *, while_writing: bool = False) -> list[dict[str, Any]]:
+    """The per-epoch rows a run has logged to ``out_dir/metrics.jsonl`` (none if it has no file).
+    ``while_writing``: the run may be appending a row now; rows stop before one that does not
+    parse (otherwise such a row is an error)."""
     path = Path(out_dir) / "metrics.jsonl"
-    if not path.exists():
+    try:
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+    except FileNotFoundError:
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for line in lines:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if not while_writing:
+                raise
+            break
+    return rows
 
 
 class MetricsLog:
