@@ -155,7 +155,12 @@ def test_saved_settings_read_fields_they_predate_with_the_old_value():
                                    ["--method", "mixnn_plus", "--plus-consistent-min-agreement", "1.5",
                                     "--plus-consistent", "2"],
                                    ["--method", "mixnn_plus", "--plus-consistent-min-agreement", "nan",
-                                    "--plus-consistent", "2"]])
+                                    "--plus-consistent", "2"],
+                                   ["--method", "mixnn_plus", "--plus-split-check-min-agreement", "0.5"],
+                                   ["--method", "mixnn_plus", "--plus-split-check", "--plus-split-check-min-agreement",
+                                    "1.5"],
+                                   ["--method", "mixnn_plus", "--plus-split-check", "--plus-split-check-min-agreement",
+                                    "-0.1"]])
 def test_cli_refuses_a_mixnn_plus_option_that_cannot_apply_before_writing(tmp_path, capsys, flags):
     from mixnn_fast.app.cli import main
 
@@ -163,7 +168,7 @@ def test_cli_refuses_a_mixnn_plus_option_that_cannot_apply_before_writing(tmp_pa
     assert main(["train", "--dataset", "digits", *flags, "--out-dir", str(out)]) == 2
     err = capsys.readouterr().err
     setting = next(f[2:].replace("-", "_") for f in flags
-                   if f in ("--plus-vote", "--plus-freeze", "--plus-split-check", "--trust-min-agreement", "--plus-elr",
+                   if f in ("--plus-split-check-min-agreement", "--plus-vote", "--plus-freeze", "--plus-split-check", "--trust-min-agreement", "--plus-elr",
                             "--elr-beta", "--plus-warmup-max", "--plus-consistent",
                             "--plus-consistent-min-agreement"))
     assert setting in err and "Traceback" not in err

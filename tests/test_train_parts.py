@@ -478,6 +478,30 @@ def test_split_check_calls_nobody_noisy_unless_the_losses_split_in_two(split, rn
         assert (checked.table.weights == 0.5).all()  # every sample trusted: each mixed evenly with its neighbour
 
 
+@pytest.mark.parametrize("threshold", [0.0, 0.2, 0.3, 0.5, 1.0])
+def test_split_check_applies_only_where_predictions_agree_with_the_given_labels(threshold):
+    rng = np.random.default_rng(7)  # one draw whose losses do not split (checked below), for every threshold
+    n, c = 80, 4
+    given = torch.from_numpy(rng.integers(0, c, n))
+    targets = SoftTargets(given, c, start_epoch=0)
+    # every loss near log C: one bump; the predictions (argmax of the noise) agree with about a
+    # quarter of the given labels
+    logits = torch.from_numpy(rng.normal(scale=0.05, size=(n, c))).float()
+    args = dict(epoch=0, logits=logits, features=torch.from_numpy(rng.normal(size=(n, 3))).float(), correct=False)
+    plain = refresh(stream(torch.arange(n), targets, given, **args), RefreshOptions(neighbour_backend="exact"))
+    checked = refresh(stream(torch.arange(n), targets, given, **args),
+                      RefreshOptions(neighbour_backend="exact", split_check=True, split_check_min_agreement=threshold))
+    agreement = float((logits.double().argmax(1) == given).double().mean())
+    assert checked.stats["given_label_agreement"] == pytest.approx(agreement)
+    assert plain.stats["gmm_separation"] < 2 and not (plain.clean_prob == 1).all()
+    applies = agreement >= threshold
+    assert checked.stats["split_check_applied"] == float(applies) and "split_check_applied" not in plain.stats
+    if applies:
+        assert (checked.clean_prob == 1).all()
+    else:
+        assert torch.equal(checked.clean_prob, plain.clean_prob)
+
+
 @pytest.mark.parametrize("threshold", [0.0, 0.3, 0.9])
 def test_trust_weights_apply_only_where_predictions_agree_with_the_given_labels(threshold, rng):
     from mixnn_fast.refresh.weights import mixing_weights

@@ -39,6 +39,10 @@ class RefreshOptions:
     neighbours whose current label equals its own (see :func:`neighbour_agreement`).  split_check
     (MixNN+'s, off by default): when the GMM's two components are not separated (Ashman's D below
     2, :func:`gmm_separation`), no sample is called noisy: every clean probability is 1.
+    split_check_min_agreement: the split check applies only at a refresh where at least this share
+    of the pool's predictions equal their given labels (0: at every refresh).  D cannot tell "few
+    labels wrong" (one bump of small losses) from "most labels wrong" (one broad bump); the share
+    can, and the check is meant for the first.
     trust_min_agreement: with weights_mode "trust", anchors are kept whole only at a refresh where
     at least this share of the pool's predictions equal their given labels (a label-free sign that
     few labels are wrong); below it the weights are eq. 10-11's.
@@ -54,6 +58,7 @@ class RefreshOptions:
     rdm_alpha: float = 1.0
     label_vote: int = 0
     split_check: bool = False
+    split_check_min_agreement: float = 0.0
     trust_min_agreement: float = 0.0
     num_threads: int | None = None
     device: str | None = None  # the training device: "auto" searches exactly on a CUDA device when the pool fits
@@ -100,10 +105,16 @@ def refresh(scores: PoolScores, options: RefreshOptions = RefreshOptions(), *,
         losses_for_gmm = loss_history.mean(ids)
     else:
         losses_for_gmm = losses
+    given = scores.given_labels[ids]  # the pool's given labels, in pool order
+    # label-free: how often the model agrees with the given labels (low where many are wrong)
+    stats["given_label_agreement"] = float((scores.predicted == given).float().mean())
     clean_prob, gmm = clean_probability(losses_for_gmm, return_model=True, **options.gmm)
     stats["gmm_separation"] = gmm_separation(gmm)  # label-free: whether the losses split in two at all
-    if options.split_check and stats["gmm_separation"] < SEPARATED:
-        clean_prob = torch.ones_like(clean_prob)
+    if options.split_check:
+        applies = stats["given_label_agreement"] >= options.split_check_min_agreement
+        stats["split_check_applied"] = float(applies)
+        if applies and stats["gmm_separation"] < SEPARATED:
+            clean_prob = torch.ones_like(clean_prob)
     seconds["gmm"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -126,9 +137,6 @@ def refresh(scores: PoolScores, options: RefreshOptions = RefreshOptions(), *,
         neighbours = random_partners(n, options.num_neighbours, generator)
     seconds["neighbours"] = time.perf_counter() - start
 
-    given = scores.given_labels[ids]  # the pool's given labels, in pool order
-    # label-free: how often the model agrees with the given labels (low where many are wrong)
-    stats["given_label_agreement"] = float((scores.predicted == given).float().mean())
     mode = options.weights_mode
     if mode == "trust":
         if stats["given_label_agreement"] < options.trust_min_agreement:

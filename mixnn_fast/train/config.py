@@ -44,7 +44,8 @@ RESUMABLE_FIELDS = ("epochs", "out_dir", "progress", "tensorboard", "eval_every"
 #: (:meth:`TrainConfig.from_saved`), whatever the field's default is now.
 ADDED_AFTER_SAVED_RUNS = {"plus_freeze": 0, "plus_vote": 0, "plus_split_check": False, "trust_min_agreement": 0.0,
                           "plus_elr": 0.0, "elr_beta": 0.7, "plus_warmup_max": 0,
-                          "plus_consistent": 0, "plus_consistent_min_agreement": 0.0}
+                          "plus_consistent": 0, "plus_consistent_min_agreement": 0.0,
+                          "plus_split_check_min_agreement": 0.0}
 
 
 @dataclass
@@ -110,6 +111,8 @@ class TrainConfig:
                                           # nearest neighbours that carry its current label (0: off)
     plus_split_check: bool = False        # mixnn_plus: no sample is called noisy while the GMM's components overlap
                                           # (Ashman's D < 2)
+    plus_split_check_min_agreement: float = 0.0  # mixnn_plus: that check only at refreshes where at least this share
+                                          # of predictions agree with the given labels (0: always)
     plus_elr: float = 0.0                 # mixnn_plus: weight λ of the early-learning penalty (ELR) added to the loss (0: off)
     elr_beta: float = 0.7                 # ELR: the weight each sample's running average of predictions keeps per refresh
     plus_warmup_max: int = 0              # mixnn_plus: warm-up runs from warmup_epochs until a refresh's GMM separates
@@ -166,7 +169,7 @@ class TrainConfig:
         for name in ("plus_vote", "plus_warmup_max"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
-        for name in ("trust_min_agreement", "plus_consistent_min_agreement"):
+        for name in ("trust_min_agreement", "plus_consistent_min_agreement", "plus_split_check_min_agreement"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name}: must lie in [0, 1], got {getattr(self, name)}")
         for name in ("plus_freeze", "plus_consistent"):  # the counts are int16
@@ -181,6 +184,9 @@ class TrainConfig:
             raise ValueError(f"elr_beta: sets the running average of ELR, so it needs plus_elr > 0; got plus_elr "
                              f"{self.plus_elr!r}")
         self._needs("plus_split_check", "checks MixNN+'s GMM", method="mixnn_plus")
+        if self.plus_split_check_min_agreement and not self.plus_split_check:
+            raise ValueError(f"plus_split_check_min_agreement: says when MixNN+'s split check applies, so it needs "
+                             f"plus_split_check; got plus_split_check {self.plus_split_check!r}")
         self._needs("plus_warmup_max", "bounds MixNN+'s warm-up chosen from the GMM's separation",
                     method="mixnn_plus", authors_schedule=False)
         if self.plus_warmup_max and not self.warmup_epochs <= self.plus_warmup_max <= self.correction_start:
@@ -202,7 +208,8 @@ class TrainConfig:
                         method="mixnn_plus", plus_correction="selective")
         for name in ("lr", "lr_min", "momentum", "weight_decay", "noise_rate", "correction_momentum", "rdm_alpha",
                      "gmm_tol", "gmm_reg_covar", "mixup_alpha", "gce_q", "sce_alpha", "sce_beta", "validation_split",
-                     "trust_min_agreement", "plus_elr", "elr_beta", "plus_consistent_min_agreement"):
+                     "trust_min_agreement", "plus_elr", "elr_beta", "plus_consistent_min_agreement",
+                     "plus_split_check_min_agreement"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name}: must be a finite number, got {getattr(self, name)}")
         if self.plus_elr < 0:
