@@ -80,7 +80,7 @@ def test_a_folder_with_another_config_is_refused(tmp_path):
     cells = _cells(tmp_path, methods=("ce",), plan_pair=False)
     run_table(cells, tmp_path / "table", log=lambda *_: None)
     other = _cells(tmp_path, methods=("ce",), plan_pair=False, lr=0.05)
-    with pytest.raises(ValueError, match="different configuration"):
+    with pytest.raises(ValueError, match=r"different configuration \(lr: saved 0\.\d+, this cell 0\.05\)"):
         experiments.run_cell(other[0], log=lambda *_: None)
 
 
@@ -182,5 +182,6 @@ def test_a_mixnn_plus_run_saved_before_the_stability_gate_is_the_ungated_cell(tm
     assert experiments.finished_summary(ungated) is not None
     default = _cells(tmp_path, methods=("mixnn_plus",), plan_pair=False)[0]
     assert default.config.plus_consistent == 2
-    with pytest.raises(ValueError, match="different configuration"):
+    with pytest.raises(ValueError, match="plus_consistent: saved 0, this cell 2; plus_consistent_min_agreement: "
+                                         "saved 0.0, this cell 0.5"):
         experiments.finished_summary(default)

@@ -130,12 +130,15 @@ def train_command(cfg: TrainConfig) -> str:
     return shlex.join(parts)
 
 
-def _same_config(saved: dict, cfg: TrainConfig) -> bool:
+def _config_differences(saved: dict, cfg: TrainConfig) -> list[str]:
+    """The settings in which a saved run (its config.yaml) differs from ``cfg``, as
+    "name: saved value, this cell's value" (empty: the same experiment)."""
     saved = _acting(saved_settings(saved))  # a run written before a field existed ran with its old value
     mine = _acting(cfg.to_dict())
     # threads change only the order of float sums, not the experiment (config.RESUMABLE_FIELDS):
     # the demo's side-by-side runs (one thread each) are the table's cells
-    return all(saved.get(k) == v for k, v in mine.items() if k not in _COSMETIC + ("num_threads",))
+    return [f"{k}: saved {saved.get(k)!r}, this cell {v!r}" for k, v in mine.items()
+            if k not in _COSMETIC + ("num_threads",) and saved.get(k) != v]
 
 
 _STABILITY_GATE = ("plus_consistent", "plus_consistent_min_agreement")
@@ -184,8 +187,10 @@ def finished_summary(cell: Cell) -> dict | None:
     out = Path(cell.config.out_dir)
     summary_path, config_path = out / "summary.json", out / "config.yaml"
     saved = yaml.safe_load(config_path.read_text()) if config_path.exists() else None
-    if saved is not None and not _same_config(saved, cell.config):
-        raise ValueError(f"{out}: holds a run with a different configuration; remove it or choose another --out-dir")
+    differences = [] if saved is None else _config_differences(saved, cell.config)
+    if differences:
+        raise ValueError(f"{out}: holds a run with a different configuration ({'; '.join(differences)}); "
+                         f"remove it or choose another --out-dir")
     if summary_path.exists():
         summary = json.loads(summary_path.read_text())
         if summary.get("epochs") == cell.config.epochs:
