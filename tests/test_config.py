@@ -185,3 +185,19 @@ def test_a_named_fashion_mnist_folder_that_is_missing_is_an_error_not_the_digits
     err = capsys.readouterr().err
     assert "data_root" in err and str(missing) in err and "Traceback" not in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("method, correction, acts", [("mixnn_plus", "selective", True), ("mixnn_plus", "all", False),
+                                                      ("mixnn", "selective", False), ("gce", "selective", False)])
+def test_on_by_default_settings_count_only_where_they_act(method, correction, acts):
+    """MixNN+'s on-by-default settings are accepted at their default with any method, and two runs
+    that differ only in them are one experiment where they cannot act."""
+    from mixnn_fast.train.config import ON_BY_DEFAULT_ACTS_UNDER, acting_settings
+
+    on = TrainConfig(method=method, plus_correction=correction)  # the defaults: accepted with any method
+    off = TrainConfig(method=method, plus_correction=correction, plus_consistent=0, plus_consistent_min_agreement=0.0)
+    assert all(getattr(on, name) for name in ON_BY_DEFAULT_ACTS_UNDER)  # on by default, as the name says
+    assert (acting_settings(on.to_dict()) == acting_settings(off.to_dict())) == (not acts)
+    kept = acting_settings(on.to_dict())
+    assert all((name in kept) == acts for name in ON_BY_DEFAULT_ACTS_UNDER)
+    assert acting_settings({"lr": 0.1}) == {"lr": 0.1}

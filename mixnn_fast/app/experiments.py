@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from mixnn_fast.train.config import TrainConfig, saved_settings
+from mixnn_fast.train.config import TrainConfig, acting_settings, saved_settings
 from mixnn_fast.train.run_lock import try_lock
 
 TABLE_METHODS = ("ce", "mixup", "gce", "sce", "mixnn", "mixnn_plus")
@@ -133,24 +133,14 @@ def train_command(cfg: TrainConfig) -> str:
 def _config_differences(saved: dict, cfg: TrainConfig) -> list[str]:
     """The settings in which a saved run (its config.yaml) differs from ``cfg``, as
     "name: saved value, this cell's value" (empty: the same experiment)."""
-    saved = _acting(saved_settings(saved))  # a run written before a field existed ran with its old value
-    mine = _acting(cfg.to_dict())
+    # a run written before a field existed ran with its old value; settings that cannot act with
+    # the run's method do not make it another experiment
+    saved = acting_settings(saved_settings(saved))
+    mine = acting_settings(cfg.to_dict())
     # threads change only the order of float sums, not the experiment (config.RESUMABLE_FIELDS):
     # the demo's side-by-side runs (one thread each) are the table's cells
     return [f"{k}: saved {saved.get(k)!r}, this cell {v!r}" for k, v in mine.items()
             if k not in _COSMETIC + ("num_threads",) and saved.get(k) != v]
-
-
-_STABILITY_GATE = ("plus_consistent", "plus_consistent_min_agreement")
-
-
-def _acting(values: dict) -> dict:
-    """``values`` (settings by name) less the stability gate's where it cannot act (any method but
-    MixNN+ with selective correction).  The gate is on by default and runs saved before it existed
-    are read with it off: for every other method both are the same cell."""
-    if values.get("method") == "mixnn_plus" and values.get("plus_correction") == "selective":
-        return values
-    return {k: v for k, v in values.items() if k not in _STABILITY_GATE}
 
 
 def run_cell(cell: Cell, *, log=print) -> dict:

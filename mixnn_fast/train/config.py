@@ -47,6 +47,15 @@ ADDED_AFTER_SAVED_RUNS = {"plus_freeze": 0, "plus_vote": 0, "plus_split_check": 
                           "plus_consistent": 0, "plus_consistent_min_agreement": 0.0,
                           "plus_split_check_min_agreement": 0.0}
 
+#: MixNN+'s settings that are on by default, with the settings they act under.  Where one cannot
+#: act (another method, another correction), its default is accepted as well as "off" (runs saved
+#: before it existed are read with it off), and runs that differ only in it are one experiment
+#: (:func:`acting_settings`).
+ON_BY_DEFAULT_ACTS_UNDER = {
+    "plus_consistent": dict(method="mixnn_plus", plus_correction="selective"),
+    "plus_consistent_min_agreement": dict(method="mixnn_plus", plus_correction="selective"),
+}
+
 
 @dataclass
 class TrainConfig:
@@ -198,14 +207,14 @@ class TrainConfig:
         # MixNN+'s stability gate is on by default, and 0 is what runs saved before it are read with:
         # both are accepted with any method; any other value the user chose must be one that acts
         if self.plus_consistent not in (0, _default("plus_consistent")):
-            self._needs("plus_consistent", "gates MixNN+'s selective correction", method="mixnn_plus",
-                        plus_correction="selective")
+            self._needs("plus_consistent", "gates MixNN+'s selective correction",
+                        **ON_BY_DEFAULT_ACTS_UNDER["plus_consistent"])
         if self.plus_consistent_min_agreement not in (0.0, _default("plus_consistent_min_agreement")):
             if not self.plus_consistent:
                 raise ValueError(f"plus_consistent_min_agreement: says when MixNN+'s stability gate applies, so it "
                                  f"needs plus_consistent > 0; got plus_consistent {self.plus_consistent!r}")
             self._needs("plus_consistent_min_agreement", "says when MixNN+'s stability gate applies",
-                        method="mixnn_plus", plus_correction="selective")
+                        **ON_BY_DEFAULT_ACTS_UNDER["plus_consistent_min_agreement"])
         for name in ("lr", "lr_min", "momentum", "weight_decay", "noise_rate", "correction_momentum", "rdm_alpha",
                      "gmm_tol", "gmm_reg_covar", "mixup_alpha", "gce_q", "sce_alpha", "sce_beta", "validation_split",
                      "trust_min_agreement", "plus_elr", "elr_beta", "plus_consistent_min_agreement",
@@ -325,6 +334,14 @@ class TrainConfig:
 def _default(name: str) -> Any:
     """The default value of TrainConfig's field ``name``."""
     return TrainConfig.__dataclass_fields__[name].default
+
+
+def acting_settings(values: dict) -> dict:
+    """``values`` (settings by name, e.g. ``TrainConfig.to_dict()``) less the on-by-default
+    settings that cannot act under them (:data:`ON_BY_DEFAULT_ACTS_UNDER`): what two runs must
+    share to be the same experiment."""
+    return {k: v for k, v in values.items()
+            if all(values.get(f) == required for f, required in ON_BY_DEFAULT_ACTS_UNDER.get(k, {}).items())}
 
 
 def saved_settings(values: dict) -> dict:
