@@ -168,9 +168,9 @@ def test_cli_refuses_a_mixnn_plus_option_that_cannot_apply_before_writing(tmp_pa
     assert main(["train", "--dataset", "digits", *flags, "--out-dir", str(out)]) == 2
     err = capsys.readouterr().err
     setting = next(f[2:].replace("-", "_") for f in flags
-                   if f in ("--plus-split-check-min-agreement", "--plus-vote", "--plus-freeze", "--plus-split-check", "--trust-min-agreement", "--plus-elr",
+                   if f in ("--plus-vote", "--plus-freeze", "--plus-split-check", "--trust-min-agreement", "--plus-elr",
                             "--elr-beta", "--plus-warmup-max", "--plus-consistent",
-                            "--plus-consistent-min-agreement"))
+                            "--plus-consistent-min-agreement", "--plus-split-check-min-agreement"))
     assert setting in err and "Traceback" not in err
     assert not out.exists()
 

@@ -193,9 +193,7 @@ class TrainConfig:
             raise ValueError(f"elr_beta: sets the running average of ELR, so it needs plus_elr > 0; got plus_elr "
                              f"{self.plus_elr!r}")
         self._needs("plus_split_check", "checks MixNN+'s GMM", method="mixnn_plus")
-        if self.plus_split_check_min_agreement and not self.plus_split_check:
-            raise ValueError(f"plus_split_check_min_agreement: says when MixNN+'s split check applies, so it needs "
-                             f"plus_split_check; got plus_split_check {self.plus_split_check!r}")
+        self._needs("plus_split_check_min_agreement", "says when MixNN+'s split check applies", plus_split_check=True)
         self._needs("plus_warmup_max", "bounds MixNN+'s warm-up chosen from the GMM's separation",
                     method="mixnn_plus", authors_schedule=False)
         if self.plus_warmup_max and not self.warmup_epochs <= self.plus_warmup_max <= self.correction_start:
