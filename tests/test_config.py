@@ -127,6 +127,7 @@ def test_saved_settings_read_fields_they_predate_with_the_old_value():
 
 
 @pytest.mark.parametrize("flags", [["--method", "ce", "--plus-split-check"],
+                                   ["--method", "mixnn", "--plus-gmm-per-class"],
                                    ["--method", "mixnn_plus", "--trust-min-agreement", "0.5"],
                                    ["--method", "mixnn_plus", "--weights", "trust", "--trust-min-agreement", "1.5"],
                                    ["--method", "mixnn", "--plus-vote", "5"],
@@ -168,7 +169,8 @@ def test_cli_refuses_a_mixnn_plus_option_that_cannot_apply_before_writing(tmp_pa
     assert main(["train", "--dataset", "digits", *flags, "--out-dir", str(out)]) == 2
     err = capsys.readouterr().err
     setting = next(f[2:].replace("-", "_") for f in flags
-                   if f in ("--plus-vote", "--plus-freeze", "--plus-split-check", "--trust-min-agreement", "--plus-elr",
+                   if f in ("--plus-vote", "--plus-freeze", "--plus-split-check", "--plus-gmm-per-class",
+                            "--trust-min-agreement", "--plus-elr",
                             "--elr-beta", "--plus-warmup-max", "--plus-consistent",
                             "--plus-consistent-min-agreement", "--plus-split-check-min-agreement"))
     assert setting in err and "Traceback" not in err

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mixnn_fast.audit.scores import auroc
+from mixnn_fast.refresh.class_gmm import clean_probability_per_class
 from mixnn_fast.refresh.gmm import GMM1D, clean_probability
 from mixnn_fast.refresh.loss_history import LossHistory
 from mixnn_fast.refresh.neighbours import nearest_neighbours
@@ -43,6 +44,10 @@ class RefreshOptions:
     of the pool's predictions equal their given labels (0: at every refresh).  D cannot tell "few
     labels wrong" (one bump of small losses) from "most labels wrong" (one broad bump); the share
     can, and the check is meant for the first.
+    gmm_per_class: (MixNN+'s, off by default) the clean probabilities come from one GMM per class
+    of the labels the losses were measured against (mixnn_fast.refresh.class_gmm); the global
+    fit still gives ``gmm_separation``.  Logs ``gmm_class_fallback``, the share of samples whose
+    class was too small to fit and kept the global fit's probability.
     trust_min_agreement: with weights_mode "trust", anchors are kept whole only at a refresh where
     at least this share of the pool's predictions equal their given labels (a label-free sign that
     few labels are wrong); below it the weights are eq. 10-11's.
@@ -59,6 +64,7 @@ class RefreshOptions:
     label_vote: int = 0
     split_check: bool = False
     split_check_min_agreement: float = 0.0
+    gmm_per_class: bool = False
     trust_min_agreement: float = 0.0
     num_threads: int | None = None
     device: str | None = None  # the training device: "auto" searches exactly on a CUDA device when the pool fits
@@ -110,6 +116,10 @@ def refresh(scores: PoolScores, options: RefreshOptions = RefreshOptions(), *,
     stats["given_label_agreement"] = float((scores.predicted == given).float().mean())
     clean_prob, gmm = clean_probability(losses_for_gmm, return_model=True, **options.gmm)
     stats["gmm_separation"] = gmm_separation(gmm)  # label-free: whether the losses split in two at all
+    if options.gmm_per_class:
+        labels = given if scores.gmm_loss == "given" else scores.current_labels
+        clean_prob, stats["gmm_class_fallback"] = clean_probability_per_class(losses_for_gmm, labels, clean_prob,
+                                                                              **options.gmm)
     if options.split_check:
         applies = stats["given_label_agreement"] >= options.split_check_min_agreement
         stats["split_check_applied"] = float(applies)

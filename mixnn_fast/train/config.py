@@ -45,7 +45,7 @@ RESUMABLE_FIELDS = ("epochs", "out_dir", "progress", "tensorboard", "eval_every"
 ADDED_AFTER_SAVED_RUNS = {"plus_freeze": 0, "plus_vote": 0, "plus_split_check": False, "trust_min_agreement": 0.0,
                           "plus_elr": 0.0, "elr_beta": 0.7, "plus_warmup_max": 0,
                           "plus_consistent": 0, "plus_consistent_min_agreement": 0.0,
-                          "plus_split_check_min_agreement": 0.0}
+                          "plus_split_check_min_agreement": 0.0, "plus_gmm_per_class": False}
 
 #: MixNN+'s settings that are on by default, with the settings they act under.  Where one cannot
 #: act (another method, another correction), its default is accepted as well as "off" (runs saved
@@ -122,6 +122,8 @@ class TrainConfig:
                                           # (Ashman's D < 2)
     plus_split_check_min_agreement: float = 0.0  # mixnn_plus: that check only at refreshes where at least this share
                                           # of predictions agree with the given labels (0: always)
+    plus_gmm_per_class: bool = False      # mixnn_plus: clean probabilities from one GMM per class of the labels the
+                                          # losses were measured against, instead of one over all samples
     plus_elr: float = 0.0                 # mixnn_plus: weight λ of the early-learning penalty (ELR) added to the loss (0: off)
     elr_beta: float = 0.7                 # ELR: the weight each sample's running average of predictions keeps per refresh
     plus_warmup_max: int = 0              # mixnn_plus: warm-up runs from warmup_epochs until a refresh's GMM separates
@@ -193,6 +195,7 @@ class TrainConfig:
             raise ValueError(f"elr_beta: sets the running average of ELR, so it needs plus_elr > 0; got plus_elr "
                              f"{self.plus_elr!r}")
         self._needs("plus_split_check", "checks MixNN+'s GMM", method="mixnn_plus")
+        self._needs("plus_gmm_per_class", "fits MixNN+'s GMM within each class", method="mixnn_plus")
         self._needs("plus_split_check_min_agreement", "says when MixNN+'s split check applies", plus_split_check=True)
         self._needs("plus_warmup_max", "bounds MixNN+'s warm-up chosen from the GMM's separation",
                     method="mixnn_plus", authors_schedule=False)
