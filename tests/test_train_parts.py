@@ -203,6 +203,8 @@ def test_refresh_gmm_losses_follow_the_chosen_labels(gmm_loss, rng):
     bound = E32 * (2 * c + 2 * spread + 2 * expected.abs())
     assert ((result.losses.double() - expected).abs() <= bound).all(), \
         float(((result.losses.double() - expected).abs() / bound).max())
+    # the labels those losses were measured against (what a GMM per class groups by)
+    assert torch.equal(scores.loss_labels, given if gmm_loss == "given" else stored.argmax(1))
     current_right = (stored.argmax(1) == true).numpy()
     if 0 < current_right.sum() < n:  # the AUROC of what the GMM detects once labels are corrected
         assert result.stats["clean_auroc_current_labels"] == pytest.approx(

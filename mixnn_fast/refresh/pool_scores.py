@@ -152,6 +152,13 @@ class PoolScores:
             dtype = features_dtype("auto", len(self.ids), dim) if self.features_dtype == "auto" else self.features_dtype
             self.features = torch.zeros(len(self.ids), dim, dtype=dtype)
 
+    @property
+    def loss_labels(self) -> torch.Tensor:
+        """(P,) int64: the label each row's loss was measured against: the given label for
+        ``gmm_loss="given"``, else the soft targets' argmax (for ``"soft_targets"``, the class
+        the target weighs most)."""
+        return self.given_labels[self.ids] if self.gmm_loss == "given" else self.current_labels
+
     def covered(self, *, allow_missing: bool) -> "PoolScores":
         """The scores restricted to the rows filled (all of them unless ``allow_missing``, else
         a RuntimeError naming how many are missing)."""

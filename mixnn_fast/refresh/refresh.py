@@ -47,7 +47,7 @@ class RefreshOptions:
     gmm_per_class: (MixNN+'s, off by default) the clean probabilities come from one GMM per class
     of the labels the losses were measured against (mixnn_fast.refresh.class_gmm); the global
     fit still gives ``gmm_separation``.  Logs ``gmm_class_fallback``, the share of samples whose
-    class was too small to fit and kept the global fit's probability.
+    class was too small to fit, or could not be split, and kept the global fit's probability.
     trust_min_agreement: with weights_mode "trust", anchors are kept whole only at a refresh where
     at least this share of the pool's predictions equal their given labels (a label-free sign that
     few labels are wrong); below it the weights are eq. 10-11's.
@@ -117,9 +117,8 @@ def refresh(scores: PoolScores, options: RefreshOptions = RefreshOptions(), *,
     clean_prob, gmm = clean_probability(losses_for_gmm, return_model=True, **options.gmm)
     stats["gmm_separation"] = gmm_separation(gmm)  # label-free: whether the losses split in two at all
     if options.gmm_per_class:
-        labels = given if scores.gmm_loss == "given" else scores.current_labels
-        clean_prob, stats["gmm_class_fallback"] = clean_probability_per_class(losses_for_gmm, labels, clean_prob,
-                                                                              **options.gmm)
+        clean_prob, stats["gmm_class_fallback"] = clean_probability_per_class(losses_for_gmm, scores.loss_labels,
+                                                                              clean_prob, **options.gmm)
     if options.split_check:
         applies = stats["given_label_agreement"] >= options.split_check_min_agreement
         stats["split_check_applied"] = float(applies)
