@@ -161,7 +161,13 @@ def test_saved_settings_read_fields_they_predate_with_the_old_value():
                                    ["--method", "mixnn_plus", "--plus-split-check", "--plus-split-check-min-agreement",
                                     "1.5"],
                                    ["--method", "mixnn_plus", "--plus-split-check", "--plus-split-check-min-agreement",
-                                    "-0.1"]])
+                                    "-0.1"],
+                                   ["--method", "mixnn", "--plus-min-confidence", "0.5"],
+                                   ["--method", "mixnn_plus", "--plus-consistent", "0", "--plus-min-confidence", "0.5"],
+                                   ["--method", "mixnn_plus", "--plus-correction", "graded", "--plus-consistent", "0",
+                                    "--plus-min-confidence", "0.5"],
+                                   ["--method", "mixnn_plus", "--plus-min-confidence", "1.5"],
+                                   ["--method", "mixnn_plus", "--plus-min-confidence", "nan"]])
 def test_cli_refuses_a_mixnn_plus_option_that_cannot_apply_before_writing(tmp_path, capsys, flags):
     from mixnn_fast.app.cli import main
 
@@ -172,7 +178,8 @@ def test_cli_refuses_a_mixnn_plus_option_that_cannot_apply_before_writing(tmp_pa
                    if f in ("--plus-vote", "--plus-freeze", "--plus-split-check", "--plus-gmm-per-class",
                             "--trust-min-agreement", "--plus-elr",
                             "--elr-beta", "--plus-warmup-max", "--plus-consistent",
-                            "--plus-consistent-min-agreement", "--plus-split-check-min-agreement"))
+                            "--plus-consistent-min-agreement", "--plus-split-check-min-agreement",
+                            "--plus-min-confidence"))
     assert setting in err and "Traceback" not in err
     assert not out.exists()
 

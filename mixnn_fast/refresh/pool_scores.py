@@ -56,6 +56,8 @@ class PoolScores:
             GMM called noisy), the others keep their targets; or (N,) float in [0, 1]: the share
             of the EMA step each sample takes (its target moves towards ``r p + (1 - r) t``, t its
             target before the step: the step ``(1 - m)(p - t)`` scaled by r).
+        min_confidence: with a bool ``correct_only``, a marked sample is corrected only where the
+            model gives its prediction at least this probability in this pass (0: every marked one).
         running: when given, a store with ``update(ids, probabilities)`` that every scored sample's
             prediction also enters (MixNN+'s early-learning targets, refresh/early_learning.py).
         features_dtype: storage of the (P, D) features: a dtype, "auto" (float32 up to
@@ -72,7 +74,7 @@ class PoolScores:
     def __init__(self, ids: torch.Tensor, targets, given_labels: torch.Tensor, epoch: int, *,
                  gmm_loss: str = "argmax_targets", correct: bool = True,
                  features_dtype: torch.dtype | str | None = torch.float32,
-                 correct_only: torch.Tensor | None = None, running=None) -> None:
+                 correct_only: torch.Tensor | None = None, min_confidence: float = 0.0, running=None) -> None:
         if gmm_loss not in GMM_LOSSES:
             raise ValueError(f"gmm_loss: must be one of {GMM_LOSSES}, got {gmm_loss!r}")
         p = len(ids)
@@ -83,6 +85,7 @@ class PoolScores:
         self.gmm_loss = gmm_loss
         self.correct = correct
         self.correct_only = correct_only
+        self.min_confidence = min_confidence
         self.running = running
         self.features_dtype = features_dtype
         self.losses = torch.zeros(p)
@@ -114,10 +117,11 @@ class PoolScores:
         self.prob_given[rows] = probabilities.gather(1, given.unsqueeze(1)).squeeze(1)
         predicted = logits.argmax(1)  # of the logits: ties that softmax rounding creates do not move it
         self.predicted[rows] = predicted
-        self.confidence[rows] = probabilities.gather(1, predicted.unsqueeze(1)).squeeze(1)
+        confidence = probabilities.gather(1, predicted.unsqueeze(1)).squeeze(1)
+        self.confidence[rows] = confidence
         self.seen[rows] = True
         if self.correct:
-            self._correct(sample_ids, probabilities, current)
+            self._correct(sample_ids, probabilities, current, confidence)
         if self.running is not None:
             self.running.update(sample_ids, probabilities)
         if self.features_dtype is None:  # features not wanted (a pass for predictions only)
@@ -128,14 +132,18 @@ class PoolScores:
             self.features = torch.zeros(len(self.ids), features.shape[1], dtype=self.features_dtype)
         self.features[rows] = features.to(self.features_dtype)
 
-    def _correct(self, sample_ids: torch.Tensor, probabilities: torch.Tensor, current: torch.Tensor) -> None:
+    def _correct(self, sample_ids: torch.Tensor, probabilities: torch.Tensor, current: torch.Tensor,
+                 confidence: torch.Tensor) -> None:
         """The EMA step of the batch's targets towards ``probabilities`` (B, C), for the samples
-        ``correct_only`` marks, scaled by its share where it is a float."""
+        ``correct_only`` marks (those whose ``confidence`` (B,), the probability of their
+        prediction, reaches ``min_confidence``), scaled by its share where it is a float."""
         if self.correct_only is None:
             self.corrected |= bool(self.targets.update(sample_ids, probabilities, self.epoch))
             return
         share = self.correct_only[sample_ids]
         chosen = share if share.dtype == torch.bool else share > 0
+        if share.dtype == torch.bool and self.min_confidence > 0:
+            chosen = chosen & (confidence >= self.min_confidence)
         if not bool(chosen.any()):
             return
         if share.dtype != torch.bool:

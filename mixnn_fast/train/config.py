@@ -45,7 +45,8 @@ RESUMABLE_FIELDS = ("epochs", "out_dir", "progress", "tensorboard", "eval_every"
 ADDED_AFTER_SAVED_RUNS = {"plus_freeze": 0, "plus_vote": 0, "plus_split_check": False, "trust_min_agreement": 0.0,
                           "plus_elr": 0.0, "elr_beta": 0.7, "plus_warmup_max": 0,
                           "plus_consistent": 0, "plus_consistent_min_agreement": 0.0,
-                          "plus_split_check_min_agreement": 0.0, "plus_gmm_per_class": False}
+                          "plus_split_check_min_agreement": 0.0, "plus_gmm_per_class": False,
+                          "plus_min_confidence": 0.0}
 
 #: MixNN+'s settings that are on by default, with the settings they act under.  Where one cannot
 #: act (another method, another correction), its default is accepted as well as "off" (runs saved
@@ -116,6 +117,8 @@ class TrainConfig:
                                           # has predicted the same class at this many consecutive refreshes (0: off)
     plus_consistent_min_agreement: float = 0.5  # mixnn_plus: that gate only after refreshes where at least this
                                           # share of predictions agree with the given labels (0: always)
+    plus_min_confidence: float = 0.0      # mixnn_plus: where the stability gate applies, a target is corrected only
+                                          # if the model gives its prediction at least this probability (0: off)
     plus_vote: int = 0                    # mixnn_plus: a sample's clean probability is at least the share of its this many
                                           # nearest neighbours that carry its current label (0: off)
     plus_split_check: bool = False        # mixnn_plus: no sample is called noisy while the GMM's components overlap
@@ -180,7 +183,8 @@ class TrainConfig:
         for name in ("plus_vote", "plus_warmup_max"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
-        for name in ("trust_min_agreement", "plus_consistent_min_agreement", "plus_split_check_min_agreement"):
+        for name in ("trust_min_agreement", "plus_consistent_min_agreement", "plus_split_check_min_agreement",
+                     "plus_min_confidence"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name}: must lie in [0, 1], got {getattr(self, name)}")
         for name in ("plus_freeze", "plus_consistent"):  # the counts are int16
@@ -216,10 +220,16 @@ class TrainConfig:
                                  f"needs plus_consistent > 0; got plus_consistent {self.plus_consistent!r}")
             self._needs("plus_consistent_min_agreement", "says when MixNN+'s stability gate applies",
                         **ON_BY_DEFAULT_ACTS_UNDER["plus_consistent_min_agreement"])
+        if self.plus_min_confidence:
+            if not self.plus_consistent:
+                raise ValueError(f"plus_min_confidence: acts where MixNN+'s stability gate applies, so it needs "
+                                 f"plus_consistent > 0; got plus_consistent {self.plus_consistent!r}")
+            self._needs("plus_min_confidence", "adds a confidence condition to MixNN+'s stability gate",
+                        method="mixnn_plus", plus_correction="selective")
         for name in ("lr", "lr_min", "momentum", "weight_decay", "noise_rate", "correction_momentum", "rdm_alpha",
                      "gmm_tol", "gmm_reg_covar", "mixup_alpha", "gce_q", "sce_alpha", "sce_beta", "validation_split",
                      "trust_min_agreement", "plus_elr", "elr_beta", "plus_consistent_min_agreement",
-                     "plus_split_check_min_agreement"):
+                     "plus_split_check_min_agreement", "plus_min_confidence"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name}: must be a finite number, got {getattr(self, name)}")
         if self.plus_elr < 0:

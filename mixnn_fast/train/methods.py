@@ -154,6 +154,21 @@ def stability_gate_applies(cfg: TrainConfig, given_agreement: float | None) -> b
     return given_agreement is not None and given_agreement >= cfg.plus_consistent_min_agreement
 
 
+def correction_min_confidence(cfg: TrainConfig, given_agreement: float | None) -> float:
+    """The probability MixNN+'s model must give its prediction for a sample's target to be
+    corrected in this refresh (``PoolScores(min_confidence=...)``): ``cfg.plus_min_confidence``
+    where :func:`stability_gate_applies` after a refresh with ``given_agreement``, else 0.
+
+    Why: where most labels are right, the corrections that turn a right label wrong are the hard
+    images, on which the model is unsure (sym-20, the final model: median probability of the
+    prediction 0.58 on those, 0.86 on the wrong labels it corrects; docs/mixnn_plus.md); at high
+    noise every prediction is unsure and a threshold would stop the correction, hence only with
+    the gate."""
+    if not cfg.plus_min_confidence or not stability_gate_applies(cfg, given_agreement):
+        return 0.0
+    return cfg.plus_min_confidence
+
+
 def gates_on_stability(cfg: TrainConfig) -> bool:
     """Whether MixNN+ corrects only samples with a stable prediction (``plus_consistent`` > 0)."""
     return cfg.method == "mixnn_plus" and cfg.plus_correction == "selective" and cfg.plus_consistent > 0

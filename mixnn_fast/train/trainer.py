@@ -47,10 +47,10 @@ from mixnn_fast.train.datasets import RunData, prepare_data
 from mixnn_fast.train.devices import autocast_dtype, resolve_device
 from mixnn_fast.train.distributed import init_distributed, share_pool_scores, share_refresh
 from mixnn_fast.train.losses import early_learning_penalty, one_hot
-from mixnn_fast.train.methods import (correction_mask, corrects_labels, freezes_targets, gates_on_stability,
-                                      loss_function, optimisation, phase_of, probes_warmup, refresh_options,
-                                      stability_gate_applies, update_agreement, update_stability, uses_early_learning,
-                                      warmup_ends)
+from mixnn_fast.train.methods import (correction_mask, correction_min_confidence, corrects_labels, freezes_targets,
+                                      gates_on_stability, loss_function, optimisation, phase_of, probes_warmup,
+                                      refresh_options, stability_gate_applies, update_agreement, update_stability,
+                                      uses_early_learning, warmup_ends)
 from mixnn_fast.train.loaders import build_loaders
 from mixnn_fast.train.metrics import MetricsLog
 from mixnn_fast.train.inference import Inference
@@ -232,7 +232,9 @@ class Trainer:
             # whether this refresh's correction was held back by the gate (read from the last refresh)
             gate_row["stability_gate_applied"] = float(stability_gate_applies(cfg, self.run.given_agreement))
         scores = PoolScores(pool, self.targets, self.given_labels, epoch, gmm_loss=cfg.gmm_loss,
-                            correct=corrects_labels(cfg), correct_only=only, running=self.early_targets,
+                            correct=corrects_labels(cfg), correct_only=only,
+                            min_confidence=correction_min_confidence(cfg, self.run.given_agreement),
+                            running=self.early_targets,
                             features_dtype=features_dtype(cfg.features_dtype, len(pool)))
         self.inference.score_pool(loader, scores, f"refresh {epoch}")
         forward_seconds = time.perf_counter() - start

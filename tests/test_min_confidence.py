@@ -1,0 +1,127 @@
+"""MixNN+'s confidence condition (``--plus-min-confidence``): where the stability gate applies, a
+target the GMM calls noisy is corrected only if the model gives its prediction at least that
+probability.  Checked against a float64 reference of the EMA step on fresh random inputs."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+from mixnn_fast.refresh.pool_scores import PoolScores
+from mixnn_fast.refresh.targets import soft_targets
+from mixnn_fast.train.config import TrainConfig
+from mixnn_fast.train.methods import correction_min_confidence
+
+
+def _stream(ids, targets, given_labels, logits, batch, **options) -> PoolScores:
+    """The pool's logits fed to PoolScores in shuffled batches, as the refresh streams them."""
+    scores = PoolScores(ids, targets, given_labels, 0, features_dtype=None, **options)
+    order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(len(ids) + batch))
+    for start in range(0, len(ids), batch):
+        rows = order[start:start + batch]
+        scores.add(ids[rows], logits[rows], torch.zeros(len(rows), 1))
+    return scores
+
+
+@pytest.mark.parametrize("n,c,batch,storage", [(1, 3, 1, "float32"), (37, 5, 7, "float32"), (131, 10, 64, "float32"),
+                                               (90, 7, 13, "topk")])
+def test_only_marked_samples_with_a_confident_prediction_move(rng, n, c, batch, storage):
+    """t <- t + (1 - m)(p - t) for the samples marked noisy whose largest probability reaches the
+    threshold; every other target stays as it was (float64 reference)."""
+    momentum = 0.9
+    threshold = float(rng.uniform(0.3, 0.7))
+    given_labels = torch.from_numpy(rng.integers(0, c, n))
+    # logits of every scale, so that the largest probability falls on both sides of the threshold
+    logits = torch.from_numpy(rng.normal(size=(n, c)) * rng.uniform(0.1, 6.0, size=(n, 1)))
+    marked = torch.from_numpy(rng.uniform(size=n) < 0.6)
+    targets = soft_targets(given_labels, c, start_epoch=0, momentum=momentum, storage=storage,
+                           top_k=c if storage == "topk" else None)
+    everyone = torch.arange(n)
+    p = torch.softmax(logits, dim=1)
+    confident = p.max(1).values >= threshold
+    moves = marked & confident
+    if n > 1:
+        assert (marked & ~confident).any() or (marked & confident).all()  # the case that the condition holds back
+    tolerance = 1e-6 if storage == "float32" else 2.0 ** -10
+    for _ in range(2):  # the second step starts from soft targets
+        before = targets.rows(everyone).double()
+        scores = _stream(everyone, targets, given_labels, logits.float(), batch, correct_only=marked,
+                         min_confidence=threshold)
+        expected = torch.where(moves.unsqueeze(1), before + (1 - momentum) * (p - before), before)
+        after = targets.rows(everyone).double()
+        assert torch.allclose(after, expected, rtol=0, atol=tolerance), float((after - expected).abs().max())
+        assert torch.allclose(scores.confidence.double(), p.max(1).values, rtol=0, atol=1e-6)
+
+
+def test_without_a_threshold_every_marked_sample_moves_and_a_graded_share_ignores_it(rng):
+    """0 is off (the mask alone decides); the graded correction's float share is not gated."""
+    n, c = 29, 4
+    given_labels = torch.from_numpy(rng.integers(0, c, n))
+    logits = torch.from_numpy(rng.normal(size=(n, c)) * 0.1).float()  # every prediction unsure
+    marked = torch.ones(n, dtype=torch.bool)
+    for share, threshold, moved in ((marked, 0.0, n), (marked, 0.9, 0), (torch.full((n,), 0.5), 0.9, n)):
+        targets = soft_targets(given_labels, c, start_epoch=0, momentum=0.9, storage="float32")
+        before = targets.rows(torch.arange(n)).clone()
+        _stream(torch.arange(n), targets, given_labels, logits, 5, correct_only=share, min_confidence=threshold)
+        assert int((targets.rows(torch.arange(n)) != before).any(1).sum()) == moved
+
+
+def test_the_threshold_acts_only_where_the_stability_gate_applies():
+    cfg = TrainConfig(method="mixnn_plus", plus_min_confidence=0.6, plus_consistent=2,
+                      plus_consistent_min_agreement=0.5)
+    assert correction_min_confidence(cfg, 0.5) == 0.6 and correction_min_confidence(cfg, 0.9) == 0.6
+    assert correction_min_confidence(cfg, 0.4999) == 0.0  # high noise: the gate does not hold
+    assert correction_min_confidence(cfg, None) == 0.0  # no refresh recorded yet
+    always = TrainConfig(method="mixnn_plus", plus_min_confidence=0.6, plus_consistent=2,
+                         plus_consistent_min_agreement=0.0)
+    assert correction_min_confidence(always, None) == 0.6 and correction_min_confidence(always, 0.1) == 0.6
+    assert correction_min_confidence(TrainConfig(method="mixnn_plus"), 0.9) == 0.0  # off by default
+
+
+@given(value=st.one_of(st.floats(allow_nan=True, allow_infinity=True).filter(lambda v: not 0 <= v <= 1),
+                       st.floats(0.01, 1.0)),
+       method=st.sampled_from(["mixnn_plus", "mixnn", "gce"]), consistent=st.sampled_from([0, 2]),
+       correction=st.sampled_from(["selective", "graded", "all"]))
+def test_config_accepts_a_threshold_only_where_it_can_act(value, method, consistent, correction):
+    """A value outside [0, 1] (NaN, infinities) or a threshold without MixNN+'s selective
+    correction and stability gate is a ValueError naming the setting, never a silent no-op."""
+    options = dict(method=method, plus_min_confidence=value, plus_consistent=consistent, plus_correction=correction)
+    acts = math.isfinite(value) and 0 <= value <= 1 and method == "mixnn_plus" and consistent > 0 \
+        and correction == "selective"
+    if acts:
+        assert TrainConfig(**options).plus_min_confidence == value
+    else:
+        with pytest.raises(ValueError, match="plus_min_confidence|plus_consistent"):
+            TrainConfig(**options)
+
+
+@pytest.mark.parametrize("min_agreement, acts", [(0.0, True), (1.0, False)])
+def test_the_trainer_hands_the_threshold_to_each_refresh_where_the_gate_applies(tmp_path, monkeypatch,
+                                                                               min_agreement, acts):
+    """Real training on digits: each refresh's PoolScores gets the threshold while the gate
+    applies (always, with minimum agreement 0) and 0 when it never does (agreement 1 is not
+    reached at 40% noise)."""
+    import mixnn_fast.train.trainer as trainer_module
+    from mixnn_fast.train.trainer import Trainer
+
+    handed = []
+
+    class Recording(PoolScores):
+        def __init__(self, *args, **kwargs):
+            handed.append(kwargs.get("min_confidence"))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "PoolScores", Recording)
+    cfg = TrainConfig(dataset="digits", train_subset=300, noise="symmetric_uniform", noise_rate=0.4, model="small_cnn",
+                      model_widths=[8, 8, 8, 8], method="mixnn_plus", epochs=4, warmup_epochs=1, correction_start=1,
+                      restart_period=2, batch_size=64, progress=False, tensorboard=False, out_dir=str(tmp_path / "run"),
+                      num_threads=1, seed=3, plus_min_confidence=0.35, plus_consistent=1,
+                      plus_consistent_min_agreement=min_agreement)
+    trainer = Trainer(cfg)
+    trainer.fit()
+    refreshes = [h for h in handed if h is not None]
+    assert len(refreshes) >= 3
+    assert refreshes == [0.35 if acts else 0.0] * len(refreshes)
