@@ -50,6 +50,7 @@ def test_only_marked_samples_with_a_confident_prediction_move(rng, n, c, batch, 
         before = targets.rows(everyone).double()
         scores = _stream(everyone, targets, given_labels, logits.float(), batch, correct_only=marked,
                          min_confidence=threshold)
+        assert scores.held_back == int((marked & ~confident).sum())
         expected = torch.where(moves.unsqueeze(1), before + (1 - momentum) * (p - before), before)
         after = targets.rows(everyone).double()
         assert torch.allclose(after, expected, rtol=0, atol=tolerance), float((after - expected).abs().max())
@@ -103,7 +104,7 @@ def test_the_trainer_hands_the_threshold_to_each_refresh_where_the_gate_applies(
                                                                                min_agreement, acts):
     """Real training on digits: each refresh's PoolScores gets the threshold while the gate
     applies (always, with minimum agreement 0) and 0 when it never does (agreement 1 is not
-    reached at 40% noise)."""
+    reached at 40% noise), and the share it held back is logged where it acts."""
     import mixnn_fast.train.trainer as trainer_module
     from mixnn_fast.train.trainer import Trainer
 
@@ -125,3 +126,7 @@ def test_the_trainer_hands_the_threshold_to_each_refresh_where_the_gate_applies(
     refreshes = [h for h in handed if h is not None]
     assert len(refreshes) >= 3
     assert refreshes == [0.35 if acts else 0.0] * len(refreshes)
+    # each refresh where it acts logs the share of the pool it held back
+    logged = [r["held_back_by_confidence"] for r in trainer.metrics.rows if "held_back_by_confidence" in r]
+    assert len(logged) == (len(refreshes) if acts else 0)
+    assert all(0 <= share <= 1 for share in logged)

@@ -68,7 +68,8 @@ class PoolScores:
     soft targets' argmax before correction; ``prob_given`` (P,) float32 the model's probability
     of the given label; ``predicted`` (P,) int64 and ``confidence`` (P,) float32 its prediction
     and that class's probability; ``features`` (P, D) (allocated at the first batch); ``seen``
-    (P,) bool the rows filled.
+    (P,) bool the rows filled; ``held_back`` how many samples ``correct_only`` marked were not
+    corrected because their prediction's probability was under ``min_confidence``.
     """
 
     def __init__(self, ids: torch.Tensor, targets, given_labels: torch.Tensor, epoch: int, *,
@@ -86,6 +87,7 @@ class PoolScores:
         self.correct = correct
         self.correct_only = correct_only
         self.min_confidence = min_confidence
+        self.held_back = 0  # marked samples left uncorrected for a prediction below min_confidence
         self.running = running
         self.features_dtype = features_dtype
         self.losses = torch.zeros(p)
@@ -143,7 +145,9 @@ class PoolScores:
         share = self.correct_only[sample_ids]
         chosen = share if share.dtype == torch.bool else share > 0
         if share.dtype == torch.bool and self.min_confidence > 0:
-            chosen = chosen & (confidence >= self.min_confidence)
+            confident = confidence >= self.min_confidence
+            self.held_back += int((chosen & ~confident).sum())
+            chosen = chosen & confident
         if not bool(chosen.any()):
             return
         if share.dtype != torch.bool:
