@@ -79,7 +79,8 @@ def test_the_threshold_acts_only_where_the_stability_gate_applies():
     always = TrainConfig(method="mixnn_plus", plus_min_confidence=0.6, plus_consistent=2,
                          plus_consistent_min_agreement=0.0)
     assert correction_min_confidence(always, None) == 0.6 and correction_min_confidence(always, 0.1) == 0.6
-    assert correction_min_confidence(TrainConfig(method="mixnn_plus"), 0.9) == 0.0  # off by default
+    assert correction_min_confidence(TrainConfig(method="mixnn_plus", plus_min_confidence=0.0), 0.9) == 0.0  # 0: off
+    assert correction_min_confidence(TrainConfig(method="mixnn_plus", plus_consistent=0), 0.9) == 0.0  # no gate
 
 
 @given(value=st.one_of(st.floats(allow_nan=True, allow_infinity=True).filter(lambda v: not 0 <= v <= 1),
@@ -88,11 +89,12 @@ def test_the_threshold_acts_only_where_the_stability_gate_applies():
        correction=st.sampled_from(["selective", "graded", "all"]))
 def test_config_accepts_a_threshold_only_where_it_can_act(value, method, consistent, correction):
     """A value outside [0, 1] (NaN, infinities) or a threshold without MixNN+'s selective
-    correction and stability gate is a ValueError naming the setting, never a silent no-op."""
+    correction and stability gate is a ValueError naming the setting, never a silent no-op; the
+    default is accepted anywhere (it acts only where it can, and saved runs read 0)."""
     options = dict(method=method, plus_min_confidence=value, plus_consistent=consistent, plus_correction=correction)
     acts = math.isfinite(value) and 0 <= value <= 1 and method == "mixnn_plus" and consistent > 0 \
         and correction == "selective"
-    if acts:
+    if acts or value == TrainConfig().plus_min_confidence:
         assert TrainConfig(**options).plus_min_confidence == value
     else:
         with pytest.raises(ValueError, match="plus_min_confidence|plus_consistent"):
