@@ -215,17 +215,11 @@ class TrainConfig:
             self._needs("plus_consistent", "gates MixNN+'s selective correction",
                         **ON_BY_DEFAULT_ACTS_UNDER["plus_consistent"])
         if self.plus_consistent_min_agreement not in (0.0, _default("plus_consistent_min_agreement")):
-            if not self.plus_consistent:
-                raise ValueError(f"plus_consistent_min_agreement: says when MixNN+'s stability gate applies, so it "
-                                 f"needs plus_consistent > 0; got plus_consistent {self.plus_consistent!r}")
-            self._needs("plus_consistent_min_agreement", "says when MixNN+'s stability gate applies",
-                        **ON_BY_DEFAULT_ACTS_UNDER["plus_consistent_min_agreement"])
+            self._needs_stability_gate("plus_consistent_min_agreement", "says when MixNN+'s stability gate applies",
+                                       **ON_BY_DEFAULT_ACTS_UNDER["plus_consistent_min_agreement"])
         if self.plus_min_confidence:
-            if not self.plus_consistent:
-                raise ValueError(f"plus_min_confidence: acts where MixNN+'s stability gate applies, so it needs "
-                                 f"plus_consistent > 0; got plus_consistent {self.plus_consistent!r}")
-            self._needs("plus_min_confidence", "adds a confidence condition to MixNN+'s stability gate",
-                        method="mixnn_plus", plus_correction="selective")
+            self._needs_stability_gate("plus_min_confidence", "adds a confidence condition to MixNN+'s stability gate",
+                                       method="mixnn_plus", plus_correction="selective")
         for name in ("lr", "lr_min", "momentum", "weight_decay", "noise_rate", "correction_momentum", "rdm_alpha",
                      "gmm_tol", "gmm_reg_covar", "mixup_alpha", "gce_q", "sce_alpha", "sce_beta", "validation_split",
                      "trust_min_agreement", "plus_elr", "elr_beta", "plus_consistent_min_agreement",
@@ -276,6 +270,14 @@ class TrainConfig:
             needs = " and ".join(f"{k} {v}" for k, v in required.items())
             got = ", ".join(f"{k} {getattr(self, k)!r}" for k in required)
             raise ValueError(f"{name}: {what}, so it needs {needs}; got {got}")
+
+    def _needs_stability_gate(self, name: str, what: str, **required: str) -> None:
+        """:meth:`_needs` for a setting that refines MixNN+'s stability gate: also ValueError
+        when the gate is off (``plus_consistent`` 0), where the setting could not act."""
+        if not self.plus_consistent:
+            raise ValueError(f"{name}: {what}, so it needs plus_consistent > 0; got plus_consistent "
+                             f"{self.plus_consistent!r}")
+        self._needs(name, what, **required)
 
     def _check_types(self) -> None:
         """Each field holds a value of its annotated type (YAML and hand-written dicts can hold
