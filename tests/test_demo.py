@@ -26,7 +26,33 @@ def test_demo_runs_the_tables_sym40_cells(tmp_path):
     assert set(demo) == set(DEMO_METHODS) == {"ce", "mixnn", "mixnn_plus"}
     for method in DEMO_METHODS:
         a, b = demo[method].to_dict(), table[method].to_dict()
-        assert {k for k in a if a[k] != b[k]} <= {"out_dir", "progress"}
+        assert {k for k in a if a[k] != b[k]} <= {"out_dir", "progress", "eval_every"}
+        # tested at every second warm restart: still at the cycle's lowest learning rate
+        assert a["eval_every"] == 2 * b["eval_every"] == 2 * b["restart_period"]
+
+
+def test_testing_less_often_trains_the_same_run(tmp_path):
+    """The demo tests less often than the table; its runs still end where the table's cells end,
+    because testing leaves the model, its targets and every random stream untouched."""
+    import dataclasses
+
+    from mixnn_fast.app.experiments import run_cell
+    from mixnn_fast.train.metrics import read_metrics
+
+    def training_rows(folder):
+        return [{k: v for k, v in r.items() if k != "test_accuracy" and not k.endswith("_seconds")
+                 and k != "images_per_second" and "wait" not in k} for r in read_metrics(folder)]
+
+    runs = {}
+    for every in (1, 3):
+        cell = _tiny_cell(tmp_path / f"every{every}", "mixnn_plus")
+        cell = dataclasses.replace(cell, config=dataclasses.replace(cell.config, eval_every=every, num_threads=1))
+        runs[every] = (run_cell(cell, log=lambda _: None), cell.config.out_dir)
+    (often, often_dir), (rarely, rarely_dir) = runs[1], runs[3]
+    assert [r.get("test_accuracy") is not None for r in read_metrics(rarely_dir)] == [False, False, True]
+    assert often["final_test_accuracy"] == rarely["final_test_accuracy"]
+    assert often["label_accuracy_after_correction"] == rarely["label_accuracy_after_correction"]
+    assert training_rows(often_dir) == training_rows(rarely_dir)
 
 
 @pytest.mark.skipif(not _fashion_mnist_installed(), reason="Debian's dataset-fashion-mnist is not installed")
