@@ -14,16 +14,7 @@ from mixnn_fast.refresh.pool_scores import PoolScores
 from mixnn_fast.refresh.targets import soft_targets
 from mixnn_fast.train.config import TrainConfig
 from mixnn_fast.train.methods import correction_min_confidence
-
-
-def _stream(ids, targets, given_labels, logits, batch, **options) -> PoolScores:
-    """The pool's logits fed to PoolScores in shuffled batches, as the refresh streams them."""
-    scores = PoolScores(ids, targets, given_labels, 0, features_dtype=None, **options)
-    order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(len(ids) + batch))
-    for start in range(0, len(ids), batch):
-        rows = order[start:start + batch]
-        scores.add(ids[rows], logits[rows], torch.zeros(len(rows), 1))
-    return scores
+from pool_streaming import stream
 
 
 @pytest.mark.parametrize("n,c,batch,storage", [(1, 3, 1, "float32"), (37, 5, 7, "float32"), (131, 10, 64, "float32"),
@@ -48,7 +39,7 @@ def test_only_marked_samples_with_a_confident_prediction_move(rng, n, c, batch, 
     tolerance = 1e-6 if storage == "float32" else 2.0 ** -10
     for _ in range(2):  # the second step starts from soft targets
         before = targets.rows(everyone).double()
-        scores = _stream(everyone, targets, given_labels, logits.float(), batch, correct_only=marked,
+        scores = stream(everyone, targets, given_labels, logits=logits.float(), batch=batch, features_dtype=None, correct_only=marked,
                          min_confidence=threshold)
         assert scores.held_back == int((marked & ~confident).sum())
         expected = torch.where(moves.unsqueeze(1), before + (1 - momentum) * (p - before), before)
@@ -66,7 +57,7 @@ def test_without_a_threshold_every_marked_sample_moves_and_a_graded_share_ignore
     for share, threshold, moved in ((marked, 0.0, n), (marked, 0.9, 0), (torch.full((n,), 0.5), 0.9, n)):
         targets = soft_targets(given_labels, c, start_epoch=0, momentum=0.9, storage="float32")
         before = targets.rows(torch.arange(n)).clone()
-        _stream(torch.arange(n), targets, given_labels, logits, 5, correct_only=share, min_confidence=threshold)
+        stream(torch.arange(n), targets, given_labels, logits=logits, batch=5, features_dtype=None, correct_only=share, min_confidence=threshold)
         assert int((targets.rows(torch.arange(n)) != before).any(1).sum()) == moved
 
 

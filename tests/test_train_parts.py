@@ -14,9 +14,9 @@ from mixnn_fast.refresh.targets import SoftTargets, soft_targets
 from mixnn_fast.train.config import TrainConfig
 from mixnn_fast.train.datasets import stratified_subset
 from mixnn_fast.audit.scores import auroc
-from mixnn_fast.refresh.pool_scores import PoolScores
 from mixnn_fast.refresh.refresh import RefreshOptions, in_batch_partners, refresh
 from mixnn_fast.app.report import write_label_issues
+from pool_streaming import stream
 
 E32, E64 = torch.finfo(torch.float32).eps, torch.finfo(torch.float64).eps
 
@@ -55,17 +55,6 @@ def test_in_batch_partners_are_nearest_other_anchors(b, k, rng):
         want = sq[i, others].sort().values[:kk]
         slack = 2 * (d + 2) * E64 * (norms[i] + norms.max())
         torch.testing.assert_close(sq[i, got[i, :kk]], want, rtol=0, atol=float(slack))
-
-
-def stream(ids, targets, given, *, epoch, logits, features, batch=7, **options) -> PoolScores:
-    """The pool's logits and features fed to PoolScores in shuffled batches of ``batch``, as
-    the refresh's forward pass streams them."""
-    scores = PoolScores(ids, targets, given, epoch, **options)
-    order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(len(ids)))
-    for start in range(0, len(ids), batch):
-        rows = order[start:start + batch]
-        scores.add(ids[rows], logits[rows], features[rows])
-    return scores
 
 
 def test_streaming_the_pool_equals_scoring_it_at_once(rng):
