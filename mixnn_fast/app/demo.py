@@ -1,6 +1,6 @@
 """The embedded demo (the README's first command): CE, MixNN and MixNN+ on the real
 Fashion-MNIST with 40% symmetric label noise (uniform over all classes, the paper's
-convention), side by side, on a budget that fits a 2-core machine in about five minutes.
+convention), side by side, on a budget that fits a 2-core machine in five to seven minutes.
 
 The three runs train at once, one process each, with the machine's cores shared among them: each
 run spends much of an epoch in work that does not spread over two threads (small batches through
