@@ -39,8 +39,8 @@ def test_only_marked_samples_with_a_confident_prediction_move(rng, n, c, batch, 
     tolerance = 1e-6 if storage == "float32" else 2.0 ** -10
     for _ in range(2):  # the second step starts from soft targets
         before = targets.rows(everyone).double()
-        scores = stream(everyone, targets, given_labels, logits=logits.float(), batch=batch, features_dtype=None, correct_only=marked,
-                         min_confidence=threshold)
+        scores = stream(everyone, targets, given_labels, logits=logits.float(), batch=batch, features_dtype=None,
+                        correct_only=marked, min_confidence=threshold)
         assert scores.held_back == int((marked & ~confident).sum())
         expected = torch.where(moves.unsqueeze(1), before + (1 - momentum) * (p - before), before)
         after = targets.rows(everyone).double()
@@ -57,7 +57,8 @@ def test_without_a_threshold_every_marked_sample_moves_and_a_graded_share_ignore
     for share, threshold, moved in ((marked, 0.0, n), (marked, 0.9, 0), (torch.full((n,), 0.5), 0.9, n)):
         targets = soft_targets(given_labels, c, start_epoch=0, momentum=0.9, storage="float32")
         before = targets.rows(torch.arange(n)).clone()
-        stream(torch.arange(n), targets, given_labels, logits=logits, batch=5, features_dtype=None, correct_only=share, min_confidence=threshold)
+        stream(torch.arange(n), targets, given_labels, logits=logits, batch=5, features_dtype=None,
+               correct_only=share, min_confidence=threshold)
         assert int((targets.rows(torch.arange(n)) != before).any(1).sum()) == moved
 
 
