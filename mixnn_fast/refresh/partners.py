@@ -222,8 +222,6 @@ def in_batch_table(batches: Iterable, refreshed, num_samples: int, *, k: int = 1
         k, mode, alpha: partners per anchor, weight mode ("gmm", "avg", "rdm"), RDM's alpha.
         seed, epoch: seed the "rdm" draws per batch.
     """
-    from mixnn_fast.refresh.refresh import in_batch_partners
-
     anchors, partners, weights = [], [], []
     for batch in batches:
         ids = torch.as_tensor(np.asarray(batch.anchor_ids, dtype=np.int64))
@@ -237,6 +235,25 @@ def in_batch_table(batches: Iterable, refreshed, num_samples: int, *, k: int = 1
         weights.append(mixing_weights(refreshed.clean_prob[rows].float(), local, mode=mode, alpha=alpha,
                                       generator=_torch_generator(rng)))
     return _concatenate(anchors, partners, weights, num_samples, k=k)
+
+
+def in_batch_partners(batch_features: torch.Tensor, k: int = 1) -> torch.Tensor:
+    """The authors' code's partners: each anchor's k nearest other anchors of the same batch, by
+    exact Euclidean search on their refresh features (B, D).  Returns (B, k) int64 positions in
+    the batch; a batch of one anchor pairs it with itself."""
+    b = len(batch_features)
+    if b == 1:
+        return torch.zeros(1, k, dtype=torch.int64)
+    f = batch_features.double()
+    # differences, not |a|² + |b|² − 2ab: the expanded form cancels, and which of two nearly tied
+    # partners wins would then depend on the BLAS kernel and thread count
+    distances = torch.cdist(f, f, compute_mode="donot_use_mm_for_euclid_dist")
+    distances.fill_diagonal_(float("inf"))
+    k_eff = min(k, b - 1)
+    nearest = distances.topk(k_eff, largest=False).indices
+    if k_eff < k:  # fewer other anchors than k: repeat the nearest ones
+        nearest = nearest[:, torch.arange(k) % k_eff]
+    return nearest
 
 
 def _derangement(b: int, rng: np.random.Generator) -> np.ndarray:

@@ -208,22 +208,3 @@ def lambda_statistics(weights: torch.Tensor) -> dict[str, float]:
     lam = weights[:, 0].float()
     q10, q50, q90 = (float(q) for q in torch.quantile(lam, torch.tensor([0.1, 0.5, 0.9])))
     return {"lambda_mean": float(lam.mean()), "lambda_q10": q10, "lambda_q50": q50, "lambda_q90": q90}
-
-
-def in_batch_partners(batch_features: torch.Tensor, k: int = 1) -> torch.Tensor:
-    """The authors' code's partners: each anchor's k nearest other anchors of the same batch, by
-    exact Euclidean search on their refresh features (B, D).  Returns (B, k) int64 positions in
-    the batch; a batch of one anchor pairs it with itself."""
-    b = len(batch_features)
-    if b == 1:
-        return torch.zeros(1, k, dtype=torch.int64)
-    f = batch_features.double()
-    # differences, not |a|² + |b|² − 2ab: the expanded form cancels, and which of two nearly tied
-    # partners wins would then depend on the BLAS kernel and thread count
-    distances = torch.cdist(f, f, compute_mode="donot_use_mm_for_euclid_dist")
-    distances.fill_diagonal_(float("inf"))
-    k_eff = min(k, b - 1)
-    nearest = distances.topk(k_eff, largest=False).indices
-    if k_eff < k:  # fewer other anchors than k: repeat the nearest ones
-        nearest = nearest[:, torch.arange(k) % k_eff]
-    return nearest
