@@ -191,3 +191,31 @@ def test_a_mixnn_plus_run_with_elr_fills_the_averages_from_its_refreshes(tmp_pat
     # two refreshes (epochs 1 and 2) from zero: every row sums to 1 - beta**2
     torch.testing.assert_close(values.sum(1), torch.full((len(values),), 1 - 0.7 ** 2), rtol=0, atol=1e-5)
     assert float(values.min()) > 0
+
+
+def test_a_store_over_the_limit_is_refused_before_it_is_allocated(monkeypatch):
+    """WebVision's 2.4M x 1000 would be 8.9 GiB of averages: refused by name and size, with no
+    allocation attempted (a store at the limit is accepted)."""
+    import mixnn_fast.refresh.early_learning as early_learning
+
+    with pytest.raises(ValueError, match=r"--plus-elr .*2,400,000 x 1,000 = 2,400,000,000 entries \(8\.9 GiB\)"):
+        EarlyLearningTargets(2_400_000, 1000)
+    monkeypatch.setattr(early_learning, "MAX_ELEMENTS", 60)
+    assert EarlyLearningTargets(6, 10).values.shape == (6, 10)
+    with pytest.raises(ValueError, match="--plus-elr"):
+        EarlyLearningTargets(61, 1)
+
+
+def test_the_cli_refuses_elr_over_the_limit_before_writing(tmp_path, monkeypatch, capsys):
+    """Through ``mixnn train``: one line naming the option, exit code 2, no run folder."""
+    import mixnn_fast.refresh.early_learning as early_learning
+    from mixnn_fast.app.cli import main
+
+    monkeypatch.setattr(early_learning, "MAX_ELEMENTS", 1000)  # digits' training split: 1,437 x 10 entries
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", "digits", "--method", "mixnn_plus", "--plus-elr", "1", "--epochs", "1",
+                 "--model-widths", "8", "16", "16", "16", "--num-threads", "1", "--no-progress",
+                 "--no-tensorboard", "--out-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--plus-elr" in err and "1,437 x 10 = 14,370 entries" in err and "Traceback" not in err
+    assert not out.exists()

@@ -13,7 +13,10 @@ that of an unmixed image.
 Why a store of its own rather than the soft-target store: that one starts from the given
 labels (one-hot) and, under MixNN+'s selective correction, only the samples called noisy move,
 whereas ELR averages every sample's predictions from zero.  It is dense float32 (N x C): the
-option is meant for the data sets of the results table, not for WebVision's 2.4M x 1000.
+option is meant for the data sets of the results table, not for WebVision's 2.4M x 1000, and a
+store of more than ``MAX_ELEMENTS`` entries (1 GiB) is refused before anything is allocated.
+The limit is a number, not the machine's free memory, so that a run valid on one machine is
+valid on every other (as the soft-target store's "auto" rule, refresh/targets.py).
 """
 from __future__ import annotations
 
@@ -21,6 +24,8 @@ import torch
 
 #: ELR's clamp of the predictions before they enter the average (the authors' code)
 CLAMP = 1e-4
+#: the largest store (N·C entries, float32: 1 GiB) the option accepts
+MAX_ELEMENTS = 1 << 28
 
 
 class EarlyLearningTargets:
@@ -36,6 +41,12 @@ class EarlyLearningTargets:
             raise ValueError(f"need num_samples >= 0 and num_classes >= 1, got {num_samples}, {num_classes}")
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
             raise ValueError(f"beta must be a number in [0, 1), got {beta!r}")
+        if num_samples * num_classes > MAX_ELEMENTS:
+            raise ValueError(f"--plus-elr keeps a dense float32 average per sample and class: {num_samples:,} x "
+                             f"{num_classes:,} = {num_samples * num_classes:,} entries "
+                             f"({num_samples * num_classes * 4 / 2**30:.1f} GiB), over its limit of {MAX_ELEMENTS:,} "
+                             "(1 GiB; meant for data sets the size of the results table's); run without --plus-elr, "
+                             "or on a subset (--train-subset)")
         self.beta = float(beta)
         self.values = torch.zeros(num_samples, num_classes)
 
