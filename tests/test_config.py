@@ -211,3 +211,18 @@ def test_on_by_default_settings_count_only_where_they_act(method, correction, ac
     kept = acting_settings(on.to_dict())
     assert all((name in kept) == acts for name in ON_BY_DEFAULT_ACTS_UNDER)
     assert acting_settings({"lr": 0.1}) == {"lr": 0.1}
+
+
+def test_the_gates_refinements_do_not_count_while_the_gate_is_off():
+    """The ablation without the stability gate (plus_consistent 0) computes the same whatever
+    the gate's refinements say: a run saved before they existed (read with them at 0) is the
+    same experiment as today's cell; with the gate on, they count."""
+    from mixnn_fast.train.config import REFINES_STABILITY_GATE, acting_settings, saved_settings
+
+    today = TrainConfig(method="mixnn_plus", plus_consistent=0).to_dict()
+    saved = {k: v for k, v in today.items() if k not in REFINES_STABILITY_GATE}  # written before them
+    assert saved_settings(saved)["plus_consistent_min_agreement"] != today["plus_consistent_min_agreement"]
+    assert acting_settings(saved_settings(saved)) == acting_settings(today)
+    gated = TrainConfig(method="mixnn_plus").to_dict()
+    assert acting_settings({**gated, "plus_consistent_min_agreement": 0.0}) != acting_settings(gated)
+    assert acting_settings({**gated, "plus_min_confidence": 0.5}) != acting_settings(gated)

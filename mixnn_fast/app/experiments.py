@@ -135,12 +135,14 @@ def _config_differences(saved: dict, cfg: TrainConfig) -> list[str]:
     "name: saved value, this cell's value" (empty: the same experiment)."""
     # a run written before a field existed ran with its old value; settings that cannot act with
     # the run's method do not make it another experiment
-    saved = acting_settings(saved_settings(saved))
+    written = saved_settings(saved)
+    saved = acting_settings(written)
     mine = acting_settings(cfg.to_dict())
     # threads change only the order of float sums, not the experiment (config.RESUMABLE_FIELDS):
-    # the demo's side-by-side runs (one thread each) are the table's cells
-    return [f"{k}: saved {saved.get(k)!r}, this cell {v!r}" for k, v in mine.items()
-            if k not in _COSMETIC + ("num_threads",) and saved.get(k) != v]
+    # the demo's side-by-side runs (one thread each) are the table's cells.  A setting that acts
+    # on one side only differs if its values differ (the setting it depends on is listed itself).
+    return [f"{k}: saved {written.get(k)!r}, this cell {v!r}" for k, v in mine.items()
+            if k not in _COSMETIC + ("num_threads",) and saved.get(k) != v and written.get(k) != v]
 
 
 def run_cell(cell: Cell, *, log=print) -> dict:

@@ -52,6 +52,9 @@ ADDED_AFTER_SAVED_RUNS = {"plus_freeze": 0, "plus_vote": 0, "plus_split_check": 
 #: act (another method, another correction), its default is accepted as well as "off" (runs saved
 #: before it existed are read with it off), and runs that differ only in it are one experiment
 #: (:func:`acting_settings`).
+#: Settings that refine MixNN+'s stability gate: they cannot act while it is off (plus_consistent 0).
+REFINES_STABILITY_GATE = ("plus_consistent_min_agreement", "plus_min_confidence")
+
 ON_BY_DEFAULT_ACTS_UNDER = {
     "plus_consistent": dict(method="mixnn_plus", plus_correction="selective"),
     "plus_consistent_min_agreement": dict(method="mixnn_plus", plus_correction="selective"),
@@ -351,10 +354,14 @@ def _default(name: str) -> Any:
 
 def acting_settings(values: dict) -> dict:
     """``values`` (settings by name, e.g. ``TrainConfig.to_dict()``) less the on-by-default
-    settings that cannot act under them (:data:`ON_BY_DEFAULT_ACTS_UNDER`): what two runs must
-    share to be the same experiment."""
+    settings that cannot act under them (:data:`ON_BY_DEFAULT_ACTS_UNDER`), and less the
+    refinements of MixNN+'s stability gate wherever the gate cannot act (another method or
+    correction, or ``plus_consistent`` 0): what two runs must share to be the same experiment."""
+    gate_acts = values.get("plus_consistent") != 0 and \
+        all(values.get(f) == required for f, required in ON_BY_DEFAULT_ACTS_UNDER["plus_consistent"].items())
     return {k: v for k, v in values.items()
-            if all(values.get(f) == required for f, required in ON_BY_DEFAULT_ACTS_UNDER.get(k, {}).items())}
+            if all(values.get(f) == required for f, required in ON_BY_DEFAULT_ACTS_UNDER.get(k, {}).items())
+            and (gate_acts or k not in REFINES_STABILITY_GATE)}
 
 
 def saved_settings(values: dict) -> dict:
