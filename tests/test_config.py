@@ -225,4 +225,4 @@ def test_the_gates_refinements_do_not_count_while_the_gate_is_off():
     assert acting_settings(saved_settings(saved)) == acting_settings(today)
     gated = TrainConfig(method="mixnn_plus").to_dict()
     assert acting_settings({**gated, "plus_consistent_min_agreement": 0.0}) != acting_settings(gated)
-    assert acting_settings({**gated, "plus_min_confidence": 0.5}) != acting_settings(gated)
+    assert acting_settings({**gated, "plus_min_confidence": 0.7}) != acting_settings(gated)
