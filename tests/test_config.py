@@ -162,10 +162,10 @@ def test_saved_settings_read_fields_they_predate_with_the_old_value():
                                     "1.5"],
                                    ["--method", "mixnn_plus", "--plus-split-check", "--plus-split-check-min-agreement",
                                     "-0.1"],
-                                   ["--method", "mixnn", "--plus-min-confidence", "0.5"],
-                                   ["--method", "mixnn_plus", "--plus-consistent", "0", "--plus-min-confidence", "0.5"],
+                                   ["--method", "mixnn", "--plus-min-confidence", "0.7"],
+                                   ["--method", "mixnn_plus", "--plus-consistent", "0", "--plus-min-confidence", "0.7"],
                                    ["--method", "mixnn_plus", "--plus-correction", "graded", "--plus-consistent", "0",
-                                    "--plus-min-confidence", "0.5"],
+                                    "--plus-min-confidence", "0.7"],
                                    ["--method", "mixnn_plus", "--plus-min-confidence", "1.5"],
                                    ["--method", "mixnn_plus", "--plus-min-confidence", "nan"]])
 def test_cli_refuses_a_mixnn_plus_option_that_cannot_apply_before_writing(tmp_path, capsys, flags):
@@ -205,7 +205,8 @@ def test_on_by_default_settings_count_only_where_they_act(method, correction, ac
     from mixnn_fast.train.config import ON_BY_DEFAULT_ACTS_UNDER, acting_settings
 
     on = TrainConfig(method=method, plus_correction=correction)  # the defaults: accepted with any method
-    off = TrainConfig(method=method, plus_correction=correction, plus_consistent=0, plus_consistent_min_agreement=0.0)
+    off = TrainConfig(method=method, plus_correction=correction, plus_consistent=0, plus_consistent_min_agreement=0.0,
+                      plus_min_confidence=0.0)
     assert all(getattr(on, name) for name in ON_BY_DEFAULT_ACTS_UNDER)  # on by default, as the name says
     assert (acting_settings(on.to_dict()) == acting_settings(off.to_dict())) == (not acts)
     kept = acting_settings(on.to_dict())

@@ -58,6 +58,7 @@ REFINES_STABILITY_GATE = ("plus_consistent_min_agreement", "plus_min_confidence"
 ON_BY_DEFAULT_ACTS_UNDER = {
     "plus_consistent": dict(method="mixnn_plus", plus_correction="selective"),
     "plus_consistent_min_agreement": dict(method="mixnn_plus", plus_correction="selective"),
+    "plus_min_confidence": dict(method="mixnn_plus", plus_correction="selective"),
 }
 
 
@@ -120,7 +121,7 @@ class TrainConfig:
                                           # has predicted the same class at this many consecutive refreshes (0: off)
     plus_consistent_min_agreement: float = 0.5  # mixnn_plus: that gate only after refreshes where at least this
                                           # share of predictions agree with the given labels (0: always)
-    plus_min_confidence: float = 0.0      # mixnn_plus: where the stability gate applies, a target is corrected only
+    plus_min_confidence: float = 0.5      # mixnn_plus: where the stability gate applies, a target is corrected only
                                           # if the model gives its prediction at least this probability (0: off)
     plus_vote: int = 0                    # mixnn_plus: a sample's clean probability is at least the share of its this many
                                           # nearest neighbours that carry its current label (0: off)
@@ -220,9 +221,9 @@ class TrainConfig:
         if self.plus_consistent_min_agreement not in (0.0, _default("plus_consistent_min_agreement")):
             self._needs_stability_gate("plus_consistent_min_agreement", "says when MixNN+'s stability gate applies",
                                        **ON_BY_DEFAULT_ACTS_UNDER["plus_consistent_min_agreement"])
-        if self.plus_min_confidence:
+        if self.plus_min_confidence not in (0.0, _default("plus_min_confidence")):
             self._needs_stability_gate("plus_min_confidence", "adds a confidence condition to MixNN+'s stability gate",
-                                       method="mixnn_plus", plus_correction="selective")
+                                       **ON_BY_DEFAULT_ACTS_UNDER["plus_min_confidence"])
         for name in ("lr", "lr_min", "momentum", "weight_decay", "noise_rate", "correction_momentum", "rdm_alpha",
                      "gmm_tol", "gmm_reg_covar", "mixup_alpha", "gce_q", "sce_alpha", "sce_beta", "validation_split",
                      "trust_min_agreement", "plus_elr", "elr_beta", "plus_consistent_min_agreement",
