@@ -52,14 +52,16 @@ ADDED_AFTER_SAVED_RUNS = {"plus_freeze": 0, "plus_vote": 0, "plus_split_check": 
 #: act (another method, another correction), its default is accepted as well as "off" (runs saved
 #: before it existed are read with it off), and runs that differ only in it are one experiment
 #: (:func:`acting_settings`).
-#: Settings that refine MixNN+'s stability gate: they cannot act while it is off (plus_consistent 0).
-REFINES_STABILITY_GATE = ("plus_consistent_min_agreement", "plus_min_confidence")
-
 ON_BY_DEFAULT_ACTS_UNDER = {
     "plus_consistent": dict(method="mixnn_plus", plus_correction="selective"),
     "plus_consistent_min_agreement": dict(method="mixnn_plus", plus_correction="selective"),
     "plus_min_confidence": dict(method="mixnn_plus", plus_correction="selective"),
 }
+
+#: Settings that refine MixNN+'s stability gate, with what each does: they cannot act while the
+#: gate is off (plus_consistent 0).
+REFINES_STABILITY_GATE = {"plus_consistent_min_agreement": "says when MixNN+'s stability gate applies",
+                          "plus_min_confidence": "adds a confidence condition to MixNN+'s stability gate"}
 
 
 @dataclass
@@ -218,12 +220,9 @@ class TrainConfig:
         if self.plus_consistent not in (0, _default("plus_consistent")):
             self._needs("plus_consistent", "gates MixNN+'s selective correction",
                         **ON_BY_DEFAULT_ACTS_UNDER["plus_consistent"])
-        if self.plus_consistent_min_agreement not in (0.0, _default("plus_consistent_min_agreement")):
-            self._needs_stability_gate("plus_consistent_min_agreement", "says when MixNN+'s stability gate applies",
-                                       **ON_BY_DEFAULT_ACTS_UNDER["plus_consistent_min_agreement"])
-        if self.plus_min_confidence not in (0.0, _default("plus_min_confidence")):
-            self._needs_stability_gate("plus_min_confidence", "adds a confidence condition to MixNN+'s stability gate",
-                                       **ON_BY_DEFAULT_ACTS_UNDER["plus_min_confidence"])
+        for name, what in REFINES_STABILITY_GATE.items():
+            if getattr(self, name) not in (0.0, _default(name)):
+                self._needs_stability_gate(name, what, **ON_BY_DEFAULT_ACTS_UNDER[name])
         for name in ("lr", "lr_min", "momentum", "weight_decay", "noise_rate", "correction_momentum", "rdm_alpha",
                      "gmm_tol", "gmm_reg_covar", "mixup_alpha", "gce_q", "sce_alpha", "sce_beta", "validation_split",
                      "trust_min_agreement", "plus_elr", "elr_beta", "plus_consistent_min_agreement",
@@ -358,11 +357,11 @@ def acting_settings(values: dict) -> dict:
     settings that cannot act under them (:data:`ON_BY_DEFAULT_ACTS_UNDER`), and less the
     refinements of MixNN+'s stability gate wherever the gate cannot act (another method or
     correction, or ``plus_consistent`` 0): what two runs must share to be the same experiment."""
-    gate_acts = values.get("plus_consistent") != 0 and \
-        all(values.get(f) == required for f, required in ON_BY_DEFAULT_ACTS_UNDER["plus_consistent"].items())
-    return {k: v for k, v in values.items()
-            if all(values.get(f) == required for f, required in ON_BY_DEFAULT_ACTS_UNDER.get(k, {}).items())
-            and (gate_acts or k not in REFINES_STABILITY_GATE)}
+    def acts(name: str) -> bool:  # (dicts, not TrainConfig: a saved run's settings need not be valid today)
+        return all(values.get(f) == required for f, required in ON_BY_DEFAULT_ACTS_UNDER.get(name, {}).items())
+
+    gate_acts = values.get("plus_consistent") != 0 and acts("plus_consistent")
+    return {k: v for k, v in values.items() if acts(k) and (gate_acts or k not in REFINES_STABILITY_GATE)}
 
 
 def saved_settings(values: dict) -> dict:
