@@ -13,7 +13,7 @@ from sklearn.metrics import roc_auc_score
 from mixnn_fast.refresh.targets import SoftTargets, soft_targets
 from mixnn_fast.train.config import TrainConfig
 from mixnn_fast.train.datasets import stratified_subset
-from mixnn_fast.audit.scores import auroc
+from mixnn_fast.separation import auroc
 from mixnn_fast.refresh.partners import in_batch_partners
 from mixnn_fast.refresh.refresh import RefreshOptions, refresh
 from mixnn_fast.app.report import write_label_issues

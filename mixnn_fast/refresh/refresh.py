@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mixnn_fast.audit.scores import auroc
 from mixnn_fast.refresh.class_gmm import clean_probability_per_class
 from mixnn_fast.refresh.gmm import GMM1D, clean_probability
 from mixnn_fast.refresh.loss_history import LossHistory
@@ -19,6 +18,7 @@ from mixnn_fast.refresh.neighbours.choice import choose_backend
 from mixnn_fast.refresh.partners import PartnerTable
 from mixnn_fast.refresh.pool_scores import PoolScores
 from mixnn_fast.refresh.weights import mixing_weights, random_partners
+from mixnn_fast.separation import auroc
 
 
 @dataclass(frozen=True)
