@@ -1,5 +1,5 @@
 """The demo (the README's first command) trains CE, MixNN and MixNN+ side by side on the real
-Fashion-MNIST at the results table's settings, prints the table, and a second run reports the
+Fashion-MNIST at the results table's sym-40 settings cut to 40 epochs, prints the table, and a second run reports the
 finished runs again."""
 from __future__ import annotations
 
@@ -18,17 +18,38 @@ def _fashion_mnist_installed() -> bool:
     return True
 
 
-def test_demo_runs_the_tables_sym40_cells(tmp_path):
+def test_demo_runs_the_tables_sym40_cells_for_fewer_epochs(tmp_path):
     demo = {m: c.config for m, c in demo_cells(epochs=DEMO_EPOCHS, subset=DEMO_SUBSET, out_dir=str(tmp_path),
                                                progress=False).items()}
     table = {c.method: c.config for c in table_cells(out_dir=tmp_path, seeds=(0,), methods=DEMO_METHODS,
-                                                     plan_pair=False, ablations=False) if c.noise == "sym-40"}
+                                                     epochs=DEMO_EPOCHS, plan_pair=False, ablations=False)
+             if c.noise == "sym-40"}
     assert set(demo) == set(DEMO_METHODS) == {"ce", "mixnn", "mixnn_plus"}
+    assert DEMO_EPOCHS == 40 and DEMO_SUBSET == 2000
     for method in DEMO_METHODS:
         a, b = demo[method].to_dict(), table[method].to_dict()
-        assert {k for k in a if a[k] != b[k]} <= {"out_dir", "progress", "eval_every"}
+        assert {k for k in a if a[k] != b[k]} <= {"out_dir", "progress", "eval_every", "warmup_epochs",
+                                                  "restart_period"}
+        # the table's 60-epoch warm-up and restart period (2), the correction scaled to 40 epochs
+        assert (a["warmup_epochs"], a["restart_period"], a["correction_start"]) == (2, 2, 8)
         # tested at every second warm restart: still at the cycle's lowest learning rate
-        assert a["eval_every"] == 2 * b["eval_every"] == 2 * b["restart_period"]
+        assert a["eval_every"] == 2 * a["restart_period"]
+
+
+@pytest.mark.parametrize("epochs", [1, 2, 3, 6, 29, 30, 31, 40, 44, 45, 59, 60, 61, 150, 299, 300, 301, 1000])
+def test_demo_schedule_is_the_papers_rounded_up(epochs):
+    from fractions import Fraction
+    from math import ceil
+
+    from mixnn_fast.app.demo import demo_schedule
+    from mixnn_fast.app.experiments import scaled_schedule
+
+    exact = {"warmup_epochs": Fraction(10 * epochs, 300), "correction_start": Fraction(60 * epochs, 300),
+             "restart_period": Fraction(10 * epochs, 300)}
+    floor = {"warmup_epochs": 1, "correction_start": 2, "restart_period": 1}
+    assert demo_schedule(epochs) == {k: max(floor[k], ceil(v)) for k, v in exact.items()}
+    if all(v.denominator == 1 for v in exact.values()):  # whole lengths: the table's schedule
+        assert demo_schedule(epochs) == scaled_schedule(epochs)
 
 
 def test_testing_less_often_trains_the_same_run(tmp_path):
