@@ -167,7 +167,11 @@ def test_saved_settings_read_fields_they_predate_with_the_old_value():
                                    ["--method", "mixnn_plus", "--plus-correction", "graded", "--plus-consistent", "0",
                                     "--plus-min-confidence", "0.7"],
                                    ["--method", "mixnn_plus", "--plus-min-confidence", "1.5"],
-                                   ["--method", "mixnn_plus", "--plus-min-confidence", "nan"]])
+                                   ["--method", "mixnn_plus", "--plus-min-confidence", "nan"],
+                                   ["--method", "mixnn", "--plus-average-last", "0.25"],
+                                   ["--method", "mixnn_plus", "--plus-average-last", "1"],
+                                   ["--method", "mixnn_plus", "--plus-average-last", "-0.25"],
+                                   ["--method", "mixnn_plus", "--plus-average-last", "nan"]])
 def test_cli_refuses_a_mixnn_plus_option_that_cannot_apply_before_writing(tmp_path, capsys, flags):
     from mixnn_fast.app.cli import main
 
@@ -180,7 +184,7 @@ def test_cli_refuses_a_mixnn_plus_option_that_cannot_apply_before_writing(tmp_pa
                             "--trust-min-agreement", "--plus-elr",
                             "--elr-beta", "--plus-warmup-max", "--plus-consistent",
                             "--plus-consistent-min-agreement", "--plus-split-check-min-agreement",
-                            "--plus-min-confidence"))
+                            "--plus-min-confidence", "--plus-average-last"))
     assert setting in err and "Traceback" not in err
     assert not out.exists()
 

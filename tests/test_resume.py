@@ -104,12 +104,14 @@ def uninterrupted_plus(tmp_path_factory) -> Path:
     lost any of them would differ.  The gate's threshold lies between the share of predictions
     that agree with the given labels at refresh 2 (0.30 where this was written) and refresh 3 (0.32):
     refresh 3 corrects without the gate, refresh 4 with it, which a resume inside epoch 3 must
-    read from the checkpoint."""
+    read from the checkpoint.  The weights are averaged at the ends of epochs 1 and 3 (the
+    warm restarts within the last 0.9 of five epochs) and the average is tested at epoch 4: a
+    resume inside epoch 3 that lost the first snapshot would test a different model."""
     return _train_straight(tmp_path_factory.mktemp("resume") / "straight_plus", *PLUS)
 
 
 PLUS = ("--method", "mixnn_plus", "--plus-freeze", "1", "--plus-consistent", "2", "--plus-consistent-min-agreement",
-        "0.31", "--plus-elr", "3")
+        "0.31", "--plus-elr", "3", "--plus-average-last", "0.9")
 KILLED_RUNS = {"mixnn": ("uninterrupted", ("--method", "mixnn")), "mixup": ("uninterrupted_mixup", ("--method", "mixup")),
                "mixnn_plus": ("uninterrupted_plus", PLUS)}
 

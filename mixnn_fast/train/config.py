@@ -46,7 +46,7 @@ ADDED_AFTER_SAVED_RUNS = {"plus_freeze": 0, "plus_vote": 0, "plus_split_check": 
                           "plus_elr": 0.0, "elr_beta": 0.7, "plus_warmup_max": 0,
                           "plus_consistent": 0, "plus_consistent_min_agreement": 0.0,
                           "plus_split_check_min_agreement": 0.0, "plus_gmm_per_class": False,
-                          "plus_min_confidence": 0.0}
+                          "plus_min_confidence": 0.0, "plus_average_last": 0.0}
 
 #: MixNN+'s settings that are on by default, with the settings they act under.  Where one cannot
 #: act (another method, another correction), its default is accepted as well as "off" (runs saved
@@ -133,6 +133,8 @@ class TrainConfig:
                                           # of predictions agree with the given labels (0: always)
     plus_gmm_per_class: bool = False      # mixnn_plus: clean probabilities from one GMM per class of the labels the
                                           # losses were measured against, instead of one over all samples
+    plus_average_last: float = 0.0        # mixnn_plus: test the average of the weights (and BatchNorm statistics) at
+                                          # the warm restarts within this last share of the epochs (SWA; 0: off)
     plus_elr: float = 0.0                 # mixnn_plus: weight λ of the early-learning penalty (ELR) added to the loss (0: off)
     elr_beta: float = 0.7                 # ELR: the weight each sample's running average of predictions keeps per refresh
     plus_warmup_max: int = 0              # mixnn_plus: warm-up runs from warmup_epochs until a refresh's GMM separates
@@ -201,6 +203,10 @@ class TrainConfig:
         self._needs("trust_min_agreement", "gates the trust weights of neighbour partners", weights="trust",
                     partners="neighbours")
         self._needs("plus_elr", "adds early-learning regularisation to MixNN+'s loss", method="mixnn_plus")
+        self._needs("plus_average_last", "averages MixNN+'s weights over its last warm restarts", method="mixnn_plus")
+        if not 0 <= self.plus_average_last < 1:
+            raise ValueError(f"plus_average_last: must lie in [0, 1) (a share of the epochs; 0: off), got "
+                             f"{self.plus_average_last}")
         if self.elr_beta != _default("elr_beta") and not self.plus_elr:
             raise ValueError(f"elr_beta: sets the running average of ELR, so it needs plus_elr > 0; got plus_elr "
                              f"{self.plus_elr!r}")
@@ -226,7 +232,7 @@ class TrainConfig:
         for name in ("lr", "lr_min", "momentum", "weight_decay", "noise_rate", "correction_momentum", "rdm_alpha",
                      "gmm_tol", "gmm_reg_covar", "mixup_alpha", "gce_q", "sce_alpha", "sce_beta", "validation_split",
                      "trust_min_agreement", "plus_elr", "elr_beta", "plus_consistent_min_agreement",
-                     "plus_split_check_min_agreement", "plus_min_confidence"):
+                     "plus_split_check_min_agreement", "plus_min_confidence", "plus_average_last"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name}: must be a finite number, got {getattr(self, name)}")
         if self.plus_elr < 0:

@@ -92,6 +92,23 @@ def warmup_ends(cfg: TrainConfig, epoch: int, separation: float) -> bool:
     return separation >= SEPARATED or epoch >= cfg.plus_warmup_max
 
 
+def averages_weights(cfg: TrainConfig) -> bool:
+    """Whether the run tests an average of its weights (MixNN+ with ``plus_average_last`` > 0)."""
+    return cfg.method == "mixnn_plus" and cfg.plus_average_last > 0
+
+
+def joins_average(cfg: TrainConfig, epoch: int) -> bool:
+    """Whether the weights at the end of ``epoch`` join the tested average: it ends a warm-restart
+    cycle (the learning rate's lowest point) within the last ``plus_average_last`` share of the
+    ``cfg.epochs`` epochs, as stochastic weight averaging takes its cyclic snapshots (Izmailov et
+    al. 2018, over the last quarter of training there).  Why: MixNN+'s test accuracy moves by up
+    to 7 points between consecutive cycle ends at asym-40 (docs/mixnn_plus.md) while its labels
+    move little; the average of those snapshots is a model at the centre of what they explore."""
+    done = epoch + 1
+    start = cfg.epochs - round(cfg.plus_average_last * cfg.epochs)
+    return averages_weights(cfg) and done > start and done % cfg.restart_period == 0
+
+
 def uses_early_learning(cfg: TrainConfig) -> bool:
     """Whether the run adds ELR's penalty to its loss (MixNN+ with ``plus_elr`` > 0)."""
     return cfg.method == "mixnn_plus" and cfg.plus_elr > 0

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel
 
 from mixnn_fast.mix.trusted import check_index_errors
 from mixnn_fast.refresh.early_learning import EarlyLearningTargets
@@ -47,10 +48,10 @@ from mixnn_fast.train.datasets import RunData, prepare_data
 from mixnn_fast.train.devices import autocast_dtype, resolve_device
 from mixnn_fast.train.distributed import init_distributed, share_pool_scores, share_refresh
 from mixnn_fast.train.losses import early_learning_penalty, one_hot
-from mixnn_fast.train.methods import (correction_mask, correction_min_confidence, corrects_labels, freezes_targets,
+from mixnn_fast.train.methods import (averages_weights, correction_mask, correction_min_confidence, corrects_labels, freezes_targets,
                                       gates_on_stability, loss_function, optimisation, phase_of, probes_warmup,
                                       refresh_options, stability_gate_applies, update_agreement, update_stability,
-                                      uses_early_learning, warmup_ends)
+                                      joins_average, uses_early_learning, warmup_ends)
 from mixnn_fast.train.loaders import build_loaders
 from mixnn_fast.train.metrics import MetricsLog
 from mixnn_fast.train.inference import Inference
@@ -139,6 +140,13 @@ class Trainer:
                                    memory_format=self.memory_format, progress=cfg.progress and self.dist.is_main,
                                    allow_missing=cfg.on_error == "skip" or self.dist.enabled)
         self.refresh_options = refresh_options(cfg, self.threads, self.device)
+        # MixNN+ with plus_average_last: the average of the cycle-end weights and BatchNorm statistics
+        # (torch's SWA container) is what is tested once it holds a snapshot; training, the refresh
+        # and the label audit use the model itself
+        self.averaged = AveragedModel(self.model, use_buffers=True) if averages_weights(cfg) else None
+        self.averaged_inference = None if self.averaged is None else Inference(
+            self.averaged.module, self.device, autocast_dtype=self.autocast_dtype, memory_format=self.memory_format,
+            progress=cfg.progress and self.dist.is_main, allow_missing=cfg.on_error == "skip" or self.dist.enabled)
 
         self.metrics: MetricsLog | None = None  # opened by fit(): construction writes nothing
         self._lock = None  # the run folder's writer lock, held by fit()
@@ -158,7 +166,8 @@ class Trainer:
 
     def _modules(self) -> dict:
         return {"model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler,
-                "targets": self.targets, "loss_history": self.loss_history, "early_targets": self.early_targets}
+                "targets": self.targets, "loss_history": self.loss_history, "early_targets": self.early_targets,
+                "averaged_model": self.averaged}
 
     def _holds_run(self) -> bool:
         return any((self.out_dir / name).exists() for name in (CHECKPOINT, PREVIOUS, "metrics.jsonl"))
@@ -446,15 +455,22 @@ class Trainer:
     # ---- evaluation ------------------------------------------------------------------------
 
     def test_accuracy(self) -> float:
-        """Accuracy on the test set (NaN without one); unreadable test images count as wrong."""
+        """Accuracy on the test set (NaN without one) of the tested model (the weight average
+        once it holds a snapshot, else the model); unreadable test images count as wrong."""
         return self._accuracy(self.loaders.test, self.data.test)
 
-    def _accuracy(self, loader, data) -> float:
-        """Accuracy of the current model on ``data``'s labels over all processes' shards."""
+    def averaging(self) -> bool:
+        """Whether the tested model is the weight average (it holds at least one snapshot)."""
+        return self.averaged is not None and int(self.averaged.n_averaged) > 0
+
+    def _accuracy(self, loader, data, *, live: bool = False) -> float:
+        """Accuracy on ``data``'s labels over all processes' shards, of the tested model or, with
+        ``live``, of the model being trained."""
         if loader is None:
             return float("nan")
         n = len(data)
-        logits = self.inference.logits(loader, n)  # this process's shard; NaN rows elsewhere
+        inference = self.averaged_inference if self.averaging() and not live else self.inference
+        logits = inference.logits(loader, n)  # this process's shard; NaN rows elsewhere
         scored = torch.isfinite(logits).all(1)
         correct = int((logits[scored].argmax(1) == torch.from_numpy(data.labels)[scored]).sum())
         (correct,) = self.dist.sum(correct)
@@ -512,10 +528,18 @@ class Trainer:
         try:
             for epoch in range(self.run.epoch, cfg.epochs):
                 row = self.train_epoch(epoch)
+                if joins_average(cfg, epoch):
+                    self.averaged.update_parameters(self.model)
                 if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
                     row["test_accuracy"] = self.test_accuracy()
                     if self.loaders.validation is not None:  # against the held-out *noisy* labels
                         row["val_noisy_accuracy"] = self._accuracy(self.loaders.validation, self.data.validation)
+                    if self.averaging():  # the model itself too, for comparison
+                        row["weights_averaged"] = int(self.averaged.n_averaged)
+                        row["live_test_accuracy"] = self._accuracy(self.loaders.test, self.data.test, live=True)
+                        if self.loaders.validation is not None:
+                            row["live_val_noisy_accuracy"] = self._accuracy(self.loaders.validation,
+                                                                            self.data.validation, live=True)
                     if not math.isnan(row["test_accuracy"]):
                         best = self.run.best_test_accuracy
                         self.run.best_test_accuracy = row["test_accuracy"] if math.isnan(best) else \

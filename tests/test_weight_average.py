@@ -1,0 +1,63 @@
+"""MixNN+'s weight average (``plus_average_last``): which epochs join it, that the tested model is
+the mean of those epochs' weights (a float64 mean of recorded snapshots as the reference), and
+that the model being trained is left alone."""
+from __future__ import annotations
+
+import pytest
+import torch
+from test_trainer import tiny_config
+
+from mixnn_fast.train.config import TrainConfig
+from mixnn_fast.train.methods import joins_average
+from mixnn_fast.train.trainer import Trainer
+
+
+@pytest.mark.parametrize("epochs,share,restart,joining", [
+    (60, 0.25, 2, {46, 48, 50, 52, 54, 56, 58, 60}),  # the table: the last quarter's eight cycle ends
+    (40, 0.25, 2, {32, 34, 36, 38, 40}),
+    (5, 0.9, 2, {2, 4}),
+    (10, 0.3, 3, {9}),
+    (7, 0.5, 1, {4, 5, 6, 7}),  # the last round(3.5) = 4 epochs
+    (60, 0.0, 2, set()),
+])
+def test_the_warm_restarts_of_the_last_share_join_the_average(epochs, share, restart, joining):
+    cfg = TrainConfig(method="mixnn_plus", epochs=epochs, restart_period=restart, plus_average_last=share)
+    assert {e + 1 for e in range(epochs) if joins_average(cfg, e)} == joining
+
+
+def test_only_mixnn_plus_averages():
+    for method in ("ce", "mixup", "gce", "sce", "mixnn"):
+        assert not any(joins_average(TrainConfig(method=method), e) for e in range(60))
+
+
+def test_the_tested_model_is_the_mean_of_the_cycle_end_weights(tmp_path):
+    # six epochs, restarts every 2, the last half: the ends of epochs 4 and 6 (0-based 3 and 5) join
+    cfg = tiny_config(tmp_path, method="mixnn_plus", epochs=6, plus_average_last=0.5, eval_every=1, num_threads=1)
+    trainer = Trainer(cfg)
+    snapshots = {}
+    train_epoch = trainer.train_epoch
+
+    def recording(epoch):
+        row = train_epoch(epoch)
+        snapshots[epoch] = {k: v.detach().double().clone() for k, v in trainer.model.state_dict().items()
+                            if v.is_floating_point()}
+        return row
+
+    trainer.train_epoch = recording
+    trainer.fit()
+    averaged = trainer.averaged.module.state_dict()
+    assert int(trainer.averaged.n_averaged) == 2
+    for name, last in snapshots[5].items():  # weights and BatchNorm's running statistics alike
+        torch.testing.assert_close(averaged[name].double(), (snapshots[3][name] + last) / 2, rtol=1e-6, atol=1e-7)
+    # the model being trained is not the average: it ends where its last epoch left it
+    live = trainer.model.state_dict()
+    assert all(torch.equal(live[name].double(), last) for name, last in snapshots[5].items())
+    rows = trainer.metrics.rows
+    assert [r.get("weights_averaged") for r in rows] == [None, None, None, 1, 1, 2]
+    final = rows[-1]
+    assert final["live_test_accuracy"] == trainer._accuracy(trainer.loaders.test, trainer.data.test, live=True)
+    # the tested accuracy is the average's: the same model's weights in the trained model give it
+    trainer.model.load_state_dict(trainer.averaged.module.state_dict())
+    assert final["test_accuracy"] == trainer._accuracy(trainer.loaders.test, trainer.data.test, live=True)
+    assert final["test_accuracy"] != final["live_test_accuracy"]
+    trainer.close()
