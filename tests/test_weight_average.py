@@ -61,3 +61,26 @@ def test_the_tested_model_is_the_mean_of_the_cycle_end_weights(tmp_path):
     assert final["test_accuracy"] == trainer._accuracy(trainer.loaders.test, trainer.data.test, live=True)
     assert final["test_accuracy"] != final["live_test_accuracy"]
     trainer.close()
+
+
+def test_averaging_changes_no_step_of_training(tmp_path):
+    """The same run without the average: every training number and the model itself equal, to the bit."""
+    runs = {}
+    for share in (0.0, 0.5):
+        cfg = tiny_config(tmp_path / str(share), method="mixnn_plus", epochs=4, restart_period=1,
+                          plus_average_last=share, eval_every=1, num_threads=1)
+        trainer = Trainer(cfg)
+        trainer.fit()
+        runs[share] = (trainer.metrics.rows, trainer.model.state_dict())
+        trainer.close()
+    (plain_rows, plain_model), (averaged_rows, averaged_model) = runs[0.0], runs[0.5]
+    clocked = ("_seconds", "images_per_second", "_fraction")
+    for plain, averaged in zip(plain_rows, averaged_rows, strict=True):
+        for key, value in plain.items():
+            if key.endswith(clocked) or key == "test_accuracy":
+                continue
+            assert averaged[key] == value, key
+        # the model itself, tested beside the average, is the run without it
+        assert averaged.get("live_test_accuracy", averaged["test_accuracy"]) == plain["test_accuracy"]
+    assert [r.get("weights_averaged") for r in averaged_rows] == [None, None, 1, 2]
+    assert all(torch.equal(averaged_model[k], v) for k, v in plain_model.items())
