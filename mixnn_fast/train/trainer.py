@@ -48,8 +48,8 @@ from mixnn_fast.train.datasets import RunData, prepare_data
 from mixnn_fast.train.devices import autocast_dtype, resolve_device
 from mixnn_fast.train.distributed import init_distributed, share_pool_scores, share_refresh
 from mixnn_fast.train.losses import early_learning_penalty, one_hot
-from mixnn_fast.train.methods import (averages_weights, correction_mask, correction_min_confidence, corrects_labels, freezes_targets,
-                                      gates_on_stability, loss_function, optimisation, phase_of, probes_warmup,
+from mixnn_fast.train.methods import (averages_weights, correction_mask, correction_min_confidence, corrects_labels,
+                                      freezes_targets, gates_on_stability, loss_function, optimisation, phase_of, probes_warmup,
                                       refresh_options, stability_gate_applies, update_agreement, update_stability,
                                       joins_average, uses_early_learning, warmup_ends)
 from mixnn_fast.train.loaders import build_loaders
@@ -136,17 +136,13 @@ class Trainer:
         self.trained = DistributedDataParallel(self.model, device_ids=[self.device.index]
                                                if self.device.type == "cuda" else None) \
             if self.dist.enabled else self.model
-        self.inference = Inference(self.model, self.device, autocast_dtype=self.autocast_dtype,
-                                   memory_format=self.memory_format, progress=cfg.progress and self.dist.is_main,
-                                   allow_missing=cfg.on_error == "skip" or self.dist.enabled)
+        self.inference = self._inference_of(self.model)
         self.refresh_options = refresh_options(cfg, self.threads, self.device)
         # MixNN+ with plus_average_last: the average of the cycle-end weights and BatchNorm statistics
         # (torch's SWA container) is what is tested once it holds a snapshot; training, the refresh
         # and the label audit use the model itself
         self.averaged = AveragedModel(self.model, use_buffers=True) if averages_weights(cfg) else None
-        self.averaged_inference = None if self.averaged is None else Inference(
-            self.averaged.module, self.device, autocast_dtype=self.autocast_dtype, memory_format=self.memory_format,
-            progress=cfg.progress and self.dist.is_main, allow_missing=cfg.on_error == "skip" or self.dist.enabled)
+        self.averaged_inference = None if self.averaged is None else self._inference_of(self.averaged.module)
 
         self.metrics: MetricsLog | None = None  # opened by fit(): construction writes nothing
         self._lock = None  # the run folder's writer lock, held by fit()
@@ -156,6 +152,12 @@ class Trainer:
             self.run = restore_checkpoint(state, self._modules(), self.generator, self.out_dir / CHECKPOINT,
                                           rank=self.dist.rank, world_size=self.dist.world_size)
             log.info("resuming %s at epoch %d, batch %d", self.out_dir, self.run.epoch, self.run.batch)
+
+    def _inference_of(self, model: torch.nn.Module) -> Inference:
+        """Forward passes without gradients of ``model`` (the trained one or the weight average)."""
+        return Inference(model, self.device, autocast_dtype=self.autocast_dtype, memory_format=self.memory_format,
+                         progress=self.cfg.progress and self.dist.is_main,
+                         allow_missing=self.cfg.on_error == "skip" or self.dist.enabled)
 
     @property
     def start_epoch(self) -> int:
