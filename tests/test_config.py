@@ -168,7 +168,7 @@ def test_saved_settings_read_fields_they_predate_with_the_old_value():
                                     "--plus-min-confidence", "0.7"],
                                    ["--method", "mixnn_plus", "--plus-min-confidence", "1.5"],
                                    ["--method", "mixnn_plus", "--plus-min-confidence", "nan"],
-                                   ["--method", "mixnn", "--plus-average-last", "0.25"],
+                                   ["--method", "mixnn", "--plus-average-last", "0.5"],
                                    ["--method", "mixnn_plus", "--plus-average-last", "1"],
                                    ["--method", "mixnn_plus", "--plus-average-last", "-0.25"],
                                    ["--method", "mixnn_plus", "--plus-average-last", "nan"]])
@@ -210,11 +210,13 @@ def test_on_by_default_settings_count_only_where_they_act(method, correction, ac
 
     on = TrainConfig(method=method, plus_correction=correction)  # the defaults: accepted with any method
     off = TrainConfig(method=method, plus_correction=correction, plus_consistent=0, plus_consistent_min_agreement=0.0,
-                      plus_min_confidence=0.0)
+                      plus_min_confidence=0.0, plus_average_last=0.0)
     assert all(getattr(on, name) for name in ON_BY_DEFAULT_ACTS_UNDER)  # on by default, as the name says
-    assert (acting_settings(on.to_dict()) == acting_settings(off.to_dict())) == (not acts)
+    # the weight average acts with any correction; the stability gate and its refinements with selective
+    acting = {name: acts or (method == "mixnn_plus" and name == "plus_average_last") for name in ON_BY_DEFAULT_ACTS_UNDER}
+    assert (acting_settings(on.to_dict()) == acting_settings(off.to_dict())) == (not any(acting.values()))
     kept = acting_settings(on.to_dict())
-    assert all((name in kept) == acts for name in ON_BY_DEFAULT_ACTS_UNDER)
+    assert all((name in kept) == acting[name] for name in ON_BY_DEFAULT_ACTS_UNDER)
     assert acting_settings({"lr": 0.1}) == {"lr": 0.1}
 
 

@@ -56,6 +56,7 @@ ON_BY_DEFAULT_ACTS_UNDER = {
     "plus_consistent": dict(method="mixnn_plus", plus_correction="selective"),
     "plus_consistent_min_agreement": dict(method="mixnn_plus", plus_correction="selective"),
     "plus_min_confidence": dict(method="mixnn_plus", plus_correction="selective"),
+    "plus_average_last": dict(method="mixnn_plus"),
 }
 
 #: Settings that refine MixNN+'s stability gate, with what each does: they cannot act while the
@@ -133,7 +134,7 @@ class TrainConfig:
                                           # of predictions agree with the given labels (0: always)
     plus_gmm_per_class: bool = False      # mixnn_plus: clean probabilities from one GMM per class of the labels the
                                           # losses were measured against, instead of one over all samples
-    plus_average_last: float = 0.0        # mixnn_plus: test the average of the weights (and BatchNorm statistics) at
+    plus_average_last: float = 0.25       # mixnn_plus: test the average of the weights (and BatchNorm statistics) at
                                           # the warm restarts within this last share of the epochs (SWA; 0: off)
     plus_elr: float = 0.0                 # mixnn_plus: weight λ of the early-learning penalty (ELR) added to the loss (0: off)
     elr_beta: float = 0.7                 # ELR: the weight each sample's running average of predictions keeps per refresh
@@ -203,7 +204,9 @@ class TrainConfig:
         self._needs("trust_min_agreement", "gates the trust weights of neighbour partners", weights="trust",
                     partners="neighbours")
         self._needs("plus_elr", "adds early-learning regularisation to MixNN+'s loss", method="mixnn_plus")
-        self._needs("plus_average_last", "averages MixNN+'s weights over its last warm restarts", method="mixnn_plus")
+        if self.plus_average_last not in (0.0, _default("plus_average_last")):  # on by default: see plus_consistent
+            self._needs("plus_average_last", "averages MixNN+'s weights over its last warm restarts",
+                        **ON_BY_DEFAULT_ACTS_UNDER["plus_average_last"])
         if not 0 <= self.plus_average_last < 1:
             raise ValueError(f"plus_average_last: must lie in [0, 1) (a share of the epochs; 0: off), got "
                              f"{self.plus_average_last}")
