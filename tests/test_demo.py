@@ -52,6 +52,15 @@ def test_demo_schedule_is_the_papers_rounded_up(epochs):
         assert demo_schedule(epochs) == scaled_schedule(epochs)
 
 
+def test_a_demo_that_ends_inside_a_warm_restart_says_so():
+    from mixnn_fast.app.demo import mid_cycle_note
+
+    assert mid_cycle_note(40) is None and mid_cycle_note(60) is None and mid_cycle_note(6) is None
+    note = mid_cycle_note(45)  # restarts every 2 epochs at 45
+    assert "45 epochs is not a multiple of the warm-restart period (2)" in note and "44 or 46 epochs" in note
+    assert mid_cycle_note(31) is not None and "30 or 32 epochs" in mid_cycle_note(31)  # period ceil(31/30) = 2
+
+
 def test_testing_less_often_trains_the_same_run(tmp_path):
     """The demo tests less often than the table; its runs still end where the table's cells end,
     because testing leaves the model, its targets and every random stream untouched."""
