@@ -41,15 +41,14 @@ def test_demo_schedule_is_the_papers_rounded_up(epochs):
     from fractions import Fraction
     from math import ceil
 
-    from mixnn_fast.app.demo import demo_schedule
     from mixnn_fast.app.experiments import scaled_schedule
 
     exact = {"warmup_epochs": Fraction(10 * epochs, 300), "correction_start": Fraction(60 * epochs, 300),
              "restart_period": Fraction(10 * epochs, 300)}
     floor = {"warmup_epochs": 1, "correction_start": 2, "restart_period": 1}
-    assert demo_schedule(epochs) == {k: max(floor[k], ceil(v)) for k, v in exact.items()}
+    assert scaled_schedule(epochs, round_up=True) == {k: max(floor[k], ceil(v)) for k, v in exact.items()}
     if all(v.denominator == 1 for v in exact.values()):  # whole lengths: the table's schedule
-        assert demo_schedule(epochs) == scaled_schedule(epochs)
+        assert scaled_schedule(epochs, round_up=True) == scaled_schedule(epochs)
 
 
 def test_a_demo_that_ends_inside_a_warm_restart_says_so():

@@ -13,7 +13,7 @@ from 60 epochs to 40.  The work is the convolutions (the three runs at 60 epochs
 docs/mixnn_plus.md), which a 2-core AMD EPYC runs in 6.7 to 7.5 minutes; 40 epochs is what fits
 in five.  CE still peaks near epoch 28 and falls by the end.  The paper's 300-epoch schedule
 (warm-up 10, label correction from 60, warm restarts every 10) is scaled by ``epochs / 300`` as
-the table scales it, but rounded up (``demo_schedule``); the EMA momentum α = 0.9 per epoch is
+the table scales it, but rounded up (``scaled_schedule(..., round_up=True)``); the EMA momentum α = 0.9 per epoch is
 kept.
 
 The demo tests the model at every second warm restart (every 4th epoch), the table at every
@@ -30,7 +30,7 @@ import queue
 import time
 from pathlib import Path
 
-from mixnn_fast.app.experiments import Cell, finished_summary, run_cell, table_cells
+from mixnn_fast.app.experiments import Cell, finished_summary, run_cell, scaled_schedule, table_cells
 from mixnn_fast.train.metrics import read_metrics
 from mixnn_fast.app.report import accuracy_curve, plot_accuracy, write_comparison_report
 
@@ -54,23 +54,11 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def demo_schedule(epochs: int) -> dict:
-    """The paper's 300-epoch schedule scaled to ``epochs`` as the table's ``scaled_schedule``
-    scales it, with each length rounded up instead of to the nearest epoch: at the demo's 40
-    epochs that keeps the table's warm-up and restart period of 2 (rounding 1.33 would give 1: a
-    restart every epoch) and starts the correction at epoch 8.  At 60 epochs it is the table's
-    schedule, and at the quick demo's 6 the same as rounding."""
-    def scaled_up(paper_epochs: int) -> int:
-        return -(-paper_epochs * epochs // 300)  # integer ceiling: no float rounding at exact multiples
-    return {"warmup_epochs": max(1, scaled_up(10)), "correction_start": max(2, scaled_up(60)),
-            "restart_period": max(1, scaled_up(10))}
-
-
 def mid_cycle_note(epochs: int) -> str | None:
     """Why a demo of ``epochs`` epochs ends with lower accuracies, when it does: its last epoch is
     not the end of a warm restart, so the runs stop at a high learning rate (measured at 45
     epochs: CE 48.3% and MixNN+ 70.7% final, against 63.9% and 76.5% at 40).  None otherwise."""
-    period = demo_schedule(epochs)["restart_period"]
+    period = scaled_schedule(epochs, round_up=True)["restart_period"]
     if epochs % period == 0:
         return None
     return (f"{epochs} epochs is not a multiple of the warm-restart period ({period}): the runs end in the middle "
@@ -79,9 +67,9 @@ def mid_cycle_note(epochs: int) -> str | None:
 
 
 def demo_cells(*, epochs: int, subset: int, out_dir: str, seed: int = 0, progress: bool = True) -> dict[str, Cell]:
-    """CE, MixNN and MixNN+: the results table's sym-40 cells at this budget and ``demo_schedule``,
+    """CE, MixNN and MixNN+: the results table's sym-40 cells at this budget, the schedule rounded up,
     each written to ``out_dir/<method>`` and tested at every second warm restart instead of every one."""
-    schedule = demo_schedule(epochs)
+    schedule = scaled_schedule(epochs, round_up=True)
     cells = table_cells(out_dir=out_dir, subset=subset, epochs=epochs, seeds=(seed,), methods=DEMO_METHODS,
                         eval_every=2 * schedule["restart_period"],
                         noises=(("symmetric_uniform", 0.4, "sym-40"),), plan_pair=False, ablations=False,

@@ -60,12 +60,17 @@ class Cell:
         return self.method + (f" ({self.variant})" if self.variant else "")
 
 
-def scaled_schedule(epochs: int) -> dict:
+def scaled_schedule(epochs: int, *, round_up: bool = False) -> dict:
     """The paper's 300-epoch schedule (warm-up 10, label correction from 60, warm restarts every
-    10 epochs) with each length scaled by ``epochs / 300``, at least 1 (correction: at least 2)."""
-    scale = epochs / 300
-    return {"warmup_epochs": max(1, round(10 * scale)), "correction_start": max(2, round(60 * scale)),
-            "restart_period": max(1, round(10 * scale))}
+    10 epochs) with each length scaled by ``epochs / 300``, at least 1 (correction: at least 2),
+    rounded to the nearest epoch or, with ``round_up``, up (the demo's: at 40 epochs it keeps
+    warm-up and restarts at 2 instead of a restart every epoch; the same at whole lengths)."""
+    def scaled(paper_epochs: int) -> int:
+        if round_up:
+            return -(-paper_epochs * epochs // 300)  # integer ceiling: no float rounding at exact multiples
+        return round(paper_epochs * (epochs / 300))
+    return {"warmup_epochs": max(1, scaled(10)), "correction_start": max(2, scaled(60)),
+            "restart_period": max(1, scaled(10))}
 
 
 def table_cells(*, out_dir: str | Path, subset: int = 2000, epochs: int = 60, augment: bool = False, widths: Sequence[int] = (16, 32, 64, 64),

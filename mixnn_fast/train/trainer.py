@@ -49,9 +49,9 @@ from mixnn_fast.train.devices import autocast_dtype, resolve_device
 from mixnn_fast.train.distributed import init_distributed, share_pool_scores, share_refresh
 from mixnn_fast.train.losses import early_learning_penalty, one_hot
 from mixnn_fast.train.methods import (averages_weights, correction_mask, correction_min_confidence, corrects_labels,
-                                      freezes_targets, gates_on_stability, loss_function, optimisation, phase_of, probes_warmup,
-                                      refresh_options, stability_gate_applies, update_agreement, update_stability,
-                                      joins_average, uses_early_learning, warmup_ends)
+                                      freezes_targets, gates_on_stability, joins_average, loss_function, optimisation,
+                                      phase_of, probes_warmup, refresh_options, stability_gate_applies,
+                                      update_agreement, update_stability, uses_early_learning, warmup_ends)
 from mixnn_fast.train.loaders import build_loaders
 from mixnn_fast.train.metrics import MetricsLog
 from mixnn_fast.train.inference import Inference
