@@ -52,12 +52,15 @@ def test_demo_schedule_is_the_papers_rounded_up(epochs):
 
 
 def test_a_demo_that_ends_inside_a_warm_restart_says_so():
-    from mixnn_fast.app.demo import mid_cycle_note
+    from mixnn_fast.app.experiments import mid_cycle_note
 
-    assert mid_cycle_note(40) is None and mid_cycle_note(60) is None and mid_cycle_note(6) is None
-    note = mid_cycle_note(45)  # restarts every 2 epochs at 45
-    assert "45 epochs is not a multiple of the warm-restart period (2)" in note and "44 or 46 epochs" in note
-    assert mid_cycle_note(31) is not None and "30 or 32 epochs" in mid_cycle_note(31)  # period ceil(31/30) = 2
+    def note(epochs):
+        return mid_cycle_note(epochs, round_up=True)  # the demo's schedule
+
+    assert note(40) is None and note(60) is None and note(6) is None
+    assert "45 epochs is not a multiple of the warm-restart period (2)" in note(45) and "44 or 46 epochs" in note(45)
+    assert note(31) is not None and "30 or 32 epochs" in note(31)  # period ceil(31/30) = 2
+    assert mid_cycle_note(31) is None  # the table's rounds 31/30 to a period of 1
 
 
 def test_testing_less_often_trains_the_same_run(tmp_path):

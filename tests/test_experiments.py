@@ -3,6 +3,8 @@ finished table is not trained again, and the table holds every cell."""
 from __future__ import annotations
 
 import shlex
+from fractions import Fraction
+from math import ceil
 
 import pytest
 
@@ -160,6 +162,49 @@ def test_report_only_through_the_cli_trains_nothing(tmp_path, capsys, monkeypatc
     assert not any(p.is_dir() for p in out.iterdir())  # no run folder was made
     assert main(["table", "--out-dir", str(out), "--shard", "1/2", "--report-only"]) == 2
     assert "--report-only" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("epochs, period, below, above", [(45, 2, 44, 46), (105, 4, 102, 108)])
+def test_a_table_whose_runs_end_inside_a_warm_restart_says_so(epochs, period, below, above, tmp_path, capsys,
+                                                              monkeypatch):
+    """The note names the nearest epoch counts whose own schedule ends a cycle: at 105 the period
+    is 4 (105/30 rounded), but 104 has a period of 3 and ends mid-cycle too."""
+    from mixnn_fast.app.cli import main
+
+    class NoTraining:
+        def __init__(self, *args, **kwargs):
+            raise AssertionError("--report-only trained a run")
+
+    monkeypatch.setattr("mixnn_fast.train.trainer.Trainer", NoTraining)
+    command = ["table", "--out-dir", str(tmp_path / "t"), "--noise", "sym-40", "--methods", "ce", "--no-ablations",
+               "--report-only"]
+    assert main(command + ["--epochs", str(epochs)]) == 0
+    printed = capsys.readouterr().out
+    assert (f"[table] note: {epochs} epochs is not a multiple of the warm-restart period ({period})" in printed
+            and f"{below} or {above} epochs end a cycle" in printed)
+    for count in (below, above):
+        assert main(command + ["--epochs", str(count)]) == 0
+        assert "note:" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("round_up", [False, True])
+def test_the_counts_a_mid_cycle_note_suggests_are_the_nearest_that_end_a_cycle(round_up):
+    import re
+
+    from mixnn_fast.app.experiments import mid_cycle_note
+
+    def ends_a_cycle(count):  # the restart period by the paper's 10 of 300 epochs, rounded as the schedule says
+        exact = Fraction(10 * count, 300)
+        period = max(1, ceil(exact) if round_up else round(exact))
+        return count % period == 0
+
+    for epochs in range(1, 400):
+        note = mid_cycle_note(epochs, round_up=round_up)
+        assert (note is None) == ends_a_cycle(epochs), epochs
+        if note is not None:
+            below, above = map(int, re.search(r"; (\d+) or (\d+) epochs end a cycle", note).groups())
+            assert ends_a_cycle(below) and ends_a_cycle(above), epochs
+            assert not any(ends_a_cycle(n) for n in range(below + 1, above) if n != epochs), epochs
 
 
 def test_a_mixnn_plus_run_saved_before_the_stability_gate_is_the_ungated_cell(tmp_path):

@@ -169,7 +169,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_table(args: argparse.Namespace) -> int:
-    from mixnn_fast.app.experiments import TABLE_NOISE, run_table, table_cells
+    from mixnn_fast.app.experiments import TABLE_NOISE, mid_cycle_note, run_table, table_cells
 
     noises = [n for n in TABLE_NOISE if args.noise is None or n[2] in args.noise]
     if args.noise is not None and len(noises) != len(args.noise):
@@ -191,6 +191,9 @@ def cmd_table(args: argparse.Namespace) -> int:
         cells = cells[index - 1::count]
         print(f"shard {index}/{count}: {len(cells)} runs; run again without --shard once every shard is done "
               "to write the whole table")
+    note = mid_cycle_note(args.epochs)
+    if note:
+        print(f"[table] note: {note}", flush=True)
     print(run_table(cells, args.out_dir, train=not args.report_only))
     print(f"\nresults.md, results.json and accuracy_<noise>.png in {args.out_dir}")
     return 0

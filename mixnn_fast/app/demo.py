@@ -30,7 +30,7 @@ import queue
 import time
 from pathlib import Path
 
-from mixnn_fast.app.experiments import Cell, finished_summary, run_cell, scaled_schedule, table_cells
+from mixnn_fast.app.experiments import Cell, finished_summary, mid_cycle_note, run_cell, scaled_schedule, table_cells
 from mixnn_fast.train.metrics import read_metrics
 from mixnn_fast.app.report import accuracy_curve, plot_accuracy, write_comparison_report
 
@@ -52,18 +52,6 @@ def usable_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
-
-
-def mid_cycle_note(epochs: int) -> str | None:
-    """Why a demo of ``epochs`` epochs ends with lower accuracies, when it does: its last epoch is
-    not the end of a warm restart, so the runs stop at a high learning rate (measured at 45
-    epochs: CE 48.3% and MixNN+ 70.7% final, against 63.9% and 76.5% at 40).  None otherwise."""
-    period = scaled_schedule(epochs, round_up=True)["restart_period"]
-    if epochs % period == 0:
-        return None
-    return (f"{epochs} epochs is not a multiple of the warm-restart period ({period}): the runs end in the middle "
-            f"of a cycle, at a high learning rate, and their final accuracies are lower than at its end; "
-            f"{epochs - epochs % period} or {epochs - epochs % period + period} epochs end a cycle")
 
 
 def demo_cells(*, epochs: int, subset: int, out_dir: str, seed: int = 0, progress: bool = True) -> dict[str, Cell]:
@@ -106,7 +94,7 @@ def run_demo(*, quick: bool = False, epochs: int | None = None, subset: int | No
     print(f"[demo] {', '.join(cells)}: {subset} Fashion-MNIST training images, 40% symmetric noise, {epochs} epochs, "
           f"no augmentation (warm-up {cfg.warmup_epochs}, label correction from epoch {cfg.correction_start}, "
           f"warm restarts every {cfg.restart_period})", flush=True)
-    note = mid_cycle_note(epochs)
+    note = mid_cycle_note(epochs, round_up=True)
     if note:
         print(f"[demo] note: {note}", flush=True)
     # a finished run is reported again, not retrained; an interrupted one resumes
