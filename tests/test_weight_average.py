@@ -11,6 +11,8 @@ from mixnn_fast.train.config import TrainConfig
 from mixnn_fast.train.methods import joins_average
 from mixnn_fast.train.trainer import Trainer
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
 
 @pytest.mark.parametrize("epochs,share,restart,joining", [
     (60, 0.25, 2, {46, 48, 50, 52, 54, 56, 58, 60}),  # the table: the last quarter's eight cycle ends
@@ -84,3 +86,34 @@ def test_averaging_changes_no_step_of_training(tmp_path):
         assert averaged.get("live_test_accuracy", averaged["test_accuracy"]) == plain["test_accuracy"]
     assert [r.get("weights_averaged") for r in averaged_rows] == [None, None, 1, 2]
     assert all(torch.equal(averaged_model[k], v) for k, v in plain_model.items())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_average_takes_every_tensor_on_every_device(tmp_path, device):
+    """On CUDA, torch's default averages whole dtype groups with foreach kernels, which refused the
+    integer BatchNorm counter (a crash at the first average on an H200): every float tensor must be
+    the mean of the cycle-end snapshots there too, and the counter a count."""
+    cfg = tiny_config(tmp_path, method="mixnn_plus", epochs=4, restart_period=1, plus_average_last=0.5,
+                      eval_every=1, num_threads=1, device=device)
+    trainer = Trainer(cfg)
+    snapshots = []
+    train_epoch = trainer.train_epoch
+
+    def recording(epoch):
+        row = train_epoch(epoch)
+        snapshots.append({k: v.detach().cpu().double().clone() for k, v in trainer.model.state_dict().items()})
+        return row
+
+    trainer.train_epoch = recording
+    trainer.fit()
+    assert int(trainer.averaged.n_averaged) == 2  # the ends of epochs 3 and 4
+    averaged = {k: v.cpu() for k, v in trainer.averaged.module.state_dict().items()}
+    counters = [k for k, v in averaged.items() if not v.is_floating_point()]
+    assert counters, "the model has BatchNorm counters: the case this test is about"
+    for name, value in averaged.items():
+        mean = (snapshots[2][name] + snapshots[3][name]) / 2
+        if value.is_floating_point():
+            torch.testing.assert_close(value.double(), mean, rtol=1e-6, atol=1e-7)
+        else:  # SWA's mean of two counts, truncated to the counter's integer type
+            assert int(value) == int(mean), name
+    trainer.close()

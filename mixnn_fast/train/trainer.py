@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.optim.swa_utils import AveragedModel
+from torch.optim.swa_utils import AveragedModel, get_swa_avg_fn
 
 from mixnn_fast.mix.trusted import check_index_errors
 from mixnn_fast.refresh.early_learning import EarlyLearningTargets
@@ -141,7 +141,12 @@ class Trainer:
         # MixNN+ with plus_average_last: the average of the cycle-end weights and BatchNorm statistics
         # (torch's SWA container) is what is tested once it holds a snapshot; training, the refresh
         # and the label audit use the model itself
-        self.averaged = AveragedModel(self.model, use_buffers=True) if averages_weights(cfg) else None
+        # avg_fn given explicitly: without it, on CUDA torch averages each dtype group with foreach
+        # kernels, and the integer group (BatchNorm's num_batches_tracked) fails there ("Integer
+        # division with addcdiv is no longer supported", torch 2.11 on an H200).  The same SWA
+        # mean, applied tensor by tensor, is what the CPU path does on every torch version.
+        self.averaged = AveragedModel(self.model, use_buffers=True, avg_fn=get_swa_avg_fn()) \
+            if averages_weights(cfg) else None
         self.averaged_inference = None if self.averaged is None else self._inference_of(self.averaged.module)
 
         self.metrics: MetricsLog | None = None  # opened by fit(): construction writes nothing
