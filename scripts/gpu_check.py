@@ -13,7 +13,8 @@ costs that stage alone, and each stage's outcome is written to the JSON as soon 
              layout, grids whose loops wrap; the trusted path (bad indices, no device wait); the
              GMM, exact neighbours, mixing weights, soft targets; a few AMP steps
     train    the Trainer on scikit-learn's digits (in memory, no download, no DALI needed):
-             CE, mixup and MixNN with bf16 autocast and with fp16 + grad scaler; accuracy, the
+             CE, mixup and MixNN with bf16 autocast and with fp16 + grad scaler, and MixNN+ in bf16
+             with its weight average taking several snapshots; accuracy, the
              devices and dtypes seen inside the step, finite losses; and one run that counts the
              synchronising CUDA calls per step (torch's sync debug mode), by source line
     timing   the mixer's GB/s against this device's own copy bandwidth, measured in the same run
@@ -727,7 +728,7 @@ def device_checks(device, *, amp_steps: int = 25) -> list[tuple[str, Callable[[]
 # ---- training -------------------------------------------------------------------------------
 
 TRAIN_RUNS = (("ce", "bfloat16"), ("mixup", "bfloat16"), ("mixnn", "bfloat16"),
-              ("ce", "float16"), ("mixup", "float16"), ("mixnn", "float16"))
+              ("ce", "float16"), ("mixup", "float16"), ("mixnn", "float16"), ("mixnn_plus", "bfloat16"))
 #: final test accuracy a run must reach on digits (10 classes: chance is 0.1), with 20% noise
 ACCURACY_FLOOR = 0.6
 
@@ -829,11 +830,16 @@ def train_run(method: str, amp_dtype: str, device, root: Path, *, epochs: int = 
     from mixnn_fast.train.trainer import Trainer
 
     device = as_device(device)
+    # MixNN+ restarts every third of the run and averages over most of it, so that its weight
+    # average takes at least two snapshots: the second is the first real averaging step (which
+    # crashed on CUDA once, 2026-12-04, while the CPU path worked)
+    plus = dict(restart_period=max(1, epochs // 3), plus_average_last=0.9) if method == "mixnn_plus" \
+        else dict(restart_period=epochs)
     cfg = TrainConfig(dataset="digits", method=method, device=str(device), amp=True, amp_dtype=amp_dtype,
                       epochs=epochs, warmup_epochs=max(1, epochs // 3), correction_start=max(1, 2 * epochs // 3),
                       noise="symmetric_uniform", noise_rate=0.2, neighbour_backend="exact", batch_size=64, lr=0.05,
-                      restart_period=epochs, checkpoint_every=epochs, progress=False, tensorboard=False, seed=0,
-                      out_dir=str(root / f"{method}-{amp_dtype}{'-syncs' if count_syncs else ''}"))
+                      checkpoint_every=epochs, progress=False, tensorboard=False, seed=0,
+                      out_dir=str(root / f"{method}-{amp_dtype}{'-syncs' if count_syncs else ''}"), **plus)
     trainer = Trainer(cfg, overwrite=True)
     seen = Observed()
     watch(trainer, seen)
@@ -880,6 +886,13 @@ def train_run(method: str, amp_dtype: str, device, root: Path, *, epochs: int = 
         problems.append("a step's loss is not finite")
     if final is None or not final >= accuracy_floor:
         problems.append(f"test accuracy {final} < {accuracy_floor}")
+    if method == "mixnn_plus":
+        averaged = int(trainer.averaged.n_averaged) if trainer.averaged is not None else 0
+        result["weights_averaged"] = averaged
+        if averaged < 2:
+            problems.append(f"the weight average took {averaged} snapshot(s), expected at least 2")
+        if {p.device.type for p in trainer.averaged.module.parameters()} != {device.type}:
+            problems.append("the weight average is not on the run's device")
     try:
         check_index_errors(device)
     except IndexError as exc:
@@ -1055,7 +1068,7 @@ def timing(device, *, quick: bool = False) -> dict:
 #: (``--rehearse``, tests/test_gpu_check.py), small enough for a 2-core machine.
 PROFILES = {
     "full": dict(train_runs=TRAIN_RUNS, epochs=6, accuracy_floor=ACCURACY_FLOOR, amp_steps=25, timing_quick=False),
-    "quick": dict(train_runs=(("mixnn", "bfloat16"),), epochs=2, accuracy_floor=0.0, amp_steps=6, timing_quick=True),
+    "quick": dict(train_runs=(("mixnn", "bfloat16"), ("mixnn_plus", "bfloat16")), epochs=2, accuracy_floor=0.0, amp_steps=6, timing_quick=True),
 }
 
 

@@ -67,6 +67,8 @@ def test_a_rehearsal_runs_every_gpu_stage_on_the_cpu(tmp_path):
     run = stages["train"]["checks"]["mixnn.bfloat16"]
     assert run["status"] == "passed" and run["observed"]["steps"] > 0
     assert {r["phase"] for r in run["epochs"]} == {"plain", "mixnn"}
+    plus = stages["train"]["checks"]["mixnn_plus.bfloat16"]
+    assert plus["status"] == "passed" and plus["weights_averaged"] >= 2
     assert stages["timing"]["checks"]["mixer_bandwidth"]["copy_gb_per_s"] > 0
     assert "GPU check, rehearsed on the CPU" in done.stdout and "mixer_bandwidth" in done.stdout
 
