@@ -887,11 +887,11 @@ def train_run(method: str, amp_dtype: str, device, root: Path, *, epochs: int = 
     if final is None or not final >= accuracy_floor:
         problems.append(f"test accuracy {final} < {accuracy_floor}")
     if method == "mixnn_plus":
-        averaged = int(trainer.averaged.n_averaged) if trainer.averaged is not None else 0
-        result["weights_averaged"] = averaged
-        if averaged < 2:
-            problems.append(f"the weight average took {averaged} snapshot(s), expected at least 2")
-        if {p.device.type for p in trainer.averaged.module.parameters()} != {device.type}:
+        average = trainer.averaged
+        result["weights_averaged"] = int(average.n_averaged) if average is not None else 0
+        if result["weights_averaged"] < 2:
+            problems.append(f"the weight average took {result['weights_averaged']} snapshot(s), expected at least 2")
+        if average is not None and {p.device.type for p in average.module.parameters()} != {device.type}:
             problems.append("the weight average is not on the run's device")
     try:
         check_index_errors(device)
