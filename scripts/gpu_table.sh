@@ -22,6 +22,7 @@ PYTHON=${PYTHON:-python3}
 JOBS=${JOBS:-16}
 TIME_LIMIT=${TIME_LIMIT:-420}
 METHODS=${METHODS:-mixnn_plus gce sce mixup ce mixnn}
+NOISES="sym-20 sym-40 sym-60 sym-80 asym-40"
 FMNIST=/usr/share/datasets/fashion-mnist
 mkdir -p "$OUT" "$RUNS"
 
@@ -32,9 +33,9 @@ for f in train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz t10k-images-idx3-
     exit 2
   fi
 done
-TABLE_ARGS=()
+TABLE_ARGS=""  # words for every cell's command line
 if [ "${REHEARSE:-0}" = 1 ]; then
-  TABLE_ARGS=(--subset 300 --epochs 3)
+  TABLE_ARGS="--subset 300 --epochs 3"
 else
   "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" || {
     echo "gpu_table: $PYTHON sees no CUDA device; this script is for a GPU machine" >&2; exit 2; }
@@ -44,14 +45,14 @@ start=$(date +%s)
 last_start=$((start + TIME_LIMIT - 90))
 cells=()
 if [[ " $METHODS " == *" mixnn_plus "* ]]; then
-  for noise in sym-20 sym-40 sym-60 sym-80 asym-40; do
+  for noise in $NOISES; do
     for seed in 0 1 2; do cells+=("mixnn_plus $noise $seed"); done
   done
 fi
 for seed in 0 1 2; do
   for method in $METHODS; do
     [ "$method" = mixnn_plus ] && continue
-    for noise in sym-20 sym-40 sym-60 sym-80 asym-40; do cells+=("$method $noise $seed"); done
+    for noise in $NOISES; do cells+=("$method $noise $seed"); done
   done
 done
 echo "gpu_table: ${#cells[@]} cells, $JOBS at a time, $TIME_LIMIT s, into $RUNS"
@@ -60,15 +61,14 @@ run_cell() {  # method noise seed: one cell, unless the time to start cells is o
   if [ "$(date +%s)" -ge "$last_start" ]; then echo "[skip] $*: no time left"; return 0; fi
   local t0; t0=$(date +%s)
   if "$PYTHON" -m mixnn_fast table --methods "$1" --noise "$2" --seeds "$3" --no-ablations \
-       --num-threads 1 --out-dir "$RUNS" $TABLE_ARGS_STR > "$OUT/cell_$1_$2_$3.log" 2>&1; then
+       --num-threads 1 --out-dir "$RUNS" $TABLE_ARGS > "$OUT/cell_$1_$2_$3.log" 2>&1; then
     echo "[done] $* in $(( $(date +%s) - t0 )) s"
   else
     echo "[fail] $* after $(( $(date +%s) - t0 )) s: $(tail -n 3 "$OUT/cell_$1_$2_$3.log" | tr '\n' ' ')"
   fi
 }
 export -f run_cell
-TABLE_ARGS_STR="${TABLE_ARGS[*]}"
-export PYTHON RUNS OUT last_start TABLE_ARGS_STR
+export PYTHON RUNS OUT last_start TABLE_ARGS
 printf '%s\n' "${cells[@]}" | timeout --kill-after=5 "$TIME_LIMIT" xargs -P "$JOBS" -L 1 bash -c 'run_cell "$@"' _
 echo "gpu_table: $(( $(date +%s) - start )) s; $(ls "$RUNS"/*/summary.json 2>/dev/null | wc -l) runs finished"
 
