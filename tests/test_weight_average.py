@@ -14,6 +14,23 @@ from mixnn_fast.train.trainer import Trainer
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 
 
+def record_epoch_ends(trainer: Trainer, *, floating_only: bool) -> dict[int, dict[str, torch.Tensor]]:
+    """Fill, as ``trainer`` trains, epoch -> the model's state at that epoch's end, as float64 on
+    the CPU (the reference means are taken in float64); ``floating_only`` leaves out the integer
+    BatchNorm counters."""
+    snapshots: dict[int, dict[str, torch.Tensor]] = {}
+    train_epoch = trainer.train_epoch
+
+    def recording(epoch):
+        row = train_epoch(epoch)
+        snapshots[epoch] = {k: v.detach().cpu().double().clone() for k, v in trainer.model.state_dict().items()
+                            if v.is_floating_point() or not floating_only}
+        return row
+
+    trainer.train_epoch = recording
+    return snapshots
+
+
 @pytest.mark.parametrize("epochs,share,restart,joining", [
     (60, 0.25, 2, {46, 48, 50, 52, 54, 56, 58, 60}),  # the table: the last quarter's eight cycle ends
     (40, 0.25, 2, {32, 34, 36, 38, 40}),
@@ -36,16 +53,7 @@ def test_the_tested_model_is_the_mean_of_the_cycle_end_weights(tmp_path):
     # six epochs, restarts every 2, the last half: the ends of epochs 4 and 6 (0-based 3 and 5) join
     cfg = tiny_config(tmp_path, method="mixnn_plus", epochs=6, plus_average_last=0.5, eval_every=1, num_threads=1)
     trainer = Trainer(cfg)
-    snapshots = {}
-    train_epoch = trainer.train_epoch
-
-    def recording(epoch):
-        row = train_epoch(epoch)
-        snapshots[epoch] = {k: v.detach().double().clone() for k, v in trainer.model.state_dict().items()
-                            if v.is_floating_point()}
-        return row
-
-    trainer.train_epoch = recording
+    snapshots = record_epoch_ends(trainer, floating_only=True)
     trainer.fit()
     averaged = trainer.averaged.module.state_dict()
     assert int(trainer.averaged.n_averaged) == 2
@@ -96,15 +104,7 @@ def test_the_average_takes_every_tensor_on_every_device(tmp_path, device):
     cfg = tiny_config(tmp_path, method="mixnn_plus", epochs=4, restart_period=1, plus_average_last=0.5,
                       eval_every=1, num_threads=1, device=device)
     trainer = Trainer(cfg)
-    snapshots = []
-    train_epoch = trainer.train_epoch
-
-    def recording(epoch):
-        row = train_epoch(epoch)
-        snapshots.append({k: v.detach().cpu().double().clone() for k, v in trainer.model.state_dict().items()})
-        return row
-
-    trainer.train_epoch = recording
+    snapshots = record_epoch_ends(trainer, floating_only=False)
     trainer.fit()
     assert int(trainer.averaged.n_averaged) == 2  # the ends of epochs 3 and 4
     averaged = {k: v.cpu() for k, v in trainer.averaged.module.state_dict().items()}
