@@ -5,7 +5,8 @@
 #
 #   OUT=<folder> TIME_LIMIT=420 JOBS=16 bash scripts/gpu_table.sh [run folder, default runs/gpu_table]
 #
-# METHODS (default "mixnn_plus gce sce mixup ce mixnn") limits the cells to some methods.
+# METHODS (default "mixnn_plus gce sce mixup ce mixnn") limits the cells to some methods, NOISES
+# (default: every noise setting of the table) to some settings.
 # One table cell per process, JOBS at a time, one CPU thread each, all on the one GPU.  MixNN+'s
 # cells start first, then the other methods seed by seed, so that a run stopped by the time
 # limit leaves whole seeds, not a scatter of holes.  No cell starts in the last 90 s; a cell still
@@ -22,7 +23,9 @@ PYTHON=${PYTHON:-python3}
 JOBS=${JOBS:-16}
 TIME_LIMIT=${TIME_LIMIT:-420}
 METHODS=${METHODS:-mixnn_plus gce sce mixup ce mixnn}
-NOISES="sym-20 sym-40 sym-60 sym-80 asym-40"
+# The table's noise settings, from the table's own list (NOISES="sym-60 sym-80" limits them).
+NOISES=${NOISES:-$("$PYTHON" -c 'from mixnn_fast.app.experiments import TABLE_NOISE; print(" ".join(n[2] for n in TABLE_NOISE))')} || {
+  echo "gpu_table: $PYTHON cannot import mixnn_fast to list the table's noise settings" >&2; exit 2; }
 FMNIST=/usr/share/datasets/fashion-mnist
 mkdir -p "$OUT" "$RUNS"
 
