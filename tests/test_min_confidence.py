@@ -124,3 +124,78 @@ def test_the_trainer_hands_the_threshold_to_each_refresh_where_the_gate_applies(
     logged = [r["held_back_by_confidence"] for r in trainer.metrics.rows if "held_back_by_confidence" in r]
     assert len(logged) == (len(refreshes) if acts else 0)
     assert all(0 <= share <= 1 for share in logged)
+
+
+def test_a_symmetric_spread_switches_to_its_own_threshold():
+    """``plus_symmetric_confidence``: where the gate applies and the last refresh's disagreement
+    spread reached SYMMETRIC_SPREAD, its threshold replaces plus_min_confidence (0 included)."""
+    from mixnn_fast.train.methods import SYMMETRIC_SPREAD
+
+    cfg = TrainConfig(method="mixnn_plus", plus_min_confidence=0.5, plus_symmetric_confidence=0.8)
+    assert correction_min_confidence(cfg, 0.7, SYMMETRIC_SPREAD) == 0.8
+    assert correction_min_confidence(cfg, 0.7, 1.0) == 0.8
+    assert correction_min_confidence(cfg, 0.7, math.nextafter(SYMMETRIC_SPREAD, 0)) == 0.5  # class-pair noise
+    assert correction_min_confidence(cfg, 0.7, None) == 0.5  # no spread recorded yet
+    assert correction_min_confidence(cfg, 0.3, 1.0) == 0.0  # the gate does not hold
+    only_symmetric = TrainConfig(method="mixnn_plus", plus_min_confidence=0.0, plus_symmetric_confidence=0.8)
+    assert correction_min_confidence(only_symmetric, 0.7, 0.9) == 0.8
+    assert correction_min_confidence(only_symmetric, 0.7, 0.1) == 0.0
+    assert correction_min_confidence(TrainConfig(method="mixnn_plus"), 0.7, 1.0) == TrainConfig().plus_min_confidence
+
+
+@given(value=st.one_of(st.floats(allow_nan=True, allow_infinity=True).filter(lambda v: not 0 <= v <= 1),
+                       st.floats(0.01, 1.0)),
+       method=st.sampled_from(["mixnn_plus", "mixnn", "gce"]), consistent=st.sampled_from([0, 2]),
+       correction=st.sampled_from(["selective", "graded", "all"]))
+def test_config_accepts_a_symmetric_threshold_only_where_it_can_act(value, method, consistent, correction):
+    options = dict(method=method, plus_symmetric_confidence=value, plus_consistent=consistent,
+                   plus_correction=correction)
+    acts = math.isfinite(value) and 0 <= value <= 1 and method == "mixnn_plus" and consistent > 0 \
+        and correction == "selective"
+    if acts:
+        assert TrainConfig(**options).plus_symmetric_confidence == value
+    else:
+        with pytest.raises(ValueError, match="plus_symmetric_confidence|plus_consistent"):
+            TrainConfig(**options)
+
+
+@pytest.mark.parametrize("spread_from", ["default", 0.0])
+def test_the_trainer_hands_the_symmetric_threshold_after_a_spread_refresh(tmp_path, monkeypatch, spread_from):
+    """Real training on digits at symmetric noise: the first refresh has no spread yet and gets
+    plus_min_confidence; every later one gets the symmetric threshold exactly when the refresh
+    before it logged a spread of at least SYMMETRIC_SPREAD (the tiny model's first refreshes
+    predict few classes and stay under 0.4, so it is also lowered to 0, where every later refresh
+    must get it); a resumed run carries the spread."""
+    import mixnn_fast.train.methods as methods_module
+    import mixnn_fast.train.trainer as trainer_module
+    from mixnn_fast.train.trainer import Trainer
+
+    if spread_from != "default":
+        monkeypatch.setattr(methods_module, "SYMMETRIC_SPREAD", spread_from)
+    SYMMETRIC_SPREAD = methods_module.SYMMETRIC_SPREAD
+
+    handed = []
+
+    class Recording(PoolScores):
+        def __init__(self, *args, **kwargs):
+            handed.append(kwargs.get("min_confidence"))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "PoolScores", Recording)
+    cfg = TrainConfig(dataset="digits", train_subset=300, noise="symmetric_uniform", noise_rate=0.4, model="small_cnn",
+                      model_widths=[8, 8, 8, 8], method="mixnn_plus", epochs=5, warmup_epochs=1, correction_start=1,
+                      restart_period=2, batch_size=64, progress=False, tensorboard=False, out_dir=str(tmp_path / "run"),
+                      num_threads=1, seed=3, plus_min_confidence=0.35, plus_symmetric_confidence=0.45,
+                      plus_consistent=1, plus_consistent_min_agreement=0.0)
+    trainer = Trainer(cfg)
+    trainer.fit()
+    refreshes = [h for h in handed if h is not None]
+    spreads = [r["disagreement_spread"] for r in trainer.metrics.rows if "disagreement_spread" in r]
+    assert len(refreshes) == len(spreads) >= 3
+    expected = [0.35] + [0.45 if s >= SYMMETRIC_SPREAD else 0.35 for s in spreads[:-1]]
+    assert refreshes == expected
+    if spread_from != "default":
+        assert refreshes[1:] == [0.45] * (len(refreshes) - 1)
+    assert trainer.run.disagreement_spread == spreads[-1]
+    resumed = Trainer(cfg, resume=True)
+    assert resumed.run.disagreement_spread == spreads[-1]

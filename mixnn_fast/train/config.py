@@ -46,7 +46,7 @@ ADDED_AFTER_SAVED_RUNS = {"plus_freeze": 0, "plus_vote": 0, "plus_split_check": 
                           "plus_elr": 0.0, "elr_beta": 0.7, "plus_warmup_max": 0,
                           "plus_consistent": 0, "plus_consistent_min_agreement": 0.0,
                           "plus_split_check_min_agreement": 0.0, "plus_gmm_per_class": False,
-                          "plus_min_confidence": 0.0, "plus_average_last": 0.0}
+                          "plus_min_confidence": 0.0, "plus_average_last": 0.0, "plus_symmetric_confidence": 0.0}
 
 #: MixNN+'s settings that are on by default, with the settings they act under.  Where one cannot
 #: act (another method, another correction), its default is accepted as well as "off" (runs saved
@@ -126,6 +126,8 @@ class TrainConfig:
                                           # share of predictions agree with the given labels (0: always)
     plus_min_confidence: float = 0.5      # mixnn_plus: where the stability gate applies, a target is corrected only
                                           # if the model gives its prediction at least this probability (0: off)
+    plus_symmetric_confidence: float = 0.0  # mixnn_plus: that probability instead, after refreshes whose disagreements
+                                          # with the given labels spread like symmetric noise's (0: off; methods.py)
     plus_vote: int = 0                    # mixnn_plus: a sample's clean probability is at least the share of its this many
                                           # nearest neighbours that carry its current label (0: off)
     plus_split_check: bool = False        # mixnn_plus: no sample is called noisy while the GMM's components overlap
@@ -193,7 +195,7 @@ class TrainConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
         for name in ("trust_min_agreement", "plus_consistent_min_agreement", "plus_split_check_min_agreement",
-                     "plus_min_confidence"):
+                     "plus_min_confidence", "plus_symmetric_confidence"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name}: must lie in [0, 1], got {getattr(self, name)}")
         for name in ("plus_freeze", "plus_consistent"):  # the counts are int16
@@ -224,6 +226,9 @@ class TrainConfig:
                              f"[{self.warmup_epochs}, {self.correction_start}] (or 0: off), got {self.plus_warmup_max}")
         self._needs("plus_freeze", "freezes MixNN+'s selective correction", method="mixnn_plus",
                     plus_correction="selective")
+        if self.plus_symmetric_confidence:
+            self._needs_stability_gate("plus_symmetric_confidence", "sets MixNN+'s confidence condition where the "
+                                       "noise looks symmetric", method="mixnn_plus", plus_correction="selective")
         # MixNN+'s stability gate is on by default, and 0 is what runs saved before it are read with:
         # both are accepted with any method; any other value the user chose must be one that acts
         if self.plus_consistent not in (0, _default("plus_consistent")):
@@ -235,7 +240,8 @@ class TrainConfig:
         for name in ("lr", "lr_min", "momentum", "weight_decay", "noise_rate", "correction_momentum", "rdm_alpha",
                      "gmm_tol", "gmm_reg_covar", "mixup_alpha", "gce_q", "sce_alpha", "sce_beta", "validation_split",
                      "trust_min_agreement", "plus_elr", "elr_beta", "plus_consistent_min_agreement",
-                     "plus_split_check_min_agreement", "plus_min_confidence", "plus_average_last"):
+                     "plus_split_check_min_agreement", "plus_min_confidence", "plus_average_last",
+                     "plus_symmetric_confidence"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name}: must be a finite number, got {getattr(self, name)}")
         if self.plus_elr < 0:

@@ -171,19 +171,36 @@ def stability_gate_applies(cfg: TrainConfig, given_agreement: float | None) -> b
     return given_agreement is not None and given_agreement >= cfg.plus_consistent_min_agreement
 
 
-def correction_min_confidence(cfg: TrainConfig, given_agreement: float | None) -> float:
+def correction_min_confidence(cfg: TrainConfig, given_agreement: float | None,
+                              disagreement_spread: float | None = None) -> float:
     """The probability MixNN+'s model must give its prediction for a sample's target to be
-    corrected in this refresh (``PoolScores(min_confidence=...)``): ``cfg.plus_min_confidence``
-    where :func:`stability_gate_applies` after a refresh with ``given_agreement``, else 0.
+    corrected in this refresh (``PoolScores(min_confidence=...)``): 0 unless
+    :func:`stability_gate_applies` after a refresh with ``given_agreement``; there
+    ``cfg.plus_symmetric_confidence`` when it is set and that refresh's ``disagreement_spread``
+    (mixnn_fast.refresh.noise_structure) reached :data:`SYMMETRIC_SPREAD`, else
+    ``cfg.plus_min_confidence``.
 
     Why: where most labels are right, the corrections that turn a right label wrong are the hard
     images, on which the model is unsure (sym-20, the final model: median probability of the
     prediction 0.58 on those, 0.86 on the wrong labels it corrects; docs/mixnn_plus.md); at high
     noise every prediction is unsure and a threshold would stop the correction, hence only with
-    the gate."""
-    if not cfg.plus_min_confidence or not stability_gate_applies(cfg, given_agreement):
+    the gate.  A stricter threshold (0.8) gains at symmetric noise and loses under class-pair
+    noise, where the model is rarely that sure against a label a similar class gave; the spread
+    of the model's disagreements tells the two apart without true labels."""
+    if not stability_gate_applies(cfg, given_agreement):
         return 0.0
+    if (cfg.plus_symmetric_confidence and disagreement_spread is not None
+            and disagreement_spread >= SYMMETRIC_SPREAD):
+        return cfg.plus_symmetric_confidence
     return cfg.plus_min_confidence
+
+
+#: The disagreement spread from which MixNN+ takes the noise to be symmetric.  Fixed from one
+#: development run per setting with the default (seed 140; docs/mixnn_plus.md, "A confidence by
+#: the noise's structure"), over every refresh: asym-40 0.16-0.28, clean labels 0.16-0.31,
+#: sym-20 0.34-0.77 (most above 0.45), sym-40 0.51-0.90.  A refresh of symmetric noise under it
+#: (the model mid-restart) keeps plus_min_confidence: the safe side.
+SYMMETRIC_SPREAD = 0.35
 
 
 def gates_on_stability(cfg: TrainConfig) -> bool:

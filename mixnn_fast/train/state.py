@@ -47,6 +47,7 @@ class RunState:
     last_predicted: torch.Tensor | None = None  # (N,) int16 each sample's prediction at its last refresh (-1: none)
     warmup_end: int | None = None  # MixNN+: the epoch whose refresh ended a warm-up chosen from the GMM (None: not yet)
     given_agreement: float | None = None  # the last refresh's share of predictions equal to the given labels
+    disagreement_spread: float | None = None  # the last refresh's spread of those that differ (refresh.noise_structure)
 
 
 def _table_state(table: PartnerTable | None) -> dict | None:
@@ -77,6 +78,7 @@ def checkpoint_state(config: dict, run: RunState, modules: dict, generator: torc
         "stable": run.stable,
         "last_predicted": run.last_predicted,
         "given_agreement": run.given_agreement,
+        "disagreement_spread": run.disagreement_spread,
         "extra": extra or {},
     }
 
@@ -103,7 +105,8 @@ def restore_checkpoint(state: dict, modules: dict, generator: torch.Generator, p
                        rank_rng=list(state.get("rank_rng", [])), clean_prob=state.get("clean_prob"),
                        agreement=state.get("agreement"), warmup_end=state.get("warmup_end"),
                        stable=state.get("stable"), last_predicted=state.get("last_predicted"),
-                       given_agreement=state.get("given_agreement"))
+                       given_agreement=state.get("given_agreement"),
+                       disagreement_spread=state.get("disagreement_spread"))
         restore_rng(state["rng"], generator)
         if rank and len(run.rank_rng) == world_size:
             restore_rng(run.rank_rng[rank])  # this process's global generators; the trainer's own is rank 0's

@@ -247,7 +247,7 @@ class Trainer:
         if gates_on_stability(cfg) and cfg.plus_consistent_min_agreement:
             # whether this refresh's correction was held back by the gate (read from the last refresh)
             gate_row["stability_gate_applied"] = float(stability_gate_applies(cfg, self.run.given_agreement))
-        min_confidence = correction_min_confidence(cfg, self.run.given_agreement)
+        min_confidence = correction_min_confidence(cfg, self.run.given_agreement, self.run.disagreement_spread)
         scores = PoolScores(pool, self.targets, self.given_labels, epoch, gmm_loss=cfg.gmm_loss,
                             correct=corrects_labels(cfg), correct_only=only, min_confidence=min_confidence,
                             running=self.early_targets,
@@ -271,10 +271,12 @@ class Trainer:
             self.run.clean_prob = torch.full((self.num_samples,), float("nan"))
         self.run.clean_prob[result.ids] = result.clean_prob.float()
         self.run.given_agreement = result.stats["given_label_agreement"]
+        self.run.disagreement_spread = result.stats["disagreement_spread"]
         frozen_row = dict(gate_row)
         if min_confidence:  # the same on every process (the agreement is shared): a collective is safe
             (held_back,) = self.dist.sum(scores.held_back)  # each process held back in its own shard
             frozen_row["held_back_by_confidence"] = held_back / len(scores.ids)
+            frozen_row["correction_min_confidence"] = min_confidence
         if freezes_targets(cfg):
             if self.run.agreement is None:
                 self.run.agreement = torch.zeros(self.num_samples, dtype=torch.int16)
