@@ -113,8 +113,8 @@ def test_the_trainer_hands_the_threshold_to_each_refresh_where_the_gate_applies(
     cfg = TrainConfig(dataset="digits", train_subset=300, noise="symmetric_uniform", noise_rate=0.4, model="small_cnn",
                       model_widths=[8, 8, 8, 8], method="mixnn_plus", epochs=4, warmup_epochs=1, correction_start=1,
                       restart_period=2, batch_size=64, progress=False, tensorboard=False, out_dir=str(tmp_path / "run"),
-                      num_threads=1, seed=3, plus_min_confidence=0.35, plus_consistent=1,
-                      plus_consistent_min_agreement=min_agreement)
+                      num_threads=1, seed=3, plus_min_confidence=0.35, plus_symmetric_confidence=0.0,
+                      plus_consistent=1, plus_consistent_min_agreement=min_agreement)
     trainer = Trainer(cfg)
     trainer.fit()
     refreshes = [h for h in handed if h is not None]
@@ -140,7 +140,9 @@ def test_a_symmetric_spread_switches_to_its_own_threshold():
     only_symmetric = TrainConfig(method="mixnn_plus", plus_min_confidence=0.0, plus_symmetric_confidence=0.8)
     assert correction_min_confidence(only_symmetric, 0.7, 0.9) == 0.8
     assert correction_min_confidence(only_symmetric, 0.7, 0.1) == 0.0
-    assert correction_min_confidence(TrainConfig(method="mixnn_plus"), 0.7, 1.0) == TrainConfig().plus_min_confidence
+    default = TrainConfig(method="mixnn_plus")  # both on by default (docs/mixnn_plus.md)
+    assert correction_min_confidence(default, 0.7, 1.0) == default.plus_symmetric_confidence == 0.8
+    assert correction_min_confidence(default, 0.7, 0.2) == default.plus_min_confidence == 0.5
 
 
 @given(value=st.one_of(st.floats(allow_nan=True, allow_infinity=True).filter(lambda v: not 0 <= v <= 1),
@@ -152,7 +154,7 @@ def test_config_accepts_a_symmetric_threshold_only_where_it_can_act(value, metho
                    plus_correction=correction)
     acts = math.isfinite(value) and 0 <= value <= 1 and method == "mixnn_plus" and consistent > 0 \
         and correction == "selective"
-    if acts:
+    if acts or value == TrainConfig().plus_symmetric_confidence:  # the default: accepted anywhere
         assert TrainConfig(**options).plus_symmetric_confidence == value
     else:
         with pytest.raises(ValueError, match="plus_symmetric_confidence|plus_consistent"):

@@ -56,13 +56,16 @@ ON_BY_DEFAULT_ACTS_UNDER = {
     "plus_consistent": dict(method="mixnn_plus", plus_correction="selective"),
     "plus_consistent_min_agreement": dict(method="mixnn_plus", plus_correction="selective"),
     "plus_min_confidence": dict(method="mixnn_plus", plus_correction="selective"),
+    "plus_symmetric_confidence": dict(method="mixnn_plus", plus_correction="selective"),
     "plus_average_last": dict(method="mixnn_plus"),
 }
 
 #: Settings that refine MixNN+'s stability gate, with what each does: they cannot act while the
 #: gate is off (plus_consistent 0).
 REFINES_STABILITY_GATE = {"plus_consistent_min_agreement": "says when MixNN+'s stability gate applies",
-                          "plus_min_confidence": "adds a confidence condition to MixNN+'s stability gate"}
+                          "plus_min_confidence": "adds a confidence condition to MixNN+'s stability gate",
+                          "plus_symmetric_confidence": "sets MixNN+'s confidence condition where the noise looks "
+                                                       "symmetric"}
 
 
 @dataclass
@@ -126,7 +129,7 @@ class TrainConfig:
                                           # share of predictions agree with the given labels (0: always)
     plus_min_confidence: float = 0.5      # mixnn_plus: where the stability gate applies, a target is corrected only
                                           # if the model gives its prediction at least this probability (0: off)
-    plus_symmetric_confidence: float = 0.0  # mixnn_plus: that probability instead, after refreshes whose disagreements
+    plus_symmetric_confidence: float = 0.8  # mixnn_plus: that probability instead, after refreshes whose disagreements
                                           # with the given labels spread like symmetric noise's (0: off; methods.py)
     plus_vote: int = 0                    # mixnn_plus: a sample's clean probability is at least the share of its this many
                                           # nearest neighbours that carry its current label (0: off)
@@ -226,9 +229,6 @@ class TrainConfig:
                              f"[{self.warmup_epochs}, {self.correction_start}] (or 0: off), got {self.plus_warmup_max}")
         self._needs("plus_freeze", "freezes MixNN+'s selective correction", method="mixnn_plus",
                     plus_correction="selective")
-        if self.plus_symmetric_confidence:
-            self._needs_stability_gate("plus_symmetric_confidence", "sets MixNN+'s confidence condition where the "
-                                       "noise looks symmetric", method="mixnn_plus", plus_correction="selective")
         # MixNN+'s stability gate is on by default, and 0 is what runs saved before it are read with:
         # both are accepted with any method; any other value the user chose must be one that acts
         if self.plus_consistent not in (0, _default("plus_consistent")):
