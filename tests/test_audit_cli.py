@@ -164,6 +164,22 @@ def test_a_damaged_record_is_named(runs, tmp_path):
     assert _digest(tmp_path) == before
 
 
+@pytest.mark.parametrize("field", ["corrected", "target_given", "true"])
+def test_a_record_with_arrays_of_different_lengths_is_named(runs, tmp_path, field):
+    import shutil
+
+    run = tmp_path / "ce"
+    shutil.copytree(runs / "ce", run)
+    with np.load(run / "label_record.npz") as f:
+        arrays = {k: f[k] for k in f.files}
+    arrays[field] = arrays[field][:-3]  # a copy cut short in one array: still a valid .npz
+    np.savez(run / "label_record.npz", **arrays)
+    before = _digest(tmp_path)
+    line = _one_line_error(mixnn("audit", str(run), "--no-reference"))
+    assert "label_record.npz" in line and "different lengths" in line and field in line, line
+    assert _digest(tmp_path) == before
+
+
 def test_bad_folds_are_refused(runs):
     before = _digest(runs)
     line = _one_line_error(mixnn("audit", str(runs / "ce"), "--folds", "1"))

@@ -80,6 +80,8 @@ class RecordArrays:
         an .npz, or lacks an array (a user's copy gone wrong is not a programming error)."""
         import zipfile
 
+        from mixnn_fast.train.outcome import PER_SAMPLE_FIELDS
+
         try:
             with np.load(path, allow_pickle=False) as f:
                 d = {k: f[k] for k in f.files}
@@ -89,8 +91,7 @@ class RecordArrays:
             raise ValueError(f"{path}: not a readable label record ({type(exc).__name__}: {exc}); "
                              "train the run again or restore the file") from None
         n = len(record.given)
-        lengths = {k: len(getattr(record, k)) for k in ("corrected", "clean_prob", "clean_prob_given", "prob_given",
-                                                         "predicted", "confidence", "target_given")}
+        lengths = {k: len(getattr(record, k)) for k in PER_SAMPLE_FIELDS}
         if record.true is not None:
             lengths["true"] = len(record.true)
         wrong = {k: v for k, v in lengths.items() if v != n}
