@@ -130,6 +130,8 @@ def test_saved_settings_read_fields_they_predate_with_the_old_value():
                                    ["--method", "mixnn", "--plus-gmm-per-class"],
                                    ["--method", "mixnn_plus", "--trust-min-agreement", "0.5"],
                                    ["--method", "mixnn_plus", "--weights", "trust", "--trust-min-agreement", "1.5"],
+                                   ["--method", "mixnn_plus", "--trust-min-spread", "0.35"],
+                                   ["--method", "mixnn_plus", "--weights", "trust", "--trust-min-spread", "-0.1"],
                                    ["--method", "mixnn", "--plus-vote", "5"],
                                    ["--method", "mixnn_plus", "--partners", "random", "--plus-vote", "5"],
                                    ["--method", "mixnn_plus", "--plus-vote", "-1"],
@@ -181,7 +183,7 @@ def test_cli_refuses_a_mixnn_plus_option_that_cannot_apply_before_writing(tmp_pa
     err = capsys.readouterr().err
     setting = next(f[2:].replace("-", "_") for f in flags
                    if f in ("--plus-vote", "--plus-freeze", "--plus-split-check", "--plus-gmm-per-class",
-                            "--trust-min-agreement", "--plus-elr",
+                            "--trust-min-agreement", "--trust-min-spread", "--plus-elr",
                             "--elr-beta", "--plus-warmup-max", "--plus-consistent",
                             "--plus-consistent-min-agreement", "--plus-split-check-min-agreement",
                             "--plus-min-confidence", "--plus-average-last"))

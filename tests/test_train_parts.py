@@ -514,3 +514,40 @@ def test_trust_weights_apply_only_where_predictions_agree_with_the_given_labels(
     position = result.table.partners[:, 0]  # ids 0..n-1: ids are positions here
     expected = mixing_weights(result.clean_prob, position.unsqueeze(1), mode="trust" if trusted else "gmm")
     assert torch.equal(result.table.weights, expected)
+
+
+@pytest.mark.parametrize("pairs", ["symmetric", "one_pair"])
+@pytest.mark.parametrize("min_spread", [0.0, 0.35, 0.95])
+def test_trust_weights_apply_only_where_disagreements_spread_over_many_class_pairs(pairs, min_spread, rng):
+    """The spread gate: trusted anchors only at a refresh whose disagreement spread reached
+    ``trust_min_spread``; the spread recomputed here from its definition (scipy's entropy)."""
+    from scipy.stats import entropy
+
+    from mixnn_fast.refresh.weights import mixing_weights
+
+    n, c = 61, 5
+    given = torch.from_numpy(rng.integers(0, c, n))
+    predicted = given.clone()
+    disagree = torch.from_numpy(rng.permutation(n)[:25])
+    if pairs == "symmetric":  # every other class, drawn at random
+        predicted[disagree] = (given[disagree] + torch.from_numpy(rng.integers(1, c, len(disagree)))) % c
+    else:  # one class to the next: few ordered pairs
+        predicted[disagree] = (given[disagree] + 1) % c
+    logits = 6 * torch.nn.functional.one_hot(predicted, c).float() + 0.1 * torch.from_numpy(
+        rng.normal(size=(n, c))).float()
+    targets = SoftTargets(given, c, start_epoch=0)
+    scores = stream(torch.arange(n), targets, given, epoch=0, logits=logits,
+                    features=torch.from_numpy(rng.normal(size=(n, 4))).float(), correct=False)
+    result = refresh(scores, RefreshOptions(neighbour_backend="exact", weights_mode="trust",
+                                            trust_min_agreement=0.5, trust_min_spread=min_spread))
+    wrong = predicted != given
+    counts = np.bincount((given[wrong] * c + predicted[wrong]).numpy(), minlength=c * c)
+    spread = np.exp(entropy(counts[counts > 0])) / min(int(wrong.sum()), c * (c - 1))
+    assert result.stats["disagreement_spread"] == pytest.approx(spread)
+    trusted = bool(spread >= min_spread)  # 36 of 61 agree: the agreement gate holds
+    assert result.stats["anchors_trusted"] == float(trusted)
+    if pairs == "one_pair" and min_spread == 0.35:
+        assert not trusted  # the case the gate is for
+    position = result.table.partners[:, 0]
+    expected = mixing_weights(result.clean_prob, position.unsqueeze(1), mode="trust" if trusted else "gmm")
+    assert torch.equal(result.table.weights, expected)

@@ -52,6 +52,11 @@ class RefreshOptions:
     trust_min_agreement: with weights_mode "trust", anchors are kept whole only at a refresh where
     at least this share of the pool's predictions equal their given labels (a label-free sign that
     few labels are wrong); below it the weights are eq. 10-11's.
+    trust_min_spread: with weights_mode "trust", anchors are kept whole only at a refresh whose
+    ``disagreement_spread`` (mixnn_fast.refresh.noise_structure) reached this value as well: under
+    class-pair noise a wrongly labelled image has neighbours with the same wrong label and a loss
+    the GMM calls clean, so keeping such anchors whole trains on the flips; symmetric noise spreads
+    the model's disagreements over many class pairs, class-pair noise over few.
     """
 
     num_neighbours: int = 1
@@ -67,6 +72,7 @@ class RefreshOptions:
     split_check_min_agreement: float = 0.0
     gmm_per_class: bool = False
     trust_min_agreement: float = 0.0
+    trust_min_spread: float = 0.0
     num_threads: int | None = None
     device: str | None = None  # the training device: "auto" searches exactly on a CUDA device when the pool fits
 
@@ -151,7 +157,8 @@ def refresh(scores: PoolScores, options: RefreshOptions = RefreshOptions(), *,
 
     mode = options.weights_mode
     if mode == "trust":
-        if stats["given_label_agreement"] < options.trust_min_agreement:
+        if (stats["given_label_agreement"] < options.trust_min_agreement
+                or stats["disagreement_spread"] < options.trust_min_spread):
             mode = "gmm"
         stats["anchors_trusted"] = float(mode == "trust")
     table = None

@@ -43,6 +43,7 @@ RESUMABLE_FIELDS = ("epochs", "out_dir", "progress", "tensorboard", "eval_every"
 #: did: settings saved without the key (config.yaml, a checkpoint) are read with it
 #: (:meth:`TrainConfig.from_saved`), whatever the field's default is now.
 ADDED_AFTER_SAVED_RUNS = {"plus_freeze": 0, "plus_vote": 0, "plus_split_check": False, "trust_min_agreement": 0.0,
+                          "trust_min_spread": 0.0,
                           "plus_elr": 0.0, "elr_beta": 0.7, "plus_warmup_max": 0,
                           "plus_consistent": 0, "plus_consistent_min_agreement": 0.0,
                           "plus_split_check_min_agreement": 0.0, "plus_gmm_per_class": False,
@@ -104,6 +105,8 @@ class TrainConfig:
     weights: str = "gmm"                  # gmm (eq. 10-11) | trust (clean anchors kept whole) | avg | rdm
     trust_min_agreement: float = 0.0      # weights trust: only at refreshes where this share of the predictions
                                           # equals the given labels (a label-free sign of little noise); else gmm
+    trust_min_spread: float = 0.0         # weights trust: only at refreshes whose disagreement spread reached this
+                                          # (a label-free sign of symmetric noise); else gmm
     rdm_alpha: float = 1.0
     partners: str = "neighbours"          # neighbours (dataset-wide) | random | in_batch (authors' code)
     plan: str = "coherent"                # coherent (partners in the anchor's batch) | naive (decode again)
@@ -197,8 +200,8 @@ class TrainConfig:
         for name in ("plus_vote", "plus_warmup_max"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
-        for name in ("trust_min_agreement", "plus_consistent_min_agreement", "plus_split_check_min_agreement",
-                     "plus_min_confidence", "plus_symmetric_confidence"):
+        for name in ("trust_min_agreement", "trust_min_spread", "plus_consistent_min_agreement",
+                     "plus_split_check_min_agreement", "plus_min_confidence", "plus_symmetric_confidence"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name}: must lie in [0, 1], got {getattr(self, name)}")
         for name in ("plus_freeze", "plus_consistent"):  # the counts are int16
@@ -207,6 +210,8 @@ class TrainConfig:
         # settings that act only together with others: refused rather than silently doing nothing
         self._needs("plus_vote", "votes among MixNN+'s nearest neighbours", method="mixnn_plus", partners="neighbours")
         self._needs("trust_min_agreement", "gates the trust weights of neighbour partners", weights="trust",
+                    partners="neighbours")
+        self._needs("trust_min_spread", "gates the trust weights of neighbour partners", weights="trust",
                     partners="neighbours")
         self._needs("plus_elr", "adds early-learning regularisation to MixNN+'s loss", method="mixnn_plus")
         if self.plus_average_last not in (0.0, _default("plus_average_last")):  # on by default: see plus_consistent
@@ -239,9 +244,9 @@ class TrainConfig:
                 self._needs_stability_gate(name, what, **ON_BY_DEFAULT_ACTS_UNDER[name])
         for name in ("lr", "lr_min", "momentum", "weight_decay", "noise_rate", "correction_momentum", "rdm_alpha",
                      "gmm_tol", "gmm_reg_covar", "mixup_alpha", "gce_q", "sce_alpha", "sce_beta", "validation_split",
-                     "trust_min_agreement", "plus_elr", "elr_beta", "plus_consistent_min_agreement",
-                     "plus_split_check_min_agreement", "plus_min_confidence", "plus_average_last",
-                     "plus_symmetric_confidence"):
+                     "trust_min_agreement", "trust_min_spread", "plus_elr", "elr_beta",
+                     "plus_consistent_min_agreement", "plus_split_check_min_agreement", "plus_min_confidence",
+                     "plus_average_last", "plus_symmetric_confidence"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name}: must be a finite number, got {getattr(self, name)}")
         if self.plus_elr < 0:

@@ -64,7 +64,7 @@ def refresh_options(cfg: TrainConfig, threads: int, device: torch.device | None 
         split_check=cfg.plus_split_check and cfg.method == "mixnn_plus",
         split_check_min_agreement=cfg.plus_split_check_min_agreement,
         gmm_per_class=cfg.plus_gmm_per_class and cfg.method == "mixnn_plus",
-        trust_min_agreement=cfg.trust_min_agreement,
+        trust_min_agreement=cfg.trust_min_agreement, trust_min_spread=cfg.trust_min_spread,
         device=None if device is None else str(device))
 
 
