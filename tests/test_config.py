@@ -212,10 +212,13 @@ def test_on_by_default_settings_count_only_where_they_act(method, correction, ac
 
     on = TrainConfig(method=method, plus_correction=correction)  # the defaults: accepted with any method
     off = TrainConfig(method=method, plus_correction=correction, plus_consistent=0, plus_consistent_min_agreement=0.0,
-                      plus_min_confidence=0.0, plus_average_last=0.0, plus_symmetric_confidence=0.0)
+                      plus_min_confidence=0.0, plus_average_last=0.0, plus_symmetric_confidence=0.0,
+                      plus_symmetric_trust=False)
     assert all(getattr(on, name) for name in ON_BY_DEFAULT_ACTS_UNDER)  # on by default, as the name says
-    # the weight average acts with any correction; the stability gate and its refinements with selective
-    acting = {name: acts or (method == "mixnn_plus" and name == "plus_average_last") for name in ON_BY_DEFAULT_ACTS_UNDER}
+    # the weight average and the trusted anchors act with any correction; the stability gate and its
+    # refinements with selective
+    any_correction = ("plus_average_last", "plus_symmetric_trust")
+    acting = {name: acts or (method == "mixnn_plus" and name in any_correction) for name in ON_BY_DEFAULT_ACTS_UNDER}
     assert (acting_settings(on.to_dict()) == acting_settings(off.to_dict())) == (not any(acting.values()))
     kept = acting_settings(on.to_dict())
     assert all((name in kept) == acting[name] for name in ON_BY_DEFAULT_ACTS_UNDER)

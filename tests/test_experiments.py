@@ -23,7 +23,7 @@ def _cells(tmp_path, **overrides):
 
 def test_the_grid_has_every_method_noise_and_the_plan_pair(tmp_path):
     cells = table_cells(out_dir=tmp_path, seeds=(0, 1))
-    assert len(cells) == 2 * (6 * 5 + 3 + 2 * 5)  # 6 methods x 5 noises, MixNN's 3 extra rows, MixNN+'s ablations
+    assert len(cells) == 2 * (6 * 5 + 3 + 2 * 6)  # 6 methods x 5 noises, MixNN's 3 extra rows, MixNN+'s ablations
     labels = {(c.noise, c.label) for c in cells}
     assert ("sym-40", "mixnn (naive plan)") in labels and ("asym-40", "gce") in labels
     assert len({c.config.out_dir for c in cells}) == len(cells)  # no two runs share a folder
@@ -34,7 +34,8 @@ def test_the_grid_has_every_method_noise_and_the_plan_pair(tmp_path):
         for label, changes in (("correction of every sample", {"plus_correction"}),
                                ("no label correction", {"plus_correction"}), ("GCE instead of CE", {"plus_loss"}),
                                ("no stability gate", {"plus_consistent"}),
-                               ("no weight averaging", {"plus_average_last"})):
+                               ("no weight averaging", {"plus_average_last"}),
+                               ("no trusted anchors", {"plus_symmetric_trust"})):
             ablated = next(c for c in cells if c.noise == noise and c.label == f"mixnn_plus ({label})" and c.seed == 1)
             differences = {k for k, v in ablated.config.to_dict().items() if full.config.to_dict()[k] != v}
             assert differences == changes | {"out_dir"}  # each ablation switches one change off
@@ -210,7 +211,7 @@ def test_the_counts_a_mid_cycle_note_suggests_are_the_nearest_that_end_a_cycle(r
 def test_a_mixnn_plus_run_saved_before_the_stability_gate_is_the_ungated_cell(tmp_path):
     """MixNN+ corrects through the stability gate by default; a run saved before the gate existed
     ran without it: it is the cell with ``plus_consistent=0``, not the default cell (nor did it
-    average its weights)."""
+    average its weights or trust its anchors)."""
     import dataclasses
 
     import yaml
@@ -220,7 +221,8 @@ def test_a_mixnn_plus_run_saved_before_the_stability_gate_is_the_ungated_cell(tm
     ungated = _cells(tmp_path, methods=("mixnn_plus",), plan_pair=False)[0]
     ungated = dataclasses.replace(ungated, config=dataclasses.replace(ungated.config, plus_consistent=0,
                                                                       plus_consistent_min_agreement=0.0,
-                                                                      plus_average_last=0.0))
+                                                                      plus_average_last=0.0,
+                                                                      plus_symmetric_trust=False))
     run_table([ungated], tmp_path / "table", log=lambda *_: None)
     config = tmp_path / "table" / "sym-40_mixnn_plus_s0" / "config.yaml"
     saved = yaml.safe_load(config.read_text())

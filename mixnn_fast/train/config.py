@@ -47,7 +47,8 @@ ADDED_AFTER_SAVED_RUNS = {"plus_freeze": 0, "plus_vote": 0, "plus_split_check": 
                           "plus_elr": 0.0, "elr_beta": 0.7, "plus_warmup_max": 0,
                           "plus_consistent": 0, "plus_consistent_min_agreement": 0.0,
                           "plus_split_check_min_agreement": 0.0, "plus_gmm_per_class": False,
-                          "plus_min_confidence": 0.0, "plus_average_last": 0.0, "plus_symmetric_confidence": 0.0}
+                          "plus_min_confidence": 0.0, "plus_average_last": 0.0, "plus_symmetric_confidence": 0.0,
+                          "plus_symmetric_trust": False}
 
 #: MixNN+'s settings that are on by default, with the settings they act under.  Where one cannot
 #: act (another method, another correction), its default is accepted as well as "off" (runs saved
@@ -59,6 +60,7 @@ ON_BY_DEFAULT_ACTS_UNDER = {
     "plus_min_confidence": dict(method="mixnn_plus", plus_correction="selective"),
     "plus_symmetric_confidence": dict(method="mixnn_plus", plus_correction="selective"),
     "plus_average_last": dict(method="mixnn_plus"),
+    "plus_symmetric_trust": dict(method="mixnn_plus", weights="gmm", partners="neighbours"),
 }
 
 #: Settings that refine MixNN+'s stability gate, with what each does: they cannot act while the
@@ -134,6 +136,10 @@ class TrainConfig:
                                           # if the model gives its prediction at least this probability (0: off)
     plus_symmetric_confidence: float = 0.8  # mixnn_plus: that probability instead, after refreshes whose disagreements
                                           # with the given labels spread like symmetric noise's (0: off; methods.py)
+    plus_symmetric_trust: bool = True     # mixnn_plus with gmm weights and neighbour partners: anchors kept whole with
+                                          # their clean probability (trust weights) after refreshes where most
+                                          # predictions agree with the given labels and their disagreements spread
+                                          # like symmetric noise's (methods.py)
     plus_vote: int = 0                    # mixnn_plus: a sample's clean probability is at least the share of its this many
                                           # nearest neighbours that carry its current label (0: off)
     plus_split_check: bool = False        # mixnn_plus: no sample is called noisy while the GMM's components overlap

@@ -53,10 +53,28 @@ def optimisation(cfg: TrainConfig, parameters):
     return optimizer, scheduler
 
 
+def trusts_symmetric_anchors(cfg: TrainConfig) -> bool:
+    """Whether MixNN+ keeps anchors whole (trust weights) where the noise looks symmetric
+    (``plus_symmetric_trust``, with the GMM's weights and neighbour partners).
+
+    Why: MixNN mixes an anchor the GMM calls clean half-and-half with its neighbour, so at low
+    noise the model never sees most right-labelled images whole; kept whole they are fitted
+    (held out noisy labels, fresh seeds at sym-20/40: +0.0041 +- 0.0004; docs/mixnn_plus.md,
+    "Trusted anchors where the noise looks symmetric").  Under class-pair noise a flipped image's
+    neighbours carry the same wrong label and its loss looks clean, so trust there trains on the
+    flips (-6.6 points at asym-40): hence the two label-free gates, the model's agreement with the
+    given labels (:data:`TRUST_MIN_AGREEMENT`) and the spread of its disagreements
+    (:data:`SYMMETRIC_SPREAD`)."""
+    return (cfg.method == "mixnn_plus" and cfg.plus_symmetric_trust and cfg.weights == "gmm"
+            and cfg.partners == "neighbours")
+
+
 def refresh_options(cfg: TrainConfig, threads: int, device: torch.device | None = None) -> RefreshOptions:
     """The refresh's settings from a run's configuration; ``device``: the training device."""
+    symmetric_trust = trusts_symmetric_anchors(cfg)
     return RefreshOptions(
-        num_neighbours=cfg.num_neighbours, partners=cfg.partners, weights_mode=cfg.weights,
+        num_neighbours=cfg.num_neighbours, partners=cfg.partners,
+        weights_mode="trust" if symmetric_trust else cfg.weights,
         label_correction=cfg.label_correction, gmm_loss=cfg.gmm_loss,
         gmm=dict(max_iter=cfg.gmm_max_iter, tol=cfg.gmm_tol, reg_covar=cfg.gmm_reg_covar, seed=cfg.seed),
         neighbour_backend=cfg.neighbour_backend, rdm_alpha=cfg.rdm_alpha, num_threads=threads,
@@ -64,7 +82,8 @@ def refresh_options(cfg: TrainConfig, threads: int, device: torch.device | None 
         split_check=cfg.plus_split_check and cfg.method == "mixnn_plus",
         split_check_min_agreement=cfg.plus_split_check_min_agreement,
         gmm_per_class=cfg.plus_gmm_per_class and cfg.method == "mixnn_plus",
-        trust_min_agreement=cfg.trust_min_agreement, trust_min_spread=cfg.trust_min_spread,
+        trust_min_agreement=TRUST_MIN_AGREEMENT if symmetric_trust else cfg.trust_min_agreement,
+        trust_min_spread=SYMMETRIC_SPREAD if symmetric_trust else cfg.trust_min_spread,
         device=None if device is None else str(device))
 
 
@@ -201,6 +220,11 @@ def correction_min_confidence(cfg: TrainConfig, given_agreement: float | None,
 #: sym-20 0.34-0.77 (most above 0.45), sym-40 0.51-0.90.  A refresh of symmetric noise under it
 #: (the model mid-restart) keeps plus_min_confidence: the safe side.
 SYMMETRIC_SPREAD = 0.35
+
+#: The share of the pool's predictions that must equal the given labels for MixNN+'s trusted
+#: anchors (``plus_symmetric_trust``): "most", the one value tried since 2026-12-01
+#: (docs/mixnn_plus.md, "Seven more candidates").
+TRUST_MIN_AGREEMENT = 0.5
 
 
 def gates_on_stability(cfg: TrainConfig) -> bool:
