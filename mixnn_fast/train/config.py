@@ -137,7 +137,7 @@ class TrainConfig:
     plus_symmetric_confidence: float = 0.8  # mixnn_plus: that probability instead, after refreshes whose disagreements
                                           # with the given labels spread like symmetric noise's (0: off; methods.py)
     plus_symmetric_trust: bool = True     # mixnn_plus with gmm weights and neighbour partners: anchors kept whole with
-                                          # their clean probability (trust weights) after refreshes where most
+                                          # their clean probability (trust weights) at refreshes where most
                                           # predictions agree with the given labels and their disagreements spread
                                           # like symmetric noise's (methods.py)
     plus_vote: int = 0                    # mixnn_plus: a sample's clean probability is at least the share of its this many
