@@ -57,6 +57,9 @@ class RefreshOptions:
     class-pair noise a wrongly labelled image has neighbours with the same wrong label and a loss
     the GMM calls clean, so keeping such anchors whole trains on the flips; symmetric noise spreads
     the model's disagreements over many class pairs, class-pair noise over few.
+    given_vote: (MixNN+'s neighbour guard, off by default) each sample's ``given_vote`` nearest
+    neighbours vote with their given labels: ``RefreshResult.given_label_supported`` says where
+    the sample's own given label is the most common among them (see :func:`given_label_supported`).
     """
 
     num_neighbours: int = 1
@@ -73,6 +76,7 @@ class RefreshOptions:
     gmm_per_class: bool = False
     trust_min_agreement: float = 0.0
     trust_min_spread: float = 0.0
+    given_vote: int = 0
     num_threads: int | None = None
     device: str | None = None  # the training device: "auto" searches exactly on a CUDA device when the pool fits
 
@@ -88,6 +92,7 @@ class RefreshResult:
     scores: PoolScores | None = None    # what the forward pass left per sample (for the audit)
     seconds: dict[str, float] = field(default_factory=dict)
     stats: dict[str, float] = field(default_factory=dict)
+    given_label_supported: torch.Tensor | None = None  # (P,) bool, with ``given_vote``: the neighbours' vote
 
 
 def refresh(scores: PoolScores, options: RefreshOptions = RefreshOptions(), *,
@@ -138,11 +143,13 @@ def refresh(scores: PoolScores, options: RefreshOptions = RefreshOptions(), *,
     start = time.perf_counter()
     n = len(ids)
     neighbours = None  # positions within the pool
+    supported = None
     if options.partners == "neighbours":
         features = scores.features
         backend, search_device = choose_backend(options.neighbour_backend, *features.shape, features.dtype,
                                                 options.device)
-        searched = max(options.num_neighbours, min(options.label_vote, n - 1))  # a vote needs no more than the pool
+        # a vote needs no more than the pool
+        searched = max(options.num_neighbours, min(options.label_vote, n - 1), min(options.given_vote, n - 1))
         neighbours = nearest_neighbours(features.to(search_device), searched, backend=backend,
                                         num_threads=options.num_threads).cpu()
         stats["neighbours_exact_on_device"] = float(search_device.type != "cpu")
@@ -150,6 +157,9 @@ def refresh(scores: PoolScores, options: RefreshOptions = RefreshOptions(), *,
             agreement = neighbour_agreement(scores.current_labels, neighbours[:, :options.label_vote])
             stats["called_clean_by_vote"] = float(((clean_prob < 0.5) & (agreement >= 0.5)).float().mean())
             clean_prob = torch.maximum(clean_prob, agreement)
+        if options.given_vote:
+            supported = given_label_supported(given, neighbours[:, :options.given_vote])
+            stats["given_label_supported"] = float(supported.float().mean())
         neighbours = neighbours[:, :options.num_neighbours]
     elif options.partners == "random":
         neighbours = random_partners(n, options.num_neighbours, generator)
@@ -185,7 +195,8 @@ def refresh(scores: PoolScores, options: RefreshOptions = RefreshOptions(), *,
     stats["gmm_iterations"] = float(gmm.n_iter_)
     stats["called_noisy"] = float((clean_prob < 0.5).float().mean())  # label-free: the share the GMM calls noisy
     return RefreshResult(losses=losses_for_gmm, clean_prob=clean_prob, ids=ids, table=table,
-                         features=scores.features, gmm=gmm, scores=scores, seconds=seconds, stats=stats)
+                         features=scores.features, gmm=gmm, scores=scores, seconds=seconds, stats=stats,
+                         given_label_supported=supported)
 
 
 # Ashman, Bird & Zucker (1994): a mixture of two Gaussians is cleanly bimodal when D > 2
@@ -211,6 +222,34 @@ def neighbour_agreement(labels: torch.Tensor, neighbours: torch.Tensor) -> torch
     predictions.  A hard image whose label its neighbours in feature space share is rarely
     mislabelled, while a wrong label under symmetric noise is rarely shared by its neighbours."""
     return (labels[neighbours] == labels.unsqueeze(1)).float().mean(dim=1)
+
+
+#: Rows of the (rows, k, k) comparison :func:`given_label_supported` builds at once (k = 10:
+#: 6.5 MB), so a WebVision-sized pool never holds a (P, C) count table (1M x 1000 int64: 8 GB).
+_VOTE_CHUNK_ROWS = 1 << 16
+
+
+def given_label_supported(labels: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
+    """Where each sample's label is the most common label among its neighbours' (a k-nearest-
+    neighbour vote, ties counting for the sample's own label): labels (P,) int64 given labels,
+    neighbours (P, k) int64 positions in [0, P), k >= 1.  Returns (P,) bool.
+
+    MixNN+'s neighbour guard spares these from the correction (Bahri et al. 2020, "Deep k-NN for
+    noisy labels", keep the samples whose label agrees with the k-NN vote): under symmetric noise a
+    wrong label is rarely its neighbourhood's most common, while a hard image the model doubts
+    still sits among images that carry its right label.  A label's count is compared with the
+    count of the most common label of the row, computed within the row (no (P, C) table)."""
+    if neighbours.ndim != 2 or neighbours.shape[0] != labels.shape[0] or neighbours.shape[1] < 1:
+        raise ValueError(f"given_label_supported: neighbours must be (P, k >= 1) for P = {labels.shape[0]} labels, "
+                         f"got {tuple(neighbours.shape)}")
+    supported = torch.empty(labels.shape[0], dtype=torch.bool)
+    for start in range(0, labels.shape[0], _VOTE_CHUNK_ROWS):
+        rows = slice(start, start + _VOTE_CHUNK_ROWS)
+        votes = labels[neighbours[rows]]  # (R, k) the neighbours' labels
+        own = (votes == labels[rows].unsqueeze(1)).sum(dim=1)
+        most = (votes.unsqueeze(2) == votes.unsqueeze(1)).sum(dim=2).max(dim=1).values  # the commonest label's count
+        supported[rows] = own >= most
+    return supported
 
 
 def lambda_statistics(weights: torch.Tensor) -> dict[str, float]:

@@ -48,7 +48,7 @@ ADDED_AFTER_SAVED_RUNS = {"plus_freeze": 0, "plus_vote": 0, "plus_split_check": 
                           "plus_consistent": 0, "plus_consistent_min_agreement": 0.0,
                           "plus_split_check_min_agreement": 0.0, "plus_gmm_per_class": False,
                           "plus_min_confidence": 0.0, "plus_average_last": 0.0, "plus_symmetric_confidence": 0.0,
-                          "plus_symmetric_trust": False}
+                          "plus_symmetric_trust": False, "plus_neighbour_guard": 0}
 
 #: MixNN+'s settings that are on by default, with the settings they act under.  Where one cannot
 #: act (another method, another correction), its default is accepted as well as "off" (runs saved
@@ -140,6 +140,9 @@ class TrainConfig:
                                           # their clean probability (trust weights) at refreshes where most
                                           # predictions agree with the given labels and their disagreements spread
                                           # like symmetric noise's (methods.py)
+    plus_neighbour_guard: int = 0         # mixnn_plus: where the symmetric confidence would act, a sample is not
+                                          # corrected while its given label is the commonest among this many nearest
+                                          # neighbours', and the others need plus_min_confidence (0: off; methods.py)
     plus_vote: int = 0                    # mixnn_plus: a sample's clean probability is at least the share of its this many
                                           # nearest neighbours that carry its current label (0: off)
     plus_split_check: bool = False        # mixnn_plus: no sample is called noisy while the GMM's components overlap
@@ -203,7 +206,7 @@ class TrainConfig:
         for name in ("warmup_epochs", "correction_start", "seed", "noise_seed"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
-        for name in ("plus_vote", "plus_warmup_max"):
+        for name in ("plus_vote", "plus_warmup_max", "plus_neighbour_guard"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
         for name in ("trust_min_agreement", "trust_min_spread", "plus_consistent_min_agreement",
@@ -215,6 +218,10 @@ class TrainConfig:
                 raise ValueError(f"{name}: must lie in [0, 32767], got {getattr(self, name)}")
         # settings that act only together with others: refused rather than silently doing nothing
         self._needs("plus_vote", "votes among MixNN+'s nearest neighbours", method="mixnn_plus", partners="neighbours")
+        if self.plus_neighbour_guard:
+            self._needs_stability_gate("plus_neighbour_guard", "spares labels MixNN+'s neighbours support from its "
+                                       "gated correction", method="mixnn_plus", plus_correction="selective",
+                                       partners="neighbours")
         self._needs("trust_min_agreement", "gates the trust weights of neighbour partners", weights="trust",
                     partners="neighbours")
         self._needs("trust_min_spread", "gates the trust weights of neighbour partners", weights="trust",

@@ -200,7 +200,8 @@ def share_refresh(context: Distributed, result, scores):
     if context.is_main:
         table = result.table
         payload = {"losses": result.losses, "clean_prob": result.clean_prob, "stats": result.stats,
-                   "seconds": result.seconds, "table": None if table is None else
+                   "seconds": result.seconds, "given_label_supported": result.given_label_supported,
+                   "table": None if table is None else
                    (table.anchors, table.partners, table.weights, table.num_samples)}
     payload = context.broadcast_object(payload)
     if context.is_main:
@@ -208,4 +209,4 @@ def share_refresh(context: Distributed, result, scores):
     table = None if payload["table"] is None else PartnerTable.build(*payload["table"])
     return RefreshResult(losses=payload["losses"], clean_prob=payload["clean_prob"], ids=scores.ids, table=table,
                          features=scores.features, gmm=None, scores=scores, seconds=payload["seconds"],
-                         stats=payload["stats"])
+                         stats=payload["stats"], given_label_supported=payload["given_label_supported"])

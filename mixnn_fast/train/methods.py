@@ -84,6 +84,7 @@ def refresh_options(cfg: TrainConfig, threads: int, device: torch.device | None 
         gmm_per_class=cfg.plus_gmm_per_class and cfg.method == "mixnn_plus",
         trust_min_agreement=TRUST_MIN_AGREEMENT if symmetric_trust else cfg.trust_min_agreement,
         trust_min_spread=SYMMETRIC_SPREAD if symmetric_trust else cfg.trust_min_spread,
+        given_vote=cfg.plus_neighbour_guard if cfg.method == "mixnn_plus" else 0,
         device=None if device is None else str(device))
 
 
@@ -151,7 +152,8 @@ def correction_mask(cfg: TrainConfig, clean_prob: torch.Tensor | None, num_sampl
     whose prediction has stayed the same at that many refreshes (``stable`` (N,) int16, see
     :func:`update_stability`; None: no refresh counted yet, nothing is) - that gate only where
     :func:`stability_gate_applies` to ``given_agreement``, the share of the last refresh's
-    predictions that agreed with the given labels.  Graded: (N,) float32, the share of
+    predictions that agreed with the given labels (:func:`spared_by_neighbours` may spare more).
+    Graded: (N,) float32, the share of
     the EMA step each sample takes, 1 - its clean probability (0 where not scored).  None: correct
     every sample of the pool.  Before any GMM (``clean_prob`` None) nothing is known to be noisy.
 
@@ -170,6 +172,40 @@ def correction_mask(cfg: TrainConfig, clean_prob: torch.Tensor | None, num_sampl
     if stability_gate_applies(cfg, given_agreement):
         mask &= torch.zeros_like(mask) if stable is None else stable >= cfg.plus_consistent
     return mask
+
+
+def spared_by_neighbours(cfg: TrainConfig, mask: torch.Tensor | None, supported: torch.Tensor | None,
+                         given_agreement: float | None, disagreement_spread: float | None) -> torch.Tensor | None:
+    """The samples of a selective correction ``mask`` (N,) bool that MixNN+'s neighbour guard
+    spares this refresh: those whose given label the last refresh's neighbours supported
+    (``supported`` (N,) bool, ``RefreshResult.given_label_supported``), where
+    :func:`neighbour_guard_applies`.  (N,) bool, or None where the guard does not act (no mask,
+    no vote yet, or the gates shut): the mask and the confidence condition stay as they are."""
+    if mask is None or mask.dtype != torch.bool or supported is None or not neighbour_guard_applies(
+            cfg, given_agreement, disagreement_spread):
+        return None
+    return mask & supported
+
+
+def neighbour_guard_applies(cfg: TrainConfig, given_agreement: float | None,
+                            disagreement_spread: float | None) -> bool:
+    """Whether MixNN+'s neighbour guard (``plus_neighbour_guard`` > 0) acts after a refresh with
+    ``given_agreement`` and ``disagreement_spread``: where :func:`stability_gate_applies` and the
+    spread reached :data:`SYMMETRIC_SPREAD`, the refreshes where the symmetric confidence acts.
+    There the samples whose given label their neighbours' given labels support are not corrected
+    (:func:`spared_by_neighbours`), and the others need only ``plus_min_confidence``
+    (:func:`correction_min_confidence`).
+
+    Why: under symmetric noise a right label is usually its neighbourhood's commonest and a wrong
+    one rarely is (the k-NN vote of Bahri et al. 2020), a second opinion the model's own
+    confidence lacks: at sym-20 today's default keeps 130-136 of about 360 wrong labels, half of
+    them predicted right with a probability under the symmetric threshold, and moves 25-40 right
+    ones (docs/mixnn_plus.md).  Under class-pair noise a flipped label is common among its
+    neighbours too (40% of a class at asym-40), so the vote would keep flips: hence the same
+    label-free gates as the trusted anchors."""
+    return (cfg.method == "mixnn_plus" and cfg.plus_neighbour_guard > 0
+            and stability_gate_applies(cfg, given_agreement)
+            and disagreement_spread is not None and disagreement_spread >= SYMMETRIC_SPREAD)
 
 
 def stability_gate_applies(cfg: TrainConfig, given_agreement: float | None) -> bool:
@@ -191,13 +227,14 @@ def stability_gate_applies(cfg: TrainConfig, given_agreement: float | None) -> b
 
 
 def correction_min_confidence(cfg: TrainConfig, given_agreement: float | None,
-                              disagreement_spread: float | None = None) -> float:
+                              disagreement_spread: float | None = None, guarded: bool = False) -> float:
     """The probability MixNN+'s model must give its prediction for a sample's target to be
     corrected in this refresh (``PoolScores(min_confidence=...)``): 0 unless
     :func:`stability_gate_applies` after a refresh with ``given_agreement``; there
     ``cfg.plus_symmetric_confidence`` when it is set and that refresh's ``disagreement_spread``
     (mixnn_fast.refresh.noise_structure) reached :data:`SYMMETRIC_SPREAD`, else
-    ``cfg.plus_min_confidence``.
+    ``cfg.plus_min_confidence``; ``cfg.plus_min_confidence`` as well where MixNN+'s neighbour guard
+    spared this refresh's supported samples (``guarded``, :func:`spared_by_neighbours`).
 
     Why: where most labels are right, the corrections that turn a right label wrong are the hard
     images, on which the model is unsure (sym-20, the final model: median probability of the
@@ -205,9 +242,14 @@ def correction_min_confidence(cfg: TrainConfig, given_agreement: float | None,
     noise every prediction is unsure and a threshold would stop the correction, hence only with
     the gate.  A stricter threshold (0.8) gains at symmetric noise and loses under class-pair
     noise, where the model is rarely that sure against a label a similar class gave; the spread
-    of the model's disagreements tells the two apart without true labels."""
+    of the model's disagreements tells the two apart without true labels.  Where the neighbours'
+    vote has spared the right labels it supports, the stricter threshold would only keep wrong
+    labels the model predicts right but unsurely (at sym-20 they are most of the labels MixNN+
+    keeps wrong, median probability 0.57-0.75): the guard takes over its job."""
     if not stability_gate_applies(cfg, given_agreement):
         return 0.0
+    if guarded:
+        return cfg.plus_min_confidence
     if (cfg.plus_symmetric_confidence and disagreement_spread is not None
             and disagreement_spread >= SYMMETRIC_SPREAD):
         return cfg.plus_symmetric_confidence

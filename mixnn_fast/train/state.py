@@ -48,6 +48,7 @@ class RunState:
     warmup_end: int | None = None  # MixNN+: the epoch whose refresh ended a warm-up chosen from the GMM (None: not yet)
     given_agreement: float | None = None  # the last refresh's share of predictions equal to the given labels
     disagreement_spread: float | None = None  # the last refresh's spread of those that differ (refresh.noise_structure)
+    given_supported: torch.Tensor | None = None  # (N,) bool MixNN+'s neighbour guard: the last vote's support
 
 
 def _table_state(table: PartnerTable | None) -> dict | None:
@@ -79,6 +80,7 @@ def checkpoint_state(config: dict, run: RunState, modules: dict, generator: torc
         "last_predicted": run.last_predicted,
         "given_agreement": run.given_agreement,
         "disagreement_spread": run.disagreement_spread,
+        "given_supported": run.given_supported,
         "extra": extra or {},
     }
 
@@ -106,7 +108,8 @@ def restore_checkpoint(state: dict, modules: dict, generator: torch.Generator, p
                        agreement=state.get("agreement"), warmup_end=state.get("warmup_end"),
                        stable=state.get("stable"), last_predicted=state.get("last_predicted"),
                        given_agreement=state.get("given_agreement"),
-                       disagreement_spread=state.get("disagreement_spread"))
+                       disagreement_spread=state.get("disagreement_spread"),
+                       given_supported=state.get("given_supported"))
         restore_rng(state["rng"], generator)
         if rank and len(run.rank_rng) == world_size:
             restore_rng(run.rank_rng[rank])  # this process's global generators; the trainer's own is rank 0's

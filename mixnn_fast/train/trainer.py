@@ -50,7 +50,8 @@ from mixnn_fast.train.distributed import init_distributed, share_pool_scores, sh
 from mixnn_fast.train.losses import early_learning_penalty, one_hot
 from mixnn_fast.train.methods import (averages_weights, correction_mask, correction_min_confidence, corrects_labels,
                                       freezes_targets, gates_on_stability, joins_average, loss_function, optimisation,
-                                      phase_of, probes_warmup, refresh_options, stability_gate_applies,
+                                      phase_of, probes_warmup, refresh_options, spared_by_neighbours,
+                                      stability_gate_applies,
                                       update_agreement, update_stability, uses_early_learning, warmup_ends)
 from mixnn_fast.train.loaders import build_loaders
 from mixnn_fast.train.metrics import MetricsLog
@@ -244,10 +245,16 @@ class Trainer:
         only = correction_mask(cfg, self.run.clean_prob, self.num_samples, self.run.agreement, self.run.stable,
                                self.run.given_agreement)
         gate_row = {}
+        spared = spared_by_neighbours(cfg, only, self.run.given_supported, self.run.given_agreement,
+                                      self.run.disagreement_spread)
+        if spared is not None:
+            only &= ~spared
+            gate_row["held_back_by_neighbours"] = float(spared[pool].float().mean())  # of the pool, as the others
         if gates_on_stability(cfg) and cfg.plus_consistent_min_agreement:
             # whether this refresh's correction was held back by the gate (read from the last refresh)
             gate_row["stability_gate_applied"] = float(stability_gate_applies(cfg, self.run.given_agreement))
-        min_confidence = correction_min_confidence(cfg, self.run.given_agreement, self.run.disagreement_spread)
+        min_confidence = correction_min_confidence(cfg, self.run.given_agreement, self.run.disagreement_spread,
+                                                   guarded=spared is not None)
         scores = PoolScores(pool, self.targets, self.given_labels, epoch, gmm_loss=cfg.gmm_loss,
                             correct=corrects_labels(cfg), correct_only=only, min_confidence=min_confidence,
                             running=self.early_targets,
@@ -272,6 +279,10 @@ class Trainer:
         self.run.clean_prob[result.ids] = result.clean_prob.float()
         self.run.given_agreement = result.stats["given_label_agreement"]
         self.run.disagreement_spread = result.stats["disagreement_spread"]
+        if result.given_label_supported is not None:  # the next refresh's guard reads this one's vote
+            if self.run.given_supported is None:
+                self.run.given_supported = torch.zeros(self.num_samples, dtype=torch.bool)
+            self.run.given_supported[result.ids] = result.given_label_supported
         frozen_row = dict(gate_row)
         if min_confidence:  # the same on every process (the agreement is shared): a collective is safe
             (held_back,) = self.dist.sum(scores.held_back)  # each process held back in its own shard
