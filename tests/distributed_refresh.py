@@ -6,6 +6,7 @@ saves what every process ends up holding, for tests/test_distributed.py.
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -26,11 +27,14 @@ def main(out_file: str) -> None:
                       progress=False, tensorboard=False, out_dir=str(out.parent / f"run-{out.stem}"), num_threads=1,
                       neighbour_backend="exact")
     trainer = Trainer(cfg, overwrite=True)
+    # the k-NN vote of MixNN+'s neighbour guard, computed by rank 0 and held by every process
+    trainer.refresh_options = dataclasses.replace(trainer.refresh_options, given_vote=5)
     row = trainer.run_refresh(epoch=1)
     result, table = trainer.last_refresh, trainer.run.table
     held = {"clean_prob": result.clean_prob, "losses": result.losses, "ids": result.ids,
             "features": result.features, "anchors": table.anchors, "partners": table.partners,
             "weights": table.weights, "targets": trainer.targets.targets.clone(),
+            "given_supported": trainer.run.given_supported.clone(),
             "early_targets": trainer.early_targets.values.clone(),
             "clean_auroc": torch.tensor(row["clean_auroc"]),
             # MixNN+'s chosen warm-up ends on this value: every process must decide alike
