@@ -132,3 +132,21 @@ def test_fenced_code_and_duplicate_headings(tmp_path):
 def test_relative_links_resolve(path):
     found = problems(path)
     assert not found, "broken links:\n" + "\n".join(found)
+
+
+DOC_PATH = re.compile(r"\bdocs/[\w./-]*?\.(?:md|csv|png)\b")
+
+
+@pytest.mark.parametrize("folder", ["mixnn_fast", "scripts", "bench", "tests"])
+def test_documents_named_in_the_code_exist(folder):
+    """A comment or message that sends the reader to docs/<page> names a page that exists (the
+    investigations moved into docs/mixnn_plus/ pages; a stale path would send them nowhere)."""
+    missing = []
+    for path in sorted((ROOT / folder).rglob("*")):
+        if path.suffix not in (".py", ".sh", ".md") or not path.is_file():
+            continue
+        for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+            for name in DOC_PATH.findall(line):
+                if not (ROOT / name).exists():
+                    missing.append(f"{path.relative_to(ROOT)}:{number}: {name} does not exist")
+    assert not missing, "\n".join(missing)

@@ -4,7 +4,7 @@ class) or gather on a few (class-pair noise: a T-shirt called a shirt, a cat a d
 
 Why it exists: MixNN+'s confidence condition at 0.8 gains where the noise is symmetric and loses
 at asym-40, where the model is rarely that sure against a label a similar class gave
-(docs/mixnn_plus.md, "Two more candidates for the columns MixNN+ loses").  Choosing the threshold
+(docs/mixnn_plus/two_more_candidates.md).  Choosing the threshold
 by the noise's structure needs the structure without true labels; this measures it from one
 refresh's predictions."""
 from __future__ import annotations

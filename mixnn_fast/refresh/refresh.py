@@ -218,7 +218,7 @@ def neighbour_agreement(labels: torch.Tensor, neighbours: torch.Tensor) -> torch
 
     MixNN+ takes a sample's clean probability as at least this share.  The GMM on per-sample losses
     calls a fixed share of the pool noisy whatever the real noise (a fifth to a third of it even on
-    clean labels, docs/mixnn_plus.md); those are then mixed away and corrected towards the model's
+    clean labels, docs/mixnn_plus/seven_candidates.md); those are then mixed away and corrected towards the model's
     predictions.  A hard image whose label its neighbours in feature space share is rarely
     mislabelled, while a wrong label under symmetric noise is rarely shared by its neighbours."""
     return (labels[neighbours] == labels.unsqueeze(1)).float().mean(dim=1)

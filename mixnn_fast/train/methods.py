@@ -59,7 +59,7 @@ def trusts_symmetric_anchors(cfg: TrainConfig) -> bool:
 
     Why: MixNN mixes an anchor the GMM calls clean half-and-half with its neighbour, so at low
     noise the model never sees most right-labelled images whole; kept whole they are fitted
-    (held out noisy labels, fresh seeds at sym-20/40: +0.0041 +- 0.0004; docs/mixnn_plus.md,
+    (held out noisy labels, fresh seeds at sym-20/40: +0.0041 +- 0.0004; docs/mixnn_plus/trusted_anchors.md,
     "Trusted anchors where the noise looks symmetric").  Under class-pair noise a flipped image's
     neighbours carry the same wrong label and its loss looks clean, so trust there trains on the
     flips (-6.6 points at asym-40): hence the two label-free gates, the model's agreement with the
@@ -106,7 +106,7 @@ def warmup_ends(cfg: TrainConfig, epoch: int, separation: float) -> bool:
     ``plus_warmup_max`` at the latest.
 
     Why: MixNN's weights and correction read the GMM, which is only informative once the losses
-    split in two; a fixed warm-up starts MixNN at D 1.4-1.9 on sym-20 to sym-80 (docs/mixnn_plus.md),
+    split in two; a fixed warm-up starts MixNN at D 1.4-1.9 on sym-20 to sym-80 (docs/mixnn_plus/warmup.md),
     while a warm-up past the point where the plain model memorises the wrong labels closes the
     split again, hence the bound."""
     return separation >= SEPARATED or epoch >= cfg.plus_warmup_max
@@ -122,7 +122,7 @@ def joins_average(cfg: TrainConfig, epoch: int) -> bool:
     cycle (the learning rate's lowest point) within the last ``plus_average_last`` share of the
     ``cfg.epochs`` epochs, as stochastic weight averaging takes its cyclic snapshots (Izmailov et
     al. 2018, over the last quarter of training there).  Why: MixNN+'s test accuracy moves by up
-    to 7 points between consecutive cycle ends at asym-40 (docs/mixnn_plus.md) while its labels
+    to 7 points between consecutive cycle ends at asym-40 (docs/mixnn_plus/weight_average.md) while its labels
     move little; the average of those snapshots is a model at the centre of what they explore."""
     done = epoch + 1
     start = cfg.epochs - round(cfg.plus_average_last * cfg.epochs)
@@ -158,7 +158,7 @@ def correction_mask(cfg: TrainConfig, clean_prob: torch.Tensor | None, num_sampl
     every sample of the pool.  Before any GMM (``clean_prob`` None) nothing is known to be noisy.
 
     Why graded: the switch at 1/2 moves a clean image the GMM puts just under it as far as a
-    certainly wrong one (docs/mixnn_plus.md: on clean labels the selective correction costs 4
+    certainly wrong one (docs/mixnn_plus/seven_candidates.md: on clean labels the selective correction costs 4
     points); DivideMix refines a label by ``w y + (1 - w) p`` for the same reason."""
     if cfg.method != "mixnn_plus" or cfg.plus_correction not in ("selective", "graded"):
         return None
@@ -200,7 +200,7 @@ def neighbour_guard_applies(cfg: TrainConfig, given_agreement: float | None,
     one rarely is (the k-NN vote of Bahri et al. 2020), a second opinion the model's own
     confidence lacks: at sym-20 today's default keeps 130-136 of about 360 wrong labels, half of
     them predicted right with a probability under the symmetric threshold, and moves 25-40 right
-    ones (docs/mixnn_plus.md).  Under class-pair noise a flipped label is common among its
+    ones (docs/mixnn_plus/neighbour_guard.md).  Under class-pair noise a flipped label is common among its
     neighbours too (40% of a class at asym-40), so the vote would keep flips: hence the same
     label-free gates as the trusted anchors."""
     return (cfg.method == "mixnn_plus" and cfg.plus_neighbour_guard > 0
@@ -216,7 +216,7 @@ def stability_gate_applies(cfg: TrainConfig, given_agreement: float | None) -> b
 
     Why: the gate gains where most labels are right (sym-20/40, asym-40, clean labels) and loses
     at sym-80, where a model that has learnt few classes well rarely predicts one class twice and
-    the gate then leaves most wrong labels as they are (docs/mixnn_plus.md).  The share of
+    the gate then leaves most wrong labels as they are (docs/mixnn_plus/stability_gate.md).  The share of
     predictions that agree with the given labels tells the two apart without any true label
     (sym-20: 57-71%, sym-80: 14-34% in those runs)."""
     if not gates_on_stability(cfg):
@@ -238,7 +238,7 @@ def correction_min_confidence(cfg: TrainConfig, given_agreement: float | None,
 
     Why: where most labels are right, the corrections that turn a right label wrong are the hard
     images, on which the model is unsure (sym-20, the final model: median probability of the
-    prediction 0.58 on those, 0.86 on the wrong labels it corrects; docs/mixnn_plus.md); at high
+    prediction 0.58 on those, 0.86 on the wrong labels it corrects; docs/mixnn_plus/confidence.md); at high
     noise every prediction is unsure and a threshold would stop the correction, hence only with
     the gate.  A stricter threshold (0.8) gains at symmetric noise and loses under class-pair
     noise, where the model is rarely that sure against a label a similar class gave; the spread
@@ -257,7 +257,7 @@ def correction_min_confidence(cfg: TrainConfig, given_agreement: float | None,
 
 
 #: The disagreement spread from which MixNN+ takes the noise to be symmetric.  Fixed from one
-#: development run per setting with the default (seed 140; docs/mixnn_plus.md, "A confidence by
+#: development run per setting with the default (seed 140; docs/mixnn_plus/symmetric_confidence.md, "A confidence by
 #: the noise's structure"), over every refresh: asym-40 0.16-0.28, clean labels 0.16-0.31,
 #: sym-20 0.34-0.77 (most above 0.45), sym-40 0.51-0.90.  A refresh of symmetric noise under it
 #: (the model mid-restart) keeps plus_min_confidence: the safe side.
@@ -265,7 +265,7 @@ SYMMETRIC_SPREAD = 0.35
 
 #: The share of the pool's predictions that must equal the given labels for MixNN+'s trusted
 #: anchors (``plus_symmetric_trust``): "most", the one value tried since 2026-12-01
-#: (docs/mixnn_plus.md, "Seven more candidates").
+#: (docs/mixnn_plus/seven_candidates.md, "Seven more candidates").
 TRUST_MIN_AGREEMENT = 0.5
 
 
@@ -283,7 +283,7 @@ def update_stability(stable: torch.Tensor, last_predicted: torch.Tensor, ids: to
 
     Why (SELFIE, Song et al. 2019, corrects only samples whose recent predictions agree): the
     GMM calls the hardest images noisy even when their labels are right, and the correction then
-    moves them towards a prediction that is wrong for exactly those images (docs/mixnn_plus.md,
+    moves them towards a prediction that is wrong for exactly those images (docs/mixnn_plus/stability_gate.md,
     clean labels); the model's prediction on an image it cannot place changes from refresh to
     refresh, while on a wrong label it has learnt around it stays."""
     same = last_predicted[ids] == predicted.to(torch.int16)
@@ -306,7 +306,7 @@ def update_agreement(cfg: TrainConfig, agreement: torch.Tensor, ids: torch.Tenso
     sample that reaches ``cfg.plus_freeze`` stays there: its target is frozen for good.
 
     Why: late in a run the GMM on the current labels separates poorly, calls samples with right
-    labels noisy and the EMA pulls them towards the model's mistakes (docs/mixnn_plus.md); a label
+    labels noisy and the EMA pulls them towards the model's mistakes (docs/mixnn_plus/seven_candidates.md); a label
     the model has agreed with for several refreshes is one it has learned, and is kept."""
     if epoch < cfg.correction_start:
         return
