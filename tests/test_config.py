@@ -137,7 +137,8 @@ def test_saved_settings_read_fields_they_predate_with_the_old_value():
                                    ["--method", "mixnn_plus", "--plus-vote", "-1"],
                                    ["--method", "mixnn", "--plus-neighbour-guard", "10"],
                                    ["--method", "mixnn_plus", "--partners", "random", "--plus-neighbour-guard", "10"],
-                                   ["--method", "mixnn_plus", "--plus-correction", "all", "--plus-neighbour-guard", "10"],
+                                   ["--method", "mixnn_plus", "--plus-correction", "all",
+                                    "--plus-neighbour-guard", "10"],
                                    ["--method", "mixnn_plus", "--plus-consistent", "0", "--plus-neighbour-guard", "10"],
                                    ["--method", "mixnn_plus", "--plus-neighbour-guard", "-1"],
                                    ["--method", "mixnn", "--plus-freeze", "2"],
@@ -187,7 +188,8 @@ def test_cli_refuses_a_mixnn_plus_option_that_cannot_apply_before_writing(tmp_pa
     assert main(["train", "--dataset", "digits", "--epochs", "1", *flags, "--out-dir", str(out)]) == 2
     err = capsys.readouterr().err
     setting = next(f[2:].replace("-", "_") for f in flags
-                   if f in ("--plus-vote", "--plus-neighbour-guard", "--plus-freeze", "--plus-split-check", "--plus-gmm-per-class",
+                   if f in ("--plus-vote", "--plus-neighbour-guard", "--plus-freeze", "--plus-split-check",
+                            "--plus-gmm-per-class",
                             "--trust-min-agreement", "--trust-min-spread", "--plus-elr",
                             "--elr-beta", "--plus-warmup-max", "--plus-consistent",
                             "--plus-consistent-min-agreement", "--plus-split-check-min-agreement",

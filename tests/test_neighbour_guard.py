@@ -10,6 +10,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_symmetric_trust import gates_opening_config  # pytest puts tests/ on sys.path
 
 import mixnn_fast.refresh.refresh as refresh_module
 from mixnn_fast.refresh.refresh import given_label_supported
@@ -72,8 +73,7 @@ def test_the_guard_applies_where_the_gate_holds_and_the_spread_looks_symmetric()
 
 
 def _guarded_run(tmp_path, monkeypatch, name, **settings):
-    """A digits run at sym-20 whose gates open at some refreshes (as in test_symmetric_trust.py);
-    records the correction mask each refresh hands over and each refresh's vote."""
+    """A digits run at sym-20 whose gates open at some refreshes; records the correction mask each refresh hands over and each refresh's vote."""
     import mixnn_fast.train.trainer as trainer_module
     from mixnn_fast.refresh.pool_scores import PoolScores
     from mixnn_fast.train.trainer import Trainer
@@ -93,11 +93,7 @@ def _guarded_run(tmp_path, monkeypatch, name, **settings):
 
     monkeypatch.setattr(trainer_module, "PoolScores", Recording)
     monkeypatch.setattr(trainer_module, "refresh", recording_refresh)
-    cfg = TrainConfig(dataset="digits", train_subset=500, noise="symmetric_uniform", noise_rate=0.2,
-                      model="small_cnn", model_widths=[16, 32, 32, 32], method="mixnn_plus", epochs=8,
-                      warmup_epochs=4, correction_start=4, restart_period=2, batch_size=16, lr=0.1, lr_min=0.001,
-                      progress=False, tensorboard=False, out_dir=str(tmp_path / name), num_threads=1, seed=5,
-                      **settings)
+    cfg = gates_opening_config(tmp_path / name, **settings)
     trainer = Trainer(cfg)
     trainer.fit()
     return cfg, trainer, handed, votes

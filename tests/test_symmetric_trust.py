@@ -29,16 +29,20 @@ def test_the_refresh_trusts_anchors_only_for_mixnn_plus_with_the_gmm_weights(set
     assert (TRUST_MIN_AGREEMENT, SYMMETRIC_SPREAD) == (0.5, 0.35)  # the values the rule judged
 
 
+def gates_opening_config(out_dir, **settings) -> TrainConfig:
+    """MixNN+ on digits at sym-20, at a budget where the model learns enough for the label-free
+    gates (agreement with the given labels, disagreement spread) to open at some refreshes, not
+    all (tests/test_neighbour_guard.py uses it too)."""
+    return TrainConfig(dataset="digits", train_subset=500, noise="symmetric_uniform", noise_rate=0.2,
+                       model="small_cnn", model_widths=[16, 32, 32, 32], method="mixnn_plus", epochs=8,
+                       warmup_epochs=4, correction_start=4, restart_period=2, batch_size=16, lr=0.1, lr_min=0.001,
+                       progress=False, tensorboard=False, out_dir=str(out_dir), num_threads=1, seed=5, **settings)
+
+
 def _run(tmp_path, name, **settings):
     from mixnn_fast.train.trainer import Trainer
 
-    # a budget at which the model learns enough for the gates to open at some refreshes, not all
-    cfg = TrainConfig(dataset="digits", train_subset=500, noise="symmetric_uniform", noise_rate=0.2,
-                      model="small_cnn", model_widths=[16, 32, 32, 32], method="mixnn_plus", epochs=8,
-                      warmup_epochs=4, correction_start=4, restart_period=2, batch_size=16, lr=0.1, lr_min=0.001,
-                      progress=False, tensorboard=False, out_dir=str(tmp_path / name), num_threads=1, seed=5,
-                      **settings)
-    trainer = Trainer(cfg)
+    trainer = Trainer(gates_opening_config(tmp_path / name, **settings))
     trainer.fit()
     return trainer
 

@@ -204,8 +204,7 @@ def neighbour_guard_applies(cfg: TrainConfig, given_agreement: float | None,
     neighbours too (40% of a class at asym-40), so the vote would keep flips: hence the same
     label-free gates as the trusted anchors."""
     return (cfg.method == "mixnn_plus" and cfg.plus_neighbour_guard > 0
-            and stability_gate_applies(cfg, given_agreement)
-            and disagreement_spread is not None and disagreement_spread >= SYMMETRIC_SPREAD)
+            and stability_gate_applies(cfg, given_agreement) and looks_symmetric(disagreement_spread))
 
 
 def stability_gate_applies(cfg: TrainConfig, given_agreement: float | None) -> bool:
@@ -250,8 +249,7 @@ def correction_min_confidence(cfg: TrainConfig, given_agreement: float | None,
         return 0.0
     if guarded:
         return cfg.plus_min_confidence
-    if (cfg.plus_symmetric_confidence and disagreement_spread is not None
-            and disagreement_spread >= SYMMETRIC_SPREAD):
+    if cfg.plus_symmetric_confidence and looks_symmetric(disagreement_spread):
         return cfg.plus_symmetric_confidence
     return cfg.plus_min_confidence
 
@@ -262,6 +260,13 @@ def correction_min_confidence(cfg: TrainConfig, given_agreement: float | None,
 #: sym-20 0.34-0.77 (most above 0.45), sym-40 0.51-0.90.  A refresh of symmetric noise under it
 #: (the model mid-restart) keeps plus_min_confidence: the safe side.
 SYMMETRIC_SPREAD = 0.35
+
+
+def looks_symmetric(disagreement_spread: float | None) -> bool:
+    """Whether a refresh's ``disagreement_spread`` (None: no refresh yet) reached
+    :data:`SYMMETRIC_SPREAD`: the label-free sign of symmetric noise that the symmetric confidence
+    and the neighbour guard act on."""
+    return disagreement_spread is not None and disagreement_spread >= SYMMETRIC_SPREAD
 
 #: The share of the pool's predictions that must equal the given labels for MixNN+'s trusted
 #: anchors (``plus_symmetric_trust``): "most", the one value tried since 2026-12-01
