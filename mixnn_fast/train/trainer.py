@@ -48,11 +48,9 @@ from mixnn_fast.train.datasets import RunData, prepare_data
 from mixnn_fast.train.devices import autocast_dtype, resolve_device
 from mixnn_fast.train.distributed import init_distributed, share_pool_scores, share_refresh
 from mixnn_fast.train.losses import early_learning_penalty, one_hot
-from mixnn_fast.train.methods import (averages_weights, correction_mask, correction_min_confidence, corrects_labels,
-                                      freezes_targets, gates_on_stability, joins_average, loss_function, optimisation,
-                                      phase_of, probes_warmup, refresh_options, spared_by_neighbours,
-                                      stability_gate_applies,
-                                      update_agreement, update_stability, uses_early_learning, warmup_ends)
+from mixnn_fast.train.correction_gates import plan_correction, record_refresh
+from mixnn_fast.train.methods import (averages_weights, corrects_labels, joins_average, loss_function, optimisation,
+                                      phase_of, probes_warmup, refresh_options, uses_early_learning, warmup_ends)
 from mixnn_fast.train.loaders import build_loaders
 from mixnn_fast.train.metrics import MetricsLog
 from mixnn_fast.train.inference import Inference
@@ -241,22 +239,9 @@ class Trainer:
         start = time.perf_counter()
         pool = self._pool_ids(epoch)
         loader = self.loaders.pool_loader(self.data, pool.numpy())
-        # MixNN+: the samples seen as noisy, less the frozen ones
-        only = correction_mask(cfg, self.run.clean_prob, self.num_samples, self.run.agreement, self.run.stable,
-                               self.run.given_agreement)
-        gate_row = {}
-        spared = spared_by_neighbours(cfg, only, self.run.given_supported, self.run.given_agreement,
-                                      self.run.disagreement_spread)
-        if spared is not None:
-            only &= ~spared
-            gate_row["held_back_by_neighbours"] = float(spared[pool].float().mean())  # of the pool, as the others
-        if gates_on_stability(cfg) and cfg.plus_consistent_min_agreement:
-            # whether this refresh's correction was held back by the gate (read from the last refresh)
-            gate_row["stability_gate_applied"] = float(stability_gate_applies(cfg, self.run.given_agreement))
-        min_confidence = correction_min_confidence(cfg, self.run.given_agreement, self.run.disagreement_spread,
-                                                   guarded=spared is not None)
+        plan = plan_correction(cfg, self.run, pool, self.num_samples)
         scores = PoolScores(pool, self.targets, self.given_labels, epoch, gmm_loss=cfg.gmm_loss,
-                            correct=corrects_labels(cfg), correct_only=only, min_confidence=min_confidence,
+                            correct=corrects_labels(cfg), correct_only=plan.only, min_confidence=plan.min_confidence,
                             running=self.early_targets,
                             features_dtype=features_dtype(cfg.features_dtype, len(pool)))
         self.inference.score_pool(loader, scores, f"refresh {epoch}")
@@ -274,31 +259,7 @@ class Trainer:
         result = share_refresh(self.dist, result, scores)
         share_seconds += time.perf_counter() - shared  # on rank 0: sending, not waiting
         self.last_refresh = result
-        if self.run.clean_prob is None:
-            self.run.clean_prob = torch.full((self.num_samples,), float("nan"))
-        self.run.clean_prob[result.ids] = result.clean_prob.float()
-        self.run.given_agreement = result.stats["given_label_agreement"]
-        self.run.disagreement_spread = result.stats["disagreement_spread"]
-        if result.given_label_supported is not None:  # the next refresh's guard reads this one's vote
-            if self.run.given_supported is None:
-                self.run.given_supported = torch.zeros(self.num_samples, dtype=torch.bool)
-            self.run.given_supported[result.ids] = result.given_label_supported
-        frozen_row = dict(gate_row)
-        if min_confidence:  # the same on every process (the agreement is shared): a collective is safe
-            (held_back,) = self.dist.sum(scores.held_back)  # each process held back in its own shard
-            frozen_row["held_back_by_confidence"] = held_back / len(scores.ids)
-            frozen_row["correction_min_confidence"] = min_confidence
-        if freezes_targets(cfg):
-            if self.run.agreement is None:
-                self.run.agreement = torch.zeros(self.num_samples, dtype=torch.int16)
-            update_agreement(cfg, self.run.agreement, scores.ids, scores.predicted, scores.current_labels, epoch)
-            frozen_row["targets_frozen"] = float((self.run.agreement[scores.ids] >= cfg.plus_freeze).float().mean())
-        if gates_on_stability(cfg):
-            if self.run.stable is None:
-                self.run.stable = torch.zeros(self.num_samples, dtype=torch.int16)
-                self.run.last_predicted = torch.full((self.num_samples,), -1, dtype=torch.int16)
-            update_stability(self.run.stable, self.run.last_predicted, scores.ids, scores.predicted)
-            frozen_row["predictions_stable"] = float((self.run.stable[scores.ids] >= cfg.plus_consistent).float().mean())
+        gate_row = record_refresh(cfg, self.run, plan, result, scores, self.dist, self.num_samples, epoch)
         if result.table is not None:
             self.run.table = result.table.covering_all(self.run.table)
         else:  # in-batch partners: nearest anchors of the same batch, on this refresh's features
@@ -308,7 +269,7 @@ class Trainer:
                                             seed=cfg.seed, epoch=epoch)
         row = {"refresh_seconds": time.perf_counter() - start, "refresh_forward_seconds": forward_seconds,
                "refresh_gmm_seconds": result.seconds.get("gmm"),
-               "refresh_neighbour_seconds": result.seconds.get("neighbours"), **result.stats, **frozen_row}
+               "refresh_neighbour_seconds": result.seconds.get("neighbours"), **result.stats, **gate_row}
         if self.dist.enabled:
             row["refresh_share_seconds"] = share_seconds
         if self.true_labels is not None:

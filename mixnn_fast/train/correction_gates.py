@@ -1,0 +1,90 @@
+"""MixNN+'s correction gates between refreshes: what a refresh may correct, and what it leaves
+for the next one.
+
+A refresh's label correction is gated by what the refresh *before* it measured (the GMM's clean
+probabilities, the model's agreement with the given labels, how its disagreements spread over
+the class pairs, the neighbours' vote, the freeze and stability counters), all kept in the run's
+:class:`~mixnn_fast.train.state.RunState` so that a resumed run gates exactly as an uninterrupted
+one. :func:`plan_correction` reads that state before the refresh's forward pass;
+:func:`record_refresh` writes this refresh's measurements into it afterwards. Both return the
+metrics the trainer logs; the rules themselves are in train/methods.py.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mixnn_fast.refresh.pool_scores import PoolScores
+from mixnn_fast.refresh.refresh import RefreshResult
+from mixnn_fast.train.config import TrainConfig
+from mixnn_fast.train.distributed import Distributed
+from mixnn_fast.train.methods import (correction_mask, correction_min_confidence, freezes_targets, gates_on_stability,
+                                      spared_by_neighbours, stability_gate_applies, update_agreement,
+                                      update_stability)
+from mixnn_fast.train.state import RunState
+
+
+@dataclass
+class CorrectionPlan:
+    """What one refresh may correct.
+
+    only: (N,) bool, the samples whose targets it may correct (None: every sample).
+    min_confidence: the probability a corrected sample's prediction needs (0: no condition).
+    row: the metrics known before the refresh (the gates read from the last refresh).
+    """
+
+    only: torch.Tensor | None
+    min_confidence: float
+    row: dict
+
+
+def plan_correction(cfg: TrainConfig, run: RunState, pool: torch.Tensor, num_samples: int) -> CorrectionPlan:
+    """The correction a refresh over ``pool`` ((P,) int64 sample ids) may make, from the state the
+    last refresh left in ``run``."""
+    # MixNN+: the samples seen as noisy, less the frozen and unstable ones
+    only = correction_mask(cfg, run.clean_prob, num_samples, run.agreement, run.stable, run.given_agreement)
+    row = {}
+    spared = spared_by_neighbours(cfg, only, run.given_supported, run.given_agreement, run.disagreement_spread)
+    if spared is not None:
+        only &= ~spared
+        row["held_back_by_neighbours"] = float(spared[pool].float().mean())  # of the pool, as the others
+    if gates_on_stability(cfg) and cfg.plus_consistent_min_agreement:
+        # whether this refresh's correction was held back by the gate (read from the last refresh)
+        row["stability_gate_applied"] = float(stability_gate_applies(cfg, run.given_agreement))
+    min_confidence = correction_min_confidence(cfg, run.given_agreement, run.disagreement_spread,
+                                               guarded=spared is not None)
+    return CorrectionPlan(only=only, min_confidence=min_confidence, row=row)
+
+
+def record_refresh(cfg: TrainConfig, run: RunState, plan: CorrectionPlan, result: RefreshResult,
+                   scores: PoolScores, dist: Distributed, num_samples: int, epoch: int) -> dict:
+    """Keeps in ``run`` what the next refresh's gates read from this one (``result``, computed
+    from ``scores``, every rank's rows); returns the plan's metrics with those of this refresh's
+    correction. Collective where ``plan.min_confidence`` is set: every process calls it."""
+    if run.clean_prob is None:
+        run.clean_prob = torch.full((num_samples,), float("nan"))
+    run.clean_prob[result.ids] = result.clean_prob.float()
+    run.given_agreement = result.stats["given_label_agreement"]
+    run.disagreement_spread = result.stats["disagreement_spread"]
+    if result.given_label_supported is not None:  # the next refresh's guard reads this one's vote
+        if run.given_supported is None:
+            run.given_supported = torch.zeros(num_samples, dtype=torch.bool)
+        run.given_supported[result.ids] = result.given_label_supported
+    row = dict(plan.row)
+    if plan.min_confidence:  # the same on every process (the agreement is shared): a collective is safe
+        (held_back,) = dist.sum(scores.held_back)  # each process held back in its own shard
+        row["held_back_by_confidence"] = held_back / len(scores.ids)
+        row["correction_min_confidence"] = plan.min_confidence
+    if freezes_targets(cfg):
+        if run.agreement is None:
+            run.agreement = torch.zeros(num_samples, dtype=torch.int16)
+        update_agreement(cfg, run.agreement, scores.ids, scores.predicted, scores.current_labels, epoch)
+        row["targets_frozen"] = float((run.agreement[scores.ids] >= cfg.plus_freeze).float().mean())
+    if gates_on_stability(cfg):
+        if run.stable is None:
+            run.stable = torch.zeros(num_samples, dtype=torch.int16)
+            run.last_predicted = torch.full((num_samples,), -1, dtype=torch.int16)
+        update_stability(run.stable, run.last_predicted, scores.ids, scores.predicted)
+        row["predictions_stable"] = float((run.stable[scores.ids] >= cfg.plus_consistent).float().mean())
+    return row
