@@ -87,3 +87,18 @@ def test_the_freeze_counter_is_kept_and_logged():
     assert run.agreement is not None and run.agreement.dtype == torch.int16
     assert "targets_frozen" in row and "predictions_stable" not in row
     assert 0.0 <= row["targets_frozen"] <= 1.0
+
+
+def test_no_share_held_back_is_logged_where_targets_do_not_move():
+    """Before ``correction_start`` no target moves, so nothing was held back by the confidence
+    condition, whatever the pass counted."""
+    cfg = TrainConfig(method="mixnn_plus", plus_consistent_min_agreement=0.0)
+    run = RunState()
+    for updates in (False, True):
+        result, scores = _refresh([0, 1, 2], [0.1, 0.2, 0.9], [0, 1, 1], 0.6, 0.5, held_back=2)
+        plan = plan_correction(cfg, run, torch.tensor([0, 1, 2]), 3, updates=updates)
+        row = record_refresh(cfg, run, plan, result, scores, Distributed(), 3, epoch=12)
+        assert plan.min_confidence > 0
+        assert ("held_back_by_confidence" in row) == updates
+        assert ("correction_min_confidence" in row) == updates
+    assert row["held_back_by_confidence"] == 2 / 3

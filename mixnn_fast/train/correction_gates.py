@@ -32,29 +32,35 @@ class CorrectionPlan:
     only: (N,) bool, the samples whose targets it may correct (None: every sample).
     min_confidence: the probability a corrected sample's prediction needs (0: no condition).
     row: the metrics known before the refresh (the gates read from the last refresh).
+    updates: whether the refresh's epoch moves targets at all (``TargetStore.is_update_epoch``):
+        where it does not, nothing is held back and no share of held-back samples is logged.
     """
 
     only: torch.Tensor | None
     min_confidence: float
     row: dict
+    updates: bool = True
 
 
-def plan_correction(cfg: TrainConfig, run: RunState, pool: torch.Tensor, num_samples: int) -> CorrectionPlan:
+def plan_correction(cfg: TrainConfig, run: RunState, pool: torch.Tensor, num_samples: int, *,
+                    updates: bool = True) -> CorrectionPlan:
     """The correction a refresh over ``pool`` ((P,) int64 sample ids) may make, from the state the
-    last refresh left in ``run``."""
+    last refresh left in ``run``; ``updates``: whether its epoch moves targets at all (before
+    ``correction_start`` it does not)."""
     # MixNN+: the samples seen as noisy, less the frozen and unstable ones
     only = correction_mask(cfg, run.clean_prob, num_samples, run.agreement, run.stable, run.given_agreement)
     row = {}
     spared = spared_by_neighbours(cfg, only, run.given_supported, run.given_agreement, run.disagreement_spread)
     if spared is not None:
         only &= ~spared
+    if spared is not None and updates:
         row["held_back_by_neighbours"] = float(spared[pool].float().mean())  # of the pool, as the others
     if gates_on_stability(cfg) and cfg.plus_consistent_min_agreement:
         # whether this refresh's correction was held back by the gate (read from the last refresh)
         row["stability_gate_applied"] = float(stability_gate_applies(cfg, run.given_agreement))
     min_confidence = correction_min_confidence(cfg, run.given_agreement, run.disagreement_spread,
                                                guarded=spared is not None)
-    return CorrectionPlan(only=only, min_confidence=min_confidence, row=row)
+    return CorrectionPlan(only=only, min_confidence=min_confidence, row=row, updates=updates)
 
 
 def record_refresh(cfg: TrainConfig, run: RunState, plan: CorrectionPlan, result: RefreshResult,
@@ -72,7 +78,9 @@ def record_refresh(cfg: TrainConfig, run: RunState, plan: CorrectionPlan, result
             run.given_supported = torch.zeros(num_samples, dtype=torch.bool)
         run.given_supported[result.ids] = result.given_label_supported
     row = dict(plan.row)
-    if plan.min_confidence:  # the same on every process (the agreement is shared): a collective is safe
+    # a share held back only where targets moved (before correction_start every sample is "held");
+    # the same on every process (the agreement is shared), so the collective is safe
+    if plan.min_confidence and plan.updates:
         (held_back,) = dist.sum(scores.held_back)  # each process held back in its own shard
         row["held_back_by_confidence"] = held_back / len(scores.ids)
         row["correction_min_confidence"] = plan.min_confidence

@@ -239,7 +239,7 @@ class Trainer:
         start = time.perf_counter()
         pool = self._pool_ids(epoch)
         loader = self.loaders.pool_loader(self.data, pool.numpy())
-        plan = plan_correction(cfg, self.run, pool, self.num_samples)
+        plan = plan_correction(cfg, self.run, pool, self.num_samples, updates=self.targets.is_update_epoch(epoch))
         scores = PoolScores(pool, self.targets, self.given_labels, epoch, gmm_loss=cfg.gmm_loss,
                             correct=corrects_labels(cfg), correct_only=plan.only, min_confidence=plan.min_confidence,
                             running=self.early_targets,
