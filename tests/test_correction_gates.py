@@ -65,11 +65,11 @@ def test_two_refreshes_then_a_plan_follow_the_rules_sample_by_sample(seed, agree
             before = predictions[refresh_no - 1].get(i) if refresh_no else None
             streak[i] = streak.get(i, 0) + 1 if before == p and i in streak else 1
     gate = agreement >= 0.5
+    plan = plan_correction(cfg, run, torch.arange(n), n)
     for i in range(n):
         expected = i in last_clean and math.isfinite(last_clean[i]) and last_clean[i] < 0.5
         if gate:
             expected = expected and streak.get(i, 0) >= cfg.plus_consistent
-        plan = plan_correction(cfg, run, torch.arange(n), n)
         assert bool(plan.only[i]) == expected, i
         assert math.isnan(run.clean_prob[i]) == (i not in last_clean)
     assert plan.min_confidence == (0.0 if not gate else 0.8 if spread >= 0.35 else 0.5)

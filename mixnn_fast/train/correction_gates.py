@@ -53,8 +53,8 @@ def plan_correction(cfg: TrainConfig, run: RunState, pool: torch.Tensor, num_sam
     spared = spared_by_neighbours(cfg, only, run.given_supported, run.given_agreement, run.disagreement_spread)
     if spared is not None:
         only &= ~spared
-    if spared is not None and updates:
-        row["held_back_by_neighbours"] = float(spared[pool].float().mean())  # of the pool, as the others
+        if updates:
+            row["held_back_by_neighbours"] = float(spared[pool].float().mean())  # of the pool, as the others
     if gates_on_stability(cfg) and cfg.plus_consistent_min_agreement:
         # whether this refresh's correction was held back by the gate (read from the last refresh)
         row["stability_gate_applied"] = float(stability_gate_applies(cfg, run.given_agreement))
