@@ -33,6 +33,36 @@ def disagreement_spread(given: torch.Tensor, predicted: torch.Tensor, num_classe
     Raises:
         ValueError: shapes, dtypes or labels out of range.
     """
+    _check_labels(given, predicted, num_classes)
+    differs = given != predicted
+    disagreements = int(differs.sum())
+    if disagreements == 0:
+        return 0.0
+    pairs = given[differs] * num_classes + predicted[differs]
+    counts = torch.bincount(pairs, minlength=num_classes * num_classes).double()
+    shares = counts[counts > 0] / disagreements
+    effective_pairs = math.exp(float(-(shares * shares.log()).sum()))
+    return min(1.0, effective_pairs / min(disagreements, num_classes * (num_classes - 1)))
+
+
+def prediction_share_gap(given: torch.Tensor, predicted: torch.Tensor, num_classes: int) -> float:
+    """How far the predicted classes' shares are from the given labels' shares: the total
+    variation distance ½ Σ_c |share of predictions c − share of given labels c|, in [0, 1].
+
+    Label-free (no true label): near 0 where the model predicts each class about as often as the
+    labels name it (symmetric noise keeps the shares), large where it has merged classes it cannot
+    tell apart (at asym-40 a model that calls most shirts T-shirts).  given, predicted: (P,) int64
+    in [0, num_classes); num_classes >= 2.  0.0 for an empty pool.  ValueError: shapes, dtypes or
+    labels out of range."""
+    _check_labels(given, predicted, num_classes)
+    if given.numel() == 0:
+        return 0.0
+    given_shares = torch.bincount(given, minlength=num_classes).double() / given.numel()
+    predicted_shares = torch.bincount(predicted, minlength=num_classes).double() / given.numel()
+    return float(0.5 * (given_shares - predicted_shares).abs().sum())
+
+
+def _check_labels(given: torch.Tensor, predicted: torch.Tensor, num_classes: int) -> None:
     if given.dim() != 1 or predicted.shape != given.shape:
         raise ValueError(f"given and predicted: expected two (P,) tensors of one shape, got "
                          f"{tuple(given.shape)} and {tuple(predicted.shape)}")
@@ -44,12 +74,3 @@ def disagreement_spread(given: torch.Tensor, predicted: torch.Tensor, num_classe
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
             raise ValueError(f"{name}: labels must lie in [0, {num_classes}), got [{int(labels.min())}, "
                              f"{int(labels.max())}]")
-    differs = given != predicted
-    disagreements = int(differs.sum())
-    if disagreements == 0:
-        return 0.0
-    pairs = given[differs] * num_classes + predicted[differs]
-    counts = torch.bincount(pairs, minlength=num_classes * num_classes).double()
-    shares = counts[counts > 0] / disagreements
-    effective_pairs = math.exp(float(-(shares * shares.log()).sum()))
-    return min(1.0, effective_pairs / min(disagreements, num_classes * (num_classes - 1)))

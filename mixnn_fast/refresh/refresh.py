@@ -13,7 +13,7 @@ import torch
 from mixnn_fast.refresh.class_gmm import clean_probability_per_class
 from mixnn_fast.refresh.gmm import GMM1D, clean_probability
 from mixnn_fast.refresh.loss_history import LossHistory
-from mixnn_fast.refresh.noise_structure import disagreement_spread
+from mixnn_fast.refresh.noise_structure import disagreement_spread, prediction_share_gap
 from mixnn_fast.refresh.neighbours import nearest_neighbours
 from mixnn_fast.refresh.neighbours.choice import choose_backend
 from mixnn_fast.refresh.partners import PartnerTable
@@ -128,6 +128,8 @@ def refresh(scores: PoolScores, options: RefreshOptions = RefreshOptions(), *,
     stats["given_label_agreement"] = float((scores.predicted == given).float().mean())
     # label-free: whether those disagreements spread over many class pairs (symmetric noise) or few
     stats["disagreement_spread"] = disagreement_spread(given, scores.predicted, scores.targets.num_classes)
+    # label-free: whether the model predicts each class about as often as the labels name it
+    stats["prediction_share_gap"] = prediction_share_gap(given, scores.predicted, scores.targets.num_classes)
     clean_prob, gmm = clean_probability(losses_for_gmm, return_model=True, **options.gmm)
     stats["gmm_separation"] = gmm_separation(gmm)  # label-free: whether the losses split in two at all
     if options.gmm_per_class:

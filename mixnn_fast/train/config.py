@@ -48,7 +48,7 @@ ADDED_AFTER_SAVED_RUNS = {"plus_freeze": 0, "plus_vote": 0, "plus_split_check": 
                           "plus_consistent": 0, "plus_consistent_min_agreement": 0.0,
                           "plus_split_check_min_agreement": 0.0, "plus_gmm_per_class": False,
                           "plus_min_confidence": 0.0, "plus_average_last": 0.0, "plus_symmetric_confidence": 0.0,
-                          "plus_symmetric_trust": False, "plus_neighbour_guard": 0}
+                          "plus_symmetric_trust": False, "plus_neighbour_guard": 0, "plus_prior": 0.0}
 
 #: MixNN+'s settings that are on by default, with the settings they act under.  Where one cannot
 #: act (another method, another correction), its default is accepted as well as "off" (runs saved
@@ -155,6 +155,9 @@ class TrainConfig:
                                           # the warm restarts within this last share of the epochs (SWA; 0: off)
     plus_elr: float = 0.0                 # mixnn_plus: weight λ of the early-learning penalty (ELR) added to the loss (0: off)
     elr_beta: float = 0.7                 # ELR: the weight each sample's running average of predictions keeps per refresh
+    plus_prior: float = 0.0               # mixnn_plus: weight λ of the class-balance penalty KL(π ‖ the batch's mean
+                                          # prediction), π the given labels' class shares, on the epochs that mix
+                                          # with the refresh's partners (Tanaka et al. 2018, DivideMix; 0: off)
     plus_warmup_max: int = 0              # mixnn_plus: warm-up runs from warmup_epochs until a refresh's GMM separates
                                           # (Ashman's D >= 2), at most until this epoch (0: warmup_epochs, fixed)
     mixup_alpha: float = 1.0
@@ -227,6 +230,7 @@ class TrainConfig:
         self._needs("trust_min_spread", "gates the trust weights of neighbour partners", weights="trust",
                     partners="neighbours")
         self._needs("plus_elr", "adds early-learning regularisation to MixNN+'s loss", method="mixnn_plus")
+        self._needs("plus_prior", "adds a class-balance penalty to MixNN+'s loss", method="mixnn_plus")
         if self.plus_average_last not in (0.0, _default("plus_average_last")):  # on by default: see plus_consistent
             self._needs("plus_average_last", "averages MixNN+'s weights over its last warm restarts",
                         **ON_BY_DEFAULT_ACTS_UNDER["plus_average_last"])
@@ -257,13 +261,15 @@ class TrainConfig:
                 self._needs_stability_gate(name, what, **ON_BY_DEFAULT_ACTS_UNDER[name])
         for name in ("lr", "lr_min", "momentum", "weight_decay", "noise_rate", "correction_momentum", "rdm_alpha",
                      "gmm_tol", "gmm_reg_covar", "mixup_alpha", "gce_q", "sce_alpha", "sce_beta", "validation_split",
-                     "trust_min_agreement", "trust_min_spread", "plus_elr", "elr_beta",
+                     "trust_min_agreement", "trust_min_spread", "plus_elr", "elr_beta", "plus_prior",
                      "plus_consistent_min_agreement", "plus_split_check_min_agreement", "plus_min_confidence",
                      "plus_average_last", "plus_symmetric_confidence"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name}: must be a finite number, got {getattr(self, name)}")
         if self.plus_elr < 0:
             raise ValueError(f"plus_elr: must be >= 0, got {self.plus_elr}")
+        if self.plus_prior < 0:
+            raise ValueError(f"plus_prior: must be >= 0, got {self.plus_prior}")
         if not 0 <= self.elr_beta < 1:
             raise ValueError(f"elr_beta: must lie in [0, 1), got {self.elr_beta}")
         if not 0 <= self.validation_split < 1:

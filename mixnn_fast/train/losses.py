@@ -8,6 +8,9 @@ corrected labels and one-hot labels go through the same code.
   RCE = −Σ_c p_c log clamp(t_c, 1e-4, 1), i.e. −A(1 − p_y) with A = log 1e-4 for one-hot t.
 - ``early_learning_penalty`` (ELR, Liu et al. 2020): log(1 − ⟨p, t⟩) with t a running average of
   the model's earlier predictions, added (times λ) to a loss to keep the predictions near them.
+- ``class_balance_penalty`` (Tanaka et al. 2018; DivideMix's regulariser): KL(π ‖ p̄), p̄ the
+  batch's mean predicted distribution, added (times λ) to a loss so that the predictions do not
+  collapse onto fewer classes than the labels hold.
 """
 from __future__ import annotations
 
@@ -66,6 +69,23 @@ def early_learning_penalty(logits: torch.Tensor, running: torch.Tensor, reductio
     probs = F.softmax(logits.float(), dim=1).clamp(1e-4, 1.0 - 1e-4)
     per_sample = torch.log(1.0 - (probs * running.detach().float()).sum(dim=1))
     return per_sample.mean() if reduction == "mean" else per_sample
+
+
+def class_balance_penalty(logits: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+    """KL(π ‖ p̄) = Σ_c π_c log(π_c / p̄_c), a 0-d tensor: ``prior`` π (C,) the class shares the
+    predictions should keep (rows of a probability simplex; zeros allowed: 0 log 0 = 0), p̄ (C,) the
+    mean of softmax(logits) over the batch's rows, logits (B, C).  Why: where a model cannot tell
+    two classes apart, label correction follows it onto one of them (the other class's right
+    labels are "corrected" too); keeping the batch's mean prediction near the labels' shares
+    pushes back, as Tanaka et al. (2018) and DivideMix do with a uniform π.  Gradients flow
+    through the logits only."""
+    if logits.ndim != 2:
+        raise ValueError(f"logits: expected (B, C), got {tuple(logits.shape)}")
+    if prior.shape != logits.shape[1:]:
+        raise ValueError(f"prior: expected shape ({logits.shape[1]},), one share per class, got {tuple(prior.shape)}")
+    mean_prediction = F.softmax(logits.float(), dim=1).mean(dim=0).clamp_min(1e-12)
+    prior = prior.detach().to(mean_prediction)
+    return (torch.special.xlogy(prior, prior) - prior * torch.log(mean_prediction)).sum()
 
 
 LOSSES = {

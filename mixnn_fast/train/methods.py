@@ -134,6 +134,11 @@ def uses_early_learning(cfg: TrainConfig) -> bool:
     return cfg.method == "mixnn_plus" and cfg.plus_elr > 0
 
 
+def uses_class_balance(cfg: TrainConfig) -> bool:
+    """Whether the run adds the class-balance penalty to its loss (MixNN+ with ``plus_prior`` > 0)."""
+    return cfg.method == "mixnn_plus" and cfg.plus_prior > 0
+
+
 def corrects_labels(cfg: TrainConfig) -> bool:
     """Whether the refresh corrects labels (MixNN+: unless ``plus_correction="none"``)."""
     if cfg.method == "mixnn_plus":

@@ -47,10 +47,11 @@ from mixnn_fast.train.config import TrainConfig
 from mixnn_fast.train.datasets import RunData, prepare_data
 from mixnn_fast.train.devices import autocast_dtype, resolve_device
 from mixnn_fast.train.distributed import init_distributed, share_pool_scores, share_refresh
-from mixnn_fast.train.losses import early_learning_penalty, one_hot
+from mixnn_fast.train.losses import class_balance_penalty, early_learning_penalty, one_hot
 from mixnn_fast.train.correction_gates import plan_correction, record_refresh
 from mixnn_fast.train.methods import (averages_weights, corrects_labels, joins_average, loss_function, optimisation,
-                                      phase_of, probes_warmup, refresh_options, uses_early_learning, warmup_ends)
+                                      phase_of, probes_warmup, refresh_options, uses_class_balance, uses_early_learning,
+                                      warmup_ends)
 from mixnn_fast.train.loaders import build_loaders
 from mixnn_fast.train.metrics import MetricsLog
 from mixnn_fast.train.inference import Inference
@@ -127,6 +128,10 @@ class Trainer:
         self.loss_history = LossHistory(self.num_samples, window=cfg.gmm_history) if cfg.gmm_history > 1 else None
         self.early_targets = EarlyLearningTargets(self.num_samples, self.num_classes, beta=cfg.elr_beta) \
             if uses_early_learning(cfg) else None
+        # MixNN+ with plus_prior: the given labels' class shares (C,), which the penalty keeps the
+        # batch's mean prediction near (label-free: a user has the given labels)
+        self.class_prior = (torch.bincount(self.given_labels, minlength=self.num_classes).float()
+                            / self.num_samples).to(self.device) if uses_class_balance(cfg) else None
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.loss_function = loss_function(cfg)
         self.loaders = build_loaders(cfg, self.data, threads=self.threads, on_gpu=self.device.type == "cuda",
@@ -366,7 +371,7 @@ class Trainer:
                 x, y = self._inputs(batch, phase)
                 running = self._early_learning_targets(batch, phase)
                 after_mix = tally.mark()
-                loss = self._step(x, y, epoch, i, iterations, running=running)
+                loss = self._step(x, y, epoch, i, iterations, running=running, balance=phase == "mixnn")
                 tally.add_batch(before_mix, after_mix, tally.mark(), loss, len(batch))
                 batch.release()  # its buffers go back to the loader's pool
                 if tally.due(last=i + 1 == iterations):
@@ -399,16 +404,19 @@ class Trainer:
         return row
 
     def _step(self, x: torch.Tensor, y: torch.Tensor, epoch: int, i: int, iterations: int, *,
-              weight: float = 1.0, running: torch.Tensor | None = None) -> torch.Tensor:
+              weight: float = 1.0, running: torch.Tensor | None = None, balance: bool = False) -> torch.Tensor:
         """One optimiser step on the mixed batch; returns its loss (0-d, on the device: reading it
         would wait for the device).  ``weight`` 0: a step whose gradient is zero.  ``running``
         (B, C): ELR's running averages for the batch; the loss then adds ``plus_elr`` times its
-        penalty."""
+        penalty.  ``balance``: the loss adds ``plus_prior`` times the class-balance penalty (where
+        the run has one: MixNN+ with ``plus_prior`` > 0)."""
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
             logits = self.trained(x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format))
         loss = self.loss_function(logits.float(), y.to(self.device))
         if running is not None:
             loss = loss + self.cfg.plus_elr * early_learning_penalty(logits.float(), running.to(self.device))
+        if balance and self.class_prior is not None:
+            loss = loss + self.cfg.plus_prior * class_balance_penalty(logits.float(), self.class_prior)
         if weight != 1.0:
             loss = loss * weight
         self.optimizer.zero_grad(set_to_none=True)
