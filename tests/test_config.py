@@ -148,6 +148,9 @@ def test_saved_settings_read_fields_they_predate_with_the_old_value():
                                    ["--method", "mixnn", "--plus-elr", "3"],
                                    ["--method", "mixnn_plus", "--plus-elr", "-1"],
                                    ["--method", "mixnn_plus", "--plus-elr", "nan"],
+                                   ["--method", "gce", "--plus-prior", "1"],
+                                   ["--method", "mixnn_plus", "--plus-prior", "-0.5"],
+                                   ["--method", "mixnn_plus", "--plus-prior", "inf"],
                                    ["--method", "mixnn_plus", "--elr-beta", "0.5"],
                                    ["--method", "mixnn_plus", "--elr-beta", "1", "--plus-elr", "3"],
                                    ["--method", "mixnn", "--plus-warmup-max", "12"],
@@ -190,7 +193,7 @@ def test_cli_refuses_a_mixnn_plus_option_that_cannot_apply_before_writing(tmp_pa
     setting = next(f[2:].replace("-", "_") for f in flags
                    if f in ("--plus-vote", "--plus-neighbour-guard", "--plus-freeze", "--plus-split-check",
                             "--plus-gmm-per-class",
-                            "--trust-min-agreement", "--trust-min-spread", "--plus-elr",
+                            "--trust-min-agreement", "--trust-min-spread", "--plus-elr", "--plus-prior",
                             "--elr-beta", "--plus-warmup-max", "--plus-consistent",
                             "--plus-consistent-min-agreement", "--plus-split-check-min-agreement",
                             "--plus-min-confidence", "--plus-average-last"))
