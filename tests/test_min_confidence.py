@@ -93,12 +93,10 @@ def test_config_accepts_a_threshold_only_where_it_can_act(value, method, consist
             TrainConfig(**options)
 
 
-@pytest.mark.parametrize("min_agreement, acts", [(0.0, True), (1.0, False)])
-def test_the_trainer_hands_the_threshold_to_each_refresh_where_the_gate_applies(tmp_path, monkeypatch,
-                                                                               min_agreement, acts):
-    """Real training on digits: each refresh's PoolScores gets the threshold while the gate
-    applies (always, with minimum agreement 0) and 0 when it never does (agreement 1 is not
-    reached at 40% noise), and the share it held back is logged where it acts."""
+def _train_recording_thresholds(tmp_path, monkeypatch, **settings):
+    """Real MixNN+ training on 300 digits at 40% symmetric noise (tiny model, the stability gate
+    after one stable refresh, threshold 0.35) with ``settings`` on top; returns the trainer and
+    the ``min_confidence`` each refresh's PoolScores was handed, in order."""
     import mixnn_fast.train.trainer as trainer_module
     from mixnn_fast.train.trainer import Trainer
 
@@ -110,13 +108,24 @@ def test_the_trainer_hands_the_threshold_to_each_refresh_where_the_gate_applies(
             super().__init__(*args, **kwargs)
 
     monkeypatch.setattr(trainer_module, "PoolScores", Recording)
-    cfg = TrainConfig(dataset="digits", train_subset=300, noise="symmetric_uniform", noise_rate=0.4, model="small_cnn",
-                      model_widths=[8, 8, 8, 8], method="mixnn_plus", epochs=4, warmup_epochs=1, correction_start=1,
-                      restart_period=2, batch_size=64, progress=False, tensorboard=False, out_dir=str(tmp_path / "run"),
-                      num_threads=1, seed=3, plus_min_confidence=0.35, plus_symmetric_confidence=0.0,
-                      plus_consistent=1, plus_consistent_min_agreement=min_agreement)
+    cfg = TrainConfig(**{**dict(dataset="digits", train_subset=300, noise="symmetric_uniform", noise_rate=0.4,
+                                model="small_cnn", model_widths=[8, 8, 8, 8], method="mixnn_plus", warmup_epochs=1,
+                                correction_start=1, restart_period=2, batch_size=64, progress=False,
+                                tensorboard=False, out_dir=str(tmp_path / "run"), num_threads=1, seed=3,
+                                plus_min_confidence=0.35, plus_consistent=1), **settings})
     trainer = Trainer(cfg)
     trainer.fit()
+    return trainer, handed
+
+
+@pytest.mark.parametrize("min_agreement, acts", [(0.0, True), (1.0, False)])
+def test_the_trainer_hands_the_threshold_to_each_refresh_where_the_gate_applies(tmp_path, monkeypatch,
+                                                                               min_agreement, acts):
+    """Real training on digits: each refresh's PoolScores gets the threshold while the gate
+    applies (always, with minimum agreement 0) and 0 when it never does (agreement 1 is not
+    reached at 40% noise), and the share it held back is logged where it acts."""
+    trainer, handed = _train_recording_thresholds(tmp_path, monkeypatch, epochs=4, plus_symmetric_confidence=0.0,
+                                                  plus_consistent_min_agreement=min_agreement)
     refreshes = [h for h in handed if h is not None]
     assert len(refreshes) >= 3
     assert refreshes == [0.35 if acts else 0.0] * len(refreshes)
@@ -169,28 +178,14 @@ def test_the_trainer_hands_the_symmetric_threshold_after_a_spread_refresh(tmp_pa
     predict few classes and stay under 0.4, so it is also lowered to 0, where every later refresh
     must get it); a resumed run carries the spread."""
     import mixnn_fast.train.methods as methods_module
-    import mixnn_fast.train.trainer as trainer_module
     from mixnn_fast.train.trainer import Trainer
 
     if spread_from != "default":
         monkeypatch.setattr(methods_module, "SYMMETRIC_SPREAD", spread_from)
     SYMMETRIC_SPREAD = methods_module.SYMMETRIC_SPREAD
 
-    handed = []
-
-    class Recording(PoolScores):
-        def __init__(self, *args, **kwargs):
-            handed.append(kwargs.get("min_confidence"))
-            super().__init__(*args, **kwargs)
-
-    monkeypatch.setattr(trainer_module, "PoolScores", Recording)
-    cfg = TrainConfig(dataset="digits", train_subset=300, noise="symmetric_uniform", noise_rate=0.4, model="small_cnn",
-                      model_widths=[8, 8, 8, 8], method="mixnn_plus", epochs=5, warmup_epochs=1, correction_start=1,
-                      restart_period=2, batch_size=64, progress=False, tensorboard=False, out_dir=str(tmp_path / "run"),
-                      num_threads=1, seed=3, plus_min_confidence=0.35, plus_symmetric_confidence=0.45,
-                      plus_consistent=1, plus_consistent_min_agreement=0.0)
-    trainer = Trainer(cfg)
-    trainer.fit()
+    trainer, handed = _train_recording_thresholds(tmp_path, monkeypatch, epochs=5, plus_symmetric_confidence=0.45,
+                                                  plus_consistent_min_agreement=0.0)
     refreshes = [h for h in handed if h is not None]
     spreads = [r["disagreement_spread"] for r in trainer.metrics.rows if "disagreement_spread" in r]
     assert len(refreshes) == len(spreads) >= 3
@@ -199,5 +194,5 @@ def test_the_trainer_hands_the_symmetric_threshold_after_a_spread_refresh(tmp_pa
     if spread_from != "default":
         assert refreshes[1:] == [0.45] * (len(refreshes) - 1)
     assert trainer.run.disagreement_spread == spreads[-1]
-    resumed = Trainer(cfg, resume=True)
+    resumed = Trainer(trainer.cfg, resume=True)
     assert resumed.run.disagreement_spread == spreads[-1]
