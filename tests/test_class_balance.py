@@ -148,7 +148,7 @@ def test_the_cli_refuses_it_outside_mixnn_plus(tmp_path, capsys):
     from mixnn_fast.app.cli import main
 
     out = tmp_path / "run"
-    assert main(["train", "--dataset", "digits", "--method", "mixnn", "--plus-prior", "1", "--epochs", "1",
+    assert main(["train", "--dataset", "digits", "--method", "mixnn", "--plus-prior", "2", "--epochs", "1",
                  "--out-dir", str(out)]) == 2
     err = capsys.readouterr().err
     assert "plus_prior" in err and "mixnn_plus" in err and "Traceback" not in err

@@ -148,7 +148,7 @@ def test_saved_settings_read_fields_they_predate_with_the_old_value():
                                    ["--method", "mixnn", "--plus-elr", "3"],
                                    ["--method", "mixnn_plus", "--plus-elr", "-1"],
                                    ["--method", "mixnn_plus", "--plus-elr", "nan"],
-                                   ["--method", "gce", "--plus-prior", "1"],
+                                   ["--method", "gce", "--plus-prior", "2"],
                                    ["--method", "mixnn_plus", "--plus-prior", "-0.5"],
                                    ["--method", "mixnn_plus", "--plus-prior", "inf"],
                                    ["--method", "mixnn_plus", "--elr-beta", "0.5"],
@@ -223,11 +223,11 @@ def test_on_by_default_settings_count_only_where_they_act(method, correction, ac
     on = TrainConfig(method=method, plus_correction=correction)  # the defaults: accepted with any method
     off = TrainConfig(method=method, plus_correction=correction, plus_consistent=0, plus_consistent_min_agreement=0.0,
                       plus_min_confidence=0.0, plus_average_last=0.0, plus_symmetric_confidence=0.0,
-                      plus_symmetric_trust=False)
+                      plus_symmetric_trust=False, plus_prior=0.0)
     assert all(getattr(on, name) for name in ON_BY_DEFAULT_ACTS_UNDER)  # on by default, as the name says
-    # the weight average and the trusted anchors act with any correction; the stability gate and its
-    # refinements with selective
-    any_correction = ("plus_average_last", "plus_symmetric_trust")
+    # the weight average, the trusted anchors and the class-balance penalty act with any correction;
+    # the stability gate and its refinements with selective
+    any_correction = ("plus_average_last", "plus_symmetric_trust", "plus_prior")
     acting = {name: acts or (method == "mixnn_plus" and name in any_correction) for name in ON_BY_DEFAULT_ACTS_UNDER}
     assert (acting_settings(on.to_dict()) == acting_settings(off.to_dict())) == (not any(acting.values()))
     kept = acting_settings(on.to_dict())

@@ -61,6 +61,7 @@ ON_BY_DEFAULT_ACTS_UNDER = {
     "plus_symmetric_confidence": dict(method="mixnn_plus", plus_correction="selective"),
     "plus_average_last": dict(method="mixnn_plus"),
     "plus_symmetric_trust": dict(method="mixnn_plus", weights="gmm", partners="neighbours"),
+    "plus_prior": dict(method="mixnn_plus"),
 }
 
 #: Settings that refine MixNN+'s stability gate, with what each does: they cannot act while the
@@ -155,7 +156,7 @@ class TrainConfig:
                                           # the warm restarts within this last share of the epochs (SWA; 0: off)
     plus_elr: float = 0.0                 # mixnn_plus: weight λ of the early-learning penalty (ELR) added to the loss (0: off)
     elr_beta: float = 0.7                 # ELR: the weight each sample's running average of predictions keeps per refresh
-    plus_prior: float = 0.0               # mixnn_plus: weight λ of the class-balance penalty KL(π ‖ the batch's mean
+    plus_prior: float = 1.0               # mixnn_plus: weight λ of the class-balance penalty KL(π ‖ the batch's mean
                                           # prediction), π the given labels' class shares, on the epochs that mix
                                           # with the refresh's partners (Tanaka et al. 2018, DivideMix; 0: off)
     plus_warmup_max: int = 0              # mixnn_plus: warm-up runs from warmup_epochs until a refresh's GMM separates
@@ -230,7 +231,9 @@ class TrainConfig:
         self._needs("trust_min_spread", "gates the trust weights of neighbour partners", weights="trust",
                     partners="neighbours")
         self._needs("plus_elr", "adds early-learning regularisation to MixNN+'s loss", method="mixnn_plus")
-        self._needs("plus_prior", "adds a class-balance penalty to MixNN+'s loss", method="mixnn_plus")
+        if self.plus_prior not in (0.0, _default("plus_prior")):  # on by default: see plus_consistent
+            self._needs("plus_prior", "adds a class-balance penalty to MixNN+'s loss",
+                        **ON_BY_DEFAULT_ACTS_UNDER["plus_prior"])
         if self.plus_average_last not in (0.0, _default("plus_average_last")):  # on by default: see plus_consistent
             self._needs("plus_average_last", "averages MixNN+'s weights over its last warm restarts",
                         **ON_BY_DEFAULT_ACTS_UNDER["plus_average_last"])
