@@ -211,7 +211,7 @@ def test_the_counts_a_mid_cycle_note_suggests_are_the_nearest_that_end_a_cycle(r
 def test_a_mixnn_plus_run_saved_before_the_stability_gate_is_the_ungated_cell(tmp_path):
     """MixNN+ corrects through the stability gate by default; a run saved before the gate existed
     ran without it: it is the cell with ``plus_consistent=0``, not the default cell (nor did it
-    average its weights or trust its anchors)."""
+    average its weights, trust its anchors or add the class-balance penalty)."""
     import dataclasses
 
     import yaml
@@ -222,7 +222,7 @@ def test_a_mixnn_plus_run_saved_before_the_stability_gate_is_the_ungated_cell(tm
     ungated = dataclasses.replace(ungated, config=dataclasses.replace(ungated.config, plus_consistent=0,
                                                                       plus_consistent_min_agreement=0.0,
                                                                       plus_average_last=0.0,
-                                                                      plus_symmetric_trust=False))
+                                                                      plus_symmetric_trust=False, plus_prior=0.0))
     run_table([ungated], tmp_path / "table", log=lambda *_: None)
     config = tmp_path / "table" / "sym-40_mixnn_plus_s0" / "config.yaml"
     saved = yaml.safe_load(config.read_text())
