@@ -32,7 +32,8 @@ PLUS_ABLATIONS = (("correction of every sample", "_corrall", {"plus_correction":
                   ("GCE instead of CE", "_gce", {"plus_loss": "gce"}),
                   ("no stability gate", "_nogate", {"plus_consistent": 0}),
                   ("no weight averaging", "_noavg", {"plus_average_last": 0.0}),
-                  ("no trusted anchors", "_notrust", {"plus_symmetric_trust": False}))
+                  ("no trusted anchors", "_notrust", {"plus_symmetric_trust": False}),
+                  ("no class-balance penalty", "_noprior", {"plus_prior": 0.0}))
 # (noise kind, rate, label in the table).  symmetric_uniform is the paper's convention (uniform
 # over all classes, so the realised rate is rate × (C−1)/C), which makes rows comparable with its Table I.
 TABLE_NOISE = (("symmetric_uniform", 0.2, "sym-20"), ("symmetric_uniform", 0.4, "sym-40"),
