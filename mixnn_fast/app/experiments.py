@@ -261,6 +261,13 @@ def _auroc(values: list[float | None]) -> str:
     return f"{statistics.mean(values):.3f}" if values else "–"
 
 
+def _minutes(seconds: list[float | None]) -> str:
+    # runs trained by `mixnn train` (the commands the table prints) record no wall time: their
+    # minutes are unknown ("–"), not NaN
+    seconds = _known(seconds)
+    return f"{statistics.mean(seconds) / 60:.1f}" if seconds else "–"
+
+
 def format_table(cells: list[Cell], summaries: list[dict], missing: Sequence[Cell] = ()) -> str:
     """Markdown: one row per (noise, method), seeds averaged (mean ± sample std when several),
     the ``missing`` runs named, then the command of every run."""
@@ -281,7 +288,7 @@ def format_table(cells: list[Cell], summaries: list[dict], missing: Sequence[Cel
             f"{_auroc([s.get('clean_auroc_current_labels') for _, s in runs])} | "
             f"{_auroc([s.get('label_audit', {}).get('f1') for _, s in runs])} | "
             f"{', '.join(str(c.seed) for c, _ in runs)} | "
-            f"{statistics.mean(s.get('wall_seconds', float('nan')) for _, s in runs) / 60:.1f} |")
+            f"{_minutes([s.get('wall_seconds') for _, s in runs])} |")
     if missing:
         lines += ["", f"Not finished, so not in the table ({len(missing)} of {len(cells) + len(missing)} runs): "
                   + ", ".join(Path(c.config.out_dir).name for c in missing) + "."]
