@@ -239,8 +239,9 @@ def test_a_mixnn_plus_run_saved_before_the_stability_gate_is_the_ungated_cell(tm
 
 
 def test_runs_without_a_wall_time_show_unknown_minutes_not_nan(tmp_path):
-    """A run trained by `mixnn train` (the table's printed command) records no wall time: the
-    table says its minutes are unknown rather than printing NaN, and averages the runs that have one."""
+    """A run whose rows carry no epoch_seconds (trained before they existed) has no wall time:
+    the table says its minutes are unknown rather than printing NaN, and averages the runs that
+    have one."""
     cells = _cells(tmp_path, plan_pair=False)  # ce and mixnn at sym-40
     summary = dict(final_test_accuracy=0.7, best_test_accuracy=0.75, label_accuracy_after_correction=0.8)
     table = experiments.format_table(cells, [dict(summary, wall_seconds=150.0), dict(summary)])

@@ -67,8 +67,13 @@ def test_resume_continues_from_the_checkpoint(tmp_path):
     for k, v in resumed.model.state_dict().items():
         assert torch.equal(v, saved[k]), k
     assert torch.equal(resumed.targets.targets, first.targets.targets)
-    resumed.fit()
-    assert [r["epoch"] for r in resumed.metrics.rows] == [0, 1, 2]
+    summary = resumed.fit()
+    rows = resumed.metrics.rows
+    assert [r["epoch"] for r in rows] == [0, 1, 2]
+    # the wall time counts the first process's epochs too, not only the resumed one's
+    assert all(r["epoch_seconds"] > 0 for r in rows)
+    assert summary["wall_seconds"] == pytest.approx(sum(r["epoch_seconds"] for r in rows))
+    assert summary["wall_seconds"] > rows[-1]["epoch_seconds"]
     with pytest.raises(ValueError, match="noise_rate"):
         Trainer(tiny_config(tmp_path, method="mixnn", epochs=3, noise_rate=0.2), resume=True)
 
@@ -88,7 +93,8 @@ def test_cli_train_and_evaluate(tmp_path, capsys):
     code = mixnn_main(["train", "--dataset", "digits", "--method", "ce", "--epochs", "1", "--model-widths", "8", "16",
                        "16", "16", "--no-progress", "--no-tensorboard", "--out-dir", str(out)])
     assert code == 0
-    assert json.loads((out / "summary.json").read_text())["epochs"] == 1
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["epochs"] == 1 and summary["wall_seconds"] > 0  # what the run cost, for the table
     assert mixnn_main(["evaluate", str(out), "--no-progress"]) == 0
     assert "test_accuracy" in capsys.readouterr().out
     assert mixnn_main(["train", "--dataset", "digits", "--method", "nope", "--out-dir", str(out)]) == 2
@@ -288,3 +294,17 @@ def test_mix_given_labels_mixes_the_targets_once(tmp_path, monkeypatch):
     expected = w[:, :1] * trainer.targets.targets[batch.anchor_ids].double() + \
         (w[:, 1:, None] * torch.nn.functional.one_hot(trainer.given_labels[batch.partner_ids], 10).double()).sum(1)
     torch.testing.assert_close(y.double(), expected, rtol=0, atol=4 * torch.finfo(torch.float32).eps)
+
+
+def test_a_run_with_rows_from_before_epoch_seconds_has_no_wall_time():
+    """Rows written before epochs carried their wall time cannot say what the run cost: no
+    ``wall_seconds`` rather than the part that happens to be known."""
+    from mixnn_fast.train.outcome import summarise
+
+    rows = [{"epoch": 0, "train_seconds": 1.0, "test_accuracy": 0.5},
+            {"epoch": 1, "train_seconds": 1.0, "test_accuracy": 0.6, "epoch_seconds": 1.5}]
+    assert "wall_seconds" not in summarise("ce", rows, 2, noise_rate=None, correction_accuracy=None,
+                                           skipped_files=None)
+    rows[0]["epoch_seconds"] = 2.0
+    assert summarise("ce", rows, 2, noise_rate=None, correction_accuracy=None,
+                     skipped_files=None)["wall_seconds"] == 3.5

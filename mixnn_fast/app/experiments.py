@@ -235,7 +235,9 @@ def _run_cell_locked(cell: Cell, out: Path, log) -> dict:
     if trainer.data.note:
         log(f"[table] NOTE: {trainer.data.note}")
     summary = trainer.fit(keep_lock=True)
-    summary["wall_seconds"] = time.perf_counter() - start
+    # the epochs' own wall time (every attempt's, across resumes); this process's time only for
+    # runs whose earlier epochs were written before rows carried it
+    summary.setdefault("wall_seconds", time.perf_counter() - start)
     summary = write_run_report(trainer.out_dir, trainer.label_record(), summary)
     trainer.release_run_folder()  # only now: the report belongs to the run
     log(f"[table] {cell.noise} {cell.label} seed {cell.seed}: final {100 * summary['final_test_accuracy']:.2f}%, "

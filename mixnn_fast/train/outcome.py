@@ -45,8 +45,10 @@ class LabelRecord:
 def summarise(method: str, rows: list[dict], epochs: int, *, noise_rate: float | None,
               correction_accuracy: float | None, skipped_files: dict[str, str] | None) -> dict:
     """A run's summary from its metrics rows: test accuracy at the end and at its best, the
-    share of training time spent waiting for the loader, the last refresh's clean-detection
-    AUROCs, and what was passed in (``None`` values are left out, except the noise rate)."""
+    share of training time spent waiting for the loader, the run's wall time (``wall_seconds``:
+    the epochs' ``epoch_seconds`` summed, so a resumed run counts every epoch once; left out when
+    a row lacks it), the last refresh's clean-detection AUROCs, and what was passed in (``None``
+    values are left out, except the noise rate)."""
     tested = [r["test_accuracy"] for r in rows if "test_accuracy" in r]
     wait = sum(r.get("loader_wait_seconds", 0) for r in rows)
     train_seconds = float(sum(r.get("train_seconds", 0) for r in rows))
@@ -59,6 +61,9 @@ def summarise(method: str, rows: list[dict], epochs: int, *, noise_rate: float |
         "train_seconds": train_seconds + float(sum(r.get("refresh_seconds") or 0 for r in rows)),
         "loader_wait_fraction": wait / train_seconds if train_seconds else float("nan"),
     }
+    # rows of runs started before epoch_seconds existed cannot say what the whole run cost
+    if rows and all("epoch_seconds" in r for r in rows):
+        summary["wall_seconds"] = float(sum(r["epoch_seconds"] for r in rows))
     if correction_accuracy is not None:
         summary["correction_accuracy"] = correction_accuracy
     for key in ("clean_auroc", "clean_auroc_current_labels"):  # the last refresh's

@@ -516,6 +516,7 @@ class Trainer:
         self._open_outputs()
         try:
             for epoch in range(self.run.epoch, cfg.epochs):
+                epoch_start = time.perf_counter()
                 row = self.train_epoch(epoch)
                 if joins_average(cfg, epoch):
                     self.averaged.update_parameters(self.model)
@@ -533,6 +534,9 @@ class Trainer:
                         best = self.run.best_test_accuracy
                         self.run.best_test_accuracy = row["test_accuracy"] if math.isnan(best) else \
                             max(best, row["test_accuracy"])
+                # the epoch's wall time: refresh, training and evaluation (the checkpoint after it is
+                # not counted); summed over the rows, it is what the run cost across resumes
+                row["epoch_seconds"] = time.perf_counter() - epoch_start
                 if self.dist.is_main:  # every process holds the same row; rank 0 writes it
                     self.metrics.log(row)
                     log.info("epoch %d %s: loss %.4f, test accuracy %s", epoch, row["phase"], row["train_loss"],
