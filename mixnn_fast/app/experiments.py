@@ -264,8 +264,8 @@ def _auroc(values: list[float | None]) -> str:
 
 
 def _minutes(seconds: list[float | None]) -> str:
-    # runs trained by `mixnn train` (the commands the table prints) record no wall time: their
-    # minutes are unknown ("–"), not NaN
+    # runs whose metrics rows predate epoch_seconds, trained by `mixnn train` (the commands the
+    # table prints), have no wall_seconds: their minutes are unknown ("–"), not NaN
     seconds = _known(seconds)
     return f"{statistics.mean(seconds) / 60:.1f}" if seconds else "–"
 
