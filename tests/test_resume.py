@@ -13,16 +13,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from mixnn_fast.app.cli import main as mixnn_main
+from mixnn_fast.audit.run_folder import RECORD, RecordArrays
 from mixnn_fast.train.checkpoint import CHECKPOINT, PREVIOUS, CheckpointError, load_checkpoint
 from mixnn_fast.train.metrics import read_metrics
 
@@ -303,3 +306,28 @@ def test_a_save_interrupted_at_any_step_leaves_a_complete_checkpoint(tmp_path, m
         assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left behind
     atomic.write_atomic(target, b"new", keep_previous=previous)
     assert target.read_bytes() == b"new" and previous.read_bytes() == b"old"
+
+
+@pytest.mark.slow
+def test_resuming_a_finished_run_reports_the_labels_it_reported(tmp_path, uninterrupted_plus):
+    """``mixnn train --out-dir X --resume`` on a run that has trained all its epochs makes no
+    refresh; its report must still read the last refresh's clean probabilities and the soft
+    targets from the checkpoint, not take the model's predictions as a baseline's.  With
+    ``--plus-final-correction`` (a setting a resume may change) it reports the last correction."""
+    out = tmp_path / "finished"
+    shutil.copytree(uninterrupted_plus, out, ignore=shutil.ignore_patterns("*.lock"))
+    before = json.loads((out / "summary.json").read_text())
+    record = RecordArrays.load(out / RECORD)
+    _cli("train", "--out-dir", str(out), "--resume")
+    after = json.loads((out / "summary.json").read_text())
+    resumed = RecordArrays.load(out / RECORD)
+    assert after["label_accuracy_after_correction"] == before["label_accuracy_after_correction"]
+    np.testing.assert_array_equal(resumed.corrected, record.corrected)
+    np.testing.assert_allclose(resumed.clean_prob, record.clean_prob, rtol=1e-6)  # kept as float32
+    assert "final_corrections" not in after
+    _cli("train", "--out-dir", str(out), "--resume", "--plus-final-correction")
+    last = json.loads((out / "summary.json").read_text())
+    relabelled = RecordArrays.load(out / RECORD)
+    changed = relabelled.corrected != record.corrected
+    assert last["final_corrections"] == int(changed.sum())
+    np.testing.assert_array_equal(relabelled.corrected[changed], relabelled.predicted[changed])

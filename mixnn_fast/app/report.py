@@ -168,6 +168,8 @@ def write_run_report(out_dir: str | Path, record: LabelRecord, summary: dict) ->
     arrays = RecordArrays.from_label_record(record)
     arrays.save(out / RECORD)
     data = record.train
+    if record.final_corrections is not None:  # MixNN+'s last correction: how many reported labels it changed
+        summary = {**summary, "final_corrections": record.final_corrections}
     return write_issue_report(out, arrays, summary, rows=record.rows, paths=data.paths, images=data.images)
 
 

@@ -35,9 +35,10 @@ _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 #: Fields that change how a run is watched or where it stops, never what an epoch computes: a
 #: resumed run may change them (``mixnn train --out-dir X --resume --epochs 80``).  Every other
 #: field defines the experiment and must match the run being resumed.  ``num_threads`` changes
-#: only the order of float reductions (results equal to rounding, not bit for bit).
+#: only the order of float reductions (results equal to rounding, not bit for bit);
+#: ``plus_final_correction`` only the labels reported after the last epoch.
 RESUMABLE_FIELDS = ("epochs", "out_dir", "progress", "tensorboard", "eval_every", "checkpoint_every",
-                    "checkpoint_every_steps", "num_threads", "extra")
+                    "checkpoint_every_steps", "num_threads", "extra", "plus_final_correction")
 
 #: Fields added after run folders were written, with the value that reproduces what those runs
 #: did: settings saved without the key (config.yaml, a checkpoint) are read with it
@@ -48,7 +49,8 @@ ADDED_AFTER_SAVED_RUNS = {"plus_freeze": 0, "plus_vote": 0, "plus_split_check": 
                           "plus_consistent": 0, "plus_consistent_min_agreement": 0.0,
                           "plus_split_check_min_agreement": 0.0, "plus_gmm_per_class": False,
                           "plus_min_confidence": 0.0, "plus_average_last": 0.0, "plus_symmetric_confidence": 0.0,
-                          "plus_symmetric_trust": False, "plus_neighbour_guard": 0, "plus_prior": 0.0}
+                          "plus_symmetric_trust": False, "plus_neighbour_guard": 0, "plus_prior": 0.0,
+                          "plus_final_correction": False}
 
 #: MixNN+'s settings that are on by default, with the settings they act under.  Where one cannot
 #: act (another method, another correction), its default is accepted as well as "off" (runs saved
@@ -144,6 +146,9 @@ class TrainConfig:
     plus_neighbour_guard: int = 0         # mixnn_plus: where the symmetric confidence would act, a sample is not
                                           # corrected while its given label is the commonest among this many nearest
                                           # neighbours', and the others need plus_min_confidence (0: off; methods.py)
+    plus_final_correction: bool = False   # mixnn_plus, selective correction: after the last epoch, the samples the next
+                                          # refresh could correct take the final pass's prediction as their reported
+                                          # label where it is confident enough (methods.py; nothing trained changes)
     plus_vote: int = 0                    # mixnn_plus: a sample's clean probability is at least the share of its this many
                                           # nearest neighbours that carry its current label (0: off)
     plus_split_check: bool = False        # mixnn_plus: no sample is called noisy while the GMM's components overlap
@@ -231,6 +236,8 @@ class TrainConfig:
         self._needs("trust_min_spread", "gates the trust weights of neighbour partners", weights="trust",
                     partners="neighbours")
         self._needs("plus_elr", "adds early-learning regularisation to MixNN+'s loss", method="mixnn_plus")
+        self._needs("plus_final_correction", "corrects MixNN+'s reported labels once more from the final pass",
+                    method="mixnn_plus", plus_correction="selective")
         if self.plus_prior not in (0.0, _default("plus_prior")):  # on by default: see plus_consistent
             self._needs("plus_prior", "adds a class-balance penalty to MixNN+'s loss",
                         **ON_BY_DEFAULT_ACTS_UNDER["plus_prior"])

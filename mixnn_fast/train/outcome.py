@@ -20,14 +20,17 @@ class LabelRecord:
 
     method: the training method.  train: the training set (given labels, paths, classes, true
     labels when known).  rows: the per-epoch metrics.
-    corrected: int64, the label the run believes (MixNN: its soft targets' argmax; baselines:
+    corrected: int64, the label the run believes (MixNN: its soft targets' argmax, MixNN+ with
+    ``plus_final_correction`` after its last correction; baselines:
     the model's prediction).  clean_prob: float64, the run's clean probability (MixNN: its last
     refresh's, against the labels it trained on then; baselines: = clean_prob_given).
     From a final pass after training (NaN / -1 for samples that could not be read):
     clean_prob_given: the GMM's clean posterior fitted on the losses against the given labels;
     prob_given: the model's probability of the given label; predicted, confidence: its most
     likely class and that class's probability.  target_given: the soft target's probability of
-    the given label (1 where labels were not corrected).
+    the given label (1 where labels were not corrected).  final_corrections: how many reported
+    labels MixNN+'s last correction from the final pass changed (``plus_final_correction``; None
+    where it did not act); ``corrected`` includes them.
     """
 
     method: str
@@ -40,6 +43,7 @@ class LabelRecord:
     predicted: np.ndarray
     confidence: np.ndarray
     target_given: np.ndarray
+    final_corrections: int | None = None
 
 
 def summarise(method: str, rows: list[dict], epochs: int, *, noise_rate: float | None,

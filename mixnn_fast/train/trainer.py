@@ -49,8 +49,8 @@ from mixnn_fast.train.devices import autocast_dtype, resolve_device
 from mixnn_fast.train.distributed import init_distributed, share_pool_scores, share_refresh
 from mixnn_fast.train.losses import class_balance_penalty, early_learning_penalty, one_hot
 from mixnn_fast.train.correction_gates import plan_correction, record_refresh
-from mixnn_fast.train.methods import (averages_weights, corrects_labels, joins_average, loss_function, optimisation,
-                                      phase_of, probes_warmup, refresh_options, uses_class_balance, uses_early_learning,
+from mixnn_fast.train.methods import (averages_weights, corrects_labels, final_correction, joins_average,
+                                      loss_function, optimisation, phase_of, probes_warmup, refresh_options, uses_class_balance, uses_early_learning,
                                       warmup_ends)
 from mixnn_fast.train.loaders import build_loaders
 from mixnn_fast.train.metrics import MetricsLog
@@ -488,11 +488,26 @@ class Trainer:
             return full
 
         clean_prob_given = per_sample(clean_probability(scores.losses, **self.refresh_options.gmm))
+        final_corrections = None
         refreshed = self.last_refresh
-        if self.cfg.refreshes and refreshed is not None and len(refreshed.ids) == len(ids):
+        # a run resumed after its last epoch has made no refresh in this process: its last
+        # refresh's clean probabilities are the ones the checkpoint kept (float32)
+        kept = self.run.clean_prob if refreshed is None and self.cfg.refreshes else None
+        if self.cfg.refreshes and ((refreshed is not None and len(refreshed.ids) == len(ids)) or
+                                   (kept is not None and int(torch.isfinite(kept).sum()) == len(ids))):
             clean_prob = np.full(n, np.nan)
-            clean_prob[refreshed.ids.numpy()] = refreshed.clean_prob.numpy()
+            if refreshed is not None:
+                clean_prob[refreshed.ids.numpy()] = refreshed.clean_prob.numpy()
+            else:
+                clean_prob[:] = kept.double().numpy()
             corrected = self.targets.corrected_labels().cpu().numpy()
+            relabel = final_correction(self.cfg, self.run, scores.ids, scores.predicted, scores.confidence, n)
+            if relabel is not None:  # MixNN+'s last correction: the reported labels only, never the targets
+                relabel = relabel.numpy()
+                predicted = per_sample(scores.predicted, -1, np.int64)
+                final_corrections = int((relabel & (corrected != predicted)).sum())
+                corrected[relabel] = predicted[relabel]
+                log.info("last correction from the final pass: %d reported labels changed", final_corrections)
         else:
             clean_prob = clean_prob_given
             corrected = self.given_labels.numpy().copy()  # unreadable samples keep their given label
@@ -502,7 +517,8 @@ class Trainer:
                            corrected=corrected, clean_prob=clean_prob, clean_prob_given=clean_prob_given,
                            prob_given=per_sample(scores.prob_given), predicted=per_sample(scores.predicted, -1, np.int64),
                            confidence=per_sample(scores.confidence),
-                           target_given=probability_of_labels(self.targets, self.given_labels))
+                           target_given=probability_of_labels(self.targets, self.given_labels),
+                           final_corrections=final_corrections)
 
     # ---- the whole run ---------------------------------------------------------------------
 

@@ -1,0 +1,137 @@
+"""MixNN+'s last correction from the final pass (``plus_final_correction``, off by default): the
+samples it relabels against a plain-numpy statement of the rule on random run states, and what a
+real run reports with it (the corrected labels change exactly there; nothing trained does)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_symmetric_trust import gates_opening_config  # pytest puts tests/ on sys.path
+
+from mixnn_fast.train.config import TrainConfig
+from mixnn_fast.train.methods import SYMMETRIC_SPREAD, final_correction
+from mixnn_fast.train.state import RunState
+
+
+def _reference(cfg, clean_prob, stable, last_predicted, supported, given_agreement, spread, ids, predicted,
+               confidence, n):
+    """The rule of docs/mixnn_plus/final_correction.md, written out in numpy."""
+    gate = cfg.plus_consistent > 0 and given_agreement >= cfg.plus_consistent_min_agreement
+    symmetric = spread >= SYMMETRIC_SPREAD
+    noisy = np.zeros(n, dtype=bool)
+    noisy[:] = clean_prob < 0.5  # NaN: False
+    if gate:
+        counts = stable.astype(np.int64).copy()
+        counts[ids] = np.where(last_predicted[ids] == predicted, counts[ids] + 1, 1)
+        noisy &= counts >= cfg.plus_consistent
+    guarded = cfg.plus_neighbour_guard > 0 and gate and symmetric and supported is not None
+    if guarded:
+        noisy &= ~supported
+    if not gate:
+        threshold = 0.0
+    elif guarded:
+        threshold = cfg.plus_min_confidence
+    elif cfg.plus_symmetric_confidence and symmetric:
+        threshold = cfg.plus_symmetric_confidence
+    else:
+        threshold = cfg.plus_min_confidence
+    threshold = max(threshold, cfg.plus_min_confidence)
+    out = np.zeros(n, dtype=bool)
+    out[ids] = noisy[ids] & (confidence >= np.float32(threshold))
+    return out
+
+
+@pytest.mark.parametrize("n, c", [(1, 2), (7, 3), (61, 10), (500, 14)])
+@pytest.mark.parametrize("given_agreement", [0.3, 0.5, 0.9])
+@pytest.mark.parametrize("spread", [0.1, SYMMETRIC_SPREAD, 0.8])
+@pytest.mark.parametrize("guard", [0, 5])
+def test_the_relabelled_samples_match_the_rule_written_out(rng, n, c, given_agreement, spread, guard):
+    cfg = TrainConfig(method="mixnn_plus", plus_final_correction=True, plus_neighbour_guard=guard)
+    clean_prob = rng.random(n).astype(np.float32)
+    clean_prob[rng.random(n) < 0.1] = np.nan  # outside the last refresh's pool
+    stable = rng.integers(0, 4, size=n).astype(np.int16)
+    last_predicted = rng.integers(-1, c, size=n).astype(np.int16)
+    supported = rng.random(n) < 0.5
+    ids = np.sort(rng.choice(n, size=max(1, n - n // 5), replace=False))  # a few unreadable samples
+    predicted = rng.integers(0, c, size=len(ids))
+    confidence = rng.uniform(1 / c, 1, size=len(ids)).astype(np.float32)
+    confidence[: len(ids) // 4] = rng.choice([0.5, 0.8], size=len(ids) // 4)  # exactly at the thresholds
+    run = RunState(clean_prob=torch.from_numpy(clean_prob.copy()), stable=torch.from_numpy(stable.copy()),
+                   last_predicted=torch.from_numpy(last_predicted.copy()),
+                   given_supported=torch.from_numpy(supported.copy()), given_agreement=given_agreement,
+                   disagreement_spread=spread)
+    got = final_correction(cfg, run, torch.from_numpy(ids), torch.from_numpy(predicted),
+                           torch.from_numpy(confidence), n)
+    want = _reference(cfg, clean_prob, stable, last_predicted, supported, given_agreement, spread, ids, predicted,
+                      confidence, n)
+    assert got.dtype == torch.bool and got.shape == (n,)
+    np.testing.assert_array_equal(got.numpy(), want)
+    # the run's state is read, never changed (it is what the checkpoint holds)
+    np.testing.assert_array_equal(run.stable.numpy(), stable)
+    np.testing.assert_array_equal(run.last_predicted.numpy(), last_predicted)
+
+
+def test_it_does_not_act_off_by_default_for_other_corrections_or_before_any_refresh():
+    run = RunState(clean_prob=torch.zeros(3), given_agreement=0.9, disagreement_spread=0.9)
+    args = (torch.arange(3), torch.zeros(3, dtype=torch.int64), torch.ones(3), 3)
+    assert final_correction(TrainConfig(method="mixnn_plus"), run, *args) is None
+    assert final_correction(TrainConfig(method="mixnn_plus", plus_final_correction=True), RunState(), *args) is None
+    on = TrainConfig(method="mixnn_plus", plus_final_correction=True, plus_consistent=0)
+    assert final_correction(on, run, *args).tolist() == [True, True, True]  # no gate: the floor, 0.5
+
+
+@settings(max_examples=20, deadline=None)
+@given(method=st.sampled_from(["ce", "mixnn", "gce"]), correction=st.sampled_from(["all", "none", "graded"]))
+def test_the_option_is_refused_where_it_could_not_act(method, correction):
+    with pytest.raises(ValueError, match="plus_final_correction: corrects MixNN\\+'s reported labels"):
+        TrainConfig(method=method, plus_final_correction=True)
+    with pytest.raises(ValueError, match="plus_final_correction: .*plus_correction selective"):
+        TrainConfig(method="mixnn_plus", plus_correction=correction, plus_final_correction=True)
+
+
+def test_saved_runs_read_it_off_and_a_resume_may_switch_it(tmp_path):
+    from mixnn_fast.app.cli import build_parser
+
+    saved = TrainConfig(method="mixnn_plus").to_dict()
+    del saved["plus_final_correction"]
+    assert TrainConfig.from_saved(saved).plus_final_correction is False
+    on = TrainConfig(method="mixnn_plus", plus_final_correction=True)
+    assert on.experiment_differences(TrainConfig(method="mixnn_plus")) == []  # the same experiment
+    args = build_parser().parse_args(["train", "--plus-final-correction", "--out-dir", str(tmp_path / "r")])
+    assert args.plus_final_correction is True
+
+
+def test_a_run_reports_the_final_pass_prediction_exactly_where_the_rule_says(tmp_path):
+    from mixnn_fast.app.report import write_run_report
+    from mixnn_fast.train.trainer import Trainer
+
+    cfg = gates_opening_config(tmp_path / "run", plus_consistent_min_agreement=0.0)  # the gate at every refresh
+    trainer = Trainer(cfg)
+    trainer.fit()
+    off = trainer.label_record()
+    targets = trainer.targets.corrected_labels().clone()
+    assert off.final_corrections is None
+    trainer.close()
+
+    on_cfg = TrainConfig.from_dict({**cfg.to_dict(), "plus_final_correction": True})
+    resumed = Trainer(on_cfg, resume=True)  # the same finished run, reported with the last correction
+    on = resumed.label_record()
+    relabel = final_correction(on_cfg, resumed.run, torch.arange(len(on.predicted)), torch.from_numpy(on.predicted),
+                               torch.from_numpy(on.confidence).float(), len(on.predicted))
+    relabel = relabel.numpy()
+    np.testing.assert_array_equal(off.predicted, on.predicted)  # one model, one pass
+    expected = off.corrected.copy()
+    expected[relabel] = on.predicted[relabel]
+    np.testing.assert_array_equal(on.corrected, expected)
+    assert on.final_corrections == int((off.corrected != on.corrected).sum()) > 0, \
+        "the last correction changed no label: this run cannot tell it from off"
+    # nothing trained changes: the soft targets and the rest of the record are the run's
+    assert torch.equal(resumed.targets.corrected_labels(), targets)
+    np.testing.assert_array_equal(on.target_given, off.target_given)
+    summary = write_run_report(tmp_path / "run", on, resumed.summary())
+    assert summary["final_corrections"] == on.final_corrections
+    true = np.asarray(on.train.clean_labels)
+    assert summary["label_accuracy_after_correction"] == pytest.approx((on.corrected == true).mean())
+    resumed.close()
