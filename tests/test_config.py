@@ -223,7 +223,7 @@ def test_on_by_default_settings_count_only_where_they_act(method, correction, ac
     on = TrainConfig(method=method, plus_correction=correction)  # the defaults: accepted with any method
     off = TrainConfig(method=method, plus_correction=correction, plus_consistent=0, plus_consistent_min_agreement=0.0,
                       plus_min_confidence=0.0, plus_average_last=0.0, plus_symmetric_confidence=0.0,
-                      plus_symmetric_trust=False, plus_prior=0.0)
+                      plus_symmetric_trust=False, plus_prior=0.0, plus_final_correction="off")
     assert all(getattr(on, name) for name in ON_BY_DEFAULT_ACTS_UNDER)  # on by default, as the name says
     # the weight average, the trusted anchors and the class-balance penalty act with any correction;
     # the stability gate and its refinements with selective

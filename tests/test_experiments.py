@@ -3,6 +3,7 @@ finished table is not trained again, and the table holds every cell."""
 from __future__ import annotations
 
 import shlex
+from pathlib import Path
 from fractions import Fraction
 from math import ceil
 
@@ -212,7 +213,8 @@ def test_the_counts_a_mid_cycle_note_suggests_are_the_nearest_that_end_a_cycle(r
 def test_a_mixnn_plus_run_saved_before_the_stability_gate_is_the_ungated_cell(tmp_path):
     """MixNN+ corrects through the stability gate by default; a run saved before the gate existed
     ran without it: it is the cell with ``plus_consistent=0``, not the default cell (nor did it
-    average its weights, trust its anchors or add the class-balance penalty)."""
+    average its weights, trust its anchors, add the class-balance penalty or correct its reported
+    labels once more)."""
     import dataclasses
 
     import yaml
@@ -223,7 +225,8 @@ def test_a_mixnn_plus_run_saved_before_the_stability_gate_is_the_ungated_cell(tm
     ungated = dataclasses.replace(ungated, config=dataclasses.replace(ungated.config, plus_consistent=0,
                                                                       plus_consistent_min_agreement=0.0,
                                                                       plus_average_last=0.0,
-                                                                      plus_symmetric_trust=False, plus_prior=0.0))
+                                                                      plus_symmetric_trust=False, plus_prior=0.0,
+                                                                      plus_final_correction="off"))
     run_table([ungated], tmp_path / "table", log=lambda *_: None)
     config = tmp_path / "table" / "sym-40_mixnn_plus_s0" / "config.yaml"
     saved = yaml.safe_load(config.read_text())
@@ -248,3 +251,38 @@ def test_runs_without_a_wall_time_show_unknown_minutes_not_nan(tmp_path):
     rows = {line.split(" | ")[1]: line for line in table.splitlines() if line.startswith("| sym-40 |")}
     assert rows["ce"].endswith("| 2.5 |") and rows["mixnn"].endswith("| – |")
     assert "nan" not in table.lower()
+
+
+def test_a_finished_run_saved_with_another_report_only_setting_is_reported_again_not_retrained(tmp_path):
+    """MixNN+'s last correction (``plus_final_correction``) changes only what a finished run
+    reports: a cell saved before it existed (read as "off") is resumed with no epoch to train and
+    its report rewritten with today's value."""
+    import yaml
+
+    from mixnn_fast.train.metrics import read_metrics
+
+    cells = _cells(tmp_path, methods=("mixnn_plus",), plan_pair=False, epochs=3)
+    cell = cells[0]
+    run_table(cells, tmp_path / "table", log=lambda *_: None)
+    out = Path(cell.config.out_dir)
+    config = out / "config.yaml"
+    saved = yaml.safe_load(config.read_text())
+    assert saved["plus_final_correction"] == "class_pair"  # today's default
+    del saved["plus_final_correction"]
+    config.write_text(yaml.safe_dump(saved))
+    rows = read_metrics(out)
+    assert experiments.finished_summary(cell) is None  # to be reported again
+    logged = []
+    experiments.run_cell(cell, log=logged.append)
+    assert "resuming" in logged[0]
+    assert read_metrics(out) == rows  # no epoch trained again
+    assert yaml.safe_load(config.read_text())["plus_final_correction"] == "class_pair"
+    assert experiments.finished_summary(cell) is not None
+    # for a method it cannot act on, the saved "off" and today's default are one experiment
+    ce = _cells(tmp_path, methods=("ce",), plan_pair=False)
+    run_table(ce, tmp_path / "table", log=lambda *_: None)
+    ce_config = Path(ce[0].config.out_dir) / "config.yaml"
+    ce_saved = yaml.safe_load(ce_config.read_text())
+    ce_saved["plus_final_correction"] = "off"
+    ce_config.write_text(yaml.safe_dump(ce_saved))
+    assert experiments.finished_summary(ce[0]) is not None

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from test_symmetric_trust import gates_opening_config  # pytest puts tests/ on sys.path
 
 from mixnn_fast.train.config import TrainConfig
-from mixnn_fast.train.methods import SYMMETRIC_SPREAD, final_correction
+from mixnn_fast.train.methods import SYMMETRIC_SPREAD, final_correction, symmetric_share
 from mixnn_fast.train.state import RunState
 
 
@@ -48,7 +48,7 @@ def _reference(cfg, clean_prob, stable, last_predicted, supported, given_agreeme
 @pytest.mark.parametrize("spread", [0.1, SYMMETRIC_SPREAD, 0.8])
 @pytest.mark.parametrize("guard", [0, 5])
 def test_the_relabelled_samples_match_the_rule_written_out(rng, n, c, given_agreement, spread, guard):
-    cfg = TrainConfig(method="mixnn_plus", plus_final_correction=True, plus_neighbour_guard=guard)
+    cfg = TrainConfig(method="mixnn_plus", plus_final_correction="always", plus_neighbour_guard=guard)
     clean_prob = rng.random(n).astype(np.float32)
     clean_prob[rng.random(n) < 0.1] = np.nan  # outside the last refresh's pool
     stable = rng.integers(0, 4, size=n).astype(np.int16)
@@ -77,8 +77,8 @@ def test_it_does_not_act_off_by_default_for_other_corrections_or_before_any_refr
     run = RunState(clean_prob=torch.zeros(3), given_agreement=0.9, disagreement_spread=0.9)
     args = (torch.arange(3), torch.zeros(3, dtype=torch.int64), torch.ones(3), 3)
     assert final_correction(TrainConfig(method="mixnn_plus"), run, *args) is None
-    assert final_correction(TrainConfig(method="mixnn_plus", plus_final_correction=True), RunState(), *args) is None
-    on = TrainConfig(method="mixnn_plus", plus_final_correction=True, plus_consistent=0)
+    assert final_correction(TrainConfig(method="mixnn_plus", plus_final_correction="always"), RunState(), *args) is None
+    on = TrainConfig(method="mixnn_plus", plus_final_correction="always", plus_consistent=0)
     assert final_correction(on, run, *args).tolist() == [True, True, True]  # no gate: the floor, 0.5
 
 
@@ -86,9 +86,9 @@ def test_it_does_not_act_off_by_default_for_other_corrections_or_before_any_refr
 @given(method=st.sampled_from(["ce", "mixnn", "gce"]), correction=st.sampled_from(["all", "none", "graded"]))
 def test_the_option_is_refused_where_it_could_not_act(method, correction):
     with pytest.raises(ValueError, match="plus_final_correction: corrects MixNN\\+'s reported labels"):
-        TrainConfig(method=method, plus_final_correction=True)
+        TrainConfig(method=method, plus_final_correction="always")
     with pytest.raises(ValueError, match="plus_final_correction: .*plus_correction selective"):
-        TrainConfig(method="mixnn_plus", plus_correction=correction, plus_final_correction=True)
+        TrainConfig(method="mixnn_plus", plus_correction=correction, plus_final_correction="always")
 
 
 def test_saved_runs_read_it_off_and_a_resume_may_switch_it(tmp_path):
@@ -96,18 +96,21 @@ def test_saved_runs_read_it_off_and_a_resume_may_switch_it(tmp_path):
 
     saved = TrainConfig(method="mixnn_plus").to_dict()
     del saved["plus_final_correction"]
-    assert TrainConfig.from_saved(saved).plus_final_correction is False
-    on = TrainConfig(method="mixnn_plus", plus_final_correction=True)
+    assert TrainConfig.from_saved(saved).plus_final_correction == "off"
+    on = TrainConfig(method="mixnn_plus", plus_final_correction="always")
     assert on.experiment_differences(TrainConfig(method="mixnn_plus")) == []  # the same experiment
-    args = build_parser().parse_args(["train", "--plus-final-correction", "--out-dir", str(tmp_path / "r")])
-    assert args.plus_final_correction is True
+    args = build_parser().parse_args(["train", "--plus-final-correction", "class_pair", "--out-dir", str(tmp_path / "r")])
+    assert args.plus_final_correction == "class_pair"
+    with pytest.raises(ValueError, match="plus_final_correction: must be one of off, always, class_pair"):
+        TrainConfig(method="mixnn_plus", plus_final_correction="yes")
 
 
 def test_a_run_reports_the_final_pass_prediction_exactly_where_the_rule_says(tmp_path):
     from mixnn_fast.app.report import write_run_report
     from mixnn_fast.train.trainer import Trainer
 
-    cfg = gates_opening_config(tmp_path / "run", plus_consistent_min_agreement=0.0)  # the gate at every refresh
+    cfg = gates_opening_config(tmp_path / "run", plus_consistent_min_agreement=0.0,  # the gate at every refresh
+                               plus_final_correction="off")
     trainer = Trainer(cfg)
     trainer.fit()
     off = trainer.label_record()
@@ -115,7 +118,7 @@ def test_a_run_reports_the_final_pass_prediction_exactly_where_the_rule_says(tmp
     assert off.final_corrections is None
     trainer.close()
 
-    on_cfg = TrainConfig.from_dict({**cfg.to_dict(), "plus_final_correction": True})
+    on_cfg = TrainConfig.from_dict({**cfg.to_dict(), "plus_final_correction": "always"})
     resumed = Trainer(on_cfg, resume=True)  # the same finished run, reported with the last correction
     on = resumed.label_record()
     relabel = final_correction(on_cfg, resumed.run, torch.arange(len(on.predicted)), torch.from_numpy(on.predicted),
@@ -130,8 +133,45 @@ def test_a_run_reports_the_final_pass_prediction_exactly_where_the_rule_says(tmp
     # nothing trained changes: the soft targets and the rest of the record are the run's
     assert torch.equal(resumed.targets.corrected_labels(), targets)
     np.testing.assert_array_equal(on.target_given, off.target_given)
+    # class_pair: the same labels where fewer than half of the correction phase's logged refreshes
+    # looked symmetric (read from the run folder by the rebuilt run), else the run's own
+    from mixnn_fast.train.metrics import read_metrics
+
+    share = symmetric_share(read_metrics(tmp_path / "run"), cfg.correction_start)
+    assert share is not None
+    scoped = Trainer(TrainConfig.from_dict({**cfg.to_dict(), "plus_final_correction": "class_pair"}), resume=True)
+    np.testing.assert_array_equal(scoped.label_record().corrected, on.corrected if share < 0.5 else off.corrected)
+    scoped.close()
     summary = write_run_report(tmp_path / "run", on, resumed.summary())
     assert summary["final_corrections"] == on.final_corrections
     true = np.asarray(on.train.clean_labels)
     assert summary["label_accuracy_after_correction"] == pytest.approx((on.corrected == true).mean())
     resumed.close()
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 48])
+def test_the_share_of_refreshes_that_looked_symmetric_matches_a_plain_count(rng, n):
+    start = int(rng.integers(0, 10))
+    rows = []
+    for epoch in range(n):
+        row = {"epoch": epoch, "phase": "mixnn"}
+        if rng.random() < 0.8:  # a refresh that logged its spread; warm-up rows did not
+            row["disagreement_spread"] = float(rng.choice([rng.random(), SYMMETRIC_SPREAD]))
+        rows.append(row)
+    counted = [r["disagreement_spread"] >= SYMMETRIC_SPREAD for r in rows
+               if r["epoch"] >= start and "disagreement_spread" in r]
+    want = None if not counted else sum(counted) / len(counted)
+    assert symmetric_share(rows, start) == want
+
+
+def test_class_pair_acts_exactly_where_fewer_than_half_the_refreshes_looked_symmetric():
+    n = 6
+    run = RunState(clean_prob=torch.tensor([0.1, 0.9, 0.2, 0.3, 0.0, 0.6]), given_agreement=0.2,
+                   disagreement_spread=0.9)  # the gate does not hold: the floor of 0.5 applies
+    args = (torch.arange(n), torch.tensor([1, 2, 3, 4, 5, 0]), torch.tensor([0.9, 0.9, 0.4, 0.5, 0.7, 0.9]), n)
+    always = final_correction(TrainConfig(method="mixnn_plus", plus_final_correction="always"), run, *args)
+    assert always.tolist() == [True, False, False, True, True, False]
+    class_pair = TrainConfig(method="mixnn_plus", plus_final_correction="class_pair")
+    assert torch.equal(final_correction(class_pair, run, *args, looked_symmetric=0.49), always)
+    assert final_correction(class_pair, run, *args, looked_symmetric=0.5) is None
+    assert final_correction(class_pair, run, *args, looked_symmetric=None) is None  # no correction-phase refresh

@@ -325,7 +325,7 @@ def test_resuming_a_finished_run_reports_the_labels_it_reported(tmp_path, uninte
     np.testing.assert_array_equal(resumed.corrected, record.corrected)
     np.testing.assert_allclose(resumed.clean_prob, record.clean_prob, rtol=1e-6)  # kept as float32
     assert "final_corrections" not in after
-    _cli("train", "--out-dir", str(out), "--resume", "--plus-final-correction")
+    _cli("train", "--out-dir", str(out), "--resume", "--plus-final-correction", "always")
     last = json.loads((out / "summary.json").read_text())
     relabelled = RecordArrays.load(out / RECORD)
     changed = relabelled.corrected != record.corrected

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from mixnn_fast.train.config import TrainConfig, acting_settings, saved_settings
+from mixnn_fast.train.config import REPORT_ONLY_FIELDS, TrainConfig, acting_settings, saved_settings
 from mixnn_fast.train.run_lock import try_lock
 
 TABLE_METHODS = ("ce", "mixup", "gce", "sce", "mixnn", "mixnn_plus")
@@ -171,7 +171,15 @@ def _config_differences(saved: dict, cfg: TrainConfig) -> list[str]:
     # the demo's side-by-side runs (one thread each) are the table's cells.  A setting that acts
     # on one side only differs if its values differ (the setting it depends on is listed itself).
     return [f"{k}: saved {written.get(k)!r}, this cell {v!r}" for k, v in mine.items()
-            if k not in _COSMETIC + ("num_threads",) and saved.get(k) != v and written.get(k) != v]
+            if k not in _COSMETIC + ("num_threads",) + REPORT_ONLY_FIELDS and saved.get(k) != v and written.get(k) != v]
+
+
+def _reported_otherwise(saved: dict, cfg: TrainConfig) -> list[str]:
+    """The settings that change only a finished run's report (config.REPORT_ONLY_FIELDS) and that
+    act for ``cfg`` with a value other than the saved run's: such a run is reported again, not
+    retrained."""
+    written, mine = saved_settings(saved), acting_settings(cfg.to_dict())
+    return [k for k in REPORT_ONLY_FIELDS if k in mine and written.get(k) != mine[k]]
 
 
 def run_cell(cell: Cell, *, log=print) -> dict:
@@ -212,11 +220,11 @@ def finished_summary(cell: Cell) -> dict | None:
     if differences:
         raise ValueError(f"{out}: holds a run with a different configuration ({'; '.join(differences)}); "
                          f"remove it or choose another --out-dir")
-    if summary_path.exists():
+    if summary_path.exists() and not (saved is not None and _reported_otherwise(saved, cell.config)):
         summary = json.loads(summary_path.read_text())
         if summary.get("epochs") == cell.config.epochs:
             return summary
-    return None
+    return None  # not run, not finished, or finished and to be reported with another report-only setting
 
 
 def _run_cell_locked(cell: Cell, out: Path, log) -> dict:

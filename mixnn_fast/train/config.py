@@ -17,6 +17,7 @@ from typing import Any
 METHODS = ("ce", "mixup", "gce", "sce", "mixnn", "mixnn_plus")
 PLUS_LOSSES = ("gce", "sce", "ce")
 PLUS_CORRECTIONS = ("selective", "graded", "all", "none")
+PLUS_FINAL_CORRECTIONS = ("off", "always", "class_pair")
 WEIGHT_MODES = ("gmm", "trust", "avg", "rdm")
 PARTNER_MODES = ("neighbours", "random", "in_batch")
 PLAN_MODES = ("coherent", "naive")
@@ -50,7 +51,7 @@ ADDED_AFTER_SAVED_RUNS = {"plus_freeze": 0, "plus_vote": 0, "plus_split_check": 
                           "plus_split_check_min_agreement": 0.0, "plus_gmm_per_class": False,
                           "plus_min_confidence": 0.0, "plus_average_last": 0.0, "plus_symmetric_confidence": 0.0,
                           "plus_symmetric_trust": False, "plus_neighbour_guard": 0, "plus_prior": 0.0,
-                          "plus_final_correction": False}
+                          "plus_final_correction": "off"}
 
 #: MixNN+'s settings that are on by default, with the settings they act under.  Where one cannot
 #: act (another method, another correction), its default is accepted as well as "off" (runs saved
@@ -64,7 +65,12 @@ ON_BY_DEFAULT_ACTS_UNDER = {
     "plus_average_last": dict(method="mixnn_plus"),
     "plus_symmetric_trust": dict(method="mixnn_plus", weights="gmm", partners="neighbours"),
     "plus_prior": dict(method="mixnn_plus"),
+    "plus_final_correction": dict(method="mixnn_plus", plus_correction="selective"),
 }
+
+#: Settings that change only what a finished run reports, never what it trains: a finished run
+#: whose saved value differs is reported again with the new one (``mixnn table``), not retrained.
+REPORT_ONLY_FIELDS = ("plus_final_correction",)
 
 #: Settings that refine MixNN+'s stability gate, with what each does: they cannot act while the
 #: gate is off (plus_consistent 0).
@@ -146,9 +152,11 @@ class TrainConfig:
     plus_neighbour_guard: int = 0         # mixnn_plus: where the symmetric confidence would act, a sample is not
                                           # corrected while its given label is the commonest among this many nearest
                                           # neighbours', and the others need plus_min_confidence (0: off; methods.py)
-    plus_final_correction: bool = False   # mixnn_plus, selective correction: after the last epoch, the samples the next
+    plus_final_correction: str = "class_pair"  # mixnn_plus, selective correction: after the last epoch, the samples the next
                                           # refresh could correct take the final pass's prediction as their reported
-                                          # label where it is confident enough (methods.py; nothing trained changes)
+                                          # label where it is confident enough: off | always | class_pair (only
+                                          # where the noise has not looked symmetric; methods.py; nothing trained
+                                          # changes)
     plus_vote: int = 0                    # mixnn_plus: a sample's clean probability is at least the share of its this many
                                           # nearest neighbours that carry its current label (0: off)
     plus_split_check: bool = False        # mixnn_plus: no sample is called noisy while the GMM's components overlap
@@ -197,7 +205,7 @@ class TrainConfig:
                    "gmm_loss": GMM_LOSS_TARGETS, "dataset": DATASETS, "neighbour_backend": NEIGHBOUR_BACKENDS,
                    "noise": NOISE_KINDS, "on_error": ON_ERROR, "targets_storage": TARGET_STORAGES,
                    "features_dtype": FEATURE_DTYPES, "amp_dtype": AMP_DTYPES, "plus_loss": PLUS_LOSSES,
-                   "plus_correction": PLUS_CORRECTIONS}
+                   "plus_correction": PLUS_CORRECTIONS, "plus_final_correction": PLUS_FINAL_CORRECTIONS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}: must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
@@ -236,8 +244,9 @@ class TrainConfig:
         self._needs("trust_min_spread", "gates the trust weights of neighbour partners", weights="trust",
                     partners="neighbours")
         self._needs("plus_elr", "adds early-learning regularisation to MixNN+'s loss", method="mixnn_plus")
-        self._needs("plus_final_correction", "corrects MixNN+'s reported labels once more from the final pass",
-                    method="mixnn_plus", plus_correction="selective")
+        if self.plus_final_correction not in ("off", _default("plus_final_correction")):  # on by default
+            self._needs("plus_final_correction", "corrects MixNN+'s reported labels once more from the final pass",
+                        method="mixnn_plus", plus_correction="selective")
         if self.plus_prior not in (0.0, _default("plus_prior")):  # on by default: see plus_consistent
             self._needs("plus_prior", "adds a class-balance penalty to MixNN+'s loss",
                         **ON_BY_DEFAULT_ACTS_UNDER["plus_prior"])

@@ -302,11 +302,27 @@ def update_stability(stable: torch.Tensor, last_predicted: torch.Tensor, ids: to
     last_predicted[ids] = predicted.to(torch.int16)
 
 
+def symmetric_share(rows: list[dict], correction_start: int) -> float | None:
+    """The share of a run's refreshes from epoch ``correction_start`` on (metrics ``rows`` that
+    logged ``disagreement_spread``) whose spread reached :data:`SYMMETRIC_SPREAD`: how often the
+    model's disagreements with the given labels looked like symmetric noise while labels were
+    corrected.  None before any such refresh.  In the table's runs: 0.00 at asym-40, 0.85-1.00 at
+    sym-20/40/60/80 (docs/mixnn_plus/final_correction.md), where one refresh's spread alone falls under the
+    threshold in a quarter of the sym-20/40 runs."""
+    spreads = [r["disagreement_spread"] for r in rows
+               if r.get("epoch", -1) >= correction_start and r.get("disagreement_spread") is not None]
+    if not spreads:
+        return None
+    return sum(s >= SYMMETRIC_SPREAD for s in spreads) / len(spreads)
+
+
 def final_correction(cfg: TrainConfig, run, ids: torch.Tensor, predicted: torch.Tensor, confidence: torch.Tensor,
-                     num_samples: int) -> torch.Tensor | None:
+                     num_samples: int, looked_symmetric: float | None = None) -> torch.Tensor | None:
     """The samples whose reported label MixNN+'s last correction (``plus_final_correction``) sets
     to the final pass's prediction: (N,) bool, or None where it does not act (another method or
-    correction, the option off, no refresh recorded).  ``run``: the run's
+    correction, the option off, no refresh recorded, or with ``class_pair`` a run whose share of
+    correction-phase refreshes that looked symmetric, ``looked_symmetric`` from
+    :func:`symmetric_share`, is unknown or at least 1/2).  ``run``: the run's
     :class:`~mixnn_fast.train.state.RunState` after its last refresh (read, never changed);
     ``ids`` (P,) int64 the final pass's samples, ``predicted`` (P,) int64 its predictions and
     ``confidence`` (P,) float their probabilities.
@@ -321,9 +337,13 @@ def final_correction(cfg: TrainConfig, run, ids: torch.Tensor, predicted: torch.
     EMA step (momentum 0.9) moves a target's argmax off the given label only after several
     corrections, so a wrong label the model has lately come to predict right is still reported as
     given (docs/mixnn_plus/final_correction.md).  A hard label needs the prediction to hold most of
-    the probability, hence the floor where the gate sets no threshold (high noise)."""
-    if (cfg.method != "mixnn_plus" or cfg.plus_correction != "selective" or not cfg.plus_final_correction
+    the probability, hence the floor where the gate sets no threshold (high noise).  Under
+    symmetric noise its changes at sym-40 were as often wrong as right, under class-pair noise
+    they gained in every run measured: hence ``class_pair``."""
+    if (cfg.method != "mixnn_plus" or cfg.plus_correction != "selective" or cfg.plus_final_correction == "off"
             or run.clean_prob is None):
+        return None
+    if cfg.plus_final_correction == "class_pair" and (looked_symmetric is None or looked_symmetric >= 0.5):
         return None
     stable = None
     if gates_on_stability(cfg) and run.stable is not None:  # copies: the run's counters stay as saved

@@ -50,10 +50,10 @@ from mixnn_fast.train.distributed import init_distributed, share_pool_scores, sh
 from mixnn_fast.train.losses import class_balance_penalty, early_learning_penalty, one_hot
 from mixnn_fast.train.correction_gates import plan_correction, record_refresh
 from mixnn_fast.train.methods import (averages_weights, corrects_labels, final_correction, joins_average,
-                                      loss_function, optimisation, phase_of, probes_warmup, refresh_options, uses_class_balance, uses_early_learning,
-                                      warmup_ends)
+                                      loss_function, optimisation, phase_of, probes_warmup, refresh_options,
+                                      symmetric_share, uses_class_balance, uses_early_learning, warmup_ends)
 from mixnn_fast.train.loaders import build_loaders
-from mixnn_fast.train.metrics import MetricsLog
+from mixnn_fast.train.metrics import MetricsLog, read_metrics
 from mixnn_fast.train.inference import Inference
 from mixnn_fast.train.models import build_model
 from mixnn_fast.train.outcome import LabelRecord, probability_of_labels, summarise
@@ -501,7 +501,8 @@ class Trainer:
             else:
                 clean_prob[:] = kept.double().numpy()
             corrected = self.targets.corrected_labels().cpu().numpy()
-            relabel = final_correction(self.cfg, self.run, scores.ids, scores.predicted, scores.confidence, n)
+            relabel = final_correction(self.cfg, self.run, scores.ids, scores.predicted, scores.confidence, n,
+                                       symmetric_share(self._logged_rows(), self.cfg.correction_start))
             if relabel is not None:  # MixNN+'s last correction: the reported labels only, never the targets
                 relabel = relabel.numpy()
                 predicted = per_sample(scores.predicted, -1, np.int64)
@@ -513,12 +514,21 @@ class Trainer:
             corrected = self.given_labels.numpy().copy()  # unreadable samples keep their given label
             corrected[ids] = scores.predicted.numpy()
         return LabelRecord(method=self.cfg.method, train=self.data.train,
-                           rows=list(self.metrics.rows) if self.metrics is not None else [],
+                           rows=self._logged_rows(),
                            corrected=corrected, clean_prob=clean_prob, clean_prob_given=clean_prob_given,
                            prob_given=per_sample(scores.prob_given), predicted=per_sample(scores.predicted, -1, np.int64),
                            confidence=per_sample(scores.confidence),
                            target_given=probability_of_labels(self.targets, self.given_labels),
                            final_corrections=final_corrections)
+
+    def _logged_rows(self) -> list[dict]:
+        """The metrics rows of the epochs trained so far: the open log's, or, in a run rebuilt from
+        its checkpoint that has not trained in this process, its folder's (rank 0 writes them)."""
+        if self.metrics is not None:
+            return list(self.metrics.rows)
+        if self.resume:
+            return [r for r in read_metrics(self.out_dir) if r.get("epoch", -1) < self.run.epoch]
+        return []
 
     # ---- the whole run ---------------------------------------------------------------------
 
