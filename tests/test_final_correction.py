@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from test_symmetric_trust import gates_opening_config  # pytest puts tests/ on sys.path
 
 from mixnn_fast.train.config import TrainConfig
-from mixnn_fast.train.methods import SYMMETRIC_SPREAD, final_correction, symmetric_share
+from mixnn_fast.train.correction_gates import final_correction
+from mixnn_fast.train.methods import SYMMETRIC_SPREAD, symmetric_share
 from mixnn_fast.train.state import RunState
 
 

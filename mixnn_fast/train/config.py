@@ -155,7 +155,7 @@ class TrainConfig:
     plus_final_correction: str = "class_pair"  # mixnn_plus, selective correction: after the last epoch, the samples the next
                                           # refresh could correct take the final pass's prediction as their reported
                                           # label where it is confident enough: off | always | class_pair (only
-                                          # where the noise has not looked symmetric; methods.py; nothing trained
+                                          # where the noise has not looked symmetric; correction_gates.py; nothing trained
                                           # changes)
     plus_vote: int = 0                    # mixnn_plus: a sample's clean probability is at least the share of its this many
                                           # nearest neighbours that carry its current label (0: off)
@@ -246,7 +246,7 @@ class TrainConfig:
         self._needs("plus_elr", "adds early-learning regularisation to MixNN+'s loss", method="mixnn_plus")
         if self.plus_final_correction not in ("off", _default("plus_final_correction")):  # on by default
             self._needs("plus_final_correction", "corrects MixNN+'s reported labels once more from the final pass",
-                        method="mixnn_plus", plus_correction="selective")
+                        **ON_BY_DEFAULT_ACTS_UNDER["plus_final_correction"])
         if self.plus_prior not in (0.0, _default("plus_prior")):  # on by default: see plus_consistent
             self._needs("plus_prior", "adds a class-balance penalty to MixNN+'s loss",
                         **ON_BY_DEFAULT_ACTS_UNDER["plus_prior"])

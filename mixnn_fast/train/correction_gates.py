@@ -11,7 +11,7 @@ metrics the trainer logs; the rules themselves are in train/methods.py.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -61,6 +61,45 @@ def plan_correction(cfg: TrainConfig, run: RunState, pool: torch.Tensor, num_sam
     min_confidence = correction_min_confidence(cfg, run.given_agreement, run.disagreement_spread,
                                                guarded=spared is not None)
     return CorrectionPlan(only=only, min_confidence=min_confidence, row=row, updates=updates)
+
+
+def final_correction(cfg: TrainConfig, run: RunState, ids: torch.Tensor, predicted: torch.Tensor,
+                     confidence: torch.Tensor, num_samples: int,
+                     looked_symmetric: float | None = None) -> torch.Tensor | None:
+    """The samples whose reported label MixNN+'s last correction (``plus_final_correction``) sets
+    to the final pass's prediction: (N,) bool, or None where it does not act (another method or
+    correction, the option off, no refresh recorded, or with ``class_pair`` a run whose share of
+    correction-phase refreshes that looked symmetric, ``looked_symmetric`` from
+    :func:`~mixnn_fast.train.methods.symmetric_share`, is unknown or at least 1/2).  ``run``: the
+    run's state after its last refresh (read, never changed); ``ids`` (P,) int64 the final pass's
+    samples, ``predicted`` (P,) int64 its predictions and ``confidence`` (P,) float their
+    probabilities.
+
+    The final pass acts as the next refresh's correction, made hard: the samples
+    :func:`plan_correction` lets that refresh correct, with the stability counters advanced by
+    the final pass's predictions, whose prediction reaches the threshold it would require, and at
+    least ``plus_min_confidence`` where it would require none.
+
+    Why: the last refresh that moves the soft targets is the one before the last epoch, and an
+    EMA step (momentum 0.9) moves a target's argmax off the given label only after several
+    corrections, so a wrong label the model has lately come to predict right is still reported as
+    given (docs/mixnn_plus/final_correction.md).  A hard label needs the prediction to hold most of
+    the probability, hence the floor where the gate sets no threshold (high noise).  Under
+    symmetric noise its changes at sym-40 were as often wrong as right, under class-pair noise
+    they gained in every run measured: hence ``class_pair``."""
+    if (cfg.method != "mixnn_plus" or cfg.plus_correction != "selective" or cfg.plus_final_correction == "off"
+            or run.clean_prob is None):
+        return None
+    if cfg.plus_final_correction == "class_pair" and (looked_symmetric is None or looked_symmetric >= 0.5):
+        return None
+    if gates_on_stability(cfg) and run.stable is not None:  # copies: the run's counters stay as saved
+        run = replace(run, stable=run.stable.clone(), last_predicted=run.last_predicted.clone())
+        update_stability(run.stable, run.last_predicted, ids, predicted)
+    plan = plan_correction(cfg, run, ids, num_samples)
+    threshold = max(plan.min_confidence, cfg.plus_min_confidence)
+    relabel = torch.zeros(num_samples, dtype=torch.bool)
+    relabel[ids] = plan.only[ids] & (confidence >= threshold)  # as a refresh compares (PoolScores)
+    return relabel
 
 
 def record_refresh(cfg: TrainConfig, run: RunState, plan: CorrectionPlan, result: RefreshResult,

@@ -316,50 +316,6 @@ def symmetric_share(rows: list[dict], correction_start: int) -> float | None:
     return sum(s >= SYMMETRIC_SPREAD for s in spreads) / len(spreads)
 
 
-def final_correction(cfg: TrainConfig, run, ids: torch.Tensor, predicted: torch.Tensor, confidence: torch.Tensor,
-                     num_samples: int, looked_symmetric: float | None = None) -> torch.Tensor | None:
-    """The samples whose reported label MixNN+'s last correction (``plus_final_correction``) sets
-    to the final pass's prediction: (N,) bool, or None where it does not act (another method or
-    correction, the option off, no refresh recorded, or with ``class_pair`` a run whose share of
-    correction-phase refreshes that looked symmetric, ``looked_symmetric`` from
-    :func:`symmetric_share`, is unknown or at least 1/2).  ``run``: the run's
-    :class:`~mixnn_fast.train.state.RunState` after its last refresh (read, never changed);
-    ``ids`` (P,) int64 the final pass's samples, ``predicted`` (P,) int64 its predictions and
-    ``confidence`` (P,) float their probabilities.
-
-    The final pass acts as the next refresh's correction, made hard: the samples that refresh
-    could correct (:func:`correction_mask` from the last refresh's GMM, with the stability
-    counters advanced by the final pass's predictions, less those :func:`spared_by_neighbours`)
-    whose prediction reaches the threshold it would require (:func:`correction_min_confidence`),
-    and at least ``plus_min_confidence`` where it would require none.
-
-    Why: the last refresh that moves the soft targets is the one before the last epoch, and an
-    EMA step (momentum 0.9) moves a target's argmax off the given label only after several
-    corrections, so a wrong label the model has lately come to predict right is still reported as
-    given (docs/mixnn_plus/final_correction.md).  A hard label needs the prediction to hold most of
-    the probability, hence the floor where the gate sets no threshold (high noise).  Under
-    symmetric noise its changes at sym-40 were as often wrong as right, under class-pair noise
-    they gained in every run measured: hence ``class_pair``."""
-    if (cfg.method != "mixnn_plus" or cfg.plus_correction != "selective" or cfg.plus_final_correction == "off"
-            or run.clean_prob is None):
-        return None
-    if cfg.plus_final_correction == "class_pair" and (looked_symmetric is None or looked_symmetric >= 0.5):
-        return None
-    stable = None
-    if gates_on_stability(cfg) and run.stable is not None:  # copies: the run's counters stay as saved
-        stable, last_predicted = run.stable.clone(), run.last_predicted.clone()
-        update_stability(stable, last_predicted, ids, predicted)
-    mask = correction_mask(cfg, run.clean_prob, num_samples, run.agreement, stable, run.given_agreement)
-    spared = spared_by_neighbours(cfg, mask, run.given_supported, run.given_agreement, run.disagreement_spread)
-    if spared is not None:
-        mask = mask & ~spared
-    threshold = max(correction_min_confidence(cfg, run.given_agreement, run.disagreement_spread,
-                                              guarded=spared is not None), cfg.plus_min_confidence)
-    relabel = torch.zeros(num_samples, dtype=torch.bool)
-    relabel[ids] = mask[ids] & (confidence >= threshold)  # as a refresh compares (PoolScores)
-    return relabel
-
-
 def freezes_targets(cfg: TrainConfig) -> bool:
     """Whether MixNN+ freezes targets (``plus_freeze`` > 0 with selective correction)."""
     return cfg.method == "mixnn_plus" and cfg.plus_correction == "selective" and cfg.plus_freeze > 0

@@ -48,8 +48,8 @@ from mixnn_fast.train.datasets import RunData, prepare_data
 from mixnn_fast.train.devices import autocast_dtype, resolve_device
 from mixnn_fast.train.distributed import init_distributed, share_pool_scores, share_refresh
 from mixnn_fast.train.losses import class_balance_penalty, early_learning_penalty, one_hot
-from mixnn_fast.train.correction_gates import plan_correction, record_refresh
-from mixnn_fast.train.methods import (averages_weights, corrects_labels, final_correction, joins_average,
+from mixnn_fast.train.correction_gates import final_correction, plan_correction, record_refresh
+from mixnn_fast.train.methods import (averages_weights, corrects_labels, joins_average,
                                       loss_function, optimisation, phase_of, probes_warmup, refresh_options,
                                       symmetric_share, uses_class_balance, uses_early_learning, warmup_ends)
 from mixnn_fast.train.loaders import build_loaders
@@ -488,6 +488,8 @@ class Trainer:
             return full
 
         clean_prob_given = per_sample(clean_probability(scores.losses, **self.refresh_options.gmm))
+        predicted = per_sample(scores.predicted, -1, np.int64)
+        rows = self._logged_rows()
         final_corrections = None
         refreshed = self.last_refresh
         # a run resumed after its last epoch has made no refresh in this process: its last
@@ -502,10 +504,9 @@ class Trainer:
                 clean_prob[:] = kept.double().numpy()
             corrected = self.targets.corrected_labels().cpu().numpy()
             relabel = final_correction(self.cfg, self.run, scores.ids, scores.predicted, scores.confidence, n,
-                                       symmetric_share(self._logged_rows(), self.cfg.correction_start))
+                                       symmetric_share(rows, self.cfg.correction_start))
             if relabel is not None:  # MixNN+'s last correction: the reported labels only, never the targets
                 relabel = relabel.numpy()
-                predicted = per_sample(scores.predicted, -1, np.int64)
                 final_corrections = int((relabel & (corrected != predicted)).sum())
                 corrected[relabel] = predicted[relabel]
                 log.info("last correction from the final pass: %d reported labels changed", final_corrections)
@@ -514,9 +515,9 @@ class Trainer:
             corrected = self.given_labels.numpy().copy()  # unreadable samples keep their given label
             corrected[ids] = scores.predicted.numpy()
         return LabelRecord(method=self.cfg.method, train=self.data.train,
-                           rows=self._logged_rows(),
+                           rows=rows,
                            corrected=corrected, clean_prob=clean_prob, clean_prob_given=clean_prob_given,
-                           prob_given=per_sample(scores.prob_given), predicted=per_sample(scores.predicted, -1, np.int64),
+                           prob_given=per_sample(scores.prob_given), predicted=predicted,
                            confidence=per_sample(scores.confidence),
                            target_given=probability_of_labels(self.targets, self.given_labels),
                            final_corrections=final_corrections)
