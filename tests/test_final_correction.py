@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from test_symmetric_trust import gates_opening_config  # pytest puts tests/ on sys.path
 
 from mixnn_fast.train.config import TrainConfig
-from mixnn_fast.train.correction_gates import final_correction
+from mixnn_fast.train.correction_gates import final_correction, final_symmetric_correction
 from mixnn_fast.train.methods import SYMMETRIC_SPREAD, symmetric_share
 from mixnn_fast.train.state import RunState
 
@@ -102,7 +102,7 @@ def test_saved_runs_read_it_off_and_a_resume_may_switch_it(tmp_path):
     assert on.experiment_differences(TrainConfig(method="mixnn_plus")) == []  # the same experiment
     args = build_parser().parse_args(["train", "--plus-final-correction", "class_pair", "--out-dir", str(tmp_path / "r")])
     assert args.plus_final_correction == "class_pair"
-    with pytest.raises(ValueError, match="plus_final_correction: must be one of off, always, class_pair"):
+    with pytest.raises(ValueError, match="plus_final_correction: must be one of off, always, class_pair, class_pair_confident"):
         TrainConfig(method="mixnn_plus", plus_final_correction="yes")
 
 
@@ -143,6 +143,14 @@ def test_a_run_reports_the_final_pass_prediction_exactly_where_the_rule_says(tmp
     scoped = Trainer(TrainConfig.from_dict({**cfg.to_dict(), "plus_final_correction": "class_pair"}), resume=True)
     np.testing.assert_array_equal(scoped.label_record().corrected, on.corrected if share < 0.5 else off.corrected)
     scoped.close()
+    confident = Trainer(TrainConfig.from_dict({**cfg.to_dict(), "plus_final_correction": "class_pair_confident"}),
+                        resume=True)
+    expected = off.corrected.copy()
+    if share < 0.5:
+        sure = on.confidence >= np.float32(cfg.plus_min_confidence)
+        expected[sure] = on.predicted[sure]
+    np.testing.assert_array_equal(confident.label_record().corrected, expected)
+    confident.close()
     summary = write_run_report(tmp_path / "run", on, resumed.summary())
     assert summary["final_corrections"] == on.final_corrections
     true = np.asarray(on.train.clean_labels)
@@ -176,3 +184,104 @@ def test_class_pair_acts_exactly_where_fewer_than_half_the_refreshes_looked_symm
     assert torch.equal(final_correction(class_pair, run, *args, looked_symmetric=0.49), always)
     assert final_correction(class_pair, run, *args, looked_symmetric=0.5) is None
     assert final_correction(class_pair, run, *args, looked_symmetric=None) is None  # no correction-phase refresh
+
+
+@pytest.mark.parametrize("n", [1, 5, 64, 301])
+def test_class_pair_confident_relabels_every_confident_prediction_where_class_pair_acts(rng, n):
+    # the mask, the stability counters and the gate do not matter: only the share and the floor
+    clean_prob = torch.from_numpy(rng.random(n).astype(np.float32))
+    run = RunState(clean_prob=clean_prob, stable=torch.zeros(n, dtype=torch.int16),
+                   last_predicted=torch.full((n,), -1, dtype=torch.int16), given_agreement=float(rng.random()),
+                   disagreement_spread=float(rng.random()))
+    ids = np.sort(rng.choice(n, size=max(1, n - n // 4), replace=False))  # a few unreadable samples
+    confidence = rng.uniform(0.1, 1, size=len(ids)).astype(np.float32)
+    confidence[: len(ids) // 3] = 0.5  # exactly at the floor
+    predicted = rng.integers(0, 10, size=len(ids))
+    cfg = TrainConfig(method="mixnn_plus", plus_final_correction="class_pair_confident")
+    args = (torch.from_numpy(ids), torch.from_numpy(predicted), torch.from_numpy(confidence), n)
+    got = final_correction(cfg, run, *args, looked_symmetric=0.49)
+    want = np.zeros(n, dtype=bool)
+    want[ids] = confidence >= 0.5
+    np.testing.assert_array_equal(got.numpy(), want)
+    assert final_correction(cfg, run, *args, looked_symmetric=0.5) is None
+    assert final_correction(cfg, run, *args, looked_symmetric=None) is None
+    assert final_correction(cfg, RunState(), *args, looked_symmetric=0.0) is None  # no refresh recorded
+
+
+@pytest.mark.parametrize("n", [1, 6, 77, 400])
+@pytest.mark.parametrize("min_confidence", [0.0, 0.5, 0.9])
+def test_the_symmetric_last_correction_relabels_noisy_confident_samples_where_the_noise_looked_symmetric(
+        rng, n, min_confidence):
+    clean_prob = rng.random(n).astype(np.float32)
+    clean_prob[rng.random(n) < 0.1] = np.nan  # outside the last refresh's pool: never relabelled
+    clean_prob[rng.random(n) < 0.1] = 0.5  # exactly at the boundary: called clean
+    run = RunState(clean_prob=torch.from_numpy(clean_prob.copy()), stable=torch.zeros(n, dtype=torch.int16),
+                   last_predicted=torch.full((n,), -1, dtype=torch.int16), given_agreement=0.9,
+                   disagreement_spread=0.9)
+    ids = np.sort(rng.choice(n, size=max(1, n - n // 4), replace=False))
+    confidence = rng.uniform(0.1, 1, size=len(ids)).astype(np.float32)
+    confidence[: len(ids) // 3] = min_confidence  # exactly at the floor
+    cfg = TrainConfig(method="mixnn_plus", plus_final_correction_symmetric=True, plus_min_confidence=min_confidence)
+    args = (torch.from_numpy(ids), torch.from_numpy(confidence), n)
+    got = final_symmetric_correction(cfg, run, *args, looked_symmetric=0.5)
+    want = np.zeros(n, dtype=bool)
+    with np.errstate(invalid="ignore"):
+        want[ids] = (clean_prob[ids] < 0.5) & (confidence >= np.float32(min_confidence))
+    np.testing.assert_array_equal(got.numpy(), want)
+    assert final_symmetric_correction(cfg, run, *args, looked_symmetric=0.49) is None  # class_pair's runs
+    assert final_symmetric_correction(cfg, run, *args, looked_symmetric=None) is None
+    assert final_symmetric_correction(TrainConfig(method="mixnn_plus"), run, *args, looked_symmetric=1.0) is None
+    assert final_symmetric_correction(cfg, RunState(), *args, looked_symmetric=1.0) is None
+
+
+def test_the_symmetric_last_correction_is_refused_where_it_could_not_act():
+    with pytest.raises(ValueError, match="plus_final_correction_symmetric: .*needs method mixnn_plus"):
+        TrainConfig(method="mixnn", plus_final_correction_symmetric=True)
+    with pytest.raises(ValueError, match="plus_final_correction_symmetric: .*plus_correction selective"):
+        TrainConfig(method="mixnn_plus", plus_correction="all", plus_final_correction_symmetric=True)
+    saved = TrainConfig(method="mixnn_plus").to_dict()
+    del saved["plus_final_correction_symmetric"]
+    assert TrainConfig.from_saved(saved).plus_final_correction_symmetric is False
+
+
+def test_where_the_noise_looked_symmetric_a_run_reports_the_weight_averages_confident_predictions(tmp_path):
+    from mixnn_fast.train.metrics import read_metrics
+    from mixnn_fast.train.trainer import Trainer
+
+    cfg = gates_opening_config(tmp_path / "run", plus_consistent_min_agreement=0.0, plus_final_correction="class_pair")
+    # most refreshes look symmetric; an average over half the epochs, which predicts differently from the model
+    cfg = TrainConfig.from_dict({**cfg.to_dict(), "noise_rate": 0.4, "epochs": 12, "plus_average_last": 0.5})
+    trainer = Trainer(cfg)
+    trainer.fit()
+    off = trainer.label_record()  # class_pair does not act where the noise looked symmetric
+    targets = trainer.targets.corrected_labels().clone()
+    trainer.close()
+    assert symmetric_share(read_metrics(tmp_path / "run"), cfg.correction_start) >= 0.5
+    np.testing.assert_array_equal(off.corrected, targets.numpy())
+
+    on_cfg = TrainConfig.from_dict({**cfg.to_dict(), "plus_final_correction_symmetric": True})
+    on_trainer = Trainer(on_cfg, resume=True)
+    assert on_trainer.averaging(), "no weight average: the tested model would be the live one"
+    tested = on_trainer._final_pass(on_trainer.averaged_inference)
+    n = len(off.predicted)
+    tested_predicted = np.full(n, -1)
+    tested_predicted[tested.ids.numpy()] = tested.predicted.numpy()
+    tested_confidence = np.full(n, np.nan, dtype=np.float32)
+    tested_confidence[tested.ids.numpy()] = tested.confidence.numpy()
+    with np.errstate(invalid="ignore"):
+        sure = (on_trainer.run.clean_prob.numpy() < 0.5) & (tested_confidence >= np.float32(cfg.plus_min_confidence))
+    expected = off.corrected.copy()
+    expected[sure] = tested_predicted[sure]
+    assert (expected != off.corrected).any(), "it would change no label here: the run cannot tell it from off"
+    with np.errstate(invalid="ignore"):
+        sure_live = (on_trainer.run.clean_prob.numpy() < 0.5) & (off.confidence >= np.float32(cfg.plus_min_confidence))
+    from_live = off.corrected.copy()
+    from_live[sure_live] = off.predicted[sure_live]
+    assert (from_live != expected).any(), "the model itself would report the same labels: the run cannot tell them apart"
+    on = on_trainer.label_record()
+    np.testing.assert_array_equal(on.corrected, expected)
+    assert on.final_corrections == int((on.corrected != off.corrected).sum())
+    # nothing trained changes, and the audit's predictions stay the model's own
+    assert torch.equal(on_trainer.targets.corrected_labels(), targets)
+    np.testing.assert_array_equal(on.predicted, off.predicted)
+    on_trainer.close()

@@ -17,7 +17,7 @@ from typing import Any
 METHODS = ("ce", "mixup", "gce", "sce", "mixnn", "mixnn_plus")
 PLUS_LOSSES = ("gce", "sce", "ce")
 PLUS_CORRECTIONS = ("selective", "graded", "all", "none")
-PLUS_FINAL_CORRECTIONS = ("off", "always", "class_pair")
+PLUS_FINAL_CORRECTIONS = ("off", "always", "class_pair", "class_pair_confident")
 WEIGHT_MODES = ("gmm", "trust", "avg", "rdm")
 PARTNER_MODES = ("neighbours", "random", "in_batch")
 PLAN_MODES = ("coherent", "naive")
@@ -37,9 +37,11 @@ _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 #: resumed run may change them (``mixnn train --out-dir X --resume --epochs 80``).  Every other
 #: field defines the experiment and must match the run being resumed.  ``num_threads`` changes
 #: only the order of float reductions (results equal to rounding, not bit for bit);
-#: ``plus_final_correction`` only the labels reported after the last epoch.
+#: ``plus_final_correction`` and ``plus_final_correction_symmetric`` only the labels reported after
+#: the last epoch.
 RESUMABLE_FIELDS = ("epochs", "out_dir", "progress", "tensorboard", "eval_every", "checkpoint_every",
-                    "checkpoint_every_steps", "num_threads", "extra", "plus_final_correction")
+                    "checkpoint_every_steps", "num_threads", "extra", "plus_final_correction",
+                    "plus_final_correction_symmetric")
 
 #: Fields added after run folders were written, with the value that reproduces what those runs
 #: did: settings saved without the key (config.yaml, a checkpoint) are read with it
@@ -51,7 +53,7 @@ ADDED_AFTER_SAVED_RUNS = {"plus_freeze": 0, "plus_vote": 0, "plus_split_check": 
                           "plus_split_check_min_agreement": 0.0, "plus_gmm_per_class": False,
                           "plus_min_confidence": 0.0, "plus_average_last": 0.0, "plus_symmetric_confidence": 0.0,
                           "plus_symmetric_trust": False, "plus_neighbour_guard": 0, "plus_prior": 0.0,
-                          "plus_final_correction": "off"}
+                          "plus_final_correction": "off", "plus_final_correction_symmetric": False}
 
 #: MixNN+'s settings that are on by default, with the settings they act under.  Where one cannot
 #: act (another method, another correction), its default is accepted as well as "off" (runs saved
@@ -70,7 +72,7 @@ ON_BY_DEFAULT_ACTS_UNDER = {
 
 #: Settings that change only what a finished run reports, never what it trains: a finished run
 #: whose saved value differs is reported again with the new one (``mixnn table``), not retrained.
-REPORT_ONLY_FIELDS = ("plus_final_correction",)
+REPORT_ONLY_FIELDS = ("plus_final_correction", "plus_final_correction_symmetric")
 
 #: Settings that refine MixNN+'s stability gate, with what each does: they cannot act while the
 #: gate is off (plus_consistent 0).
@@ -155,8 +157,13 @@ class TrainConfig:
     plus_final_correction: str = "class_pair"  # mixnn_plus, selective correction: after the last epoch, the samples the next
                                           # refresh could correct take the final pass's prediction as their reported
                                           # label where it is confident enough: off | always | class_pair (only
-                                          # where the noise has not looked symmetric; correction_gates.py; nothing trained
-                                          # changes)
+                                          # where the noise has not looked symmetric) | class_pair_confident (there,
+                                          # every sample predicted with plus_min_confidence; correction_gates.py;
+                                          # nothing trained changes)
+    plus_final_correction_symmetric: bool = False  # mixnn_plus, selective correction: after the last epoch, where
+                                          # the noise has looked symmetric, the samples the last refresh's GMM
+                                          # called noisy take the tested model's prediction as their reported label
+                                          # where it reaches plus_min_confidence (correction_gates.py)
     plus_vote: int = 0                    # mixnn_plus: a sample's clean probability is at least the share of its this many
                                           # nearest neighbours that carry its current label (0: off)
     plus_split_check: bool = False        # mixnn_plus: no sample is called noisy while the GMM's components overlap
@@ -247,6 +254,8 @@ class TrainConfig:
         if self.plus_final_correction not in ("off", _default("plus_final_correction")):  # on by default
             self._needs("plus_final_correction", "corrects MixNN+'s reported labels once more from the final pass",
                         **ON_BY_DEFAULT_ACTS_UNDER["plus_final_correction"])
+        self._needs("plus_final_correction_symmetric", "corrects MixNN+'s reported labels once more from the "
+                    "final pass where the noise looked symmetric", method="mixnn_plus", plus_correction="selective")
         if self.plus_prior not in (0.0, _default("plus_prior")):  # on by default: see plus_consistent
             self._needs("plus_prior", "adds a class-balance penalty to MixNN+'s loss",
                         **ON_BY_DEFAULT_ACTS_UNDER["plus_prior"])

@@ -78,7 +78,9 @@ def final_correction(cfg: TrainConfig, run: RunState, ids: torch.Tensor, predict
     The final pass acts as the next refresh's correction, made hard: the samples
     :func:`plan_correction` lets that refresh correct, with the stability counters advanced by
     the final pass's predictions, whose prediction reaches the threshold it would require, and at
-    least ``plus_min_confidence`` where it would require none.
+    least ``plus_min_confidence`` where it would require none.  ``class_pair_confident``: where
+    ``class_pair`` acts, every sample of the pass whose prediction reaches ``plus_min_confidence``,
+    whether or not that refresh could correct it.
 
     Why: the last refresh that moves the soft targets is the one before the last epoch, and an
     EMA step (momentum 0.9) moves a target's argmax off the given label only after several
@@ -90,8 +92,15 @@ def final_correction(cfg: TrainConfig, run: RunState, ids: torch.Tensor, predict
     if (cfg.method != "mixnn_plus" or cfg.plus_correction != "selective" or cfg.plus_final_correction == "off"
             or run.clean_prob is None):
         return None
-    if cfg.plus_final_correction == "class_pair" and (looked_symmetric is None or looked_symmetric >= 0.5):
+    if cfg.plus_final_correction.startswith("class_pair") and (looked_symmetric is None or looked_symmetric >= 0.5):
         return None
+    if cfg.plus_final_correction == "class_pair_confident":
+        # under class-pair noise the GMM on losses calls many wrong labels clean (a pair's hard
+        # images lose as much as its flipped ones): the final model's confident prediction is
+        # the better report there, whatever the mask says (docs/mixnn_plus/final_correction.md)
+        relabel = torch.zeros(num_samples, dtype=torch.bool)
+        relabel[ids] = confidence >= cfg.plus_min_confidence
+        return relabel
     if gates_on_stability(cfg) and run.stable is not None:  # copies: the run's counters stay as saved
         run = replace(run, stable=run.stable.clone(), last_predicted=run.last_predicted.clone())
         update_stability(run.stable, run.last_predicted, ids, predicted)
@@ -99,6 +108,34 @@ def final_correction(cfg: TrainConfig, run: RunState, ids: torch.Tensor, predict
     threshold = max(plan.min_confidence, cfg.plus_min_confidence)
     relabel = torch.zeros(num_samples, dtype=torch.bool)
     relabel[ids] = plan.only[ids] & (confidence >= threshold)  # as a refresh compares (PoolScores)
+    return relabel
+
+
+def corrects_symmetric_finally(cfg: TrainConfig, run: RunState, looked_symmetric: float | None) -> bool:
+    """Whether :func:`final_symmetric_correction` acts in this run (see there)."""
+    return (cfg.method == "mixnn_plus" and cfg.plus_correction == "selective" and cfg.plus_final_correction_symmetric
+            and run.clean_prob is not None and looked_symmetric is not None and looked_symmetric >= 0.5)
+
+
+def final_symmetric_correction(cfg: TrainConfig, run: RunState, ids: torch.Tensor, confidence: torch.Tensor,
+                               num_samples: int, looked_symmetric: float | None) -> torch.Tensor | None:
+    """The samples whose reported label MixNN+'s last correction where the noise looked symmetric
+    (``plus_final_correction_symmetric``) sets to the tested model's prediction in the final pass:
+    (N,) bool, or None where it does not act (another method or correction, the option off, no
+    refresh recorded, or a run whose share of correction-phase refreshes that looked symmetric,
+    ``looked_symmetric``, is unknown or under 1/2: there ``plus_final_correction`` decides).
+    ``run``: the run's state after its last refresh (read only); ``ids`` (P,) int64 the pass's
+    samples and ``confidence`` (P,) float the probabilities of the tested model's predictions.
+
+    The samples the last refresh's GMM called noisy (clean probability < 1/2) whose prediction
+    reaches ``plus_min_confidence``, with no stability condition and no symmetric threshold.
+    Why: those two keep a correction made during training from feeding the model its own
+    mistakes; a report after the last epoch feeds nothing back, and under symmetric noise a
+    label the GMM calls noisy is usually wrong (docs/mixnn_plus/final_correction.md)."""
+    if not corrects_symmetric_finally(cfg, run, looked_symmetric):
+        return None
+    relabel = torch.zeros(num_samples, dtype=torch.bool)
+    relabel[ids] = (run.clean_prob[ids] < 0.5) & (confidence >= cfg.plus_min_confidence)  # NaN: not noisy
     return relabel
 
 

@@ -48,7 +48,8 @@ from mixnn_fast.train.datasets import RunData, prepare_data
 from mixnn_fast.train.devices import autocast_dtype, resolve_device
 from mixnn_fast.train.distributed import init_distributed, share_pool_scores, share_refresh
 from mixnn_fast.train.losses import class_balance_penalty, early_learning_penalty, one_hot
-from mixnn_fast.train.correction_gates import final_correction, plan_correction, record_refresh
+from mixnn_fast.train.correction_gates import (corrects_symmetric_finally, final_correction,
+                                               final_symmetric_correction, plan_correction, record_refresh)
 from mixnn_fast.train.methods import (averages_weights, corrects_labels, joins_average,
                                       loss_function, optimisation, phase_of, probes_warmup, refresh_options,
                                       symmetric_share, uses_class_balance, uses_early_learning, warmup_ends)
@@ -475,11 +476,7 @@ class Trainer:
         prediction for the baselines (which correct nothing); MixNN's ``clean_prob`` is its last
         refresh's.  Every process calls it (the pass is shared); rank 0 writes the report."""
         n = self.num_samples
-        scores = PoolScores(torch.arange(n), self.targets, self.given_labels, self.run.epoch, gmm_loss="given",
-                            correct=False, features_dtype=None)
-        self.inference.score_pool(self.loaders.pool, scores, "evaluate")
-        share_pool_scores(self.dist, scores, None, self.model.feature_dim)
-        scores = scores.covered(allow_missing=True)
+        scores = self._final_pass(self.inference)
         ids = scores.ids.numpy()
 
         def per_sample(values, fill=np.nan, dtype=np.float64) -> np.ndarray:
@@ -503,12 +500,21 @@ class Trainer:
             else:
                 clean_prob[:] = kept.double().numpy()
             corrected = self.targets.corrected_labels().cpu().numpy()
+            looked_symmetric = symmetric_share(rows, self.cfg.correction_start)
             relabel = final_correction(self.cfg, self.run, scores.ids, scores.predicted, scores.confidence, n,
-                                       symmetric_share(rows, self.cfg.correction_start))
+                                       looked_symmetric)
+            relabelled_to = predicted
+            if relabel is None and corrects_symmetric_finally(self.cfg, self.run, looked_symmetric):
+                # where the noise looked symmetric: the tested model's predictions (the weight average)
+                tested = self._final_pass(self.averaged_inference) if self.averaging() else scores
+                relabel = final_symmetric_correction(self.cfg, self.run, tested.ids, tested.confidence, n,
+                                                     looked_symmetric)
+                relabelled_to = np.full(n, -1, dtype=np.int64)
+                relabelled_to[tested.ids.numpy()] = tested.predicted.numpy()
             if relabel is not None:  # MixNN+'s last correction: the reported labels only, never the targets
                 relabel = relabel.numpy()
-                final_corrections = int((relabel & (corrected != predicted)).sum())
-                corrected[relabel] = predicted[relabel]
+                final_corrections = int((relabel & (corrected != relabelled_to)).sum())
+                corrected[relabel] = relabelled_to[relabel]
                 log.info("last correction from the final pass: %d reported labels changed", final_corrections)
         else:
             clean_prob = clean_prob_given
@@ -521,6 +527,15 @@ class Trainer:
                            confidence=per_sample(scores.confidence),
                            target_given=probability_of_labels(self.targets, self.given_labels),
                            final_corrections=final_corrections)
+
+    def _final_pass(self, inference) -> PoolScores:
+        """The final pass of ``inference`` (the model's or the weight average's) over every readable
+        training sample, no augmentation, every process's shard: its scores, covered samples only."""
+        scores = PoolScores(torch.arange(self.num_samples), self.targets, self.given_labels, self.run.epoch,
+                            gmm_loss="given", correct=False, features_dtype=None)
+        inference.score_pool(self.loaders.pool, scores, "evaluate")
+        share_pool_scores(self.dist, scores, None, self.model.feature_dim)
+        return scores.covered(allow_missing=True)
 
     def _logged_rows(self) -> list[dict]:
         """The metrics rows of the epochs trained so far: the open log's, or, in a run rebuilt from
