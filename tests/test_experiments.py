@@ -214,7 +214,7 @@ def test_a_mixnn_plus_run_saved_before_the_stability_gate_is_the_ungated_cell(tm
     """MixNN+ corrects through the stability gate by default; a run saved before the gate existed
     ran without it: it is the cell with ``plus_consistent=0``, not the default cell (nor did it
     average its weights, trust its anchors, add the class-balance penalty or correct its reported
-    labels once more)."""
+    labels once more, in either way)."""
     import dataclasses
 
     import yaml
@@ -226,7 +226,8 @@ def test_a_mixnn_plus_run_saved_before_the_stability_gate_is_the_ungated_cell(tm
                                                                       plus_consistent_min_agreement=0.0,
                                                                       plus_average_last=0.0,
                                                                       plus_symmetric_trust=False, plus_prior=0.0,
-                                                                      plus_final_correction="off"))
+                                                                      plus_final_correction="off",
+                                                                      plus_final_correction_symmetric=False))
     run_table([ungated], tmp_path / "table", log=lambda *_: None)
     config = tmp_path / "table" / "sym-40_mixnn_plus_s0" / "config.yaml"
     saved = yaml.safe_load(config.read_text())

@@ -1,6 +1,7 @@
-"""MixNN+'s last correction from the final pass (``plus_final_correction``, off by default): the
-samples it relabels against a plain-numpy statement of the rule on random run states, and what a
-real run reports with it (the corrected labels change exactly there; nothing trained does)."""
+"""MixNN+'s last corrections from the final pass (``plus_final_correction``, ``class_pair`` by
+default, and ``plus_final_correction_symmetric``, on by default): the samples they relabel against
+plain-numpy statements of the rules on random run states, and what a real run reports with them
+(the corrected labels change exactly there; nothing trained does)."""
 from __future__ import annotations
 
 import numpy as np
@@ -111,7 +112,7 @@ def test_a_run_reports_the_final_pass_prediction_exactly_where_the_rule_says(tmp
     from mixnn_fast.train.trainer import Trainer
 
     cfg = gates_opening_config(tmp_path / "run", plus_consistent_min_agreement=0.0,  # the gate at every refresh
-                               plus_final_correction="off")
+                               plus_final_correction="off", plus_final_correction_symmetric=False)
     trainer = Trainer(cfg)
     trainer.fit()
     off = trainer.label_record()
@@ -230,58 +231,19 @@ def test_the_symmetric_last_correction_relabels_noisy_confident_samples_where_th
     np.testing.assert_array_equal(got.numpy(), want)
     assert final_symmetric_correction(cfg, run, *args, looked_symmetric=0.49) is None  # class_pair's runs
     assert final_symmetric_correction(cfg, run, *args, looked_symmetric=None) is None
-    assert final_symmetric_correction(TrainConfig(method="mixnn_plus"), run, *args, looked_symmetric=1.0) is None
+    off = TrainConfig(method="mixnn_plus", plus_final_correction_symmetric=False)
+    assert final_symmetric_correction(off, run, *args, looked_symmetric=1.0) is None
     assert final_symmetric_correction(cfg, RunState(), *args, looked_symmetric=1.0) is None
 
 
-def test_the_symmetric_last_correction_is_refused_where_it_could_not_act():
-    with pytest.raises(ValueError, match="plus_final_correction_symmetric: .*needs method mixnn_plus"):
-        TrainConfig(method="mixnn", plus_final_correction_symmetric=True)
-    with pytest.raises(ValueError, match="plus_final_correction_symmetric: .*plus_correction selective"):
-        TrainConfig(method="mixnn_plus", plus_correction="all", plus_final_correction_symmetric=True)
+def test_the_symmetric_last_correction_is_on_by_default_and_off_in_saved_runs():
+    assert TrainConfig(method="mixnn_plus").plus_final_correction_symmetric is True
+    # on by default, so accepted where it cannot act, and inert there
+    for cfg in (TrainConfig(method="mixnn"), TrainConfig(method="mixnn_plus", plus_correction="all")):
+        run = RunState(clean_prob=torch.zeros(2), given_agreement=0.9, disagreement_spread=0.9)
+        assert final_symmetric_correction(cfg, run, torch.arange(2), torch.ones(2), 2, looked_symmetric=1.0) is None
     saved = TrainConfig(method="mixnn_plus").to_dict()
     del saved["plus_final_correction_symmetric"]
     assert TrainConfig.from_saved(saved).plus_final_correction_symmetric is False
-
-
-def test_where_the_noise_looked_symmetric_a_run_reports_the_weight_averages_confident_predictions(tmp_path):
-    from mixnn_fast.train.metrics import read_metrics
-    from mixnn_fast.train.trainer import Trainer
-
-    cfg = gates_opening_config(tmp_path / "run", plus_consistent_min_agreement=0.0, plus_final_correction="class_pair")
-    # most refreshes look symmetric; an average over half the epochs, which predicts differently from the model
-    cfg = TrainConfig.from_dict({**cfg.to_dict(), "noise_rate": 0.4, "epochs": 12, "plus_average_last": 0.5})
-    trainer = Trainer(cfg)
-    trainer.fit()
-    off = trainer.label_record()  # class_pair does not act where the noise looked symmetric
-    targets = trainer.targets.corrected_labels().clone()
-    trainer.close()
-    assert symmetric_share(read_metrics(tmp_path / "run"), cfg.correction_start) >= 0.5
-    np.testing.assert_array_equal(off.corrected, targets.numpy())
-
-    on_cfg = TrainConfig.from_dict({**cfg.to_dict(), "plus_final_correction_symmetric": True})
-    on_trainer = Trainer(on_cfg, resume=True)
-    assert on_trainer.averaging(), "no weight average: the tested model would be the live one"
-    tested = on_trainer._final_pass(on_trainer.averaged_inference)
-    n = len(off.predicted)
-    tested_predicted = np.full(n, -1)
-    tested_predicted[tested.ids.numpy()] = tested.predicted.numpy()
-    tested_confidence = np.full(n, np.nan, dtype=np.float32)
-    tested_confidence[tested.ids.numpy()] = tested.confidence.numpy()
-    with np.errstate(invalid="ignore"):
-        sure = (on_trainer.run.clean_prob.numpy() < 0.5) & (tested_confidence >= np.float32(cfg.plus_min_confidence))
-    expected = off.corrected.copy()
-    expected[sure] = tested_predicted[sure]
-    assert (expected != off.corrected).any(), "it would change no label here: the run cannot tell it from off"
-    with np.errstate(invalid="ignore"):
-        sure_live = (on_trainer.run.clean_prob.numpy() < 0.5) & (off.confidence >= np.float32(cfg.plus_min_confidence))
-    from_live = off.corrected.copy()
-    from_live[sure_live] = off.predicted[sure_live]
-    assert (from_live != expected).any(), "the model itself would report the same labels: the run cannot tell them apart"
-    on = on_trainer.label_record()
-    np.testing.assert_array_equal(on.corrected, expected)
-    assert on.final_corrections == int((on.corrected != off.corrected).sum())
-    # nothing trained changes, and the audit's predictions stay the model's own
-    assert torch.equal(on_trainer.targets.corrected_labels(), targets)
-    np.testing.assert_array_equal(on.predicted, off.predicted)
-    on_trainer.close()
+    off = TrainConfig(method="mixnn_plus", plus_final_correction_symmetric=False)
+    assert off.experiment_differences(TrainConfig(method="mixnn_plus")) == []  # the same experiment

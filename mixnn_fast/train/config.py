@@ -68,6 +68,7 @@ ON_BY_DEFAULT_ACTS_UNDER = {
     "plus_symmetric_trust": dict(method="mixnn_plus", weights="gmm", partners="neighbours"),
     "plus_prior": dict(method="mixnn_plus"),
     "plus_final_correction": dict(method="mixnn_plus", plus_correction="selective"),
+    "plus_final_correction_symmetric": dict(method="mixnn_plus", plus_correction="selective"),
 }
 
 #: Settings that change only what a finished run reports, never what it trains: a finished run
@@ -160,7 +161,7 @@ class TrainConfig:
                                           # where the noise has not looked symmetric) | class_pair_confident (there,
                                           # every sample predicted with plus_min_confidence; correction_gates.py;
                                           # nothing trained changes)
-    plus_final_correction_symmetric: bool = False  # mixnn_plus, selective correction: after the last epoch, where
+    plus_final_correction_symmetric: bool = True  # mixnn_plus, selective correction: after the last epoch, where
                                           # the noise has looked symmetric, the samples the last refresh's GMM
                                           # called noisy take the tested model's prediction as their reported label
                                           # where it reaches plus_min_confidence (correction_gates.py)
@@ -254,8 +255,10 @@ class TrainConfig:
         if self.plus_final_correction not in ("off", _default("plus_final_correction")):  # on by default
             self._needs("plus_final_correction", "corrects MixNN+'s reported labels once more from the final pass",
                         **ON_BY_DEFAULT_ACTS_UNDER["plus_final_correction"])
-        self._needs("plus_final_correction_symmetric", "corrects MixNN+'s reported labels once more from the "
-                    "final pass where the noise looked symmetric", method="mixnn_plus", plus_correction="selective")
+        if self.plus_final_correction_symmetric != _default("plus_final_correction_symmetric"):  # on by default
+            self._needs("plus_final_correction_symmetric", "corrects MixNN+'s reported labels once more from the "
+                        "final pass where the noise looked symmetric",
+                        **ON_BY_DEFAULT_ACTS_UNDER["plus_final_correction_symmetric"])
         if self.plus_prior not in (0.0, _default("plus_prior")):  # on by default: see plus_consistent
             self._needs("plus_prior", "adds a class-balance penalty to MixNN+'s loss",
                         **ON_BY_DEFAULT_ACTS_UNDER["plus_prior"])
