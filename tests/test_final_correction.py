@@ -42,6 +42,9 @@ def _reference(cfg, clean_prob, stable, last_predicted, supported, given_agreeme
     threshold = max(threshold, cfg.plus_min_confidence)
     out = np.zeros(n, dtype=bool)
     out[ids] = noisy[ids] & (confidence >= np.float32(threshold))
+    if cfg.plus_final_clean_confidence:  # and the labels the GMM called clean, at their own threshold
+        with np.errstate(invalid="ignore"):
+            out[ids] |= (clean_prob[ids] >= 0.5) & (confidence >= np.float32(cfg.plus_final_clean_confidence))
     return out
 
 
@@ -49,8 +52,11 @@ def _reference(cfg, clean_prob, stable, last_predicted, supported, given_agreeme
 @pytest.mark.parametrize("given_agreement", [0.3, 0.5, 0.9])
 @pytest.mark.parametrize("spread", [0.1, SYMMETRIC_SPREAD, 0.8])
 @pytest.mark.parametrize("guard", [0, 5])
-def test_the_relabelled_samples_match_the_rule_written_out(rng, n, c, given_agreement, spread, guard):
-    cfg = TrainConfig(method="mixnn_plus", plus_final_correction="always", plus_neighbour_guard=guard)
+@pytest.mark.parametrize("clean_confidence", [0.0, 0.7])
+def test_the_relabelled_samples_match_the_rule_written_out(rng, n, c, given_agreement, spread, guard,
+                                                           clean_confidence):
+    cfg = TrainConfig(method="mixnn_plus", plus_final_correction="always", plus_neighbour_guard=guard,
+                      plus_final_clean_confidence=clean_confidence)
     clean_prob = rng.random(n).astype(np.float32)
     clean_prob[rng.random(n) < 0.1] = np.nan  # outside the last refresh's pool
     stable = rng.integers(0, 4, size=n).astype(np.int16)
@@ -59,7 +65,7 @@ def test_the_relabelled_samples_match_the_rule_written_out(rng, n, c, given_agre
     ids = np.sort(rng.choice(n, size=max(1, n - n // 5), replace=False))  # a few unreadable samples
     predicted = rng.integers(0, c, size=len(ids))
     confidence = rng.uniform(1 / c, 1, size=len(ids)).astype(np.float32)
-    confidence[: len(ids) // 4] = rng.choice([0.5, 0.8], size=len(ids) // 4)  # exactly at the thresholds
+    confidence[: len(ids) // 4] = rng.choice([0.5, 0.7, 0.8], size=len(ids) // 4)  # exactly at the thresholds
     run = RunState(clean_prob=torch.from_numpy(clean_prob.copy()), stable=torch.from_numpy(stable.copy()),
                    last_predicted=torch.from_numpy(last_predicted.copy()),
                    given_supported=torch.from_numpy(supported.copy()), given_agreement=given_agreement,
@@ -152,6 +158,19 @@ def test_a_run_reports_the_final_pass_prediction_exactly_where_the_rule_says(tmp
         expected[sure] = on.predicted[sure]
     np.testing.assert_array_equal(confident.label_record().corrected, expected)
     confident.close()
+    # with the labels the GMM called clean, at their own threshold (0.6 here: this small run has few
+    # predictions at 0.7 among them)
+    clean_cfg = TrainConfig.from_dict({**cfg.to_dict(), "plus_final_correction": "class_pair",
+                                       "plus_final_clean_confidence": 0.6})
+    with_clean = Trainer(clean_cfg, resume=True)
+    expected = (on.corrected if share < 0.5 else off.corrected).copy()
+    if share < 0.5:
+        with np.errstate(invalid="ignore"):
+            sure = (with_clean.run.clean_prob.numpy() >= 0.5) & (on.confidence >= np.float32(0.6))
+        expected[sure] = on.predicted[sure]
+        assert (expected != on.corrected).any(), "no label the GMM called clean changes: the run cannot tell"
+    np.testing.assert_array_equal(with_clean.label_record().corrected, expected)
+    with_clean.close()
     summary = write_run_report(tmp_path / "run", on, resumed.summary())
     assert summary["final_corrections"] == on.final_corrections
     true = np.asarray(on.train.clean_labels)
@@ -247,3 +266,20 @@ def test_the_symmetric_last_correction_is_on_by_default_and_off_in_saved_runs():
     assert TrainConfig.from_saved(saved).plus_final_correction_symmetric is False
     off = TrainConfig(method="mixnn_plus", plus_final_correction_symmetric=False)
     assert off.experiment_differences(TrainConfig(method="mixnn_plus")) == []  # the same experiment
+
+
+@settings(max_examples=30, deadline=None)
+@given(p=st.floats(allow_nan=True, allow_infinity=True, width=32), final=st.sampled_from(list(
+    __import__("mixnn_fast.train.config", fromlist=["PLUS_FINAL_CORRECTIONS"]).PLUS_FINAL_CORRECTIONS)))
+def test_the_clean_confidence_is_a_probability_and_needs_always_or_class_pair(p, final):
+    import math
+
+    if math.isnan(p) or not 0 <= p <= 1:
+        with pytest.raises(ValueError, match="plus_final_clean_confidence: must lie in \\[0, 1\\]"):
+            TrainConfig(method="mixnn_plus", plus_final_correction=final, plus_final_clean_confidence=p)
+    elif p and final not in ("always", "class_pair"):
+        with pytest.raises(ValueError, match="plus_final_clean_confidence: extends MixNN\\+'s last correction"):
+            TrainConfig(method="mixnn_plus", plus_final_correction=final, plus_final_clean_confidence=p)
+    else:
+        assert TrainConfig(method="mixnn_plus", plus_final_correction=final,
+                           plus_final_clean_confidence=p).plus_final_clean_confidence == p

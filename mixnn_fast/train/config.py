@@ -41,7 +41,7 @@ _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 #: the last epoch.
 RESUMABLE_FIELDS = ("epochs", "out_dir", "progress", "tensorboard", "eval_every", "checkpoint_every",
                     "checkpoint_every_steps", "num_threads", "extra", "plus_final_correction",
-                    "plus_final_correction_symmetric")
+                    "plus_final_correction_symmetric", "plus_final_clean_confidence")
 
 #: Fields added after run folders were written, with the value that reproduces what those runs
 #: did: settings saved without the key (config.yaml, a checkpoint) are read with it
@@ -53,7 +53,8 @@ ADDED_AFTER_SAVED_RUNS = {"plus_freeze": 0, "plus_vote": 0, "plus_split_check": 
                           "plus_split_check_min_agreement": 0.0, "plus_gmm_per_class": False,
                           "plus_min_confidence": 0.0, "plus_average_last": 0.0, "plus_symmetric_confidence": 0.0,
                           "plus_symmetric_trust": False, "plus_neighbour_guard": 0, "plus_prior": 0.0,
-                          "plus_final_correction": "off", "plus_final_correction_symmetric": False}
+                          "plus_final_correction": "off", "plus_final_correction_symmetric": False,
+                          "plus_final_clean_confidence": 0.0}
 
 #: MixNN+'s settings that are on by default, with the settings they act under.  Where one cannot
 #: act (another method, another correction), its default is accepted as well as "off" (runs saved
@@ -73,7 +74,7 @@ ON_BY_DEFAULT_ACTS_UNDER = {
 
 #: Settings that change only what a finished run reports, never what it trains: a finished run
 #: whose saved value differs is reported again with the new one (``mixnn table``), not retrained.
-REPORT_ONLY_FIELDS = ("plus_final_correction", "plus_final_correction_symmetric")
+REPORT_ONLY_FIELDS = ("plus_final_correction", "plus_final_correction_symmetric", "plus_final_clean_confidence")
 
 #: Settings that refine MixNN+'s stability gate, with what each does: they cannot act while the
 #: gate is off (plus_consistent 0).
@@ -165,6 +166,9 @@ class TrainConfig:
                                           # the noise has looked symmetric, the samples the last refresh's GMM
                                           # called noisy take the tested model's prediction as their reported label
                                           # where it reaches plus_min_confidence (correction_gates.py)
+    plus_final_clean_confidence: float = 0.0  # mixnn_plus, plus_final_correction always or class_pair: where it acts,
+                                          # a sample the last refresh's GMM called clean also takes the final pass's
+                                          # prediction where its probability reaches this (0: off)
     plus_vote: int = 0                    # mixnn_plus: a sample's clean probability is at least the share of its this many
                                           # nearest neighbours that carry its current label (0: off)
     plus_split_check: bool = False        # mixnn_plus: no sample is called noisy while the GMM's components overlap
@@ -259,6 +263,13 @@ class TrainConfig:
             self._needs("plus_final_correction_symmetric", "corrects MixNN+'s reported labels once more from the "
                         "final pass where the noise looked symmetric",
                         **ON_BY_DEFAULT_ACTS_UNDER["plus_final_correction_symmetric"])
+        if not 0 <= self.plus_final_clean_confidence <= 1:
+            raise ValueError(f"plus_final_clean_confidence: must lie in [0, 1] (a probability; 0: off), got "
+                             f"{self.plus_final_clean_confidence}")
+        if self.plus_final_clean_confidence and self.plus_final_correction not in ("always", "class_pair"):
+            raise ValueError("plus_final_clean_confidence: extends MixNN+'s last correction, so it needs "
+                             "plus_final_correction always or class_pair; got plus_final_correction "
+                             f"{self.plus_final_correction!r}")
         if self.plus_prior not in (0.0, _default("plus_prior")):  # on by default: see plus_consistent
             self._needs("plus_prior", "adds a class-balance penalty to MixNN+'s loss",
                         **ON_BY_DEFAULT_ACTS_UNDER["plus_prior"])

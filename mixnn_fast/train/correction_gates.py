@@ -80,7 +80,9 @@ def final_correction(cfg: TrainConfig, run: RunState, ids: torch.Tensor, predict
     the final pass's predictions, whose prediction reaches the threshold it would require, and at
     least ``plus_min_confidence`` where it would require none.  ``class_pair_confident``: where
     ``class_pair`` acts, every sample of the pass whose prediction reaches ``plus_min_confidence``,
-    whether or not that refresh could correct it.
+    whether or not that refresh could correct it.  ``plus_final_clean_confidence`` P (with
+    ``always`` or ``class_pair``): also the samples the last refresh's GMM called clean whose
+    prediction reaches P.
 
     Why: the last refresh that moves the soft targets is the one before the last epoch, and an
     EMA step (momentum 0.9) moves a target's argmax off the given label only after several
@@ -108,6 +110,10 @@ def final_correction(cfg: TrainConfig, run: RunState, ids: torch.Tensor, predict
     threshold = max(plan.min_confidence, cfg.plus_min_confidence)
     relabel = torch.zeros(num_samples, dtype=torch.bool)
     relabel[ids] = plan.only[ids] & (confidence >= threshold)  # as a refresh compares (PoolScores)
+    if cfg.plus_final_clean_confidence:
+        # the labels the GMM called clean that the final model confidently predicts elsewhere:
+        # under class-pair noise a pair's hard images lose as much as its flipped ones
+        relabel[ids] |= (run.clean_prob[ids] >= 0.5) & (confidence >= cfg.plus_final_clean_confidence)
     return relabel
 
 
