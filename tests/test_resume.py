@@ -324,10 +324,16 @@ def test_resuming_a_finished_run_reports_the_labels_it_reported(tmp_path, uninte
     assert after["label_accuracy_after_correction"] == before["label_accuracy_after_correction"]
     np.testing.assert_array_equal(resumed.corrected, record.corrected)
     np.testing.assert_allclose(resumed.clean_prob, record.clean_prob, rtol=1e-6)  # kept as float32
-    assert "final_corrections" not in after
-    _cli("train", "--out-dir", str(out), "--resume", "--plus-final-correction", "always")
+    assert after.get("final_corrections") == before.get("final_corrections")
+    # the soft targets' argmax alone, then the last correction of every run against it
+    _cli("train", "--out-dir", str(out), "--resume", "--plus-final-correction", "off",
+         "--no-plus-final-correction-symmetric")
+    assert "final_corrections" not in json.loads((out / "summary.json").read_text())
+    plain = RecordArrays.load(out / RECORD)
+    _cli("train", "--out-dir", str(out), "--resume", "--plus-final-correction", "always",
+         "--no-plus-final-correction-symmetric")
     last = json.loads((out / "summary.json").read_text())
     relabelled = RecordArrays.load(out / RECORD)
-    changed = relabelled.corrected != record.corrected
+    changed = relabelled.corrected != plain.corrected
     assert last["final_corrections"] == int(changed.sum())
     np.testing.assert_array_equal(relabelled.corrected[changed], relabelled.predicted[changed])
