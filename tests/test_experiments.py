@@ -227,7 +227,8 @@ def test_a_mixnn_plus_run_saved_before_the_stability_gate_is_the_ungated_cell(tm
                                                                       plus_average_last=0.0,
                                                                       plus_symmetric_trust=False, plus_prior=0.0,
                                                                       plus_final_correction="off",
-                                                                      plus_final_correction_symmetric=False))
+                                                                      plus_final_correction_symmetric=False,
+                                                                      plus_final_clean_confidence=0.0))
     run_table([ungated], tmp_path / "table", log=lambda *_: None)
     config = tmp_path / "table" / "sym-40_mixnn_plus_s0" / "config.yaml"
     saved = yaml.safe_load(config.read_text())

@@ -198,9 +198,12 @@ def test_class_pair_acts_exactly_where_fewer_than_half_the_refreshes_looked_symm
     run = RunState(clean_prob=torch.tensor([0.1, 0.9, 0.2, 0.3, 0.0, 0.6]), given_agreement=0.2,
                    disagreement_spread=0.9)  # the gate does not hold: the floor of 0.5 applies
     args = (torch.arange(n), torch.tensor([1, 2, 3, 4, 5, 0]), torch.tensor([0.9, 0.9, 0.4, 0.5, 0.7, 0.9]), n)
-    always = final_correction(TrainConfig(method="mixnn_plus", plus_final_correction="always"), run, *args)
+    always = final_correction(TrainConfig(method="mixnn_plus", plus_final_correction="always",
+                                          plus_final_clean_confidence=0.0), run, *args)
     assert always.tolist() == [True, False, False, True, True, False]
-    class_pair = TrainConfig(method="mixnn_plus", plus_final_correction="class_pair")
+    with_clean = final_correction(TrainConfig(method="mixnn_plus", plus_final_correction="always"), run, *args)
+    assert with_clean.tolist() == [True, True, False, True, True, True]  # and the clean-called at 0.7, the default
+    class_pair = TrainConfig(method="mixnn_plus", plus_final_correction="class_pair", plus_final_clean_confidence=0.0)
     assert torch.equal(final_correction(class_pair, run, *args, looked_symmetric=0.49), always)
     assert final_correction(class_pair, run, *args, looked_symmetric=0.5) is None
     assert final_correction(class_pair, run, *args, looked_symmetric=None) is None  # no correction-phase refresh
@@ -277,9 +280,19 @@ def test_the_clean_confidence_is_a_probability_and_needs_always_or_class_pair(p,
     if math.isnan(p) or not 0 <= p <= 1:
         with pytest.raises(ValueError, match="plus_final_clean_confidence: must lie in \\[0, 1\\]"):
             TrainConfig(method="mixnn_plus", plus_final_correction=final, plus_final_clean_confidence=p)
-    elif p and final not in ("always", "class_pair"):
+    elif p not in (0.0, 0.7) and final not in ("always", "class_pair"):  # 0.7, the default, is accepted anywhere
         with pytest.raises(ValueError, match="plus_final_clean_confidence: extends MixNN\\+'s last correction"):
             TrainConfig(method="mixnn_plus", plus_final_correction=final, plus_final_clean_confidence=p)
     else:
         assert TrainConfig(method="mixnn_plus", plus_final_correction=final,
                            plus_final_clean_confidence=p).plus_final_clean_confidence == p
+
+
+def test_the_clean_confidence_is_on_by_default_off_in_saved_runs_and_refused_elsewhere_when_set():
+    assert TrainConfig(method="mixnn_plus").plus_final_clean_confidence == 0.7
+    assert TrainConfig(method="ce").plus_final_clean_confidence == 0.7  # the default: accepted, inert
+    with pytest.raises(ValueError, match="plus_final_clean_confidence: extends MixNN\\+'s last correction to labels"):
+        TrainConfig(method="mixnn", plus_final_clean_confidence=0.9)
+    saved = TrainConfig(method="mixnn_plus").to_dict()
+    del saved["plus_final_clean_confidence"]
+    assert TrainConfig.from_saved(saved).plus_final_clean_confidence == 0.0

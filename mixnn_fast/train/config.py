@@ -70,6 +70,7 @@ ON_BY_DEFAULT_ACTS_UNDER = {
     "plus_prior": dict(method="mixnn_plus"),
     "plus_final_correction": dict(method="mixnn_plus", plus_correction="selective"),
     "plus_final_correction_symmetric": dict(method="mixnn_plus", plus_correction="selective"),
+    "plus_final_clean_confidence": dict(method="mixnn_plus", plus_correction="selective"),
 }
 
 #: Settings that change only what a finished run reports, never what it trains: a finished run
@@ -166,7 +167,7 @@ class TrainConfig:
                                           # the noise has looked symmetric, the samples the last refresh's GMM
                                           # called noisy take the tested model's prediction as their reported label
                                           # where it reaches plus_min_confidence (correction_gates.py)
-    plus_final_clean_confidence: float = 0.0  # mixnn_plus, plus_final_correction always or class_pair: where it acts,
+    plus_final_clean_confidence: float = 0.7  # mixnn_plus, plus_final_correction always or class_pair: where it acts,
                                           # a sample the last refresh's GMM called clean also takes the final pass's
                                           # prediction where its probability reaches this (0: off)
     plus_vote: int = 0                    # mixnn_plus: a sample's clean probability is at least the share of its this many
@@ -266,10 +267,14 @@ class TrainConfig:
         if not 0 <= self.plus_final_clean_confidence <= 1:
             raise ValueError(f"plus_final_clean_confidence: must lie in [0, 1] (a probability; 0: off), got "
                              f"{self.plus_final_clean_confidence}")
-        if self.plus_final_clean_confidence and self.plus_final_correction not in ("always", "class_pair"):
+        if (self.plus_final_clean_confidence not in (0.0, _default("plus_final_clean_confidence"))  # on by default
+                and self.plus_final_correction not in ("always", "class_pair")):
             raise ValueError("plus_final_clean_confidence: extends MixNN+'s last correction, so it needs "
                              "plus_final_correction always or class_pair; got plus_final_correction "
                              f"{self.plus_final_correction!r}")
+        if self.plus_final_clean_confidence not in (0.0, _default("plus_final_clean_confidence")):
+            self._needs("plus_final_clean_confidence", "extends MixNN+'s last correction to labels its GMM called clean",
+                        **ON_BY_DEFAULT_ACTS_UNDER["plus_final_clean_confidence"])
         if self.plus_prior not in (0.0, _default("plus_prior")):  # on by default: see plus_consistent
             self._needs("plus_prior", "adds a class-balance penalty to MixNN+'s loss",
                         **ON_BY_DEFAULT_ACTS_UNDER["plus_prior"])
