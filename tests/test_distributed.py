@@ -1,6 +1,7 @@
 """Several processes under torchrun, on the CPU with gloo: the refresh they share equals the
 one-process refresh; a 2-process run trains end to end and writes one set of outputs; a 2-process
-run killed with SIGKILL resumes and ends where the uninterrupted one does."""
+run killed with SIGKILL resumes and ends where the uninterrupted one does; a 2-process MixNN+ run
+reports the last corrections a one-process rebuild of it reports."""
 from __future__ import annotations
 
 import json
@@ -32,8 +33,8 @@ def torchrun(*args: str, nproc: int = 2) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
 
 
-def run(command: list[str]) -> subprocess.CompletedProcess:
-    result = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+def run(command: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
     if result.returncode != 0:
         raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stderr[-4000:]}")
     return result
@@ -134,3 +135,31 @@ def test_two_process_run_survives_batches_skipped_whole_on_one_rank(tmp_path):
     assert sorted(summary["skipped_files"]) == sorted(bad)
     rows = read_metrics(out)
     assert [r["epoch"] for r in rows] == [0, 1, 2] and all(r["skipped_images"] == 3 for r in rows)
+
+
+PLUS_SYMMETRIC = ["--dataset", "digits", "--train-subset", "500", "--noise-rate", "0.4", "--model-widths", "16", "32",
+                  "32", "32", "--method", "mixnn_plus", "--epochs", "12", "--warmup-epochs", "4", "--correction-start",
+                  "4", "--restart-period", "2", "--batch-size", "16", "--lr", "0.1", "--lr-min", "0.001", "--seed", "5",
+                  "--plus-consistent-min-agreement", "0", "--plus-average-last", "0.5", "--num-threads", "1",
+                  "--no-progress", "--neighbour-backend", "exact"]
+
+
+def test_two_process_mixnn_plus_run_reports_the_last_corrections_one_process_reports(tmp_path):
+    """MixNN+'s last correction where the noise looked symmetric scores the pool once more with the
+    weight average, a pass every rank must join: the ranks must agree on whether it acts although
+    only rank 0 holds the metrics rows it is decided from.  The run ends, and the same run rebuilt
+    in one process reports the same labels."""
+    from mixnn_fast.audit.run_folder import RecordArrays
+    from mixnn_fast.train.methods import symmetric_share
+
+    out = tmp_path / "two"
+    # 20 s here; ranks that disagree wait for each other until the timeout
+    run(torchrun("-m", "mixnn_fast", "train", *PLUS_SYMMETRIC, "--out-dir", str(out)), timeout=300)
+    assert symmetric_share(read_metrics(out), 4) >= 0.5, "the noise did not look symmetric: the branch is not run"
+    summary = json.loads((out / "summary.json").read_text())
+    assert "final_corrections" in summary  # the symmetric last correction acted
+    two = RecordArrays.load(out / "label_record.npz")
+    run([sys.executable, "-m", "mixnn_fast", "train", "--out-dir", str(out), "--resume"])  # no epoch left
+    one = RecordArrays.load(out / "label_record.npz")
+    assert json.loads((out / "summary.json").read_text())["final_corrections"] == summary["final_corrections"]
+    assert (one.corrected == two.corrected).all()

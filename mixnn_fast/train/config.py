@@ -37,8 +37,8 @@ _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 #: resumed run may change them (``mixnn train --out-dir X --resume --epochs 80``).  Every other
 #: field defines the experiment and must match the run being resumed.  ``num_threads`` changes
 #: only the order of float reductions (results equal to rounding, not bit for bit);
-#: ``plus_final_correction`` and ``plus_final_correction_symmetric`` only the labels reported after
-#: the last epoch.
+#: the last corrections' settings (``REPORT_ONLY_FIELDS``) only the labels reported after the last
+#: epoch.
 RESUMABLE_FIELDS = ("epochs", "out_dir", "progress", "tensorboard", "eval_every", "checkpoint_every",
                     "checkpoint_every_steps", "num_threads", "extra", "plus_final_correction",
                     "plus_final_correction_symmetric", "plus_final_clean_confidence")
@@ -267,12 +267,11 @@ class TrainConfig:
         if not 0 <= self.plus_final_clean_confidence <= 1:
             raise ValueError(f"plus_final_clean_confidence: must lie in [0, 1] (a probability; 0: off), got "
                              f"{self.plus_final_clean_confidence}")
-        if (self.plus_final_clean_confidence not in (0.0, _default("plus_final_clean_confidence"))  # on by default
-                and self.plus_final_correction not in ("always", "class_pair")):
-            raise ValueError("plus_final_clean_confidence: extends MixNN+'s last correction, so it needs "
-                             "plus_final_correction always or class_pair; got plus_final_correction "
-                             f"{self.plus_final_correction!r}")
-        if self.plus_final_clean_confidence not in (0.0, _default("plus_final_clean_confidence")):
+        if self.plus_final_clean_confidence not in (0.0, _default("plus_final_clean_confidence")):  # on by default
+            if self.plus_final_correction not in ("always", "class_pair"):
+                raise ValueError("plus_final_clean_confidence: extends MixNN+'s last correction, so it needs "
+                                 "plus_final_correction always or class_pair; got plus_final_correction "
+                                 f"{self.plus_final_correction!r}")
             self._needs("plus_final_clean_confidence", "extends MixNN+'s last correction to labels its GMM called clean",
                         **ON_BY_DEFAULT_ACTS_UNDER["plus_final_clean_confidence"])
         if self.plus_prior not in (0.0, _default("plus_prior")):  # on by default: see plus_consistent

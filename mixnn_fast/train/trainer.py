@@ -500,7 +500,9 @@ class Trainer:
             else:
                 clean_prob[:] = kept.double().numpy()
             corrected = self.targets.corrected_labels().cpu().numpy()
-            looked_symmetric = symmetric_share(rows, self.cfg.correction_start)
+            # rank 0's rows (the others hold none): every rank must take the same branch below,
+            # whose pass of the weight average is collective
+            looked_symmetric = self.dist.broadcast_object(symmetric_share(rows, self.cfg.correction_start))
             relabel = final_correction(self.cfg, self.run, scores.ids, scores.predicted, scores.confidence, n,
                                        looked_symmetric)
             relabelled_to = predicted
