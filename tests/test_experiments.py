@@ -288,3 +288,42 @@ def test_a_finished_run_saved_with_another_report_only_setting_is_reported_again
     ce_saved["plus_final_correction"] = "off"
     ce_config.write_text(yaml.safe_dump(ce_saved))
     assert experiments.finished_summary(ce[0]) is not None
+
+
+def test_report_only_reports_a_finished_run_of_other_report_only_settings_again_and_trains_no_epoch(tmp_path):
+    """``mixnn table --report-only`` on a finished MixNN+ run saved before the last corrections
+    existed: it is rebuilt from its checkpoint and reported with today's settings (no epoch is
+    trained); a run without its checkpoint cannot be, and stays listed as not finished."""
+    import shutil
+
+    import yaml
+
+    from mixnn_fast.train.metrics import read_metrics
+
+    cells = _cells(tmp_path, methods=("mixnn_plus",), plan_pair=False, epochs=3)
+    run_table(cells, tmp_path / "table", log=lambda *_: None)
+    out = Path(cells[0].config.out_dir)
+    config = out / "config.yaml"
+    saved = yaml.safe_load(config.read_text())
+    for name in ("plus_final_correction", "plus_final_correction_symmetric", "plus_final_clean_confidence"):
+        del saved[name]  # as written before they existed: read as off
+    config.write_text(yaml.safe_dump(saved))
+    rows = read_metrics(out)
+    kept = tmp_path / "kept"
+    shutil.copytree(out, kept)
+    assert experiments.finished_summary(cells[0]) is None and experiments.reportable_again(cells[0])
+    logged = []
+    table = run_table(cells, tmp_path / "table", log=logged.append, train=False)
+    assert "| sym-40 | mixnn_plus |" in table and "Not finished" not in table
+    assert any("reporting it with today's report-only settings" in line for line in logged)
+    assert read_metrics(out) == rows  # no epoch trained
+    assert yaml.safe_load(config.read_text())["plus_final_clean_confidence"] == 0.7
+    # without its checkpoint the run cannot be rebuilt: listed, not retrained
+    shutil.rmtree(out)
+    shutil.copytree(kept, out)
+    for name in ("checkpoint.pt", "checkpoint.prev.pt"):
+        (out / name).unlink(missing_ok=True)
+    assert not experiments.reportable_again(cells[0])
+    table = run_table(cells, tmp_path / "table", log=lambda *_: None, train=False)
+    assert "Not finished, so not in the table (1 of 1 runs): sym-40_mixnn_plus_s0." in table
+    assert not (out / "checkpoint.pt").exists() and read_metrics(out) == rows

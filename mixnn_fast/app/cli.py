@@ -278,7 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     table.add_argument("--num-threads", type=int)
     table.add_argument("--shard", help="K/N: run every N-th cell from the K-th (several processes, one folder)")
     table.add_argument("--report-only", action="store_true",
-                       help="train nothing: write the table from the finished runs and list the others")
+                       help="train nothing: write the table from the finished runs (reporting again, from its "
+                            "checkpoint, one saved with other report-only settings) and list the others")
 
     bench = sub.add_parser("bench", help="run bench/<name>.py (extra arguments go to the script)")
     bench.add_argument("name", help=", ".join(BENCHMARKS))

@@ -227,6 +227,23 @@ def finished_summary(cell: Cell) -> dict | None:
     return None  # not run, not finished, or finished and to be reported with another report-only setting
 
 
+def reportable_again(cell: Cell) -> bool:
+    """Whether the cell's folder holds a finished run, with its checkpoint, that differs from the
+    cell only in settings that change its report (config.REPORT_ONLY_FIELDS): rebuilding it from
+    the checkpoint reports it with the cell's settings and trains nothing."""
+    import yaml
+
+    from mixnn_fast.train.trainer import CHECKPOINT
+
+    out = Path(cell.config.out_dir)
+    summary_path, config_path = out / "summary.json", out / "config.yaml"
+    if not (summary_path.exists() and config_path.exists() and (out / CHECKPOINT).exists()):
+        return False
+    saved = yaml.safe_load(config_path.read_text())
+    return (not _config_differences(saved, cell.config) and bool(_reported_otherwise(saved, cell.config))
+            and json.loads(summary_path.read_text()).get("epochs") == cell.config.epochs)
+
+
 def _run_cell_locked(cell: Cell, out: Path, log) -> dict:
     from mixnn_fast.app.report import write_run_report
     from mixnn_fast.train.trainer import CHECKPOINT, PREVIOUS, Trainer
@@ -328,8 +345,9 @@ def plot_table(cells: list[Cell], out_dir: str | Path) -> list[Path]:
 
 def run_table(cells: list[Cell], out_dir: str | Path, *, log=print, train: bool = True) -> str:
     """Run every cell (skipping finished ones), then write results.md/.json and the plots.  With
-    ``train=False`` nothing is trained: the table holds the finished runs, and lists the others
-    (e.g. while shards still run, or after they ran on other machines)."""
+    ``train=False`` nothing is trained: the table holds the finished runs (a finished run saved
+    with another report-only setting is reported again from its checkpoint, which trains no
+    epoch), and lists the others (e.g. while shards still run, or after they ran on other machines)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     done, missing = [], []
@@ -339,6 +357,10 @@ def run_table(cells: list[Cell], out_dir: str | Path, *, log=print, train: bool 
             summary = run_cell(cell, log=log)
         else:
             summary = finished_summary(cell)
+            if summary is None and reportable_again(cell):
+                log(f"[table] {cell.noise} {cell.label} seed {cell.seed}: finished; reporting it with today's "
+                    "report-only settings (no epoch is trained)")
+                summary = run_cell(cell, log=log)
         if summary is None:
             missing.append(cell)
         else:
