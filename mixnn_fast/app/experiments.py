@@ -208,9 +208,10 @@ def _exclusive(out: Path):
         handle.close()
 
 
-def finished_summary(cell: Cell) -> dict | None:
-    """The summary of the cell's finished run, or None when its folder holds no finished run.
-    Raises ValueError when the folder holds a run of another configuration."""
+def _finished_run(cell: Cell) -> tuple[dict | None, bool]:
+    """The summary of the run the cell's folder holds if it trained all the cell's epochs (else
+    None), and whether its saved report-only settings differ from the cell's.  Raises ValueError
+    when the folder holds a run of another configuration."""
     import yaml
 
     out = Path(cell.config.out_dir)
@@ -220,28 +221,29 @@ def finished_summary(cell: Cell) -> dict | None:
     if differences:
         raise ValueError(f"{out}: holds a run with a different configuration ({'; '.join(differences)}); "
                          f"remove it or choose another --out-dir")
-    if summary_path.exists() and not (saved is not None and _reported_otherwise(saved, cell.config)):
-        summary = json.loads(summary_path.read_text())
-        if summary.get("epochs") == cell.config.epochs:
-            return summary
-    return None  # not run, not finished, or finished and to be reported with another report-only setting
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
+    if summary is not None and summary.get("epochs") != cell.config.epochs:
+        summary = None
+    return summary, saved is not None and bool(_reported_otherwise(saved, cell.config))
+
+
+def finished_summary(cell: Cell) -> dict | None:
+    """The summary of the cell's finished run, or None when its folder holds no finished run (or
+    one to be reported with another report-only setting).  Raises ValueError when the folder
+    holds a run of another configuration."""
+    summary, reported_otherwise = _finished_run(cell)
+    return None if reported_otherwise else summary
 
 
 def reportable_again(cell: Cell) -> bool:
     """Whether the cell's folder holds a finished run, with its checkpoint, that differs from the
     cell only in settings that change its report (config.REPORT_ONLY_FIELDS): rebuilding it from
-    the checkpoint reports it with the cell's settings and trains nothing."""
-    import yaml
-
+    the checkpoint reports it with the cell's settings and trains nothing.  Raises ValueError
+    when the folder holds a run of another configuration."""
     from mixnn_fast.train.trainer import CHECKPOINT
 
-    out = Path(cell.config.out_dir)
-    summary_path, config_path = out / "summary.json", out / "config.yaml"
-    if not (summary_path.exists() and config_path.exists() and (out / CHECKPOINT).exists()):
-        return False
-    saved = yaml.safe_load(config_path.read_text())
-    return (not _config_differences(saved, cell.config) and bool(_reported_otherwise(saved, cell.config))
-            and json.loads(summary_path.read_text()).get("epochs") == cell.config.epochs)
+    summary, reported_otherwise = _finished_run(cell)
+    return summary is not None and reported_otherwise and (Path(cell.config.out_dir) / CHECKPOINT).exists()
 
 
 def _run_cell_locked(cell: Cell, out: Path, log) -> dict:
@@ -356,7 +358,7 @@ def run_table(cells: list[Cell], out_dir: str | Path, *, log=print, train: bool 
             log(f"[table] run {i + 1} of {len(cells)}")
             summary = run_cell(cell, log=log)
         else:
-            summary = finished_summary(cell)
+            summary = finished_summary(cell)  # raises first on a run of another configuration
             if summary is None and reportable_again(cell):
                 log(f"[table] {cell.noise} {cell.label} seed {cell.seed}: finished; reporting it with today's "
                     "report-only settings (no epoch is trained)")

@@ -257,29 +257,22 @@ class TrainConfig:
         self._needs("trust_min_spread", "gates the trust weights of neighbour partners", weights="trust",
                     partners="neighbours")
         self._needs("plus_elr", "adds early-learning regularisation to MixNN+'s loss", method="mixnn_plus")
-        if self.plus_final_correction not in ("off", _default("plus_final_correction")):  # on by default
-            self._needs("plus_final_correction", "corrects MixNN+'s reported labels once more from the final pass",
-                        **ON_BY_DEFAULT_ACTS_UNDER["plus_final_correction"])
-        if self.plus_final_correction_symmetric != _default("plus_final_correction_symmetric"):  # on by default
-            self._needs("plus_final_correction_symmetric", "corrects MixNN+'s reported labels once more from the "
-                        "final pass where the noise looked symmetric",
-                        **ON_BY_DEFAULT_ACTS_UNDER["plus_final_correction_symmetric"])
+        # (plus_final_correction_symmetric, a switch on by default, is accepted either way: off
+        # needs nothing, and its default is accepted where it cannot act)
+        self._needs_when_set("plus_final_correction", "corrects MixNN+'s reported labels once more from the final "
+                             "pass", off="off")
         if not 0 <= self.plus_final_clean_confidence <= 1:
             raise ValueError(f"plus_final_clean_confidence: must lie in [0, 1] (a probability; 0: off), got "
                              f"{self.plus_final_clean_confidence}")
-        if self.plus_final_clean_confidence not in (0.0, _default("plus_final_clean_confidence")):  # on by default
-            if self.plus_final_correction not in ("always", "class_pair"):
-                raise ValueError("plus_final_clean_confidence: extends MixNN+'s last correction, so it needs "
-                                 "plus_final_correction always or class_pair; got plus_final_correction "
-                                 f"{self.plus_final_correction!r}")
-            self._needs("plus_final_clean_confidence", "extends MixNN+'s last correction to labels its GMM called clean",
-                        **ON_BY_DEFAULT_ACTS_UNDER["plus_final_clean_confidence"])
-        if self.plus_prior not in (0.0, _default("plus_prior")):  # on by default: see plus_consistent
-            self._needs("plus_prior", "adds a class-balance penalty to MixNN+'s loss",
-                        **ON_BY_DEFAULT_ACTS_UNDER["plus_prior"])
-        if self.plus_average_last not in (0.0, _default("plus_average_last")):  # on by default: see plus_consistent
-            self._needs("plus_average_last", "averages MixNN+'s weights over its last warm restarts",
-                        **ON_BY_DEFAULT_ACTS_UNDER["plus_average_last"])
+        if (self.plus_final_clean_confidence not in (0.0, _default("plus_final_clean_confidence"))
+                and self.plus_final_correction not in ("always", "class_pair")):
+            raise ValueError("plus_final_clean_confidence: extends MixNN+'s last correction, so it needs "
+                             "plus_final_correction always or class_pair; got plus_final_correction "
+                             f"{self.plus_final_correction!r}")
+        self._needs_when_set("plus_final_clean_confidence", "extends MixNN+'s last correction to labels its GMM "
+                             "called clean", off=0.0)
+        self._needs_when_set("plus_prior", "adds a class-balance penalty to MixNN+'s loss", off=0.0)
+        self._needs_when_set("plus_average_last", "averages MixNN+'s weights over its last warm restarts", off=0.0)
         if not 0 <= self.plus_average_last < 1:
             raise ValueError(f"plus_average_last: must lie in [0, 1) (a share of the epochs; 0: off), got "
                              f"{self.plus_average_last}")
@@ -358,6 +351,13 @@ class TrainConfig:
             needs = " and ".join(f"{k} {v}" for k, v in required.items())
             got = ", ".join(f"{k} {getattr(self, k)!r}" for k in required)
             raise ValueError(f"{name}: {what}, so it needs {needs}; got {got}")
+
+    def _needs_when_set(self, name: str, what: str, *, off: Any) -> None:
+        """:meth:`_needs` with :data:`ON_BY_DEFAULT_ACTS_UNDER`'s requirements for a setting that is
+        on by default: only when it is set to neither ``off`` nor its default (the default is
+        accepted where it cannot act, as runs saved before it are read with it off)."""
+        if getattr(self, name) not in (off, _default(name)):
+            self._needs(name, what, **ON_BY_DEFAULT_ACTS_UNDER[name])
 
     def _needs_stability_gate(self, name: str, what: str, **required: str) -> None:
         """:meth:`_needs` for a setting that refines MixNN+'s stability gate: also ValueError
