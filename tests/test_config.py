@@ -182,7 +182,11 @@ def test_saved_settings_read_fields_they_predate_with_the_old_value():
                                    ["--method", "mixnn", "--plus-average-last", "0.5"],
                                    ["--method", "mixnn_plus", "--plus-average-last", "1"],
                                    ["--method", "mixnn_plus", "--plus-average-last", "-0.25"],
-                                   ["--method", "mixnn_plus", "--plus-average-last", "nan"]])
+                                   ["--method", "mixnn_plus", "--plus-average-last", "nan"],
+                                   ["--method", "mixnn", "--plus-average-bn", "recomputed"],
+                                   ["--method", "mixnn_plus", "--plus-average-bn", "recomputed",
+                                    "--plus-average-last", "0"],
+                                   ["--method", "mixnn_plus", "--plus-average-bn", "fresh"]])
 def test_cli_refuses_a_mixnn_plus_option_that_cannot_apply_before_writing(tmp_path, capsys, flags):
     from mixnn_fast.app.cli import main
 
@@ -196,7 +200,7 @@ def test_cli_refuses_a_mixnn_plus_option_that_cannot_apply_before_writing(tmp_pa
                             "--trust-min-agreement", "--trust-min-spread", "--plus-elr", "--plus-prior",
                             "--elr-beta", "--plus-warmup-max", "--plus-consistent",
                             "--plus-consistent-min-agreement", "--plus-split-check-min-agreement",
-                            "--plus-min-confidence", "--plus-average-last"))
+                            "--plus-min-confidence", "--plus-average-bn", "--plus-average-last"))
     assert setting in err and "Traceback" not in err
     assert not out.exists()
 

@@ -18,6 +18,7 @@ METHODS = ("ce", "mixup", "gce", "sce", "mixnn", "mixnn_plus")
 PLUS_LOSSES = ("gce", "sce", "ce")
 PLUS_CORRECTIONS = ("selective", "graded", "all", "none")
 PLUS_FINAL_CORRECTIONS = ("off", "always", "class_pair", "class_pair_confident")
+AVERAGE_BN_MODES = ("averaged", "recomputed")
 WEIGHT_MODES = ("gmm", "trust", "avg", "rdm")
 PARTNER_MODES = ("neighbours", "random", "in_batch")
 PLAN_MODES = ("coherent", "naive")
@@ -54,7 +55,7 @@ ADDED_AFTER_SAVED_RUNS = {"plus_freeze": 0, "plus_vote": 0, "plus_split_check": 
                           "plus_min_confidence": 0.0, "plus_average_last": 0.0, "plus_symmetric_confidence": 0.0,
                           "plus_symmetric_trust": False, "plus_neighbour_guard": 0, "plus_prior": 0.0,
                           "plus_final_correction": "off", "plus_final_correction_symmetric": False,
-                          "plus_final_clean_confidence": 0.0}
+                          "plus_final_clean_confidence": 0.0, "plus_average_bn": "averaged"}
 
 #: MixNN+'s settings that are on by default, with the settings they act under.  Where one cannot
 #: act (another method, another correction), its default is accepted as well as "off" (runs saved
@@ -180,6 +181,10 @@ class TrainConfig:
                                           # losses were measured against, instead of one over all samples
     plus_average_last: float = 0.25       # mixnn_plus: test the average of the weights (and BatchNorm statistics) at
                                           # the warm restarts within this last share of the epochs (SWA; 0: off)
+    plus_average_bn: str = "averaged"     # mixnn_plus, plus_average_last > 0: the average's BatchNorm statistics are the
+                                          # mean of the snapshots' ("averaged") or recomputed by one pass over the
+                                          # training images, unmixed, after each snapshot joins ("recomputed": SWA's
+                                          # torch.optim.swa_utils.update_bn)
     plus_elr: float = 0.0                 # mixnn_plus: weight λ of the early-learning penalty (ELR) added to the loss (0: off)
     elr_beta: float = 0.7                 # ELR: the weight each sample's running average of predictions keeps per refresh
     plus_prior: float = 1.0               # mixnn_plus: weight λ of the class-balance penalty KL(π ‖ the batch's mean
@@ -218,7 +223,8 @@ class TrainConfig:
                    "gmm_loss": GMM_LOSS_TARGETS, "dataset": DATASETS, "neighbour_backend": NEIGHBOUR_BACKENDS,
                    "noise": NOISE_KINDS, "on_error": ON_ERROR, "targets_storage": TARGET_STORAGES,
                    "features_dtype": FEATURE_DTYPES, "amp_dtype": AMP_DTYPES, "plus_loss": PLUS_LOSSES,
-                   "plus_correction": PLUS_CORRECTIONS, "plus_final_correction": PLUS_FINAL_CORRECTIONS}
+                   "plus_correction": PLUS_CORRECTIONS, "plus_final_correction": PLUS_FINAL_CORRECTIONS,
+                   "plus_average_bn": AVERAGE_BN_MODES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}: must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
@@ -276,6 +282,11 @@ class TrainConfig:
         if not 0 <= self.plus_average_last < 1:
             raise ValueError(f"plus_average_last: must lie in [0, 1) (a share of the epochs; 0: off), got "
                              f"{self.plus_average_last}")
+        if self.plus_average_bn not in ("averaged", _default("plus_average_bn")) and not (self.method == "mixnn_plus"
+                                                                        and self.plus_average_last > 0):
+            raise ValueError(f"plus_average_bn: sets the BatchNorm statistics of MixNN+'s weight average, so it needs "
+                             f"method mixnn_plus and plus_average_last > 0; got method {self.method!r}, "
+                             f"plus_average_last {self.plus_average_last!r}")
         if self.elr_beta != _default("elr_beta") and not self.plus_elr:
             raise ValueError(f"elr_beta: sets the running average of ELR, so it needs plus_elr > 0; got plus_elr "
                              f"{self.plus_elr!r}")

@@ -42,6 +42,7 @@ from mixnn_fast.refresh.partners import in_batch_table, mixup_table
 from mixnn_fast.refresh.pool_scores import PoolScores, features_dtype
 from mixnn_fast.refresh.refresh import RefreshResult, refresh
 from mixnn_fast.refresh.targets import soft_targets
+from mixnn_fast.train.batchnorm_statistics import recompute_batchnorm_statistics
 from mixnn_fast.train.checkpoint import CHECKPOINT, PREVIOUS, CheckpointError, capture_rng, save_checkpoint
 from mixnn_fast.train.config import TrainConfig
 from mixnn_fast.train.datasets import RunData, prepare_data
@@ -564,6 +565,9 @@ class Trainer:
                 row = self.train_epoch(epoch)
                 if joins_average(cfg, epoch):
                     self.averaged.update_parameters(self.model)
+                    if cfg.plus_average_bn == "recomputed":  # SWA's statistics for the averaged weights
+                        recompute_batchnorm_statistics(self.averaged.module, self.loaders.pool, self.device,
+                                                       memory_format=self.memory_format, dist=self.dist)
                 if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
                     row["test_accuracy"] = self.test_accuracy()
                     if self.loaders.validation is not None:  # against the held-out *noisy* labels

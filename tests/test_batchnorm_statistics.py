@@ -1,0 +1,190 @@
+"""The weight average's BatchNorm statistics recomputed on the pool (``plus_average_bn``): each
+layer's running mean and variance against a float64 reference taken from the layer's own inputs
+(the mean over batches of each batch's mean and unbiased variance), across processes against the
+one-process statistics of every batch, and in a run: the statistics of the average that is
+tested, with no step of training changed."""
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+import torch.distributed
+import torch.multiprocessing as mp
+from test_trainer import tiny_config
+
+from mixnn_fast.train.batchnorm_statistics import batchnorm_layers, recompute_batchnorm_statistics
+from mixnn_fast.train.distributed import Distributed
+from mixnn_fast.train.trainer import Trainer
+
+
+class _Batch:
+    """What an EvalLoader serves: ``mix()`` gives the images, ``release()`` hands their buffer to
+    the next batches; here it empties the tensor, as reusing the buffer would overwrite it."""
+
+    def __init__(self, images: torch.Tensor) -> None:
+        self.images = images
+
+    def mix(self):
+        return self.images, None
+
+    def release(self) -> None:
+        self.images.resize_(0)
+
+
+class _Loader:
+    def __init__(self, batches: list[torch.Tensor]) -> None:
+        self.batches = batches
+
+    def __iter__(self):
+        for images in self.batches:
+            yield _Batch(images.clone())
+
+
+def small_model(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 5, 3), torch.nn.BatchNorm2d(5), torch.nn.ReLU(),
+                                torch.nn.Conv2d(5, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                                torch.nn.LazyLinear(6), torch.nn.BatchNorm1d(6))
+    model(torch.randn(2, 3, 9, 9))  # materialise the lazy layer
+    for layer in batchnorm_layers(model):  # statistics unlike the ones the batches will give
+        layer.running_mean.fill_(float("nan"))
+        layer.running_var.fill_(float("nan"))
+    return model
+
+
+def reference_statistics(model: torch.nn.Module, batches: list[torch.Tensor]) -> list[tuple[torch.Tensor, ...]]:
+    """For each BatchNorm layer, in float64: the mean over the batches of at least two images of
+    each batch's per-channel mean and unbiased variance of the layer's input (its training-mode
+    input: the layers before it normalise by their batch's own statistics)."""
+    probe = copy.deepcopy(model)  # its running statistics move; the model's are what is checked
+    probe.train()
+    inputs: dict[int, list[torch.Tensor]] = {}
+    layers = batchnorm_layers(probe)
+    hooks = [layer.register_forward_hook(lambda m, args, out, i=i: inputs.setdefault(i, []).append(args[0].double()))
+             for i, layer in enumerate(layers)]
+    try:
+        with torch.no_grad():
+            for images in batches:
+                if len(images) > 1:
+                    probe(images)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    statistics = []
+    for i in range(len(layers)):
+        dims = [0] + list(range(2, inputs[i][0].dim()))
+        means = torch.stack([x.mean(dims) for x in inputs[i]])
+        variances = torch.stack([x.var(dims, unbiased=True) for x in inputs[i]])
+        statistics.append((means.mean(0), variances.mean(0)))
+    return statistics
+
+
+def random_batches(seed: int, sizes: list[int]) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [3 * torch.randn(n, 3, 9, 9, generator=generator) + 1 for n in sizes]
+
+
+@pytest.mark.parametrize("seed,sizes", [(0, [7, 7, 3]), (1, [5, 1, 11, 2]), (2, [13])])
+def test_recomputed_statistics_are_the_mean_of_each_batchs_statistics(seed, sizes):
+    """Odd batch sizes and a one-image batch, which is left out; every statistic overwritten."""
+    model = small_model(seed)
+    batches = random_batches(seed, sizes)
+    layers = batchnorm_layers(model)
+    weights = {k: v.clone() for k, v in model.state_dict().items() if "running" not in k and "tracked" not in k}
+    model.eval()
+    images = recompute_batchnorm_statistics(model, _Loader(batches), torch.device("cpu"))
+    assert images == sum(n for n in sizes if n > 1)
+    assert not model.training  # the mode it was given back in
+    expected = reference_statistics(model, batches)
+    for layer, (mean, variance) in zip(layers, expected, strict=True):
+        torch.testing.assert_close(layer.running_mean.double(), mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(layer.running_var.double(), variance, rtol=1e-5, atol=1e-6)
+        assert layer.momentum == 0.1  # update_bn's cumulative average undone
+        assert int(layer.num_batches_tracked) == sum(1 for n in sizes if n > 1)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in weights.items())  # the weights are left alone
+
+
+def test_a_pool_with_no_batch_of_two_images_is_an_error():
+    model = small_model(3)
+    with pytest.raises(RuntimeError, match="no batch of two or more images"):
+        recompute_batchnorm_statistics(model, _Loader(random_batches(3, [1, 1])), torch.device("cpu"))
+
+
+def _rank_process(rank: int, world: int, init_file: str, shards: list[list[torch.Tensor]], out: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = small_model(7)
+        context = Distributed(rank=rank, world_size=world, local_rank=rank, backend="gloo")
+        images = recompute_batchnorm_statistics(model, _Loader(shards[rank]), torch.device("cpu"), dist=context)
+        torch.save({"images": images, "state": model.state_dict()}, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("sizes", [([6, 9, 4], [5]), ([3, 1], []), ([8], [2, 2, 2, 7])])
+def test_processes_agree_on_the_statistics_of_every_batch(tmp_path, sizes):
+    """Each process passes its own shard (uneven counts, one empty): every rank ends with the
+    statistics one process takes over all the batches."""
+    shards = [random_batches(10 + i, list(s)) for i, s in enumerate(sizes)]
+    mp.spawn(_rank_process, args=(2, str(tmp_path / "init"), shards, str(tmp_path)), nprocs=2, join=True)
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    everything = [b for shard in shards for b in shard]
+    model = small_model(7)
+    expected = reference_statistics(model, everything)
+    assert results[0]["images"] == results[1]["images"] == sum(len(b) for b in everything if len(b) > 1)
+    for result in results:
+        state = result["state"]
+        means = [v for k, v in state.items() if k.endswith("running_mean")]
+        variances = [v for k, v in state.items() if k.endswith("running_var")]
+        for mean, variance, (want_mean, want_variance) in zip(means, variances, expected, strict=True):
+            torch.testing.assert_close(mean.double(), want_mean, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(variance.double(), want_variance, rtol=1e-5, atol=1e-6)
+
+
+def test_a_run_tests_the_average_with_recomputed_statistics_and_trains_as_before(tmp_path):
+    """The same run with the average's statistics averaged and recomputed: every training number,
+    the model itself and the averaged weights equal to the bit; the average's statistics are the
+    reference's over the pool's images; the tests (and the saved checkpoint) use them."""
+    runs = {}
+    for mode in ("averaged", "recomputed"):
+        cfg = tiny_config(tmp_path / mode, method="mixnn_plus", epochs=4, restart_period=1, plus_average_last=0.5,
+                          plus_average_bn=mode, eval_every=1, num_threads=1)
+        trainer = Trainer(cfg)
+        trainer.fit()
+        runs[mode] = trainer
+    plain, recomputed = runs["averaged"], runs["recomputed"]
+    clocked = ("_seconds", "images_per_second", "_fraction")
+    for before, after in zip(plain.metrics.rows, recomputed.metrics.rows, strict=True):
+        for key, value in before.items():
+            if key.endswith(clocked) or key == "test_accuracy":
+                continue
+            assert after[key] == value, key
+    live = plain.model.state_dict()
+    assert all(torch.equal(recomputed.model.state_dict()[k], v) for k, v in live.items())
+    averaged = plain.averaged.module.state_dict()
+    average = recomputed.averaged.module
+    statistics = ("running_mean", "running_var", "num_batches_tracked")
+    assert all(torch.equal(average.state_dict()[k], v) for k, v in averaged.items() if not k.endswith(statistics))
+    # the reference: the pool's images (the refresh's pass: unmixed, unaugmented) through the averaged weights
+    pool = []
+    for batch in recomputed.loaders.pool:
+        x, _ = batch.mix()
+        pool.append(x.clone().contiguous())
+        batch.release()
+    assert sum(len(x) for x in pool) == recomputed.num_samples
+    expected = reference_statistics(average, pool)
+    for layer, (mean, variance) in zip(batchnorm_layers(average), expected, strict=True):
+        torch.testing.assert_close(layer.running_mean.double(), mean, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(layer.running_var.double(), variance, rtol=1e-4, atol=1e-5)
+    # not the averaged statistics: the option changed what is tested
+    assert not torch.allclose(batchnorm_layers(average)[0].running_var, batchnorm_layers(plain.averaged.module)[0].running_var)
+    final = recomputed.metrics.rows[-1]
+    assert final["test_accuracy"] == recomputed.test_accuracy()
+    # the checkpoint keeps the recomputed statistics: a resumed run tests the same model
+    resumed = Trainer(recomputed.cfg, resume=True)
+    assert resumed.test_accuracy() == final["test_accuracy"]
+    for trainer in (plain, recomputed, resumed):
+        trainer.close()
