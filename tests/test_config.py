@@ -183,9 +183,6 @@ def test_saved_settings_read_fields_they_predate_with_the_old_value():
                                    ["--method", "mixnn_plus", "--plus-average-last", "1"],
                                    ["--method", "mixnn_plus", "--plus-average-last", "-0.25"],
                                    ["--method", "mixnn_plus", "--plus-average-last", "nan"],
-                                   ["--method", "mixnn", "--plus-average-bn", "recomputed"],
-                                   ["--method", "mixnn_plus", "--plus-average-bn", "recomputed",
-                                    "--plus-average-last", "0"],
                                    ["--method", "mixnn_plus", "--plus-average-bn", "fresh"]])
 def test_cli_refuses_a_mixnn_plus_option_that_cannot_apply_before_writing(tmp_path, capsys, flags):
     from mixnn_fast.app.cli import main
@@ -227,11 +224,12 @@ def test_on_by_default_settings_count_only_where_they_act(method, correction, ac
     on = TrainConfig(method=method, plus_correction=correction)  # the defaults: accepted with any method
     off = TrainConfig(method=method, plus_correction=correction, plus_consistent=0, plus_consistent_min_agreement=0.0,
                       plus_min_confidence=0.0, plus_average_last=0.0, plus_symmetric_confidence=0.0,
-                      plus_symmetric_trust=False, plus_prior=0.0, plus_final_correction="off")
+                      plus_symmetric_trust=False, plus_prior=0.0, plus_final_correction="off",
+                      plus_average_bn="averaged")
     assert all(getattr(on, name) for name in ON_BY_DEFAULT_ACTS_UNDER)  # on by default, as the name says
     # the weight average, the trusted anchors and the class-balance penalty act with any correction;
     # the stability gate and its refinements with selective
-    any_correction = ("plus_average_last", "plus_symmetric_trust", "plus_prior")
+    any_correction = ("plus_average_last", "plus_average_bn", "plus_symmetric_trust", "plus_prior")
     acting = {name: acts or (method == "mixnn_plus" and name in any_correction) for name in ON_BY_DEFAULT_ACTS_UNDER}
     assert (acting_settings(on.to_dict()) == acting_settings(off.to_dict())) == (not any(acting.values()))
     kept = acting_settings(on.to_dict())
@@ -252,3 +250,17 @@ def test_the_gates_refinements_do_not_count_while_the_gate_is_off():
     gated = TrainConfig(method="mixnn_plus").to_dict()
     assert acting_settings({**gated, "plus_consistent_min_agreement": 0.0}) != acting_settings(gated)
     assert acting_settings({**gated, "plus_min_confidence": 0.7}) != acting_settings(gated)
+
+
+def test_the_averages_batchnorm_setting_counts_only_where_there_is_an_average():
+    """A run without the weight average (the table's "no weight averaging" ablation) saved before
+    plus_average_bn existed (read as "averaged") is the same experiment as one run today."""
+    from mixnn_fast.train.config import acting_settings, saved_settings
+
+    saved = saved_settings(TrainConfig(method="mixnn_plus", plus_average_last=0.0).to_dict()
+                           | {"plus_average_bn": "averaged"})
+    today = TrainConfig(method="mixnn_plus", plus_average_last=0.0).to_dict()
+    assert today["plus_average_bn"] == "recomputed"
+    assert acting_settings(saved) == acting_settings(today)
+    averaging = TrainConfig(method="mixnn_plus").to_dict()
+    assert acting_settings(averaging | {"plus_average_bn": "averaged"}) != acting_settings(averaging)

@@ -51,7 +51,9 @@ def test_only_mixnn_plus_averages():
 
 def test_the_tested_model_is_the_mean_of_the_cycle_end_weights(tmp_path):
     # six epochs, restarts every 2, the last half: the ends of epochs 4 and 6 (0-based 3 and 5) join
-    cfg = tiny_config(tmp_path, method="mixnn_plus", epochs=6, plus_average_last=0.5, eval_every=1, num_threads=1)
+    # the statistics averaged with the weights (plus_average_bn "recomputed" replaces them: test_batchnorm_statistics.py)
+    cfg = tiny_config(tmp_path, method="mixnn_plus", epochs=6, plus_average_last=0.5, plus_average_bn="averaged",
+                      eval_every=1, num_threads=1)
     trainer = Trainer(cfg)
     snapshots = record_epoch_ends(trainer, floating_only=True)
     trainer.fit()
@@ -102,7 +104,7 @@ def test_the_average_takes_every_tensor_on_every_device(tmp_path, device):
     integer BatchNorm counter (a crash at the first average on an H200): every float tensor must be
     the mean of the cycle-end snapshots there too, and the counter a count."""
     cfg = tiny_config(tmp_path, method="mixnn_plus", epochs=4, restart_period=1, plus_average_last=0.5,
-                      eval_every=1, num_threads=1, device=device)
+                      plus_average_bn="averaged", eval_every=1, num_threads=1, device=device)
     trainer = Trainer(cfg)
     snapshots = record_epoch_ends(trainer, floating_only=False)
     trainer.fit()

@@ -67,6 +67,7 @@ ON_BY_DEFAULT_ACTS_UNDER = {
     "plus_min_confidence": dict(method="mixnn_plus", plus_correction="selective"),
     "plus_symmetric_confidence": dict(method="mixnn_plus", plus_correction="selective"),
     "plus_average_last": dict(method="mixnn_plus"),
+    "plus_average_bn": dict(method="mixnn_plus"),  # and plus_average_last > 0 (acting_settings)
     "plus_symmetric_trust": dict(method="mixnn_plus", weights="gmm", partners="neighbours"),
     "plus_prior": dict(method="mixnn_plus"),
     "plus_final_correction": dict(method="mixnn_plus", plus_correction="selective"),
@@ -181,7 +182,7 @@ class TrainConfig:
                                           # losses were measured against, instead of one over all samples
     plus_average_last: float = 0.25       # mixnn_plus: test the average of the weights (and BatchNorm statistics) at
                                           # the warm restarts within this last share of the epochs (SWA; 0: off)
-    plus_average_bn: str = "averaged"     # mixnn_plus, plus_average_last > 0: the average's BatchNorm statistics are the
+    plus_average_bn: str = "recomputed"   # mixnn_plus, plus_average_last > 0: the average's BatchNorm statistics are the
                                           # mean of the snapshots' ("averaged") or recomputed by one pass over the
                                           # training images, unmixed, after each snapshot joins ("recomputed": SWA's
                                           # torch.optim.swa_utils.update_bn)
@@ -457,7 +458,10 @@ def acting_settings(values: dict) -> dict:
         return all(values.get(f) == required for f, required in ON_BY_DEFAULT_ACTS_UNDER.get(name, {}).items())
 
     gate_acts = values.get("plus_consistent") != 0 and acts("plus_consistent")
-    return {k: v for k, v in values.items() if acts(k) and (gate_acts or k not in REFINES_STABILITY_GATE)}
+    # the average's BatchNorm statistics, only where there is an average (not a condition of equality)
+    averaging = bool(values.get("plus_average_last"))
+    return {k: v for k, v in values.items() if acts(k) and (gate_acts or k not in REFINES_STABILITY_GATE)
+            and (averaging or k != "plus_average_bn")}
 
 
 def saved_settings(values: dict) -> dict:
