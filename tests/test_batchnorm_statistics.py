@@ -86,17 +86,25 @@ def random_batches(seed: int, sizes: list[int]) -> list[torch.Tensor]:
     return [3 * torch.randn(n, 3, 9, 9, generator=generator) + 1 for n in sizes]
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("seed,sizes", [(0, [7, 7, 3]), (1, [5, 1, 11, 2]), (2, [13])])
-def test_recomputed_statistics_are_the_mean_of_each_batchs_statistics(seed, sizes):
-    """Odd batch sizes and a one-image batch, which is left out; every statistic overwritten."""
-    model = small_model(seed)
+def test_recomputed_statistics_are_the_mean_of_each_batchs_statistics(seed, sizes, device):
+    """Odd batch sizes and a one-image batch, which is left out; every statistic overwritten; the
+    batches come from the host and are moved to the model's device."""
+    model = small_model(seed).to(device)
     batches = random_batches(seed, sizes)
     layers = batchnorm_layers(model)
     weights = {k: v.clone() for k, v in model.state_dict().items() if "running" not in k and "tracked" not in k}
     model.eval()
-    images = recompute_batchnorm_statistics(model, _Loader(batches), torch.device("cpu"))
+    images = recompute_batchnorm_statistics(model, _Loader(batches), torch.device(device))
     assert images == sum(n for n in sizes if n > 1)
     assert not model.training  # the mode it was given back in
+    model = model.cpu()
+    layers = batchnorm_layers(model)
+    weights = {k: v.cpu() for k, v in weights.items()}
     expected = reference_statistics(model, batches)
     for layer, (mean, variance) in zip(layers, expected, strict=True):
         torch.testing.assert_close(layer.running_mean.double(), mean, rtol=1e-5, atol=1e-6)
