@@ -24,7 +24,7 @@ def _cells(tmp_path, **overrides):
 
 def test_the_grid_has_every_method_noise_and_the_plan_pair(tmp_path):
     cells = table_cells(out_dir=tmp_path, seeds=(0, 1))
-    assert len(cells) == 2 * (6 * 5 + 3 + 2 * 7)  # 6 methods x 5 noises, MixNN's 3 extra rows, MixNN+'s ablations
+    assert len(cells) == 2 * (6 * 5 + 3 + 2 * 8)  # 6 methods x 5 noises, MixNN's 3 extra rows, MixNN+'s ablations
     labels = {(c.noise, c.label) for c in cells}
     assert ("sym-40", "mixnn (naive plan)") in labels and ("asym-40", "gce") in labels
     assert len({c.config.out_dir for c in cells}) == len(cells)  # no two runs share a folder
@@ -36,6 +36,7 @@ def test_the_grid_has_every_method_noise_and_the_plan_pair(tmp_path):
                                ("no label correction", {"plus_correction"}), ("GCE instead of CE", {"plus_loss"}),
                                ("no stability gate", {"plus_consistent"}),
                                ("no weight averaging", {"plus_average_last"}),
+                               ("BatchNorm statistics averaged", {"plus_average_bn"}),
                                ("no trusted anchors", {"plus_symmetric_trust"}),
                                ("no class-balance penalty", {"plus_prior"})):
             ablated = next(c for c in cells if c.noise == noise and c.label == f"mixnn_plus ({label})" and c.seed == 1)

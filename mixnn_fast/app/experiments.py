@@ -32,6 +32,7 @@ PLUS_ABLATIONS = (("correction of every sample", "_corrall", {"plus_correction":
                   ("GCE instead of CE", "_gce", {"plus_loss": "gce"}),
                   ("no stability gate", "_nogate", {"plus_consistent": 0}),
                   ("no weight averaging", "_noavg", {"plus_average_last": 0.0}),
+                  ("BatchNorm statistics averaged", "_bnavg", {"plus_average_bn": "averaged"}),
                   ("no trusted anchors", "_notrust", {"plus_symmetric_trust": False}),
                   ("no class-balance penalty", "_noprior", {"plus_prior": 0.0}))
 # (noise kind, rate, label in the table).  symmetric_uniform is the paper's convention (uniform
