@@ -57,9 +57,7 @@ def recompute_batchnorm_statistics(model: torch.nn.Module, loader, device: torch
     Returns the number of images the statistics were taken over, over all processes.  A
     RuntimeError when no process had a batch of at least two images."""
     counted: list[int] = []
-    was_training = model.training
-    update_bn(pool_images(loader, device, memory_format, counted), model)
-    model.train(was_training)
+    update_bn(pool_images(loader, device, memory_format, counted), model)  # gives back the mode and momenta
     batches, images = float(len(counted)), float(sum(counted))
     if dist is not None and dist.enabled:
         layers = batchnorm_layers(model)

@@ -283,11 +283,8 @@ class TrainConfig:
         if not 0 <= self.plus_average_last < 1:
             raise ValueError(f"plus_average_last: must lie in [0, 1) (a share of the epochs; 0: off), got "
                              f"{self.plus_average_last}")
-        if self.plus_average_bn not in ("averaged", _default("plus_average_bn")) and not (self.method == "mixnn_plus"
-                                                                        and self.plus_average_last > 0):
-            raise ValueError(f"plus_average_bn: sets the BatchNorm statistics of MixNN+'s weight average, so it needs "
-                             f"method mixnn_plus and plus_average_last > 0; got method {self.method!r}, "
-                             f"plus_average_last {self.plus_average_last!r}")
+        # (plus_average_bn has two values, "averaged", which needs nothing, and its default "recomputed",
+        # accepted where it cannot act: there is nothing to check beyond its choices)
         if self.elr_beta != _default("elr_beta") and not self.plus_elr:
             raise ValueError(f"elr_beta: sets the running average of ELR, so it needs plus_elr > 0; got plus_elr "
                              f"{self.plus_elr!r}")
