@@ -220,3 +220,56 @@ def test_a_run_tests_the_average_with_recomputed_statistics_and_trains_as_before
     assert resumed.test_accuracy() == final["test_accuracy"]
     for trainer in (plain, recomputed, resumed):
         trainer.close()
+
+
+@pytest.fixture(scope="module")
+def statistics_by_mode(tmp_path_factory):
+    """The averaged BatchNorm statistics a tiny MixNN+ run tests, with each fixed mode."""
+    out = {}
+    for mode in ("averaged", "recomputed"):
+        cfg = tiny_config(tmp_path_factory.mktemp(mode), method="mixnn_plus", epochs=4, restart_period=1,
+                          plus_average_last=0.5, plus_average_bn=mode, num_threads=1)
+        trainer = Trainer(cfg)
+        trainer.fit()
+        out[mode] = {k: v.clone() for k, v in trainer.averaged.module.state_dict().items()}
+        trainer.close()
+    return out
+
+
+@pytest.mark.parametrize("share, acts_as", [(None, "averaged"), (0.0, "averaged"), (0.49, "averaged"),
+                                            (0.5, "recomputed"), (1.0, "recomputed")])
+def test_symmetric_mode_recomputes_only_where_the_noise_looked_symmetric(tmp_path, monkeypatch, statistics_by_mode,
+                                                                         share, acts_as):
+    """``plus_average_bn="symmetric"``: the run's statistics are the averaged run's or the
+    recomputed run's to the bit, as the share of refreshes that looked symmetric decides; the
+    share is read from the rows up to the snapshot's own epoch (not yet logged)."""
+    import mixnn_fast.train.trainer as trainer_module
+    seen = []
+
+    def share_of(rows, correction_start):
+        seen.append([r["epoch"] for r in rows])
+        return share
+
+    monkeypatch.setattr(trainer_module, "symmetric_share", share_of)
+    cfg = tiny_config(tmp_path, method="mixnn_plus", epochs=4, restart_period=1, plus_average_last=0.5,
+                      plus_average_bn="symmetric", num_threads=1)
+    trainer = Trainer(cfg)
+    trainer.fit()
+    state = trainer.averaged.module.state_dict()
+    trainer.close()
+    assert [epochs[-1] for epochs in seen][:2] == [2, 3]  # the snapshots of epochs 2 and 3, each with its row
+    assert all(epochs == list(range(len(epochs))) for epochs in seen[:2])
+    expected = statistics_by_mode[acts_as]
+    assert all(torch.equal(state[k], v) for k, v in expected.items()), acts_as
+    other = statistics_by_mode["recomputed" if acts_as == "averaged" else "averaged"]
+    assert not all(torch.equal(state[k], v) for k, v in other.items())
+
+
+@pytest.mark.parametrize("mode, share, expected", [
+    ("recomputed", None, True), ("recomputed", 0.0, True), ("averaged", 1.0, False), ("averaged", None, False),
+    ("symmetric", None, False), ("symmetric", 0.4999, False), ("symmetric", 0.5, True), ("symmetric", 0.9, True)])
+def test_recomputes_average_statistics(mode, share, expected):
+    from mixnn_fast.train.config import TrainConfig
+    from mixnn_fast.train.methods import recomputes_average_statistics
+    cfg = TrainConfig(method="mixnn_plus", plus_average_bn=mode)
+    assert recomputes_average_statistics(cfg, share) is expected

@@ -18,7 +18,7 @@ METHODS = ("ce", "mixup", "gce", "sce", "mixnn", "mixnn_plus")
 PLUS_LOSSES = ("gce", "sce", "ce")
 PLUS_CORRECTIONS = ("selective", "graded", "all", "none")
 PLUS_FINAL_CORRECTIONS = ("off", "always", "class_pair", "class_pair_confident")
-AVERAGE_BN_MODES = ("averaged", "recomputed")
+AVERAGE_BN_MODES = ("averaged", "recomputed", "symmetric")
 WEIGHT_MODES = ("gmm", "trust", "avg", "rdm")
 PARTNER_MODES = ("neighbours", "random", "in_batch")
 PLAN_MODES = ("coherent", "naive")
@@ -185,7 +185,8 @@ class TrainConfig:
     plus_average_bn: str = "recomputed"   # mixnn_plus, plus_average_last > 0: the average's BatchNorm statistics are the
                                           # mean of the snapshots' ("averaged") or recomputed by one pass over the
                                           # training images, unmixed, after each snapshot joins ("recomputed": SWA's
-                                          # torch.optim.swa_utils.update_bn)
+                                          # torch.optim.swa_utils.update_bn), or recomputed only where the noise
+                                          # looked symmetric so far ("symmetric": symmetric_share >= 1/2)
     plus_elr: float = 0.0                 # mixnn_plus: weight λ of the early-learning penalty (ELR) added to the loss (0: off)
     elr_beta: float = 0.7                 # ELR: the weight each sample's running average of predictions keeps per refresh
     plus_prior: float = 1.0               # mixnn_plus: weight λ of the class-balance penalty KL(π ‖ the batch's mean
@@ -283,8 +284,8 @@ class TrainConfig:
         if not 0 <= self.plus_average_last < 1:
             raise ValueError(f"plus_average_last: must lie in [0, 1) (a share of the epochs; 0: off), got "
                              f"{self.plus_average_last}")
-        # (plus_average_bn has two values, "averaged", which needs nothing, and its default "recomputed",
-        # accepted where it cannot act: there is nothing to check beyond its choices)
+        # (plus_average_bn: "averaged" needs nothing, and the others are accepted where they cannot act,
+        # as the default is: there is nothing to check beyond its choices)
         if self.elr_beta != _default("elr_beta") and not self.plus_elr:
             raise ValueError(f"elr_beta: sets the running average of ELR, so it needs plus_elr > 0; got plus_elr "
                              f"{self.plus_elr!r}")

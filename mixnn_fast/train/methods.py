@@ -316,6 +316,23 @@ def symmetric_share(rows: list[dict], correction_start: int) -> float | None:
     return sum(s >= SYMMETRIC_SPREAD for s in spreads) / len(spreads)
 
 
+def recomputes_average_statistics(cfg: TrainConfig, looked_symmetric: float | None) -> bool:
+    """Whether the weight average's BatchNorm statistics are recomputed after a snapshot joins
+    it (``cfg.plus_average_bn``): always with "recomputed", never with "averaged", and with
+    "symmetric" where the share of the correction-phase refreshes so far that looked symmetric,
+    ``looked_symmetric`` (:func:`symmetric_share`; None: none yet), is at least 1/2 (the gate of
+    the symmetric last correction).
+
+    Why "symmetric": the recomputed statistics raised the held-out accuracy at symmetric noise
+    and lowered it under class-pair noise, where the model's leaning towards a pair's flipped
+    class is what the unmixed training images' statistics strengthen (held-out true labels of
+    the development runs, and the noise-corrected held-out accuracy of the rule's runs;
+    docs/mixnn_plus/weight_average.md)."""
+    if cfg.plus_average_bn == "symmetric":
+        return looked_symmetric is not None and looked_symmetric >= 0.5
+    return cfg.plus_average_bn == "recomputed"
+
+
 def freezes_targets(cfg: TrainConfig) -> bool:
     """Whether MixNN+ freezes targets (``plus_freeze`` > 0 with selective correction)."""
     return cfg.method == "mixnn_plus" and cfg.plus_correction == "selective" and cfg.plus_freeze > 0

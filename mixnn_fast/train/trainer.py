@@ -53,7 +53,8 @@ from mixnn_fast.train.correction_gates import (corrects_symmetric_finally, final
                                                final_symmetric_correction, plan_correction, record_refresh)
 from mixnn_fast.train.methods import (averages_weights, corrects_labels, joins_average,
                                       loss_function, optimisation, phase_of, probes_warmup, refresh_options,
-                                      symmetric_share, uses_class_balance, uses_early_learning, warmup_ends)
+                                      recomputes_average_statistics, symmetric_share, uses_class_balance,
+                                      uses_early_learning, warmup_ends)
 from mixnn_fast.train.loaders import build_loaders
 from mixnn_fast.train.metrics import MetricsLog, read_metrics
 from mixnn_fast.train.inference import Inference
@@ -565,7 +566,11 @@ class Trainer:
                 row = self.train_epoch(epoch)
                 if joins_average(cfg, epoch):
                     self.averaged.update_parameters(self.model)
-                    if cfg.plus_average_bn == "recomputed":  # SWA's statistics for the averaged weights
+                    looked_symmetric = None
+                    if cfg.plus_average_bn == "symmetric":  # this epoch's refresh counts (its row is not logged yet)
+                        looked_symmetric = self.dist.broadcast_object(
+                            symmetric_share(self._logged_rows() + [row], cfg.correction_start))
+                    if recomputes_average_statistics(cfg, looked_symmetric):  # SWA's statistics for the average
                         recompute_batchnorm_statistics(self.averaged.module, self.loaders.pool, self.device,
                                                        memory_format=self.memory_format, dist=self.dist)
                 if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
