@@ -140,14 +140,15 @@ def test_two_process_run_survives_batches_skipped_whole_on_one_rank(tmp_path):
 PLUS_SYMMETRIC = ["--dataset", "digits", "--train-subset", "500", "--noise-rate", "0.4", "--model-widths", "16", "32",
                   "32", "32", "--method", "mixnn_plus", "--epochs", "12", "--warmup-epochs", "4", "--correction-start",
                   "4", "--restart-period", "2", "--batch-size", "16", "--lr", "0.1", "--lr-min", "0.001", "--seed", "5",
-                  "--plus-consistent-min-agreement", "0", "--plus-average-last", "0.5", "--num-threads", "1",
-                  "--no-progress", "--neighbour-backend", "exact"]
+                  "--plus-consistent-min-agreement", "0", "--plus-average-last", "0.5", "--plus-average-bn", "symmetric",
+                  "--num-threads", "1", "--no-progress", "--neighbour-backend", "exact"]
 
 
 def test_two_process_mixnn_plus_run_reports_the_last_corrections_one_process_reports(tmp_path):
     """MixNN+'s last correction where the noise looked symmetric scores the pool once more with the
     weight average, a pass every rank must join: the ranks must agree on whether it acts although
-    only rank 0 holds the metrics rows it is decided from.  The run ends, and the same run rebuilt
+    only rank 0 holds the metrics rows it is decided from (so must they on whether the average's
+    statistics are recomputed, ``--plus-average-bn symmetric``, at each snapshot).  The run ends, and the same run rebuilt
     in one process reports the same labels."""
     from mixnn_fast.audit.run_folder import RecordArrays
     from mixnn_fast.train.methods import symmetric_share
