@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mixnn_fast.audit.noise_transition import (ANCHOR_SHARE, anchor_transition, confident_counts, confident_joint,
-                                               confident_joint_transition, noise_corrected_accuracy)
+                                               confident_joint_transition, noise_corrected_accuracy,
+                                               noise_corrected_log_likelihood)
 
 count = pytest.importorskip("cleanlab.count")
 
@@ -210,3 +211,69 @@ def test_labels_out_of_range_are_refused_or_the_estimate_is_finite(n, c, shift, 
             noise_corrected_accuracy(given, predicted, t)
     else:
         assert np.isfinite(noise_corrected_accuracy(given, predicted, t).estimate)
+
+
+@pytest.mark.parametrize("n, c, floor", [(1, 2, 0.0), (57, 3, 1e-3), (1001, 10, 0.05)])
+def test_noise_corrected_log_likelihood_equals_a_plain_float64_sum(n, c, floor):
+    rng = np.random.default_rng()
+    t = _transition(rng, c, 0.5)
+    t[0] = 0.0
+    t[0, 0] = 1.0  # a row with zeros: the floor lifts them
+    probabilities = rng.dirichlet(np.ones(c), size=n).astype(np.float32)
+    given = rng.integers(0, c, n)
+    result = noise_corrected_log_likelihood(given, probabilities, t, floor=floor)
+    expected = []
+    for i in range(n):
+        p = probabilities[i].astype(np.float64) / probabilities[i].astype(np.float64).sum()
+        total = 0.0
+        for y in range(c):
+            row = [max(float(v), floor) for v in t[y]]
+            total += p[y] * row[given[i]] / sum(row)
+        expected.append(np.log(total))
+    np.testing.assert_allclose(result.per_sample, expected, rtol=64 * c * np.finfo(float).eps)
+    assert result.estimate == pytest.approx(np.mean(expected), rel=1e-12)
+
+
+def test_noise_corrected_log_likelihood_with_no_noise_is_the_given_labels_log_likelihood():
+    rng = np.random.default_rng()
+    probabilities = rng.dirichlet(np.ones(4), size=211)
+    given = rng.integers(0, 4, 211)
+    result = noise_corrected_log_likelihood(given, probabilities, np.eye(4), floor=0.0)
+    np.testing.assert_allclose(result.per_sample, np.log(probabilities[np.arange(211), given]), rtol=1e-12)
+
+
+def test_noise_corrected_log_likelihood_prefers_the_true_posterior_to_one_leaning_to_the_flipped_class():
+    """Classes 0 and 1 swap 40% of their labels.  The model that knows each image's class beats
+    one that moves a fifth of its belief to the partner class, as much as noisy agreement would
+    reward that; with T's correction the gap is the expected one, and positive."""
+    rng = np.random.default_rng()
+    n = 50000
+    t = np.array([[0.6, 0.4, 0.0], [0.4, 0.6, 0.0], [0.0, 0.0, 1.0]])
+    true = rng.integers(0, 3, n)
+    given = _noisy(rng, true, t)
+    sure = np.eye(3)[true]
+    leaning = sure.copy()
+    paired = true < 2
+    leaning[paired] = 0.8 * sure[paired] + 0.2 * np.eye(3)[1 - true[paired]]
+    difference = (noise_corrected_log_likelihood(given, sure, t, floor=0.0).per_sample
+                  - noise_corrected_log_likelihood(given, leaning, t, floor=0.0).per_sample)
+    error = difference.std(ddof=1) / np.sqrt(n)
+    # expectation per paired image: sum_s T[y, s] log((sure T)[s] / (leaning T)[s]), a KL divergence
+    expected = (2 / 3) * (0.6 * np.log(0.6 / 0.56) + 0.4 * np.log(0.4 / 0.44))
+    assert abs(difference.mean() - expected) <= 5 * error
+    assert difference.mean() > 5 * error
+
+
+@pytest.mark.parametrize("floor", [-0.1, 0.5, 1.0, True, "0.001", float("nan")])
+def test_noise_corrected_log_likelihood_refuses_a_bad_floor(floor):
+    with pytest.raises(ValueError, match="floor"):
+        noise_corrected_log_likelihood(np.array([0, 1]), np.eye(2), np.eye(2), floor=floor)
+
+
+def test_noise_corrected_log_likelihood_refuses_bad_probabilities_and_transitions():
+    with pytest.raises(ValueError, match="probabilities: expected 3 columns"):
+        noise_corrected_log_likelihood(np.array([0, 1]), np.full((2, 2), 0.5), np.eye(3))
+    with pytest.raises(ValueError, match="probabilities: must be finite"):
+        noise_corrected_log_likelihood(np.array([0, 1]), np.array([[np.nan, 1.0], [0.5, 0.5]]), np.eye(2))
+    with pytest.raises(ValueError, match="sum to 1"):
+        noise_corrected_log_likelihood(np.array([0, 1]), np.eye(2), np.full((2, 2), 0.7))

@@ -13,8 +13,9 @@ labels (the noise's transition matrix from anchors, then backward correction), w
 with noisy labels misjudges under class-pair noise.
 """
 from mixnn_fast.audit.issues import RULES, LabelIssues, find_label_issues, issues_from_scores, read_issues_csv
-from mixnn_fast.audit.noise_transition import anchor_transition, noise_corrected_accuracy
+from mixnn_fast.audit.noise_transition import (anchor_transition, noise_corrected_accuracy,
+                                               noise_corrected_log_likelihood)
 from mixnn_fast.audit.scores import auroc, evaluate_issues
 
 __all__ = ["RULES", "LabelIssues", "anchor_transition", "auroc", "evaluate_issues", "find_label_issues",
-           "issues_from_scores", "noise_corrected_accuracy", "read_issues_csv"]
+           "issues_from_scores", "noise_corrected_accuracy", "noise_corrected_log_likelihood", "read_issues_csv"]
