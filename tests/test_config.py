@@ -260,7 +260,7 @@ def test_the_averages_batchnorm_setting_counts_only_where_there_is_an_average():
     saved = saved_settings(TrainConfig(method="mixnn_plus", plus_average_last=0.0).to_dict()
                            | {"plus_average_bn": "averaged"})
     today = TrainConfig(method="mixnn_plus", plus_average_last=0.0).to_dict()
-    assert today["plus_average_bn"] == "recomputed"
+    assert today["plus_average_bn"] == "symmetric"
     assert acting_settings(saved) == acting_settings(today)
     averaging = TrainConfig(method="mixnn_plus").to_dict()
     assert acting_settings(averaging | {"plus_average_bn": "averaged"}) != acting_settings(averaging)

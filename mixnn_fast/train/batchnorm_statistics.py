@@ -1,5 +1,5 @@
 """The weight average's BatchNorm statistics recomputed on the training images (MixNN+'s
-``plus_average_bn="recomputed"``).
+``plus_average_bn="recomputed"``, and its default "symmetric" where the noise looked symmetric).
 
 Averaging BatchNorm's running statistics with the weights gives statistics that no model had:
 each snapshot's were gathered on what it trained on (images mixed with their neighbours) and

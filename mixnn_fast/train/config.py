@@ -182,7 +182,7 @@ class TrainConfig:
                                           # losses were measured against, instead of one over all samples
     plus_average_last: float = 0.25       # mixnn_plus: test the average of the weights (and BatchNorm statistics) at
                                           # the warm restarts within this last share of the epochs (SWA; 0: off)
-    plus_average_bn: str = "recomputed"   # mixnn_plus, plus_average_last > 0: the average's BatchNorm statistics are the
+    plus_average_bn: str = "symmetric"    # mixnn_plus, plus_average_last > 0: the average's BatchNorm statistics are the
                                           # mean of the snapshots' ("averaged") or recomputed by one pass over the
                                           # training images, unmixed, after each snapshot joins ("recomputed": SWA's
                                           # torch.optim.swa_utils.update_bn), or recomputed only where the noise
