@@ -321,7 +321,10 @@ def recomputes_average_statistics(cfg: TrainConfig, looked_symmetric: float | No
     it (``cfg.plus_average_bn``): always with "recomputed", never with "averaged", and with
     "symmetric" where the share of the correction-phase refreshes so far that looked symmetric,
     ``looked_symmetric`` (:func:`symmetric_share`; None: none yet), is at least 1/2 (the gate of
-    the symmetric last correction).
+    the symmetric last correction).  A run whose share crosses 1/2 between snapshots gets, after
+    a snapshot that is not recomputed, the running mean of the statistics it held and the new
+    snapshot's (the weight average's own update); no run measured crossed it (asym-40 0.00 at
+    every snapshot, symmetric noise 0.83 or more).
 
     Why "symmetric" (the default since 2026-12-08): the recomputed statistics raise the held-out
     accuracy under symmetric noise and lower it under class-pair noise (asym-40: -0.25 to -0.28
