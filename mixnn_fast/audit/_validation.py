@@ -18,6 +18,13 @@ def _array(value, name: str) -> np.ndarray:
         raise TypeError(f"{name}: cannot be read as an array ({exc})") from None
 
 
+def check_num_classes(num_classes) -> None:
+    """``num_classes``: None or an integer >= 2 (not a bool)."""
+    if num_classes is not None and (not isinstance(num_classes, (int, np.integer)) or isinstance(num_classes, bool)
+                                    or num_classes < 2):
+        raise ValueError(f"num_classes: expected an integer >= 2, got {num_classes!r}")
+
+
 def labels_array(value, name: str, *, n: int | None = None, num_classes: int | None = None) -> np.ndarray:
     """(N,) int64 class indices in [0, num_classes).  Booleans and floats are refused (a float
     array of labels is usually a probability column passed in the wrong place)."""
@@ -68,6 +75,21 @@ def probability_matrix(value, name: str, n: int, num_classes: int | None) -> np.
         raise ValueError(f"{name}: each row must sum to 1; row {int(bad[0])} sums to {sums[bad[0]]:.4g} "
                          "(pass probabilities, e.g. a softmax, not logits)")
     return a / sums[:, None]
+
+
+def transition_matrix(value, name: str) -> np.ndarray:
+    """(C, C) float64 ``T[y, s] = P(given s | true y)``: square, C >= 2, finite, >= 0, each row
+    summing to 1 (within 1e-6)."""
+    t = _array(value, name).astype(np.float64)
+    if t.ndim != 2 or t.shape[0] != t.shape[1] or t.shape[0] < 2:
+        raise ValueError(f"{name}: expected a square (C, C) matrix with C >= 2, got shape {t.shape}")
+    if not np.isfinite(t).all() or t.min() < 0:
+        raise ValueError(f"{name}: expected finite probabilities >= 0")
+    sums = t.sum(1)
+    if np.abs(sums - 1).max() > 1e-6:
+        row = int(np.abs(sums - 1).argmax())
+        raise ValueError(f"{name}: each row must sum to 1 (P(given | true)); row {row} sums to {sums[row]:.6g}")
+    return t
 
 
 def _check_unit_interval(a: np.ndarray, name: str) -> None:

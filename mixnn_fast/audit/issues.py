@@ -46,7 +46,8 @@ from typing import Sequence
 
 import numpy as np
 
-from mixnn_fast.audit._validation import labels_array, mask_array, probability_matrix, probability_vector
+from mixnn_fast.audit._validation import (check_num_classes, labels_array, mask_array, probability_matrix,
+                                          probability_vector)
 
 RULES = ("class_threshold", "argmax")
 
@@ -113,9 +114,7 @@ def find_label_issues(given_labels, probabilities=None, *, prob_given=None, sugg
     """
     if rule not in RULES:
         raise ValueError(f"rule: expected one of {', '.join(RULES)}, got {rule!r}")
-    if num_classes is not None and (not isinstance(num_classes, (int, np.integer)) or isinstance(num_classes, bool)
-                                    or num_classes < 2):
-        raise ValueError(f"num_classes: expected an integer >= 2, got {num_classes!r}")
+    check_num_classes(num_classes)
     given = labels_array(given_labels, "given_labels", num_classes=num_classes)
     n = len(given)
     if n == 0:

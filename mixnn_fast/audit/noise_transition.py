@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mixnn_fast.audit._validation import labels_array, probability_matrix
+from mixnn_fast.audit._validation import check_num_classes, labels_array, probability_matrix, transition_matrix
 
 #: cleanlab's lower bound on a class's confident threshold (cleanlab.internal.constants).
 THRESHOLD_LOWER_BOUND = 2e-6
@@ -156,7 +156,7 @@ def noise_corrected_accuracy(given_labels, predicted, transition) -> CorrectedEs
     model's, out-of-sample probabilities).  ValueError for a transition matrix that is not
     invertible (condition number over :data:`MAX_CONDITION_NUMBER`: noise that leaves two classes
     indistinguishable)."""
-    t = _transition_matrix(transition)
+    t = transition_matrix(transition, "transition")
     c = t.shape[0]
     given = labels_array(given_labels, "given_labels", num_classes=c)
     pred = labels_array(predicted, "predicted", n=len(given), num_classes=c)
@@ -168,20 +168,6 @@ def noise_corrected_accuracy(given_labels, predicted, transition) -> CorrectedEs
                          "leaves some classes indistinguishable, so no estimate of the clean accuracy exists")
     per_sample = np.linalg.inv(t)[given, pred]
     return _mean_of(per_sample)
-
-
-def _inputs(given_labels, probabilities, num_classes):
-    if num_classes is not None and (not isinstance(num_classes, (int, np.integer)) or isinstance(num_classes, bool)
-                                    or num_classes < 2):
-        raise ValueError(f"num_classes: expected an integer >= 2, got {num_classes!r}")
-    given = labels_array(given_labels, "given_labels", num_classes=num_classes)
-    if len(given) == 0:
-        raise ValueError("given_labels: expected at least one sample, got none")
-    probs = probability_matrix(probabilities, "probabilities", len(given), num_classes)
-    if given.max() >= probs.shape[1]:
-        raise ValueError(f"given_labels: class indices must be < {probs.shape[1]} (the columns of probabilities), "
-                         f"got {int(given.max())}")
-    return probs, given
 
 
 #: The least entry of the transition :func:`noise_corrected_log_likelihood` uses (each row is then
@@ -208,14 +194,11 @@ def noise_corrected_log_likelihood(given_labels, probabilities, transition, *,
     noisy labels rewards it.  It multiplies by ``T`` rather than inverting it, so an estimated
     ``T`` (:func:`anchor_transition`) spoils it far less than :func:`noise_corrected_accuracy`
     (docs/mixnn_plus/weight_average.md); it scores calibration as well as accuracy."""
-    t = _transition_matrix(transition)
+    t = transition_matrix(transition, "transition")
     c = t.shape[0]
     if not isinstance(floor, (float, int)) or isinstance(floor, bool) or not 0 <= floor < 1 / c:
         raise ValueError(f"floor: expected a number in [0, 1/{c}), got {floor!r}")
-    given = labels_array(given_labels, "given_labels", num_classes=c)
-    if len(given) == 0:
-        raise ValueError("given_labels: expected at least one sample, got none")
-    probs = probability_matrix(probabilities, "probabilities", len(given), c)
+    probs, given = _inputs(given_labels, probabilities, c)
     floored = np.maximum(t, floor)
     floored /= floored.sum(1, keepdims=True)
     with np.errstate(divide="ignore"):
@@ -229,16 +212,14 @@ def _mean_of(per_sample: np.ndarray) -> CorrectedEstimate:
     return CorrectedEstimate(float(per_sample.mean()), error, per_sample)
 
 
-def _transition_matrix(transition) -> np.ndarray:
-    """(C, C) float64 from ``transition``: square, C >= 2, finite, >= 0, rows summing to 1."""
-    t = np.asarray(transition, dtype=np.float64) if not hasattr(transition, "detach") \
-        else transition.detach().cpu().double().numpy()
-    if t.ndim != 2 or t.shape[0] != t.shape[1] or t.shape[0] < 2:
-        raise ValueError(f"transition: expected a square (C, C) matrix with C >= 2, got shape {t.shape}")
-    if not np.isfinite(t).all() or t.min() < 0:
-        raise ValueError("transition: expected finite probabilities >= 0")
-    sums = t.sum(1)
-    if np.abs(sums - 1).max() > 1e-6:
-        row = int(np.abs(sums - 1).argmax())
-        raise ValueError(f"transition: each row must sum to 1 (P(given | true)); row {row} sums to {sums[row]:.6g}")
-    return t
+def _inputs(given_labels, probabilities, num_classes):
+    """(N, C) float64 probabilities and (N,) int64 given labels, checked against each other."""
+    check_num_classes(num_classes)
+    given = labels_array(given_labels, "given_labels", num_classes=num_classes)
+    if len(given) == 0:
+        raise ValueError("given_labels: expected at least one sample, got none")
+    probs = probability_matrix(probabilities, "probabilities", len(given), num_classes)
+    if given.max() >= probs.shape[1]:
+        raise ValueError(f"given_labels: class indices must be < {probs.shape[1]} (the columns of probabilities), "
+                         f"got {int(given.max())}")
+    return probs, given

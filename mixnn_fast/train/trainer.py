@@ -502,9 +502,8 @@ class Trainer:
             else:
                 clean_prob[:] = kept.double().numpy()
             corrected = self.targets.corrected_labels().cpu().numpy()
-            # rank 0's rows (the others hold none): every rank must take the same branch below,
-            # whose pass of the weight average is collective
-            looked_symmetric = self.dist.broadcast_object(symmetric_share(rows, self.cfg.correction_start))
+            # every rank must take the same branch below, whose pass of the weight average is collective
+            looked_symmetric = self._looked_symmetric(rows)
             relabel = final_correction(self.cfg, self.run, scores.ids, scores.predicted, scores.confidence, n,
                                        looked_symmetric)
             relabelled_to = predicted
@@ -541,6 +540,12 @@ class Trainer:
         share_pool_scores(self.dist, scores, None, self.model.feature_dim)
         return scores.covered(allow_missing=True)
 
+    def _looked_symmetric(self, rows: list[dict]) -> float | None:
+        """:func:`symmetric_share` of ``rows`` as rank 0 computes it, on every rank: only rank 0
+        holds the metrics rows, and the decisions taken from it start collective passes.
+        Collective: every process calls it."""
+        return self.dist.broadcast_object(symmetric_share(rows, self.cfg.correction_start))
+
     def _logged_rows(self) -> list[dict]:
         """The metrics rows of the epochs trained so far: the open log's, or, in a run rebuilt from
         its checkpoint that has not trained in this process, its folder's (rank 0 writes them)."""
@@ -568,8 +573,7 @@ class Trainer:
                     self.averaged.update_parameters(self.model)
                     looked_symmetric = None
                     if cfg.plus_average_bn == "symmetric":  # this epoch's refresh counts (its row is not logged yet)
-                        looked_symmetric = self.dist.broadcast_object(
-                            symmetric_share(self._logged_rows() + [row], cfg.correction_start))
+                        looked_symmetric = self._looked_symmetric(self._logged_rows() + [row])
                     if recomputes_average_statistics(cfg, looked_symmetric):  # SWA's statistics for the average
                         recompute_batchnorm_statistics(self.averaged.module, self.loaders.pool, self.device,
                                                        memory_format=self.memory_format, dist=self.dist)
